@@ -1,0 +1,16 @@
+//! sea-orm entities, one file per table. Data only: every query lives in `tollgate::store`.
+
+pub mod prelude;
+
+pub mod audit_log;
+pub mod balance_ledger;
+pub mod gateway_keys;
+pub mod ip_records;
+pub mod login_history;
+pub mod models;
+pub mod provider_keys;
+pub mod providers;
+pub mod sessions;
+pub mod settings;
+pub mod usage_records;
+pub mod users;

@@ -1,0 +1,37 @@
+//! `usage_records`: one row per request that reached an upstream.
+
+use sea_orm::entity::prelude::*;
+
+#[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+#[sea_orm(table_name = "usage_records")]
+pub struct Model {
+    #[sea_orm(primary_key)]
+    pub id: i64,
+    pub at: DateTimeUtc,
+    pub user_id: String,
+    pub key_id: String,
+    pub model: String,
+    pub provider: String,
+    /// `chat.completions` | `completions` | `embeddings`.
+    pub endpoint: String,
+    pub stream: bool,
+    /// HTTP status the client saw (or 499 when the client left first).
+    pub status: i32,
+    pub prompt_tokens: i64,
+    pub completion_tokens: i64,
+    pub cached_tokens: i64,
+    pub cost_nanos: i64,
+    pub latency_ms: i64,
+    pub ttft_ms: Option<i64>,
+    /// True when the upstream reported no usage and the gateway counted.
+    pub tokens_estimated: bool,
+    pub request_id: String,
+    /// Which key paid: a shared platform provider key charges the user's balance.
+    pub shared_key: bool,
+    pub error: Option<String>,
+}
+
+#[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+pub enum Relation {}
+
+impl ActiveModelBehavior for ActiveModel {}

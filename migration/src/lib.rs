@@ -1,0 +1,15 @@
+//! Schema migrations for tollgate; run unchanged on SQLite, PostgreSQL and MySQL/MariaDB.
+
+pub use sea_orm_migration::prelude::*;
+
+mod columns;
+mod m20261121_000001_initial;
+
+pub struct Migrator;
+
+#[async_trait::async_trait]
+impl MigratorTrait for Migrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        vec![Box::new(m20261121_000001_initial::Migration)]
+    }
+}

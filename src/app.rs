@@ -1,0 +1,164 @@
+//! `App::build`: the state, the router, and the one ordered layer stack.
+
+use std::time::Instant;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::http::{HeaderName, HeaderValue, Method, header};
+use axum::response::IntoResponse;
+use tower::ServiceBuilder;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use utoipa::OpenApi;
+use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_swagger_ui::SwaggerUi;
+
+use crate::cache::Caches;
+use crate::config::Config;
+use crate::error::ApiError;
+use crate::secrets::Secrets;
+use crate::state::{AppState, Inner};
+use crate::store::{self, DbKind};
+use crate::telemetry::Metrics;
+use crate::{accounts, routes};
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "tollgate",
+        description = "A multi-tenant, OpenAI-compatible LLM gateway. `/v1` takes gateway keys (`sk-tg-…`); `/api` takes access tokens from `/api/auth/login`."
+    ),
+    modifiers(&SecuritySchemes),
+    components(schemas(crate::error::ErrorBody))
+)]
+struct ApiDoc;
+
+struct SecuritySchemes;
+
+impl utoipa::Modify for SecuritySchemes {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "access_token",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .bearer_format("JWT")
+                    .build(),
+            ),
+        );
+        components.add_security_scheme(
+            "gateway_key",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .bearer_format("sk-tg-…")
+                    .build(),
+            ),
+        );
+        components.add_security_scheme(
+            "gateway_key_header",
+            SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::new("api-key"))),
+        );
+    }
+}
+
+/// Every documented route, in one place; also what `/openapi.json` describes.
+pub fn api_router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(ApiDoc::openapi()).merge(routes::ops::router())
+}
+
+/// The OpenAPI document (tests compare it with the router).
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    api_router().split_for_parts().1
+}
+
+pub struct App {
+    pub state: AppState,
+    pub router: Router,
+}
+
+impl App {
+    /// Connects, migrates, loads secrets, seeds, and assembles the router.
+    pub async fn build(config: Config) -> anyhow::Result<Self> {
+        let db = store::connect(config.database_url(), config.database.max_connections).await?;
+        store::migrate(&db, config.database_url()).await?;
+        let secrets = Secrets::load(&config, true)?;
+        let state = AppState(std::sync::Arc::new(Inner {
+            db_kind: DbKind::of(&db),
+            db,
+            keyring: secrets.keyring,
+            jwt: accounts::tokens::JwtKeys::new(&secrets.jwt_secret),
+            metrics: Metrics::new(),
+            caches: Caches::new(),
+            started_at: Instant::now(),
+            config,
+        }));
+        let router = Self::router(state.clone());
+        Ok(Self { state, router })
+    }
+
+    /// The routes and the layer stack, outermost first: request id → propagate it → access log,
+    /// metrics and timeout → CORS → body limit → routes.
+    pub fn router(state: AppState) -> Router {
+        let (routes, api) = api_router().split_for_parts();
+        let cfg = &state.config.server;
+        let routes = routes
+            .merge(SwaggerUi::new("/docs").url("/openapi.json", api))
+            .fallback(|| async { ApiError::not_found("route").into_response() })
+            .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed.into_response() });
+        let x_request_id = HeaderName::from_static("x-request-id");
+        routes
+            .layer(
+                ServiceBuilder::new()
+                    .layer(SetRequestIdLayer::new(
+                        x_request_id.clone(),
+                        MakeRequestUuid,
+                    ))
+                    .layer(PropagateRequestIdLayer::new(x_request_id))
+                    .layer(axum::middleware::from_fn_with_state(
+                        state.clone(),
+                        crate::edge::edge,
+                    ))
+                    .option_layer(cors(&cfg.cors_origins))
+                    .layer(DefaultBodyLimit::max(cfg.max_body_bytes)),
+            )
+            .with_state(state)
+    }
+}
+
+fn cors(origins: &[String]) -> Option<CorsLayer> {
+    if origins.is_empty() {
+        return None;
+    }
+    let allow = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()))
+    };
+    Some(
+        CorsLayer::new()
+            .allow_origin(allow)
+            .allow_methods([
+                Method::GET,
+                Method::POST,
+                Method::PUT,
+                Method::PATCH,
+                Method::DELETE,
+            ])
+            .allow_headers([
+                header::AUTHORIZATION,
+                header::CONTENT_TYPE,
+                HeaderName::from_static("api-key"),
+                HeaderName::from_static("x-request-id"),
+            ])
+            .expose_headers([
+                HeaderName::from_static("x-request-id"),
+                HeaderName::from_static("x-ratelimit-limit-requests"),
+                HeaderName::from_static("x-ratelimit-remaining-requests"),
+                HeaderName::from_static("x-ratelimit-reset-requests"),
+                header::RETRY_AFTER,
+            ]),
+    )
+}

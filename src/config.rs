@@ -1,0 +1,404 @@
+//! Typed configuration: `config.toml` + `TOLLGATE_<SECTION>__<KEY>` overrides, validated at start.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config: {0}")]
+    Load(#[from] Box<figment::Error>),
+    #[error("config: {key}: {message}")]
+    Invalid { key: String, message: String },
+}
+
+fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.to_owned(),
+        message: message.into(),
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub database: DatabaseConfig,
+    pub auth: AuthConfig,
+    pub security: SecurityConfig,
+    pub billing: BillingConfig,
+    pub limits: LimitsConfig,
+    pub upstream: UpstreamConfig,
+    pub usage: UsageConfig,
+    pub redis: RedisConfig,
+    /// Providers created at first start when absent.
+    pub providers: Vec<ProviderSeed>,
+    pub plans: Vec<PlanConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    pub listen: String,
+    /// Bearer token `/metrics` requires; empty = open.
+    #[serde(skip_serializing)]
+    pub metrics_token: Option<SecretString>,
+    pub max_body_bytes: usize,
+    /// Origins allowed by CORS; `["*"]` allows any.
+    pub cors_origins: Vec<String>,
+    /// Bound on a management API call (the `/v1` routes use the `upstream` timeouts instead).
+    pub request_timeout_secs: u64,
+    /// On SIGTERM, how long in-flight requests and streams may take to finish.
+    pub shutdown_drain_secs: u64,
+    /// Take the client address from `X-Forwarded-For` (only behind a trusted proxy).
+    pub trust_forwarded_for: bool,
+    /// `json` (default) or `pretty`.
+    pub log_format: String,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".into(),
+            metrics_token: None,
+            max_body_bytes: 16 * 1024 * 1024,
+            cors_origins: Vec::new(),
+            request_timeout_secs: 30,
+            shutdown_drain_secs: 30,
+            trust_forwarded_for: false,
+            log_format: "json".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DatabaseConfig {
+    #[serde(skip_serializing)]
+    pub url: SecretString,
+    pub max_connections: u32,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        Self {
+            url: SecretString::from("sqlite://tollgate.db?mode=rwc"),
+            max_connections: 16,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Registration {
+    Open,
+    Closed,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Default for the runtime setting `registration` (an admin can change it live).
+    pub registration: Registration,
+    pub access_token_ttl_secs: u64,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            registration: Registration::Open,
+            access_token_ttl_secs: 3600,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SecurityConfig {
+    pub allow_private_base_urls: bool,
+    /// Base64 of 32 bytes. Also `TOLLGATE_MASTER_KEY`. Empty = generated into the secrets file.
+    #[serde(skip_serializing)]
+    pub master_key: Option<SecretString>,
+    /// Older master keys, still used to decrypt until `tollgate master-key rotate` has run.
+    #[serde(skip_serializing)]
+    pub previous_master_keys: Vec<SecretString>,
+    /// Also `TOLLGATE_JWT_SECRET`. Empty = generated into the secrets file.
+    #[serde(skip_serializing)]
+    pub jwt_secret: Option<SecretString>,
+    /// Where generated secrets live; default: beside the SQLite file, else `./tollgate.secrets`.
+    pub secrets_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BillingConfig {
+    pub enforce_balance: bool,
+    pub initial_balance_usd: f64,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Requests per minute per user when the user has no limit of their own; 0 = none.
+    pub default_user_rpm: u32,
+    /// Requests per minute per gateway key when the key has none; 0 = none.
+    pub default_key_rpm: u32,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UpstreamConfig {
+    pub connect_timeout_secs: u64,
+    /// Time allowed until the upstream's response headers arrive.
+    pub first_byte_timeout_secs: u64,
+    /// Longest silence allowed between two chunks of a streamed response.
+    pub idle_timeout_secs: u64,
+    pub pool_idle_timeout_secs: u64,
+    pub pool_max_idle_per_host: usize,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        Self {
+            connect_timeout_secs: 10,
+            first_byte_timeout_secs: 300,
+            idle_timeout_secs: 300,
+            pool_idle_timeout_secs: 90,
+            pool_max_idle_per_host: 256,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UsageConfig {
+    /// Bound of the channel between requests and the usage writer.
+    pub queue_capacity: usize,
+    pub batch_size: usize,
+    pub flush_interval_ms: u64,
+    /// Delete usage records older than this many days, daily; 0 = keep forever.
+    pub retention_days: u32,
+}
+
+impl Default for UsageConfig {
+    fn default() -> Self {
+        Self {
+            queue_capacity: 65536,
+            batch_size: 500,
+            flush_interval_ms: 50,
+            retention_days: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RedisConfig {
+    #[serde(skip_serializing)]
+    pub url: Option<SecretString>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderSeed {
+    pub key: String,
+    pub display_name: String,
+    pub base_url: String,
+    #[serde(default = "default_kind")]
+    pub kind: String,
+    #[serde(default = "default_true")]
+    pub is_active: bool,
+    #[serde(default)]
+    pub sort_order: i32,
+}
+
+fn default_kind() -> String {
+    "openai".into()
+}
+
+fn default_true() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PlanConfig {
+    pub name: String,
+    pub rpm_limit: u32,
+    pub tpm_limit: u32,
+    pub price_usd_per_month: f64,
+}
+
+impl Config {
+    /// Loads `path` (when it exists, or must exist when `required`) and the environment.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let (file, required) = match path {
+            Some(p) => (p.to_path_buf(), true),
+            None => match std::env::var_os("TOLLGATE_CONFIG") {
+                Some(p) => (PathBuf::from(p), true),
+                None => (PathBuf::from("config.toml"), false),
+            },
+        };
+        if required && !file.exists() {
+            return Err(invalid(
+                "--config",
+                format!("file {} does not exist", file.display()),
+            ));
+        }
+        let mut fig = Figment::from(Serialized::defaults(Config::default()));
+        if file.exists() {
+            fig = fig.merge(Toml::file_exact(&file));
+        }
+        fig = fig.merge(
+            Env::prefixed("TOLLGATE_")
+                .filter(|k| k.as_str().contains("__"))
+                .split("__"),
+        );
+        if let Ok(url) = std::env::var("DATABASE_URL") {
+            fig = fig.merge(("database.url", url));
+        }
+        if let Ok(k) = std::env::var("TOLLGATE_MASTER_KEY") {
+            fig = fig.merge(("security.master_key", k));
+        }
+        if let Ok(k) = std::env::var("TOLLGATE_JWT_SECRET") {
+            fig = fig.merge(("security.jwt_secret", k));
+        }
+        let cfg: Config = fig.extract().map_err(Box::new)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks what serde cannot; every message names the key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.listen_addr()?;
+        if self.server.max_body_bytes < 1024 {
+            return Err(invalid("server.max_body_bytes", "must be at least 1024"));
+        }
+        if !matches!(self.server.log_format.as_str(), "json" | "pretty") {
+            return Err(invalid(
+                "server.log_format",
+                "must be \"json\" or \"pretty\"",
+            ));
+        }
+        let url = self.database.url.expose_secret();
+        if crate::store::DbKind::from_url(url).is_none() {
+            return Err(invalid(
+                "database.url",
+                "must start with sqlite:, postgres://, postgresql:// or mysql://",
+            ));
+        }
+        if self.database.max_connections == 0 {
+            return Err(invalid("database.max_connections", "must be at least 1"));
+        }
+        if self.auth.access_token_ttl_secs < 60 {
+            return Err(invalid("auth.access_token_ttl_secs", "must be at least 60"));
+        }
+        if let Some(k) = non_empty(&self.security.master_key) {
+            crate::crypto::parse_master_key(k)
+                .map_err(|e| invalid("security.master_key", e.to_string()))?;
+        }
+        for k in &self.security.previous_master_keys {
+            crate::crypto::parse_master_key(k.expose_secret())
+                .map_err(|e| invalid("security.previous_master_keys", e.to_string()))?;
+        }
+        if let Some(s) = non_empty(&self.security.jwt_secret)
+            && s.len() < 32
+        {
+            return Err(invalid(
+                "security.jwt_secret",
+                "must be at least 32 characters",
+            ));
+        }
+        if !self.billing.initial_balance_usd.is_finite() || self.billing.initial_balance_usd < 0.0 {
+            return Err(invalid(
+                "billing.initial_balance_usd",
+                "must be a number ≥ 0",
+            ));
+        }
+        for (i, p) in self.providers.iter().enumerate() {
+            if !crate::validate::provider_key(&p.key) {
+                return Err(invalid(
+                    &format!("providers[{i}].key"),
+                    "must be 1–64 of [a-z0-9_-]",
+                ));
+            }
+            if !(p.base_url.starts_with("http://") || p.base_url.starts_with("https://")) {
+                return Err(invalid(
+                    &format!("providers[{i}].base_url"),
+                    "must be an http(s) URL",
+                ));
+            }
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, p) in self.plans.iter().enumerate() {
+            if p.name.is_empty() || !names.insert(p.name.as_str()) {
+                return Err(invalid(
+                    &format!("plans[{i}].name"),
+                    "must be non-empty and unique",
+                ));
+            }
+            if !p.price_usd_per_month.is_finite() || p.price_usd_per_month < 0.0 {
+                return Err(invalid(
+                    &format!("plans[{i}].price_usd_per_month"),
+                    "must be a number ≥ 0",
+                ));
+            }
+        }
+        if self.usage.queue_capacity == 0 || self.usage.batch_size == 0 {
+            return Err(invalid(
+                "usage.queue_capacity",
+                "queue and batch sizes must be ≥ 1",
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
+        self.server.listen.parse().map_err(|_| {
+            invalid(
+                "server.listen",
+                format!("not a socket address: {:?}", self.server.listen),
+            )
+        })
+    }
+
+    pub fn database_url(&self) -> &str {
+        self.database.url.expose_secret()
+    }
+
+    pub fn redis_url(&self) -> Option<&str> {
+        non_empty(&self.redis.url)
+    }
+
+    pub fn metrics_token(&self) -> Option<&str> {
+        non_empty(&self.server.metrics_token)
+    }
+
+    /// The file generated secrets go to: beside a SQLite file, else the working directory.
+    pub fn secrets_path(&self) -> Option<PathBuf> {
+        if let Some(p) = &self.security.secrets_file {
+            return Some(p.clone());
+        }
+        let url = self.database_url();
+        if let Some(rest) = url.strip_prefix("sqlite:") {
+            let path = rest.trim_start_matches("//");
+            let path = path.split('?').next().unwrap_or_default();
+            if path.is_empty() || path == ":memory:" || path.contains("mode=memory") {
+                return None;
+            }
+            return Some(PathBuf::from(format!("{path}.secrets")));
+        }
+        Some(PathBuf::from("tollgate.secrets"))
+    }
+}
+
+/// `Some(secret)` when set and not blank.
+pub fn non_empty(s: &Option<SecretString>) -> Option<&str> {
+    s.as_ref()
+        .map(|s| s.expose_secret())
+        .filter(|s| !s.trim().is_empty())
+}

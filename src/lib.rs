@@ -1,0 +1,20 @@
+//! tollgate: a multi-tenant, OpenAI-compatible LLM gateway.
+//!
+//! A request's life is the module layout: `routes` → `proxy` (auth → admit → route → upstream →
+//! stream → meter) → `store`. See `ARCHITECTURE.md` in the design notes.
+
+pub mod accounts;
+pub mod app;
+pub mod cache;
+pub mod cli;
+pub mod config;
+pub mod crypto;
+pub mod edge;
+pub mod error;
+pub mod routes;
+pub mod secrets;
+pub mod server;
+pub mod state;
+pub mod store;
+pub mod telemetry;
+pub mod validate;

@@ -1,0 +1,25 @@
+//! The `tollgate` binary: parse the command line, load the config, start logging, run.
+
+use clap::Parser;
+use tollgate::{cli, config::Config, telemetry};
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cli = cli::Cli::parse();
+    let config = match Config::load(cli.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("tollgate: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    telemetry::init_logging(&config.server.log_format);
+    match cli::run(cli, config).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "fatal");
+            eprintln!("tollgate: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

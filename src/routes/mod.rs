@@ -1,0 +1,114 @@
+//! HTTP surfaces, one file each; handlers stay thin and call `accounts`, `proxy`, `store`.
+
+pub mod ops;
+
+use std::net::{IpAddr, SocketAddr};
+
+use axum::extract::{ConnectInfo, FromRequestParts};
+use axum::http::request::Parts;
+use serde::{Deserialize, Serialize};
+
+use crate::error::ApiError;
+use crate::state::AppState;
+
+/// The caller's address: the socket peer, or the first `X-Forwarded-For` hop when
+/// `server.trust_forwarded_for` is set.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientIp(pub Option<IpAddr>);
+
+impl ClientIp {
+    pub fn string(&self) -> Option<String> {
+        self.0.map(|ip| ip.to_string())
+    }
+}
+
+pub fn client_ip(parts: &Parts, trust_forwarded_for: bool) -> Option<IpAddr> {
+    if trust_forwarded_for
+        && let Some(ip) = parts
+            .headers
+            .get("x-forwarded-for")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(',').next())
+            .and_then(|v| v.trim().parse().ok())
+    {
+        return Some(ip);
+    }
+    parts
+        .extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip())
+}
+
+impl FromRequestParts<AppState> for ClientIp {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        Ok(ClientIp(client_ip(
+            parts,
+            state.config.server.trust_forwarded_for,
+        )))
+    }
+}
+
+/// The caller's `User-Agent`, truncated to 255 characters.
+#[derive(Debug, Clone)]
+pub struct UserAgent(pub Option<String>);
+
+impl<S: Send + Sync> FromRequestParts<S> for UserAgent {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        Ok(UserAgent(
+            parts
+                .headers
+                .get(axum::http::header::USER_AGENT)
+                .and_then(|v| v.to_str().ok())
+                .map(|s| s.chars().take(255).collect()),
+        ))
+    }
+}
+
+/// `?page=&per_page=` on every list route.
+#[derive(Debug, Clone, Copy, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct PageParams {
+    /// 1-based page number (default 1).
+    pub page: Option<u64>,
+    /// Rows per page (default 20, at most 100).
+    pub per_page: Option<u64>,
+}
+
+impl PageParams {
+    pub fn req(&self) -> crate::store::PageReq {
+        crate::store::PageReq::new(self.page, self.per_page)
+    }
+}
+
+/// `{"data": [...], "page", "per_page", "total"}`.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Paginated<T> {
+    pub data: Vec<T>,
+    pub page: u64,
+    pub per_page: u64,
+    pub total: u64,
+}
+
+impl<T> Paginated<T> {
+    pub fn new<M>(
+        page: crate::store::Page<M>,
+        req: crate::store::PageReq,
+        f: impl FnMut(M) -> T,
+    ) -> Self {
+        Self {
+            data: page.items.into_iter().map(f).collect(),
+            page: req.page,
+            per_page: req.per_page,
+            total: page.total,
+        }
+    }
+}
+
+/// RFC 3339 UTC with seconds, as every `/api` timestamp is rendered.
+pub fn rfc3339(t: chrono::DateTime<chrono::Utc>) -> String {
+    t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}

@@ -1,0 +1,36 @@
+//! `AppState`: everything a request may need, built once in `App::build`.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use sea_orm::DatabaseConnection;
+
+use crate::accounts::tokens::JwtKeys;
+use crate::cache::Caches;
+use crate::config::Config;
+use crate::crypto::KeyRing;
+use crate::store::DbKind;
+use crate::telemetry::Metrics;
+
+#[derive(Clone)]
+pub struct AppState(pub Arc<Inner>);
+
+pub struct Inner {
+    pub config: Config,
+    pub db: DatabaseConnection,
+    pub db_kind: DbKind,
+    /// Opens provider keys and TOTP secrets; seals with the newest master key.
+    pub keyring: KeyRing,
+    pub jwt: JwtKeys,
+    pub metrics: Metrics,
+    /// Gateway keys, catalog and provider-key ciphertexts, so the hot path skips the database.
+    pub caches: Caches,
+    pub started_at: Instant,
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        &self.0
+    }
+}

@@ -1,0 +1,203 @@
+//! Every sea-orm query lives here, as `async fn(db, …)`; the only module that imports `entity`.
+
+pub mod audit;
+pub mod sessions;
+pub mod settings;
+pub mod users;
+
+use std::time::Duration;
+
+use anyhow::Context;
+use migration::{Migrator, MigratorTrait};
+use sea_orm::sqlx;
+use sea_orm::{ConnectOptions, Database, DatabaseConnection, DbBackend};
+
+/// Which database family a URL names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DbKind {
+    Sqlite,
+    Postgres,
+    Mysql,
+}
+
+impl DbKind {
+    pub fn from_url(url: &str) -> Option<Self> {
+        if url.starts_with("sqlite:") {
+            Some(Self::Sqlite)
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Some(Self::Postgres)
+        } else if url.starts_with("mysql://") || url.starts_with("mariadb://") {
+            Some(Self::Mysql)
+        } else {
+            None
+        }
+    }
+
+    pub fn of(db: &DatabaseConnection) -> Self {
+        match db.get_database_backend() {
+            DbBackend::Postgres => Self::Postgres,
+            DbBackend::MySql => Self::Mysql,
+            _ => Self::Sqlite,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Sqlite => "sqlite",
+            Self::Postgres => "postgres",
+            Self::Mysql => "mysql",
+        }
+    }
+}
+
+/// Opens the pool. SQLite gets WAL and a busy timeout so several writers wait instead of failing.
+pub async fn connect(url: &str, max_connections: u32) -> anyhow::Result<DatabaseConnection> {
+    let url = url.replacen("mariadb://", "mysql://", 1);
+    let mut opts = ConnectOptions::new(url.clone());
+    opts.max_connections(max_connections)
+        .min_connections(1)
+        .connect_timeout(Duration::from_secs(10))
+        .acquire_timeout(Duration::from_secs(30))
+        .sqlx_logging(false)
+        .map_sqlx_sqlite_opts(|o| {
+            o.journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
+                .synchronous(sqlx::sqlite::SqliteSynchronous::Normal)
+                .busy_timeout(Duration::from_secs(30))
+                .foreign_keys(false)
+        });
+    if url.contains(":memory:") || url.contains("mode=memory") {
+        // Every pooled connection to `:memory:` would be its own empty database.
+        opts.max_connections(1)
+            .min_connections(1)
+            .idle_timeout(None)
+            .max_lifetime(None);
+    }
+    Database::connect(opts).await.with_context(|| {
+        format!(
+            "connecting to the {} database",
+            DbKind::from_url(&url).map_or("?", |k| k.as_str())
+        )
+    })
+}
+
+/// Applies pending migrations under a cross-process lock, so replicas starting together on one
+/// database do not race: a PostgreSQL advisory lock, MySQL `GET_LOCK`, or a lock file beside a
+/// SQLite database.
+pub async fn migrate(db: &DatabaseConnection, url: &str) -> anyhow::Result<()> {
+    const LOCK_ID: i64 = 0x7011_6a7e; // "tollgate"
+    match DbKind::of(db) {
+        DbKind::Postgres => {
+            let mut conn = db.get_postgres_connection_pool().acquire().await?;
+            sqlx::query("SELECT pg_advisory_lock($1)")
+                .bind(LOCK_ID)
+                .execute(&mut *conn)
+                .await
+                .context("taking the migration lock")?;
+            let res = Migrator::up(db, None).await;
+            sqlx::query("SELECT pg_advisory_unlock($1)")
+                .bind(LOCK_ID)
+                .execute(&mut *conn)
+                .await?;
+            res?;
+        }
+        DbKind::Mysql => {
+            let mut conn = db.get_mysql_connection_pool().acquire().await?;
+            let got: (Option<i64>,) = sqlx::query_as("SELECT GET_LOCK('tollgate_migrate', 120)")
+                .fetch_one(&mut *conn)
+                .await
+                .context("taking the migration lock")?;
+            anyhow::ensure!(got.0 == Some(1), "timed out waiting for the migration lock");
+            let res = Migrator::up(db, None).await;
+            sqlx::query("SELECT RELEASE_LOCK('tollgate_migrate')")
+                .execute(&mut *conn)
+                .await?;
+            res?;
+        }
+        DbKind::Sqlite => {
+            let lock = sqlite_lock_path(url);
+            let file = match &lock {
+                Some(p) => Some(
+                    std::fs::OpenOptions::new()
+                        .create(true)
+                        .truncate(false)
+                        .write(true)
+                        .open(p)
+                        .with_context(|| format!("opening {}", p.display()))?,
+                ),
+                None => None,
+            };
+            let file = tokio::task::spawn_blocking(move || -> std::io::Result<_> {
+                if let Some(f) = &file {
+                    f.lock()?;
+                }
+                Ok(file)
+            })
+            .await??;
+            let res = Migrator::up(db, None).await;
+            if let Some(f) = file {
+                let _ = f.unlock();
+            }
+            res?;
+        }
+    }
+    Ok(())
+}
+
+fn sqlite_lock_path(url: &str) -> Option<std::path::PathBuf> {
+    let path = url.strip_prefix("sqlite:")?.trim_start_matches("//");
+    let path = path.split('?').next()?;
+    if path.is_empty() || path.contains(":memory:") || url.contains("mode=memory") {
+        return None;
+    }
+    Some(std::path::PathBuf::from(format!("{path}.migrate-lock")))
+}
+
+/// `?page=&per_page=` after clamping: page ≥ 1, 1 ≤ per_page ≤ 100.
+#[derive(Debug, Clone, Copy)]
+pub struct PageReq {
+    pub page: u64,
+    pub per_page: u64,
+}
+
+impl PageReq {
+    pub fn new(page: Option<u64>, per_page: Option<u64>) -> Self {
+        Self {
+            page: page.unwrap_or(1).max(1),
+            per_page: per_page.unwrap_or(20).clamp(1, 100),
+        }
+    }
+
+    pub fn offset(&self) -> u64 {
+        (self.page - 1) * self.per_page
+    }
+}
+
+/// One page of rows and the total count.
+#[derive(Debug)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    pub total: u64,
+}
+
+/// Nano-dollars from a USD amount, rounded to the nearest nano.
+pub fn usd_to_nanos(usd: f64) -> i64 {
+    (usd * 1e9).round() as i64
+}
+
+/// USD from nano-dollars, for JSON.
+pub fn nanos_to_usd(nanos: i64) -> f64 {
+    nanos as f64 / 1e9
+}
+
+/// A new opaque id: UUIDv7 (time-ordered, good index locality), hyphenless.
+pub fn new_id() -> String {
+    uuid::Uuid::now_v7().simple().to_string()
+}
+
+/// Is this error a unique-constraint violation (→ 409)?
+pub fn is_unique_violation(e: &sea_orm::DbErr) -> bool {
+    matches!(
+        e.sql_err(),
+        Some(sea_orm::SqlErr::UniqueConstraintViolation(_))
+    )
+}

@@ -1,0 +1,196 @@
+//! Logging (tracing, JSON by default) and the Prometheus registry with typed metric handles.
+//!
+//! Metric names are part of the contract (API.md §7). No per-user or per-key labels.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
+};
+use tracing_subscriber::EnvFilter;
+
+/// Installs the global subscriber. `RUST_LOG` overrides the default `info` level.
+pub fn init_logging(format: &str) {
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,sea_orm=warn,hyper=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    // Ignore the error: a test may have installed one already.
+    let _ = if format == "pretty" {
+        builder.try_init()
+    } else {
+        builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .try_init()
+    };
+}
+
+/// Every metric tollgate exports.
+#[derive(Clone)]
+pub struct Metrics {
+    pub registry: Registry,
+    pub requests_total: IntCounterVec,
+    pub request_duration: HistogramVec,
+    pub ttft: HistogramVec,
+    pub tokens_total: IntCounterVec,
+    /// Counted in nano-dollars internally, exposed in dollars by the name's contract.
+    pub cost_usd_total: prometheus::CounterVec,
+    pub rate_limited_total: IntCounterVec,
+    pub active_streams: IntGauge,
+    pub usage_queue_depth: IntGauge,
+    pub usage_write_errors_total: IntCounter,
+    pub usage_records_written_total: IntCounter,
+    pub auth_cache_hits_total: IntCounter,
+    pub auth_cache_misses_total: IntCounter,
+    pub upstream_errors_total: IntCounterVec,
+    pub http_requests_total: IntCounterVec,
+    pub management_duration: Histogram,
+}
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    120.0, 300.0,
+];
+
+fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
+    // Names are static and distinct: registering cannot collide.
+    let _ = r.register(Box::new(c.clone()));
+    c
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let r = Registry::new();
+        #[cfg(target_os = "linux")]
+        {
+            let _ = r.register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ));
+        }
+        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
+            reg(
+                &r,
+                IntCounterVec::new(Opts::new(name, help), labels)
+                    .unwrap_or_else(|e| panic!("{name}: {e}")),
+            )
+        };
+        let hist_vec = |name: &str, help: &str, labels: &[&str]| {
+            reg(
+                &r,
+                HistogramVec::new(
+                    HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()),
+                    labels,
+                )
+                .unwrap_or_else(|e| panic!("{name}: {e}")),
+            )
+        };
+        let counter = |name: &str, help: &str| {
+            reg(
+                &r,
+                IntCounter::new(name, help).unwrap_or_else(|e| panic!("{name}: {e}")),
+            )
+        };
+        let gauge = |name: &str, help: &str| {
+            reg(
+                &r,
+                IntGauge::new(name, help).unwrap_or_else(|e| panic!("{name}: {e}")),
+            )
+        };
+        Self {
+            requests_total: counter_vec(
+                "tollgate_requests_total",
+                "Proxied /v1 requests by endpoint, model, provider and final status.",
+                &["endpoint", "model", "provider", "status"],
+            ),
+            request_duration: hist_vec(
+                "tollgate_request_duration_seconds",
+                "Time from request to the last byte of the proxied response.",
+                &["endpoint"],
+            ),
+            ttft: hist_vec(
+                "tollgate_time_to_first_token_seconds",
+                "Time from request to the first byte of the upstream's response body.",
+                &["endpoint"],
+            ),
+            tokens_total: counter_vec(
+                "tollgate_tokens_total",
+                "Tokens metered, by kind (prompt, completion, cached).",
+                &["model", "provider", "kind"],
+            ),
+            cost_usd_total: reg(
+                &r,
+                prometheus::CounterVec::new(
+                    Opts::new("tollgate_cost_usd_total", "Metered cost in US dollars."),
+                    &["model", "provider"],
+                )
+                .unwrap_or_else(|e| panic!("cost: {e}")),
+            ),
+            rate_limited_total: counter_vec(
+                "tollgate_rate_limited_total",
+                "Requests refused by a rate limit, by scope (key_rpm, key_tpm, user_rpm, login).",
+                &["scope"],
+            ),
+            active_streams: gauge(
+                "tollgate_active_streams",
+                "Responses currently streaming to clients.",
+            ),
+            usage_queue_depth: gauge(
+                "tollgate_usage_queue_depth",
+                "Usage records waiting for the batch writer.",
+            ),
+            usage_write_errors_total: counter(
+                "tollgate_usage_write_errors_total",
+                "Failed usage batch writes (each is retried; nothing is dropped).",
+            ),
+            usage_records_written_total: counter(
+                "tollgate_usage_records_written_total",
+                "Usage records written to the database.",
+            ),
+            auth_cache_hits_total: counter(
+                "tollgate_auth_cache_hits_total",
+                "Gateway key lookups answered from the cache.",
+            ),
+            auth_cache_misses_total: counter(
+                "tollgate_auth_cache_misses_total",
+                "Gateway key lookups that went to the database.",
+            ),
+            upstream_errors_total: counter_vec(
+                "tollgate_upstream_errors_total",
+                "Upstream failures by kind (connect, timeout, body, status_4xx, status_5xx).",
+                &["kind"],
+            ),
+            http_requests_total: counter_vec(
+                "tollgate_http_requests_total",
+                "Every HTTP response by route surface and status class.",
+                &["surface", "class"],
+            ),
+            management_duration: reg(
+                &r,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "tollgate_management_request_duration_seconds",
+                        "Duration of /api and operational calls.",
+                    )
+                    .buckets(LATENCY_BUCKETS.to_vec()),
+                )
+                .unwrap_or_else(|e| panic!("mgmt: {e}")),
+            ),
+            registry: r,
+        }
+    }
+
+    /// Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
