@@ -66,7 +66,14 @@ impl utoipa::Modify for SecuritySchemes {
 
 /// Every documented route, in one place; also what `/openapi.json` describes.
 pub fn api_router() -> OpenApiRouter<AppState> {
-    OpenApiRouter::with_openapi(ApiDoc::openapi()).merge(routes::ops::router())
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .merge(routes::ops::router())
+        .merge(routes::auth::router())
+        .merge(routes::me::router())
+        .merge(routes::admin::router())
+        .merge(routes::catalog::router())
+        .merge(routes::keys::router())
+        .merge(routes::openai::router())
 }
 
 /// The OpenAPI document (tests compare it with the router).

@@ -1,5 +1,11 @@
 //! HTTP surfaces, one file each; handlers stay thin and call `accounts`, `proxy`, `store`.
 
+pub mod admin;
+pub mod auth;
+pub mod catalog;
+pub mod keys;
+pub mod me;
+pub mod openai;
 pub mod ops;
 
 use std::net::{IpAddr, SocketAddr};
