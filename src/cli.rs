@@ -79,11 +79,125 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
         }
         Command::Admin(AdminCommand::Create(args)) => admin_create(args, config).await,
         Command::MasterKey(MasterKeyCommand::Rotate) => {
-            anyhow::bail!("master-key rotate: not available yet")
+            // File-managed keys: put a new key first in the secrets file. A configured key
+            // (security.master_key / TOLLGATE_MASTER_KEY) is already the newest: the operator
+            // moved the old one to security.previous_master_keys.
+            let file_managed = crate::config::non_empty(&config.security.master_key).is_none();
+            if file_managed {
+                let path = crate::secrets::Secrets::add_generated_key(&config)?;
+                eprintln!("added a new master key to {}", path.display());
+            }
+            let secrets = crate::secrets::Secrets::load(&config, false)?;
+            let db = store::connect(config.database_url(), 2).await?;
+            store::migrate(&db, config.database_url()).await?;
+            let report = store::rekey::rekey_all(&db, &secrets.keyring).await?;
+            println!(
+                "master key {}: re-encrypted {} provider keys and {} TOTP secrets ({} already current)",
+                secrets.keyring.current_id(),
+                report.provider_keys,
+                report.totp_secrets,
+                report.already_current
+            );
+            if file_managed {
+                eprintln!("restart every running tollgate so it loads the new key");
+            }
+            anyhow::ensure!(
+                report.failed.is_empty(),
+                "{} values could not be decrypted with any known master key and were left as they are: {}",
+                report.failed.len(),
+                report.failed.join(", ")
+            );
+            Ok(())
         }
     }
 }
 
-async fn admin_create(_args: AdminCreate, _config: Config) -> anyhow::Result<()> {
-    anyhow::bail!("admin create: not available yet")
+/// `tollgate admin create`: an active administrator with an enrolled TOTP secret, printed once.
+async fn admin_create(args: AdminCreate, config: Config) -> anyhow::Result<()> {
+    use crate::accounts::signup::{self, NewUser, Role, SignupError};
+
+    // One line from stdin (pipes and terminals alike); exactly one trailing newline is removed.
+    let mut line = tokio::task::spawn_blocking(|| {
+        let mut line = String::new();
+        std::io::stdin().read_line(&mut line).map(|_| line)
+    })
+    .await?
+    .map_err(|e| anyhow::anyhow!("reading the password from stdin: {e}"))?;
+    if line.ends_with('\n') {
+        line.pop();
+        if line.ends_with('\r') {
+            line.pop();
+        }
+    }
+    let password = secrecy::SecretString::from(line);
+    let password = secrecy::ExposeSecret::expose_secret(&password);
+    // Refuse bad input before touching the database.
+    if !crate::validate::username(&args.username) {
+        anyhow::bail!("{}", SignupError::InvalidUsername);
+    }
+    if !crate::validate::password(password) {
+        anyhow::bail!("{} (read from stdin)", SignupError::InvalidPassword);
+    }
+    signup::normalize_email(args.email.as_deref())?;
+
+    let db = store::connect(config.database_url(), 2).await?;
+    store::migrate(&db, config.database_url()).await?;
+    let secrets = crate::secrets::Secrets::load(&config, true)?;
+    let created = signup::create(
+        &db,
+        &secrets.keyring,
+        &config,
+        NewUser {
+            username: &args.username,
+            password,
+            email: args.email.as_deref(),
+            role: Role::Admin,
+            active: true,
+        },
+    )
+    .await
+    .map_err(|e| match e {
+        SignupError::Duplicate(name) => {
+            anyhow::anyhow!("a user named `{name}` already exists; nothing was changed")
+        }
+        other => anyhow::Error::from(other),
+    })?;
+    store::audit::record(
+        &db,
+        store::audit::AuditEntry {
+            actor_id: None,
+            action: "admin.user.create",
+            target: Some(format!("user:{}", created.user.id)),
+            ip: None,
+            detail: Some(serde_json::json!({
+                "username": created.user.username,
+                "role": "admin",
+                "via": "cli",
+            })),
+        },
+    )
+    .await?;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "id": created.user.id,
+                "username": created.user.username,
+                "totp_secret": created.totp.secret,
+                "otpauth_url": created.totp.otpauth_url,
+            })
+        );
+    } else {
+        println!(
+            "Created administrator `{}` (id {}).",
+            created.user.username, created.user.id
+        );
+        println!();
+        println!("Add this TOTP secret to an authenticator app now; it is not shown again:");
+        println!("  secret:      {}", created.totp.secret);
+        println!("  otpauth URL: {}", created.totp.otpauth_url);
+        println!();
+        println!("Then sign in with POST /api/auth/login {{username, password, totp_code}}.");
+    }
+    Ok(())
 }
