@@ -1,9 +1,814 @@
-//! (being written)
+//! The catalog: providers (`/api/providers`, `/api/admin/providers`) and priced models
+//! (`/api/models`, `/api/admin/models`).
+//!
+//! Every write invalidates the catalog cache the `/v1` hot path reads, and is audited.
 
+use axum::extract::State;
+use axum::http::StatusCode;
+use serde::{Deserialize, Deserializer, Serialize};
+use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
+use crate::accounts::session::{AdminUser, CurrentUser};
+use crate::error::{ApiError, ApiResult, Json, Path, Query};
+use crate::routes::{ClientIp, PageParams, Paginated, rfc3339};
 use crate::state::AppState;
+use crate::store::audit::AuditEntry;
+use crate::store::models::{ModelFilter, ModelPatch, NewModel};
+use crate::store::providers::{NewProvider, ProviderPatch};
+use crate::store::{self, is_unique_violation, nanos_to_usd, usd_to_nanos};
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
+        .routes(routes!(list_providers))
+        .routes(routes!(create_provider))
+        .routes(routes!(update_provider, delete_provider))
+        .routes(routes!(list_models))
+        .routes(routes!(create_model))
+        .routes(routes!(update_model, delete_model))
+        .routes(routes!(toggle_model))
+        .routes(routes!(reorder_models))
+}
+
+/// For PATCH bodies: tells an absent field (`None`) from an explicit `null` (`Some(None)`).
+pub(crate) fn nullable<'de, D, T>(d: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(d).map(Some)
+}
+
+/// Records an audit entry for a catalog change by `actor`.
+async fn audit(
+    state: &AppState,
+    actor: &CurrentUser,
+    ip: &ClientIp,
+    action: &str,
+    target: String,
+    detail: Option<serde_json::Value>,
+) -> Result<(), sea_orm::DbErr> {
+    store::audit::record(
+        &state.db,
+        AuditEntry {
+            actor_id: Some(actor.id()),
+            action,
+            target: Some(target),
+            ip: ip.string().as_deref(),
+            detail,
+        },
+    )
+    .await
+}
+
+// ---------------------------------------------------------------------------------------------
+// Providers
+
+/// A provider (an upstream API).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ProviderView {
+    /// `[a-z0-9_-]`, unique; what models name as `provider`.
+    pub key: String,
+    pub display_name: String,
+    pub base_url: String,
+    /// `openai` = any OpenAI-compatible upstream.
+    pub kind: String,
+    pub is_active: bool,
+    pub sort_order: i32,
+}
+
+impl From<entity::providers::Model> for ProviderView {
+    fn from(p: entity::providers::Model) -> Self {
+        Self {
+            key: p.key,
+            display_name: p.display_name,
+            base_url: p.base_url,
+            kind: p.kind,
+            is_active: p.is_active,
+            sort_order: p.sort_order,
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ProviderListParams {
+    /// Admins only: also list inactive providers (ignored for other users).
+    pub include_inactive: Option<bool>,
+}
+
+/// Active providers, by `sort_order` then key. Admins may add `include_inactive=true`.
+#[utoipa::path(get, path = "/api/providers", tag = "catalog", security(("access_token" = [])),
+    params(PageParams, ProviderListParams),
+    responses((status = 200, body = Paginated<ProviderView>), (status = 401, body = crate::error::ErrorBody)))]
+async fn list_providers(
+    State(state): State<AppState>,
+    me: CurrentUser,
+    Query(page): Query<PageParams>,
+    Query(p): Query<ProviderListParams>,
+) -> ApiResult<Json<Paginated<ProviderView>>> {
+    let active_only = !(me.is_admin() && p.include_inactive.unwrap_or(false));
+    let req = page.req();
+    let rows = store::providers::list(&state.db, active_only, req).await?;
+    Ok(Json(Paginated::new(rows, req, ProviderView::from)))
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateProvider {
+    /// 1–64 of `[a-z0-9_-]`.
+    pub key: String,
+    /// Default: the key.
+    pub display_name: Option<String>,
+    /// http(s) URL of the OpenAI-compatible API root, e.g. `https://api.openai.com/v1`.
+    pub base_url: String,
+    /// Default and only value today: `openai`.
+    pub kind: Option<String>,
+    /// Default true.
+    pub is_active: Option<bool>,
+    /// Default 0.
+    pub sort_order: Option<i32>,
+}
+
+fn check_display_name(param: &str, s: &str) -> ApiResult<String> {
+    let s = s.trim();
+    if s.is_empty() || s.chars().count() > 128 {
+        return Err(ApiError::invalid_param(param, "must be 1–128 characters"));
+    }
+    Ok(s.to_owned())
+}
+
+fn check_kind(kind: &str) -> ApiResult<String> {
+    if kind != "openai" {
+        return Err(ApiError::invalid_param(
+            "kind",
+            "kind must be \"openai\" (any OpenAI-compatible upstream)",
+        ));
+    }
+    Ok(kind.to_owned())
+}
+
+/// Admin-entered provider URLs are trusted (no private-address check), but must be http(s).
+fn check_provider_url(raw: &str) -> ApiResult<String> {
+    let url = crate::ssrf::normalize(raw).map_err(|e| {
+        ApiError::invalid_param(
+            "base_url",
+            format!("{e}; expected an http(s) URL such as https://api.openai.com/v1"),
+        )
+    })?;
+    let s = crate::ssrf::stored_form(&url);
+    if s.len() > 512 {
+        return Err(ApiError::invalid_param(
+            "base_url",
+            "must be at most 512 bytes",
+        ));
+    }
+    Ok(s)
+}
+
+/// Adds a provider.
+#[utoipa::path(post, path = "/api/admin/providers", tag = "catalog", security(("access_token" = [])),
+    request_body = CreateProvider,
+    responses((status = 201, body = ProviderView), (status = 400, body = crate::error::ErrorBody),
+              (status = 403, body = crate::error::ErrorBody), (status = 409, body = crate::error::ErrorBody)))]
+async fn create_provider(
+    State(state): State<AppState>,
+    admin: AdminUser,
+    ip: ClientIp,
+    Json(body): Json<CreateProvider>,
+) -> ApiResult<(StatusCode, Json<ProviderView>)> {
+    if !crate::validate::provider_key(&body.key) {
+        return Err(ApiError::invalid_param(
+            "key",
+            "key must be 1–64 of [a-z0-9_-]",
+        ));
+    }
+    let new = NewProvider {
+        display_name: check_display_name(
+            "display_name",
+            body.display_name.as_deref().unwrap_or(&body.key),
+        )?,
+        base_url: check_provider_url(&body.base_url)?,
+        kind: check_kind(body.kind.as_deref().unwrap_or("openai"))?,
+        is_active: body.is_active.unwrap_or(true),
+        sort_order: body.sort_order.unwrap_or(0),
+        key: body.key,
+    };
+    let row = match store::providers::create(&state.db, new).await {
+        Ok(row) => row,
+        Err(e) if is_unique_violation(&e) => {
+            return Err(ApiError::conflict(
+                "A provider with this key already exists.",
+            ));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    state.caches.invalidate_catalog().await;
+    audit(
+        &state,
+        &admin,
+        &ip,
+        "provider.create",
+        format!("provider:{}", row.key),
+        Some(serde_json::json!({ "base_url": row.base_url, "is_active": row.is_active })),
+    )
+    .await?;
+    Ok((StatusCode::CREATED, Json(row.into())))
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateProvider {
+    pub display_name: Option<String>,
+    pub base_url: Option<String>,
+    pub kind: Option<String>,
+    pub is_active: Option<bool>,
+    pub sort_order: Option<i32>,
+}
+
+/// Changes a provider (its key is permanent: models refer to it).
+#[utoipa::path(patch, path = "/api/admin/providers/{key}", tag = "catalog", security(("access_token" = [])),
+    params(("key" = String, Path, description = "Provider key")),
+    request_body = UpdateProvider,
+    responses((status = 200, body = ProviderView), (status = 400, body = crate::error::ErrorBody),
+              (status = 403, body = crate::error::ErrorBody), (status = 404, body = crate::error::ErrorBody)))]
+async fn update_provider(
+    State(state): State<AppState>,
+    admin: AdminUser,
+    ip: ClientIp,
+    Path(key): Path<String>,
+    Json(body): Json<UpdateProvider>,
+) -> ApiResult<Json<ProviderView>> {
+    let patch = ProviderPatch {
+        display_name: body
+            .display_name
+            .as_deref()
+            .map(|s| check_display_name("display_name", s))
+            .transpose()?,
+        base_url: body
+            .base_url
+            .as_deref()
+            .map(check_provider_url)
+            .transpose()?,
+        kind: body.kind.as_deref().map(check_kind).transpose()?,
+        is_active: body.is_active,
+        sort_order: body.sort_order,
+    };
+    let row = store::providers::update(&state.db, &key, patch)
+        .await?
+        .ok_or_else(|| ApiError::not_found("provider"))?;
+    state.caches.invalidate_catalog().await;
+    audit(
+        &state,
+        &admin,
+        &ip,
+        "provider.update",
+        format!("provider:{key}"),
+        Some(serde_json::json!({ "base_url": row.base_url, "is_active": row.is_active })),
+    )
+    .await?;
+    Ok(Json(row.into()))
+}
+
+/// Soft delete: the provider becomes inactive, so its models stop being served; its models and
+/// keys are kept and come back when it is re-activated with PATCH `{"is_active": true}`.
+#[utoipa::path(delete, path = "/api/admin/providers/{key}", tag = "catalog", security(("access_token" = [])),
+    params(("key" = String, Path, description = "Provider key")),
+    responses((status = 204, description = "Deactivated"), (status = 403, body = crate::error::ErrorBody),
+              (status = 404, body = crate::error::ErrorBody)))]
+async fn delete_provider(
+    State(state): State<AppState>,
+    admin: AdminUser,
+    ip: ClientIp,
+    Path(key): Path<String>,
+) -> ApiResult<StatusCode> {
+    store::providers::update(
+        &state.db,
+        &key,
+        ProviderPatch {
+            is_active: Some(false),
+            ..Default::default()
+        },
+    )
+    .await?
+    .ok_or_else(|| ApiError::not_found("provider"))?;
+    state.caches.invalidate_catalog().await;
+    audit(
+        &state,
+        &admin,
+        &ip,
+        "provider.delete",
+        format!("provider:{key}"),
+        None,
+    )
+    .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Models
+
+/// A catalog model. Prices are USD per 1M tokens.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ModelView {
+    pub id: String,
+    /// What clients send as `model`.
+    pub name: String,
+    pub display_name: String,
+    /// The provider's key.
+    pub provider: String,
+    /// The model name sent upstream.
+    pub upstream_model: String,
+    /// `chat` | `completion` | `embedding`.
+    #[serde(rename = "type")]
+    #[schema(rename = "type")]
+    pub model_type: String,
+    pub input_price_per_1m: f64,
+    pub output_price_per_1m: f64,
+    /// `null`: cached input tokens cost the input price.
+    pub cached_input_price_per_1m: Option<f64>,
+    pub context_window: Option<i32>,
+    pub max_output_tokens: Option<i32>,
+    pub supports_streaming: bool,
+    pub supports_tools: bool,
+    pub supports_vision: bool,
+    pub description: Option<String>,
+    pub is_active: bool,
+    pub sort_order: i32,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+impl From<entity::models::Model> for ModelView {
+    fn from(m: entity::models::Model) -> Self {
+        Self {
+            id: m.id,
+            name: m.name,
+            display_name: m.display_name,
+            provider: m.provider_key,
+            upstream_model: m.upstream_model,
+            model_type: m.model_type,
+            input_price_per_1m: nanos_to_usd(m.input_price_nanos),
+            output_price_per_1m: nanos_to_usd(m.output_price_nanos),
+            cached_input_price_per_1m: m.cached_input_price_nanos.map(nanos_to_usd),
+            context_window: m.context_window,
+            max_output_tokens: m.max_output_tokens,
+            supports_streaming: m.supports_streaming,
+            supports_tools: m.supports_tools,
+            supports_vision: m.supports_vision,
+            description: m.description,
+            is_active: m.is_active,
+            sort_order: m.sort_order,
+            created_at: rfc3339(m.created_at),
+            updated_at: rfc3339(m.updated_at),
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ModelListParams {
+    /// Default true: only models `/v1` serves (active, on an active provider). `false` lists all.
+    pub active_only: Option<bool>,
+    /// A provider key.
+    pub provider: Option<String>,
+    /// `chat` | `completion` | `embedding`.
+    #[serde(rename = "type")]
+    #[param(rename = "type")]
+    pub model_type: Option<String>,
+}
+
+const MODEL_TYPES: [&str; 3] = ["chat", "completion", "embedding"];
+
+fn check_model_type(t: &str) -> ApiResult<String> {
+    if !MODEL_TYPES.contains(&t) {
+        return Err(ApiError::invalid_param(
+            "type",
+            "type must be one of chat, completion, embedding",
+        ));
+    }
+    Ok(t.to_owned())
+}
+
+/// The catalog with prices, by `sort_order` then name. Public: no sign-in needed.
+#[utoipa::path(get, path = "/api/models", tag = "catalog",
+    params(PageParams, ModelListParams),
+    responses((status = 200, body = Paginated<ModelView>), (status = 400, body = crate::error::ErrorBody)))]
+async fn list_models(
+    State(state): State<AppState>,
+    Query(page): Query<PageParams>,
+    Query(p): Query<ModelListParams>,
+) -> ApiResult<Json<Paginated<ModelView>>> {
+    let filter = ModelFilter {
+        active_only: p.active_only.unwrap_or(true),
+        provider_key: p.provider,
+        model_type: p.model_type.as_deref().map(check_model_type).transpose()?,
+    };
+    let req = page.req();
+    let rows = store::models::list(&state.db, &filter, req).await?;
+    Ok(Json(Paginated::new(rows, req, ModelView::from)))
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateModel {
+    /// What clients send as `model`; unique. 1–128 characters, no spaces.
+    pub name: String,
+    /// Default: the name.
+    pub display_name: Option<String>,
+    /// A provider key.
+    pub provider: String,
+    /// Default: the name.
+    pub upstream_model: Option<String>,
+    /// `chat` (default) | `completion` | `embedding`.
+    #[serde(rename = "type")]
+    #[schema(rename = "type")]
+    pub model_type: Option<String>,
+    /// USD per 1M input tokens (default 0).
+    pub input_price_per_1m: Option<f64>,
+    /// USD per 1M output tokens (default 0).
+    pub output_price_per_1m: Option<f64>,
+    /// USD per 1M cached input tokens; absent = the input price.
+    pub cached_input_price_per_1m: Option<f64>,
+    pub context_window: Option<i32>,
+    pub max_output_tokens: Option<i32>,
+    /// Default true.
+    pub supports_streaming: Option<bool>,
+    /// Default false.
+    pub supports_tools: Option<bool>,
+    /// Default false.
+    pub supports_vision: Option<bool>,
+    pub description: Option<String>,
+    /// Default true.
+    pub is_active: Option<bool>,
+    /// Default 0.
+    pub sort_order: Option<i32>,
+}
+
+fn check_model_name(param: &str, s: &str) -> ApiResult<String> {
+    if s.is_empty()
+        || s.chars().count() > 128
+        || s.chars().any(|c| c.is_whitespace() || c.is_control())
+    {
+        return Err(ApiError::invalid_param(
+            param,
+            format!("{param} must be 1–128 characters without spaces"),
+        ));
+    }
+    Ok(s.to_owned())
+}
+
+/// USD per 1M tokens → nano-dollars; finite, ≥ 0, at most $1M.
+fn check_price(param: &str, usd: f64) -> ApiResult<i64> {
+    if !usd.is_finite() || !(0.0..=1_000_000.0).contains(&usd) {
+        return Err(ApiError::invalid_param(
+            param,
+            format!("{param} must be a number between 0 and 1000000 (USD per 1M tokens)"),
+        ));
+    }
+    Ok(usd_to_nanos(usd))
+}
+
+fn check_tokens(param: &str, v: i32) -> ApiResult<i32> {
+    if v < 1 {
+        return Err(ApiError::invalid_param(
+            param,
+            format!("{param} must be at least 1"),
+        ));
+    }
+    Ok(v)
+}
+
+fn check_description(s: String) -> ApiResult<String> {
+    if s.chars().count() > 4000 {
+        return Err(ApiError::invalid_param(
+            "description",
+            "must be at most 4000 characters",
+        ));
+    }
+    Ok(s)
+}
+
+/// The provider must exist (active or not).
+async fn check_provider_exists(state: &AppState, key: &str) -> ApiResult<()> {
+    if store::providers::find(&state.db, key).await?.is_none() {
+        return Err(ApiError::invalid_param(
+            "provider",
+            format!("unknown provider {key:?}"),
+        ));
+    }
+    Ok(())
+}
+
+fn duplicate_model() -> ApiError {
+    ApiError::conflict("A model with this name already exists.")
+}
+
+/// Adds a model to the catalog.
+#[utoipa::path(post, path = "/api/admin/models", tag = "catalog", security(("access_token" = [])),
+    request_body = CreateModel,
+    responses((status = 201, body = ModelView), (status = 400, body = crate::error::ErrorBody),
+              (status = 403, body = crate::error::ErrorBody), (status = 409, body = crate::error::ErrorBody)))]
+async fn create_model(
+    State(state): State<AppState>,
+    admin: AdminUser,
+    ip: ClientIp,
+    Json(b): Json<CreateModel>,
+) -> ApiResult<(StatusCode, Json<ModelView>)> {
+    let name = check_model_name("name", &b.name)?;
+    let new = NewModel {
+        display_name: check_display_name(
+            "display_name",
+            b.display_name.as_deref().unwrap_or(&name),
+        )?,
+        upstream_model: check_model_name(
+            "upstream_model",
+            b.upstream_model.as_deref().unwrap_or(&name),
+        )?,
+        provider_key: b.provider.clone(),
+        model_type: check_model_type(b.model_type.as_deref().unwrap_or("chat"))?,
+        input_price_nanos: check_price("input_price_per_1m", b.input_price_per_1m.unwrap_or(0.0))?,
+        output_price_nanos: check_price(
+            "output_price_per_1m",
+            b.output_price_per_1m.unwrap_or(0.0),
+        )?,
+        cached_input_price_nanos: b
+            .cached_input_price_per_1m
+            .map(|p| check_price("cached_input_price_per_1m", p))
+            .transpose()?,
+        context_window: b
+            .context_window
+            .map(|v| check_tokens("context_window", v))
+            .transpose()?,
+        max_output_tokens: b
+            .max_output_tokens
+            .map(|v| check_tokens("max_output_tokens", v))
+            .transpose()?,
+        supports_streaming: b.supports_streaming.unwrap_or(true),
+        supports_tools: b.supports_tools.unwrap_or(false),
+        supports_vision: b.supports_vision.unwrap_or(false),
+        description: b.description.map(check_description).transpose()?,
+        is_active: b.is_active.unwrap_or(true),
+        sort_order: b.sort_order.unwrap_or(0),
+        name,
+    };
+    check_provider_exists(&state, &new.provider_key).await?;
+    let row = match store::models::create(&state.db, new).await {
+        Ok(row) => row,
+        Err(e) if is_unique_violation(&e) => return Err(duplicate_model()),
+        Err(e) => return Err(e.into()),
+    };
+    state.caches.invalidate_catalog().await;
+    audit(
+        &state,
+        &admin,
+        &ip,
+        "model.create",
+        format!("model:{}", row.id),
+        Some(serde_json::json!({ "name": row.name, "provider": row.provider_key })),
+    )
+    .await?;
+    Ok((StatusCode::CREATED, Json(row.into())))
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateModel {
+    pub name: Option<String>,
+    pub display_name: Option<String>,
+    pub provider: Option<String>,
+    pub upstream_model: Option<String>,
+    #[serde(rename = "type")]
+    #[schema(rename = "type")]
+    pub model_type: Option<String>,
+    pub input_price_per_1m: Option<f64>,
+    pub output_price_per_1m: Option<f64>,
+    /// `null` clears it (cached tokens then cost the input price).
+    #[serde(default, deserialize_with = "nullable")]
+    #[schema(value_type = Option<f64>)]
+    pub cached_input_price_per_1m: Option<Option<f64>>,
+    #[serde(default, deserialize_with = "nullable")]
+    #[schema(value_type = Option<i32>)]
+    pub context_window: Option<Option<i32>>,
+    #[serde(default, deserialize_with = "nullable")]
+    #[schema(value_type = Option<i32>)]
+    pub max_output_tokens: Option<Option<i32>>,
+    pub supports_streaming: Option<bool>,
+    pub supports_tools: Option<bool>,
+    pub supports_vision: Option<bool>,
+    #[serde(default, deserialize_with = "nullable")]
+    #[schema(value_type = Option<String>)]
+    pub description: Option<Option<String>>,
+    pub is_active: Option<bool>,
+    pub sort_order: Option<i32>,
+}
+
+/// Changes a model. Renaming it does not rewrite gateway keys' `allowed_models`.
+#[utoipa::path(patch, path = "/api/admin/models/{id}", tag = "catalog", security(("access_token" = [])),
+    params(("id" = String, Path, description = "Model id")),
+    request_body = UpdateModel,
+    responses((status = 200, body = ModelView), (status = 400, body = crate::error::ErrorBody),
+              (status = 403, body = crate::error::ErrorBody), (status = 404, body = crate::error::ErrorBody),
+              (status = 409, body = crate::error::ErrorBody)))]
+async fn update_model(
+    State(state): State<AppState>,
+    admin: AdminUser,
+    ip: ClientIp,
+    Path(id): Path<String>,
+    Json(b): Json<UpdateModel>,
+) -> ApiResult<Json<ModelView>> {
+    let patch = ModelPatch {
+        name: b
+            .name
+            .as_deref()
+            .map(|s| check_model_name("name", s))
+            .transpose()?,
+        display_name: b
+            .display_name
+            .as_deref()
+            .map(|s| check_display_name("display_name", s))
+            .transpose()?,
+        provider_key: b.provider.clone(),
+        upstream_model: b
+            .upstream_model
+            .as_deref()
+            .map(|s| check_model_name("upstream_model", s))
+            .transpose()?,
+        model_type: b.model_type.as_deref().map(check_model_type).transpose()?,
+        input_price_nanos: b
+            .input_price_per_1m
+            .map(|p| check_price("input_price_per_1m", p))
+            .transpose()?,
+        output_price_nanos: b
+            .output_price_per_1m
+            .map(|p| check_price("output_price_per_1m", p))
+            .transpose()?,
+        cached_input_price_nanos: b
+            .cached_input_price_per_1m
+            .map(|o| {
+                o.map(|p| check_price("cached_input_price_per_1m", p))
+                    .transpose()
+            })
+            .transpose()?,
+        context_window: b
+            .context_window
+            .map(|o| o.map(|v| check_tokens("context_window", v)).transpose())
+            .transpose()?,
+        max_output_tokens: b
+            .max_output_tokens
+            .map(|o| o.map(|v| check_tokens("max_output_tokens", v)).transpose())
+            .transpose()?,
+        supports_streaming: b.supports_streaming,
+        supports_tools: b.supports_tools,
+        supports_vision: b.supports_vision,
+        description: b
+            .description
+            .map(|o| o.map(check_description).transpose())
+            .transpose()?,
+        is_active: b.is_active,
+        sort_order: b.sort_order,
+    };
+    if let Some(p) = &patch.provider_key {
+        check_provider_exists(&state, p).await?;
+    }
+    let row = match store::models::update(&state.db, &id, patch).await {
+        Ok(Some(row)) => row,
+        Ok(None) => return Err(ApiError::not_found("model")),
+        Err(e) if is_unique_violation(&e) => return Err(duplicate_model()),
+        Err(e) => return Err(e.into()),
+    };
+    state.caches.invalidate_catalog().await;
+    audit(
+        &state,
+        &admin,
+        &ip,
+        "model.update",
+        format!("model:{id}"),
+        Some(serde_json::json!({ "name": row.name, "is_active": row.is_active })),
+    )
+    .await?;
+    Ok(Json(row.into()))
+}
+
+/// Hard delete: the model leaves the catalog. Usage records keep its name; to stop serving a
+/// model but keep it listed for admins, toggle it instead.
+#[utoipa::path(delete, path = "/api/admin/models/{id}", tag = "catalog", security(("access_token" = [])),
+    params(("id" = String, Path, description = "Model id")),
+    responses((status = 204, description = "Deleted"), (status = 403, body = crate::error::ErrorBody),
+              (status = 404, body = crate::error::ErrorBody)))]
+async fn delete_model(
+    State(state): State<AppState>,
+    admin: AdminUser,
+    ip: ClientIp,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    let Some(row) = store::models::find(&state.db, &id).await? else {
+        return Err(ApiError::not_found("model"));
+    };
+    if !store::models::delete(&state.db, &id).await? {
+        return Err(ApiError::not_found("model"));
+    }
+    state.caches.invalidate_catalog().await;
+    audit(
+        &state,
+        &admin,
+        &ip,
+        "model.delete",
+        format!("model:{id}"),
+        Some(serde_json::json!({ "name": row.name })),
+    )
+    .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Switches a model on or off (`is_active`).
+#[utoipa::path(post, path = "/api/admin/models/{id}/toggle", tag = "catalog", security(("access_token" = [])),
+    params(("id" = String, Path, description = "Model id")),
+    responses((status = 200, body = ModelView), (status = 403, body = crate::error::ErrorBody),
+              (status = 404, body = crate::error::ErrorBody)))]
+async fn toggle_model(
+    State(state): State<AppState>,
+    admin: AdminUser,
+    ip: ClientIp,
+    Path(id): Path<String>,
+) -> ApiResult<Json<ModelView>> {
+    let row = store::models::toggle(&state.db, &id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("model"))?;
+    state.caches.invalidate_catalog().await;
+    audit(
+        &state,
+        &admin,
+        &ip,
+        "model.toggle",
+        format!("model:{id}"),
+        Some(serde_json::json!({ "is_active": row.is_active })),
+    )
+    .await?;
+    Ok(Json(row.into()))
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReorderItem {
+    pub id: String,
+    pub sort_order: i32,
+}
+
+/// The reordered models.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ModelList {
+    pub data: Vec<ModelView>,
+}
+
+/// Sets `sort_order` on several models at once (all or nothing); returns them in the new order.
+#[utoipa::path(post, path = "/api/admin/models/reorder", tag = "catalog", security(("access_token" = [])),
+    request_body = Vec<ReorderItem>,
+    responses((status = 200, body = ModelList), (status = 400, body = crate::error::ErrorBody),
+              (status = 403, body = crate::error::ErrorBody)))]
+async fn reorder_models(
+    State(state): State<AppState>,
+    admin: AdminUser,
+    ip: ClientIp,
+    Json(items): Json<Vec<ReorderItem>>,
+) -> ApiResult<Json<ModelList>> {
+    if items.is_empty() || items.len() > 1000 {
+        return Err(ApiError::bad_request(
+            "invalid_value",
+            "Send between 1 and 1000 {id, sort_order} items.",
+        ));
+    }
+    let mut seen = std::collections::HashSet::new();
+    for it in &items {
+        if !seen.insert(it.id.as_str()) {
+            return Err(ApiError::invalid_param(
+                "id",
+                format!("model {:?} is listed twice", it.id),
+            ));
+        }
+    }
+    let order: Vec<(String, i32)> = items.into_iter().map(|i| (i.id, i.sort_order)).collect();
+    let missing = store::models::reorder(&state.db, &order).await?;
+    if let Some(first) = missing.first() {
+        return Err(ApiError::invalid_param(
+            "id",
+            format!("unknown model id {first:?}"),
+        ));
+    }
+    state.caches.invalidate_catalog().await;
+    let ids: Vec<String> = order.iter().map(|(id, _)| id.clone()).collect();
+    audit(
+        &state,
+        &admin,
+        &ip,
+        "model.reorder",
+        "models".to_owned(),
+        Some(serde_json::json!({ "count": ids.len() })),
+    )
+    .await?;
+    let rows = store::models::find_many(&state.db, &ids).await?;
+    Ok(Json(ModelList {
+        data: rows.into_iter().map(ModelView::from).collect(),
+    }))
 }
