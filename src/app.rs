@@ -1,6 +1,6 @@
 //! `App::build`: the state, the router, and the one ordered layer stack.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
@@ -15,10 +15,14 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_swagger_ui::SwaggerUi;
 
 use crate::cache::Caches;
+use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::error::ApiError;
+use crate::proxy::admit::Limiters;
+use crate::proxy::upstream;
 use crate::secrets::Secrets;
 use crate::state::{AppState, Inner};
+use crate::store::usage_writer::{self, UsageWriter, WriterConfig};
 use crate::store::{self, DbKind};
 use crate::telemetry::Metrics;
 use crate::{accounts, routes};
@@ -74,6 +78,7 @@ pub fn api_router() -> OpenApiRouter<AppState> {
         .merge(routes::catalog::router())
         .merge(routes::keys::router())
         .merge(routes::openai::router())
+        .merge(routes::usage::router())
 }
 
 /// The OpenAPI document (tests compare it with the router).
@@ -84,6 +89,8 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 pub struct App {
     pub state: AppState,
     pub router: Router,
+    /// Flushed by `server::serve` after the drain.
+    pub usage_writer: UsageWriter,
 }
 
 impl App {
@@ -91,19 +98,41 @@ impl App {
     pub async fn build(config: Config) -> anyhow::Result<Self> {
         let db = store::connect(config.database_url(), config.database.max_connections).await?;
         store::migrate(&db, config.database_url()).await?;
+        store::providers::seed(&db, &config.providers).await?;
         let secrets = Secrets::load(&config, true)?;
+        let metrics = Metrics::new();
+        let mut cluster = Cluster::new(&config, &db, &metrics)?;
+        let caches = Caches::with_bus(cluster.bus.clone());
+        cluster.listen(&caches);
+        let (usage, usage_writer) = usage_writer::start(
+            db.clone(),
+            metrics.clone(),
+            WriterConfig {
+                capacity: config.usage.queue_capacity,
+                batch_size: config.usage.batch_size,
+                flush_interval: Duration::from_millis(config.usage.flush_interval_ms),
+            },
+        );
         let state = AppState(std::sync::Arc::new(Inner {
             db_kind: DbKind::of(&db),
             db,
             keyring: secrets.keyring,
             jwt: accounts::tokens::JwtKeys::new(&secrets.jwt_secret),
-            metrics: Metrics::new(),
-            caches: Caches::new(),
+            metrics,
+            caches,
+            http: upstream::client(&config.upstream, config.security.allow_private_base_urls)?,
+            limiters: Limiters::new().with_shared(cluster.shared_limits()),
+            cluster,
+            usage,
             started_at: Instant::now(),
             config,
         }));
         let router = Self::router(state.clone());
-        Ok(Self { state, router })
+        Ok(Self {
+            state,
+            router,
+            usage_writer,
+        })
     }
 
     /// The routes and the layer stack, outermost first: request id → propagate it → access log,

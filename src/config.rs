@@ -195,11 +195,23 @@ impl Default for UsageConfig {
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RedisConfig {
     #[serde(skip_serializing)]
     pub url: Option<SecretString>,
+    /// Prefix of every Redis key and channel tollgate uses, so several deployments (or tests)
+    /// can share one Redis.
+    pub key_prefix: String,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        Self {
+            url: None,
+            key_prefix: "tollgate:".into(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -289,6 +301,14 @@ impl Config {
             return Err(invalid(
                 "database.url",
                 "must start with sqlite:, postgres://, postgresql:// or mysql://",
+            ));
+        }
+        if let Some(url) = self.redis_url()
+            && !url.starts_with("redis://")
+        {
+            return Err(invalid(
+                "redis.url",
+                "must start with redis:// (e.g. redis://127.0.0.1:6379)",
             ));
         }
         if self.database.max_connections == 0 {

@@ -1,46 +1,96 @@
-//! `serve(listener, app, shutdown)`: the seam `main` and the tests share. On shutdown it stops
-//! accepting, lets in-flight requests and streams finish (bounded by `server.shutdown_drain_secs`),
-//! then flushes what must be flushed before returning.
+//! `serve(listener, app, shutdown)`: the seam `main` and the tests share.
+//!
+//! On shutdown it stops accepting, lets in-flight requests and streams finish (bounded by
+//! `server.shutdown_drain_secs`), aborts what is still open after that (their metered bodies are
+//! dropped, which meters them), and finally flushes every pending usage record.
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use axum::extract::ConnectInfo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto::Builder;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tower::ServiceExt;
 
 use crate::app::App;
+
+/// How long the usage writer may take to flush after the drain.
+const FLUSH_LIMIT: Duration = Duration::from_secs(60);
 
 pub async fn serve(
     listener: TcpListener,
     app: App,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let App { state, router } = app;
+    let App {
+        state,
+        router,
+        usage_writer,
+    } = app;
     let drain = Duration::from_secs(state.config.server.shutdown_drain_secs);
-    let (tx, rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(async move {
-        shutdown.await;
-        let _ = tx.send(true);
-    });
-    let mut graceful = rx.clone();
-    let server = axum::serve(
-        listener,
-        router.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(async move {
-        let _ = graceful.wait_for(|stop| *stop).await;
-        tracing::info!("shutting down: no new connections; draining in-flight requests");
-    });
-    let mut deadline = rx;
-    tokio::select! {
-        res = server.into_future() => res?,
-        _ = async move {
-            let _ = deadline.wait_for(|stop| *stop).await;
-            tokio::time::sleep(drain).await;
-        } => tracing::warn!(drain_secs = drain.as_secs(), "drain timeout reached; closing remaining connections"),
+    let graceful = GracefulShutdown::new();
+    let mut connections = JoinSet::new();
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .keep_alive(true);
+    builder.http2().timer(hyper_util::rt::TokioTimer::new());
+    let mut shutdown = std::pin::pin!(shutdown);
+
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(x) => x,
+                    Err(e) => {
+                        // Out of descriptors and the like: back off instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let svc = router.clone().map_request(move |req: http::Request<hyper::body::Incoming>| {
+                    let mut req = req.map(axum::body::Body::new);
+                    req.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
+                    req
+                });
+                let conn = builder
+                    .serve_connection_with_upgrades(TokioIo::new(stream), TowerToHyperService::new(svc))
+                    .into_owned();
+                let conn = graceful.watch(conn);
+                connections.spawn(async move {
+                    let _ = conn.await;
+                });
+                // Reap finished connection tasks so the set does not grow.
+                while connections.try_join_next().is_some() {}
+            }
+            _ = &mut shutdown => break,
+        }
     }
+    drop(listener);
+    tracing::info!(
+        open_connections = connections.len(),
+        "shutting down: not accepting; draining in-flight requests"
+    );
+    tokio::select! {
+        _ = graceful.shutdown() => {}
+        _ = tokio::time::sleep(drain) => {
+            tracing::warn!(drain_secs = drain.as_secs(), "drain timeout reached; closing remaining connections");
+        }
+    }
+    connections.abort_all();
+    while connections.join_next().await.is_some() {}
+    drop(router);
+    usage_writer.shutdown(FLUSH_LIMIT).await;
     drop(state);
-    tracing::info!("stopped");
+    tracing::info!("stopped; usage records flushed");
     Ok(())
 }
 

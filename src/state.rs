@@ -7,9 +7,13 @@ use sea_orm::DatabaseConnection;
 
 use crate::accounts::tokens::JwtKeys;
 use crate::cache::Caches;
+use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::crypto::KeyRing;
+use crate::proxy::admit::Limiters;
+use crate::proxy::upstream::HttpClient;
 use crate::store::DbKind;
+use crate::store::usage_writer::UsageQueue;
 use crate::telemetry::Metrics;
 
 #[derive(Clone)]
@@ -25,6 +29,14 @@ pub struct Inner {
     pub metrics: Metrics,
     /// Gateway keys, catalog and provider-key ciphertexts, so the hot path skips the database.
     pub caches: Caches,
+    /// The pooled upstream client.
+    pub http: HttpClient,
+    /// Per-key and per-user rate limiters.
+    pub limiters: Limiters,
+    /// What this replica shares with the others (Redis, the invalidation bus and its listener).
+    pub cluster: Cluster,
+    /// The queue to the usage writer.
+    pub usage: UsageQueue,
     pub started_at: Instant,
 }
 

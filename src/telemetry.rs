@@ -45,6 +45,9 @@ pub struct Metrics {
     pub auth_cache_hits_total: IntCounter,
     pub auth_cache_misses_total: IntCounter,
     pub upstream_errors_total: IntCounterVec,
+    /// Failed Redis calls by operation (rate_limit, publish, subscribe); while Redis is down,
+    /// limits fall back to each replica's own.
+    pub redis_errors_total: IntCounterVec,
     pub http_requests_total: IntCounterVec,
     pub management_duration: Histogram,
 }
@@ -160,6 +163,11 @@ impl Metrics {
                 "tollgate_upstream_errors_total",
                 "Upstream failures by kind (connect, timeout, body, status_4xx, status_5xx).",
                 &["kind"],
+            ),
+            redis_errors_total: counter_vec(
+                "tollgate_redis_errors_total",
+                "Failed Redis calls by operation (rate_limit, publish, subscribe).",
+                &["op"],
             ),
             http_requests_total: counter_vec(
                 "tollgate_http_requests_total",

@@ -7,6 +7,7 @@ pub mod keys;
 pub mod me;
 pub mod openai;
 pub mod ops;
+pub mod usage;
 
 use std::net::{IpAddr, SocketAddr};
 

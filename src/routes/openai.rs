@@ -1,9 +1,151 @@
-//! (being written)
+//! The OpenAI-compatible surface (`/v1`, gateway keys). Handlers hand the request to
+//! `proxy::forward`; `/v1/models` lists what the presented key may use.
 
+use axum::extract::{Request, State};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
 use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
+use crate::error::{ApiError, Json, Path};
+use crate::providers::Endpoint;
+use crate::proxy;
+use crate::routes::ClientIp;
 use crate::state::AppState;
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
+        .routes(routes!(chat_completions))
+        .routes(routes!(completions))
+        .routes(routes!(embeddings))
+        .routes(routes!(list_models))
+        .routes(routes!(get_model))
+}
+
+/// Chat completions, streamed (`"stream": true`, server-sent events) or not. The body is
+/// OpenAI's; unknown fields pass through to the upstream untouched.
+#[utoipa::path(post, path = "/v1/chat/completions", tag = "openai",
+    request_body(content = serde_json::Value, description = "An OpenAI chat completion request", content_type = "application/json"),
+    responses(
+        (status = 200, description = "The upstream's completion (JSON, or `text/event-stream` when streaming)"),
+        (status = 400, body = crate::error::ErrorBody), (status = 401, body = crate::error::ErrorBody),
+        (status = 403, body = crate::error::ErrorBody), (status = 404, body = crate::error::ErrorBody),
+        (status = 413, body = crate::error::ErrorBody), (status = 429, body = crate::error::ErrorBody),
+        (status = 502, body = crate::error::ErrorBody), (status = 504, body = crate::error::ErrorBody)),
+    security(("gateway_key" = []), ("gateway_key_header" = [])))]
+async fn chat_completions(
+    State(state): State<AppState>,
+    ClientIp(ip): ClientIp,
+    req: Request,
+) -> Response {
+    proxy::forward(state, Endpoint::ChatCompletions, ip, req).await
+}
+
+/// Legacy text completions, streamed or not.
+#[utoipa::path(post, path = "/v1/completions", tag = "openai",
+    request_body(content = serde_json::Value, description = "An OpenAI completion request", content_type = "application/json"),
+    responses((status = 200, description = "The upstream's completion"), (status = 400, body = crate::error::ErrorBody),
+        (status = 401, body = crate::error::ErrorBody), (status = 429, body = crate::error::ErrorBody)),
+    security(("gateway_key" = []), ("gateway_key_header" = [])))]
+async fn completions(
+    State(state): State<AppState>,
+    ClientIp(ip): ClientIp,
+    req: Request,
+) -> Response {
+    proxy::forward(state, Endpoint::Completions, ip, req).await
+}
+
+/// Embeddings.
+#[utoipa::path(post, path = "/v1/embeddings", tag = "openai",
+    request_body(content = serde_json::Value, description = "An OpenAI embeddings request", content_type = "application/json"),
+    responses((status = 200, description = "The upstream's embeddings"), (status = 400, body = crate::error::ErrorBody),
+        (status = 401, body = crate::error::ErrorBody), (status = 429, body = crate::error::ErrorBody)),
+    security(("gateway_key" = []), ("gateway_key_header" = [])))]
+async fn embeddings(
+    State(state): State<AppState>,
+    ClientIp(ip): ClientIp,
+    req: Request,
+) -> Response {
+    proxy::forward(state, Endpoint::Embeddings, ip, req).await
+}
+
+/// OpenAI's model object.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ModelObject {
+    id: String,
+    object: &'static str,
+    /// Unix seconds.
+    created: i64,
+    owned_by: String,
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ModelList {
+    object: &'static str,
+    data: Vec<ModelObject>,
+}
+
+fn model_object(m: &crate::cache::CatalogModel) -> ModelObject {
+    ModelObject {
+        id: m.model.name.clone(),
+        object: "model",
+        created: m.model.created_at.timestamp(),
+        owned_by: m.provider.key.clone(),
+    }
+}
+
+/// The catalog's active models this key may use.
+#[utoipa::path(get, path = "/v1/models", tag = "openai",
+    responses((status = 200, body = ModelList), (status = 401, body = crate::error::ErrorBody)),
+    security(("gateway_key" = []), ("gateway_key_header" = [])))]
+async fn list_models(
+    State(state): State<AppState>,
+    ClientIp(ip): ClientIp,
+    req: Request,
+) -> Result<Json<ModelList>, ApiError> {
+    let key = proxy::auth::authenticate(&state, req.headers()).await?;
+    check_ip(&key, ip)?;
+    let catalog = state.caches.catalog(&state.db).await?;
+    Ok(Json(ModelList {
+        object: "list",
+        data: catalog
+            .servable_models()
+            .filter(|m| key.allows_model(&m.model.name))
+            .map(|m| model_object(m))
+            .collect(),
+    }))
+}
+
+/// One model, when this key may use it.
+#[utoipa::path(get, path = "/v1/models/{id}", tag = "openai",
+    params(("id" = String, Path, description = "Model name")),
+    responses((status = 200, body = ModelObject), (status = 404, body = crate::error::ErrorBody)),
+    security(("gateway_key" = []), ("gateway_key_header" = [])))]
+async fn get_model(
+    State(state): State<AppState>,
+    ClientIp(ip): ClientIp,
+    Path(id): Path<String>,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let key = proxy::auth::authenticate(&state, req.headers()).await?;
+    check_ip(&key, ip)?;
+    let catalog = state.caches.catalog(&state.db).await?;
+    let m = catalog
+        .servable(&id)
+        .filter(|m| key.allows_model(&m.model.name))
+        .ok_or_else(|| ApiError::NotFound {
+            message: format!("The model `{id}` does not exist or you do not have access to it."),
+            code: "model_not_found",
+        })?;
+    Ok(Json(model_object(m)).into_response())
+}
+
+fn check_ip(key: &crate::cache::KeyCtx, ip: Option<std::net::IpAddr>) -> Result<(), ApiError> {
+    match ip {
+        Some(ip) if !key.allows_ip(ip) => Err(ApiError::forbidden(
+            "ip_not_allowed",
+            format!("Requests from {ip} are not allowed for this API key."),
+        )),
+        _ => Ok(()),
+    }
 }

@@ -1,8 +1,20 @@
 //! Every sea-orm query lives here, as `async fn(db, …)`; the only module that imports `entity`.
 
 pub mod audit;
+pub mod billing;
+pub mod gateway_keys;
+pub mod ip_records;
+pub mod ledger;
+pub mod login_history;
+pub mod models;
+pub mod notify;
+pub mod provider_keys;
+pub mod providers;
+pub mod rekey;
 pub mod sessions;
 pub mod settings;
+pub mod usage;
+pub mod usage_writer;
 pub mod users;
 
 use std::time::Duration;

@@ -15,6 +15,10 @@ use tollgate::app::App;
 use tollgate::config::Config;
 use tollgate::state::AppState;
 
+pub mod accounts;
+pub mod gateway;
+pub mod mock;
+
 pub const TEST_DB_ENV: &str = "TOLLGATE_TEST_DATABASE_URL";
 
 /// A database for one test, dropped afterwards.
@@ -62,6 +66,16 @@ impl TestDb {
         }
     }
 
+    /// A SQLite database in a file the caller owns (e.g. one the `tollgate` binary just created).
+    pub fn sqlite_at(path: &std::path::Path) -> Self {
+        Self {
+            url: format!("sqlite://{}?mode=rwc", path.display()),
+            admin_url: None,
+            name: None,
+            _dir: None,
+        }
+    }
+
     pub fn is_sqlite(&self) -> bool {
         self.url.starts_with("sqlite:")
     }
@@ -93,6 +107,9 @@ impl Drop for TestDb {
     }
 }
 
+/// base64 of 32 bytes 0x01..=0x20.
+pub const TEST_MASTER_KEY: &str = "AQIDBAUGBwgJCgsMDQ4PEBESExQVFhcYGRobHB0eHyA=";
+
 /// A config for tests: fixed secrets, ephemeral port, the given database.
 pub fn test_config(db_url: &str) -> Config {
     let mut cfg = Config::default();
@@ -100,7 +117,8 @@ pub fn test_config(db_url: &str) -> Config {
     cfg.server.log_format = "json".into();
     cfg.database.url = SecretString::from(db_url.to_owned());
     cfg.database.max_connections = 8;
-    cfg.security.master_key = Some(SecretString::from(tollgate::crypto::generate_master_key()));
+    // Fixed, so an app restarted on the same database opens what the first one sealed.
+    cfg.security.master_key = Some(SecretString::from(TEST_MASTER_KEY.to_owned()));
     cfg.security.jwt_secret = Some(SecretString::from("t".repeat(48)));
     cfg
 }
@@ -236,4 +254,18 @@ pub fn assert_error(status: u16, body: &Value, want_status: u16, want_code: &str
         "param/code missing in {body}"
     );
     assert_eq!(err["code"], want_code, "code; body: {body}");
+}
+
+/// The real `tollgate` binary, run in `cwd` as a user would, with none of the caller's
+/// `TOLLGATE_*`, `DATABASE_URL` or `RUST_LOG` variables leaking in (the test adds what it means).
+pub fn tollgate_command(cwd: &std::path::Path) -> std::process::Command {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"));
+    cmd.current_dir(cwd).stdin(std::process::Stdio::null());
+    for (name, _) in std::env::vars_os() {
+        let name = name.to_string_lossy();
+        if name.starts_with("TOLLGATE_") || name == "DATABASE_URL" || name == "RUST_LOG" {
+            cmd.env_remove(name.as_ref());
+        }
+    }
+    cmd
 }

@@ -1,0 +1,340 @@
+//! Cache invalidation across replicas: every [`Invalidation`] a management write applies on this
+//! replica is published on a bus, and every replica applies what the others publish to its own
+//! caches, within milliseconds.
+//!
+//! The bus is Redis pub/sub (channel `<redis.key_prefix>invalidate`) when `redis.url` is set, else
+//! PostgreSQL LISTEN/NOTIFY (channel [`PG_CHANNEL`]) when the database is PostgreSQL, else there is
+//! none (a single replica). Both carry the same JSON message, `{"origin": <replica id>,
+//! "invalidation": {...}}`; a replica skips its own messages.
+//!
+//! While a listener is disconnected, messages are lost; the caches' TTL bounds how stale an entry
+//! can get, and every (re)subscription clears this replica's caches, since something may have
+//! been missed.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use sea_orm::DatabaseConnection;
+use serde::{Deserialize, Serialize};
+use tokio::task::JoinHandle;
+
+use super::redis::{CONNECT_TIMEOUT, RedisLink};
+use crate::cache::{Caches, Invalidation};
+use crate::store;
+
+/// The LISTEN/NOTIFY channel (notifications are per database, so no prefix is needed).
+pub const PG_CHANNEL: &str = "tollgate_invalidate";
+
+/// Bound on publishing one message; a management write never waits longer for the bus.
+const PUBLISH_TIMEOUT: Duration = Duration::from_secs(2);
+/// First and longest wait between two attempts to (re)subscribe.
+const MIN_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// What goes over the wire.
+#[derive(Debug, Serialize, Deserialize)]
+struct Message {
+    /// The replica that applied it already.
+    origin: String,
+    invalidation: Invalidation,
+}
+
+/// Where invalidations are published and heard.
+#[derive(Clone)]
+pub struct Bus {
+    origin: Arc<str>,
+    transport: Transport,
+}
+
+#[derive(Clone)]
+enum Transport {
+    Redis {
+        link: RedisLink,
+        channel: String,
+    },
+    Postgres {
+        db: DatabaseConnection,
+        /// The listener opens its own connection with this.
+        url: String,
+    },
+}
+
+impl std::fmt::Debug for Bus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bus")
+            .field("origin", &self.origin)
+            .field("transport", &self.kind())
+            .finish()
+    }
+}
+
+impl Bus {
+    /// Redis pub/sub for replica `origin`.
+    pub fn redis(origin: &str, link: RedisLink) -> Self {
+        Self {
+            origin: origin.into(),
+            transport: Transport::Redis {
+                channel: link.key("invalidate"),
+                link,
+            },
+        }
+    }
+
+    /// PostgreSQL LISTEN/NOTIFY for replica `origin` on the database `db` (opened from `url`).
+    pub fn postgres(origin: &str, db: DatabaseConnection, url: &str) -> Self {
+        Self {
+            origin: origin.into(),
+            transport: Transport::Postgres {
+                db,
+                url: url.to_owned(),
+            },
+        }
+    }
+
+    /// `redis` or `postgres`.
+    pub fn kind(&self) -> &'static str {
+        match self.transport {
+            Transport::Redis { .. } => "redis",
+            Transport::Postgres { .. } => "postgres",
+        }
+    }
+
+    /// Tells the other replicas. Failures are logged (and counted for Redis), never returned: the
+    /// write has committed and this replica's caches are right; the others heal by TTL.
+    pub async fn publish(&self, invalidation: &Invalidation) {
+        let message = Message {
+            origin: self.origin.to_string(),
+            invalidation: invalidation.clone(),
+        };
+        let Ok(payload) = serde_json::to_string(&message) else {
+            return;
+        };
+        match &self.transport {
+            Transport::Redis { link, channel } => {
+                let sent = link
+                    .call_now("publish", |mut conn| {
+                        let (channel, payload) = (channel.clone(), payload.clone());
+                        async move {
+                            redis::cmd("PUBLISH")
+                                .arg(channel)
+                                .arg(payload)
+                                .query_async::<i64>(&mut conn)
+                                .await
+                        }
+                    })
+                    .await;
+                if sent.is_none() {
+                    tracing::warn!(
+                        kind = invalidation_kind(invalidation),
+                        "could not publish a cache invalidation to the other replicas; their entries expire within the cache TTL"
+                    );
+                }
+            }
+            Transport::Postgres { db, .. } => {
+                let sent = tokio::time::timeout(
+                    PUBLISH_TIMEOUT,
+                    store::notify::notify(db, PG_CHANNEL, &payload),
+                )
+                .await;
+                if let Err(error) = sent
+                    .map_err(|_| "timed out".to_owned())
+                    .and_then(|r| r.map_err(|e| e.to_string()))
+                {
+                    tracing::warn!(
+                        kind = invalidation_kind(invalidation),
+                        %error,
+                        "could not notify the other replicas of a cache invalidation; their entries expire within the cache TTL"
+                    );
+                }
+            }
+        }
+    }
+
+    /// Starts applying the other replicas' invalidations to `caches`, in a task that lives as
+    /// long as the returned [`Listener`].
+    pub fn listen(&self, caches: Caches) -> Listener {
+        let subscribed = Arc::new(AtomicBool::new(false));
+        let ctx = ListenCtx {
+            origin: self.origin.clone(),
+            caches,
+            subscribed: subscribed.clone(),
+        };
+        let task = match &self.transport {
+            Transport::Redis { link, channel } => {
+                tokio::spawn(listen_redis(ctx, link.clone(), channel.clone()))
+            }
+            Transport::Postgres { url, .. } => tokio::spawn(listen_postgres(ctx, url.clone())),
+        };
+        Listener { task, subscribed }
+    }
+}
+
+/// The background task applying other replicas' invalidations; stopped when dropped.
+#[derive(Debug)]
+pub struct Listener {
+    task: JoinHandle<()>,
+    subscribed: Arc<AtomicBool>,
+}
+
+impl Listener {
+    /// Subscribed right now (messages published from here on are heard).
+    pub fn is_subscribed(&self) -> bool {
+        self.subscribed.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        // Nothing to finish: a missed message only costs freshness, which the TTL bounds.
+        self.task.abort();
+    }
+}
+
+struct ListenCtx {
+    origin: Arc<str>,
+    caches: Caches,
+    subscribed: Arc<AtomicBool>,
+}
+
+impl ListenCtx {
+    /// Now subscribed: anything published while we were not is lost, so start from empty caches.
+    async fn on_subscribed(&self, was_lost: bool, bus: &str) {
+        self.caches.clear_local().await;
+        self.subscribed.store(true, Ordering::Release);
+        if was_lost {
+            tracing::info!(bus, "listening for other replicas' cache invalidations again");
+        } else {
+            tracing::debug!(bus, "listening for other replicas' cache invalidations");
+        }
+    }
+
+    fn on_lost(&self) {
+        self.subscribed.store(false, Ordering::Release);
+    }
+
+    /// Applies one message unless this replica sent it. One that cannot be read (from a newer
+    /// version, say) clears everything: over-invalidating is always safe.
+    async fn handle(&self, payload: &[u8]) {
+        match serde_json::from_slice::<Message>(payload) {
+            Ok(m) if *m.origin == *self.origin => {}
+            Ok(m) => self.caches.apply_local(&m.invalidation).await,
+            Err(error) => {
+                tracing::debug!(%error, "unreadable invalidation message; clearing the caches");
+                self.caches.clear_local().await;
+            }
+        }
+    }
+}
+
+async fn listen_redis(ctx: ListenCtx, link: RedisLink, channel: String) {
+    let mut backoff = MIN_BACKOFF;
+    // Logged once per outage, not once per attempt.
+    let mut lost = false;
+    loop {
+        let attempt = tokio::time::timeout(CONNECT_TIMEOUT, async {
+            let mut pubsub = link.client().get_async_pubsub().await?;
+            pubsub.subscribe(&channel).await?;
+            Ok::<_, redis::RedisError>(pubsub)
+        })
+        .await;
+        match attempt {
+            Ok(Ok(pubsub)) => {
+                ctx.on_subscribed(lost, "redis").await;
+                backoff = MIN_BACKOFF;
+                let mut messages = pubsub.into_on_message();
+                while let Some(msg) = messages.next().await {
+                    ctx.handle(msg.get_payload_bytes()).await;
+                }
+                ctx.on_lost();
+                link.count_error("subscribe");
+                lost = true;
+                tracing::warn!(
+                    "lost the Redis subscription for cache invalidations; reconnecting (cached entries expire within the cache TTL meanwhile)"
+                );
+            }
+            Ok(Err(error)) => {
+                link.count_error("subscribe");
+                if !lost {
+                    lost = true;
+                    tracing::warn!(%error, "cannot subscribe to cache invalidations on Redis; retrying");
+                }
+            }
+            Err(_) => {
+                link.count_error("subscribe");
+                if !lost {
+                    lost = true;
+                    tracing::warn!(
+                        "subscribing to cache invalidations on Redis timed out; retrying"
+                    );
+                }
+            }
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+async fn listen_postgres(ctx: ListenCtx, url: String) {
+    let mut backoff = MIN_BACKOFF;
+    let mut lost = false;
+    loop {
+        match store::notify::listen(&url, PG_CHANNEL).await {
+            Ok(mut listener) => {
+                ctx.on_subscribed(lost, "postgres").await;
+                backoff = MIN_BACKOFF;
+                let error = loop {
+                    match listener.try_recv().await {
+                        Ok(Some(n)) => ctx.handle(n.payload().as_bytes()).await,
+                        // The connection dropped and was re-established (LISTEN included):
+                        // whatever was sent in between is lost.
+                        Ok(None) => ctx.on_subscribed(true, "postgres").await,
+                        Err(e) => break e,
+                    }
+                };
+                ctx.on_lost();
+                lost = true;
+                tracing::warn!(%error, "lost the PostgreSQL LISTEN connection for cache invalidations; reconnecting");
+            }
+            Err(error) => {
+                if !lost {
+                    lost = true;
+                    tracing::warn!(%error, "cannot LISTEN for cache invalidations on PostgreSQL; retrying");
+                }
+            }
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+fn invalidation_kind(inv: &Invalidation) -> &'static str {
+    match inv {
+        Invalidation::GatewayKey { .. } => "gateway_key",
+        Invalidation::User { .. } => "user",
+        Invalidation::Catalog => "catalog",
+        Invalidation::ProviderKeys { .. } => "provider_keys",
+        Invalidation::AllProviderKeys => "all_provider_keys",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn message_shape_is_stable() {
+        let m = Message {
+            origin: "r1".into(),
+            invalidation: Invalidation::GatewayKey { hash: "h".into() },
+        };
+        let json = serde_json::to_value(&m).expect("serialises");
+        assert_eq!(
+            json,
+            serde_json::json!({"origin": "r1", "invalidation": {"kind": "gateway_key", "hash": "h"}})
+        );
+        let back: Message = serde_json::from_value(json).expect("parses");
+        assert_eq!(back.invalidation, m.invalidation);
+    }
+}

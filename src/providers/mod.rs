@@ -1,0 +1,116 @@
+//! Upstream adapters. The hot path talks to an upstream only through [`Adapter`]: URL and auth
+//! headers, request body mapping, response body mapping, stream event mapping, usage extraction.
+//! `openai` (any OpenAI-compatible API) is the identity mapping; translating adapters (Anthropic,
+//! Gemini, Azure) are added as new files implementing the same trait.
+
+pub mod openai;
+
+use bytes::Bytes;
+use http::HeaderMap;
+
+/// Which OpenAI operation a request is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    ChatCompletions,
+    Completions,
+    Embeddings,
+}
+
+impl Endpoint {
+    /// Name used in usage records and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ChatCompletions => "chat.completions",
+            Self::Completions => "completions",
+            Self::Embeddings => "embeddings",
+        }
+    }
+
+    /// Path below the provider's base URL.
+    pub fn path(self) -> &'static str {
+        match self {
+            Self::ChatCompletions => "/chat/completions",
+            Self::Completions => "/completions",
+            Self::Embeddings => "/embeddings",
+        }
+    }
+
+    /// The catalog model type that serves this endpoint.
+    pub fn model_type(self) -> &'static str {
+        match self {
+            Self::ChatCompletions => "chat",
+            Self::Completions => "completion",
+            Self::Embeddings => "embedding",
+        }
+    }
+
+    pub fn can_stream(self) -> bool {
+        !matches!(self, Self::Embeddings)
+    }
+}
+
+/// Token counts as an upstream reports them (`prompt` includes `cached`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub prompt: i64,
+    pub completion: i64,
+    pub cached: i64,
+}
+
+/// What an adapter must do for the hot path.
+pub trait Adapter: Send + Sync + 'static {
+    /// Full upstream URL for `endpoint` under `base_url`.
+    fn url(&self, base_url: &str, endpoint: Endpoint) -> String;
+    /// Puts the provider key where the upstream expects it.
+    fn auth(&self, headers: &mut HeaderMap, provider_key: &str);
+    /// The upstream body: the client's request with the upstream model name and, for streams,
+    /// usage reporting switched on. Everything else passes through untouched.
+    fn map_request(
+        &self,
+        req: &crate::proxy::request::RequestView<'_>,
+        upstream_model: &str,
+    ) -> Bytes;
+    /// A complete (non-streamed) success body, with `model` reported as the client's name.
+    fn map_response(&self, body: Bytes, client_model: &str, upstream_model: &str) -> Bytes;
+    /// Usage in a complete body.
+    fn usage_of(&self, body: &[u8]) -> Option<Usage>;
+    /// One streamed event's `data:` payload: its usage, and what the client should see of it.
+    fn map_event(&self, data: &[u8], ctx: &EventCtx<'_>) -> MappedEvent;
+}
+
+/// What a stream mapping needs to know about the request.
+#[derive(Debug, Clone, Copy)]
+pub struct EventCtx<'a> {
+    pub client_model: &'a str,
+    pub upstream_model: &'a str,
+    /// The client asked for usage (`stream_options.include_usage`); else usage is removed.
+    pub client_wants_usage: bool,
+}
+
+/// The result of mapping one event.
+#[derive(Debug, Default)]
+pub struct MappedEvent {
+    pub usage: Option<Usage>,
+    /// The event carried generated output (a delta with content, text, or a tool call).
+    pub has_output: bool,
+    pub out: EventOut,
+}
+
+#[derive(Debug, Default, PartialEq, Eq)]
+pub enum EventOut {
+    /// Forward the original bytes.
+    #[default]
+    Unchanged,
+    /// Forward this payload instead (the `data: ` framing is added by the caller).
+    Replace(Vec<u8>),
+    /// The client must not see this event at all.
+    Drop,
+}
+
+/// The adapter for a provider `kind`.
+pub fn adapter(kind: &str) -> Option<&'static dyn Adapter> {
+    match kind {
+        "openai" => Some(&openai::OpenAi),
+        _ => None,
+    }
+}

@@ -1,0 +1,409 @@
+//! ② admit: IP allow-list, model allow-list, rate limits (governor: key RPM/TPM, user RPM/TPM),
+//! in the order API.md §2 gives. With `redis.url` the buckets are shared by every replica
+//! (`cluster::limits`); without it, or while Redis does not answer, each replica keeps its own.
+
+use std::net::IpAddr;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::Duration;
+
+use governor::clock::{Clock, DefaultClock};
+use governor::middleware::{StateInformationMiddleware, StateSnapshot};
+use governor::state::{InMemoryState, NotKeyed};
+use governor::{Quota, RateLimiter};
+use http::{HeaderMap, HeaderValue};
+
+use crate::cache::{CatalogModel, KeyCtx};
+use crate::cluster::limits::{SharedLimits, Verdict};
+use crate::config::Config;
+use crate::error::ApiError;
+use crate::telemetry::Metrics;
+
+type Limiter = RateLimiter<NotKeyed, InMemoryState, DefaultClock, StateInformationMiddleware>;
+
+/// Per-key and per-user limiters, created on first use. Keyed by the limit too, so a changed
+/// limit takes effect with a fresh bucket.
+#[derive(Clone)]
+pub struct Limiters {
+    buckets: moka::sync::Cache<(Scope, String, u32), Arc<Limiter>>,
+    /// Buckets in Redis every replica shares; the local ones serve when it is absent or down.
+    shared: Option<SharedLimits>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Scope {
+    KeyRpm,
+    KeyTpm,
+    UserRpm,
+    UserTpm,
+}
+
+impl Scope {
+    fn label(self) -> &'static str {
+        match self {
+            Scope::KeyRpm => "key_rpm",
+            Scope::KeyTpm => "key_tpm",
+            Scope::UserRpm => "user_rpm",
+            Scope::UserTpm => "user_tpm",
+        }
+    }
+
+    fn is_tokens(self) -> bool {
+        matches!(self, Scope::KeyTpm | Scope::UserTpm)
+    }
+}
+
+impl Default for Limiters {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A refused request: the error and the limits to report with it.
+#[derive(Debug)]
+pub struct Refusal {
+    pub error: ApiError,
+    pub rate: RateInfo,
+}
+
+impl From<ApiError> for Refusal {
+    fn from(error: ApiError) -> Self {
+        Self {
+            error,
+            rate: RateInfo::default(),
+        }
+    }
+}
+
+/// The limits that applied, for the `x-ratelimit-*` headers (tightest first).
+#[derive(Debug, Default, Clone)]
+pub struct RateInfo {
+    pub requests: Option<Window>,
+    pub tokens: Option<Window>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Window {
+    pub limit: u32,
+    pub remaining: u32,
+    pub reset: Duration,
+}
+
+impl Limiters {
+    pub fn new() -> Self {
+        Self {
+            buckets: moka::sync::Cache::builder()
+                .max_capacity(500_000)
+                .time_to_idle(Duration::from_secs(600))
+                .build(),
+            shared: None,
+        }
+    }
+
+    /// Uses `shared` (the Redis buckets) first, the local buckets when it does not answer.
+    pub fn with_shared(mut self, shared: Option<SharedLimits>) -> Self {
+        self.shared = shared;
+        self
+    }
+
+    fn bucket(&self, scope: Scope, id: &str, per_minute: NonZeroU32) -> Arc<Limiter> {
+        self.buckets
+            .get_with((scope, id.to_owned(), per_minute.get()), || {
+                Arc::new(
+                    RateLimiter::direct(Quota::per_minute(per_minute))
+                        .with_middleware::<StateInformationMiddleware>(),
+                )
+            })
+    }
+
+    /// Takes `n` from the bucket (the shared one when Redis answers), or says how long to wait.
+    async fn take(
+        &self,
+        scope: Scope,
+        id: &str,
+        limit: u32,
+        n: u32,
+        metrics: &Metrics,
+    ) -> Result<Option<Window>, Refusal> {
+        let Some(per_minute) = NonZeroU32::new(limit) else {
+            return Ok(None);
+        };
+        let n = NonZeroU32::new(n.clamp(1, limit)).unwrap_or(NonZeroU32::MIN);
+        let refused = |wait: Duration| {
+            metrics
+                .rate_limited_total
+                .with_label_values(&[scope.label()])
+                .inc();
+            let what = if scope.is_tokens() {
+                "tokens"
+            } else {
+                "requests"
+            };
+            let who = if matches!(scope, Scope::KeyRpm | Scope::KeyTpm) {
+                "API key"
+            } else {
+                "account"
+            };
+            let error = ApiError::RateLimited {
+                message: format!(
+                    "Rate limit reached for this {who}: {limit} {what} per minute. Try again in {}s.",
+                    wait.as_secs().max(1)
+                ),
+                code: "rate_limit_exceeded",
+                retry_after_secs: wait.as_secs_f64().ceil().max(1.0) as u64,
+            };
+            let window = Some(Window {
+                limit,
+                remaining: 0,
+                reset: wait,
+            });
+            let rate = if scope.is_tokens() {
+                RateInfo {
+                    requests: None,
+                    tokens: window,
+                }
+            } else {
+                RateInfo {
+                    requests: window,
+                    tokens: None,
+                }
+            };
+            Refusal { error, rate }
+        };
+        let shared = match &self.shared {
+            Some(s) => s.take(scope.label(), id, limit, n.get()).await,
+            None => None,
+        };
+        match shared {
+            Some(Verdict::Allowed { remaining, reset }) => {
+                return Ok(Some(Window {
+                    limit,
+                    remaining,
+                    reset,
+                }));
+            }
+            Some(Verdict::Refused { wait }) => return Err(refused(wait)),
+            None => {}
+        }
+        let bucket = self.bucket(scope, id, per_minute);
+        match bucket.check_n(n) {
+            Ok(Ok(snap)) => Ok(Some(window(limit, &snap))),
+            Ok(Err(not_until)) => Err(refused(
+                not_until.wait_time_from(DefaultClock::default().now()),
+            )),
+            Err(_) => Err(refused(Duration::from_secs(60))),
+        }
+    }
+
+    /// Consumes tokens after the fact (completion tokens); never refuses.
+    pub fn consume_tokens(&self, key: &KeyCtx, cfg_user_tpm: Option<u32>, tokens: u32) {
+        for (scope, id, limit) in [
+            (
+                Scope::KeyTpm,
+                key.key_id.as_str(),
+                key.tpm_limit.unwrap_or(0),
+            ),
+            (
+                Scope::UserTpm,
+                key.user_id.as_str(),
+                cfg_user_tpm.unwrap_or(0),
+            ),
+        ] {
+            if let (Some(l), Some(n)) = (NonZeroU32::new(limit), NonZeroU32::new(tokens.min(limit)))
+            {
+                if let Some(shared) = self.shared.clone()
+                    && let Ok(rt) = tokio::runtime::Handle::try_current()
+                {
+                    // Off the response path; the local bucket when Redis does not answer.
+                    let (local, id) = (self.clone(), id.to_owned());
+                    rt.spawn(async move {
+                        if shared
+                            .take(scope.label(), &id, l.get(), n.get())
+                            .await
+                            .is_none()
+                        {
+                            let _ = local.bucket(scope, &id, l).check_n(n);
+                        }
+                    });
+                    continue;
+                }
+                let _ = self.bucket(scope, id, l).check_n(n);
+            }
+        }
+    }
+}
+
+fn window(limit: u32, snap: &StateSnapshot) -> Window {
+    let remaining = snap.remaining_burst_capacity().min(limit);
+    let per = Duration::from_secs(60) / limit.max(1);
+    Window {
+        limit,
+        remaining,
+        reset: per * (limit - remaining),
+    }
+}
+
+fn tighter(a: Option<Window>, b: Option<Window>) -> Option<Window> {
+    match (a, b) {
+        (Some(x), Some(y)) => Some(if y.remaining < x.remaining { y } else { x }),
+        (x, None) => x,
+        (None, y) => y,
+    }
+}
+
+/// The per-user limits in force: the user's own, else an unexpired plan's, else the defaults.
+pub fn user_limits(key: &KeyCtx, cfg: &Config) -> (u32, u32) {
+    let plan = key
+        .plan
+        .as_deref()
+        .filter(|_| key.plan_expires_at.is_none_or(|t| t > chrono::Utc::now()))
+        .and_then(|p| cfg.plans.iter().find(|x| x.name == p));
+    let rpm = key
+        .user_rpm_limit
+        .or(plan.map(|p| p.rpm_limit))
+        .unwrap_or(cfg.limits.default_user_rpm);
+    let tpm = key
+        .user_tpm_limit
+        .or(plan.map(|p| p.tpm_limit))
+        .unwrap_or(0);
+    (rpm, tpm)
+}
+
+/// Admission for one request to `model` from `ip` with about `tokens` prompt tokens.
+pub async fn admit(
+    state: &crate::state::AppState,
+    key: &KeyCtx,
+    ip: Option<IpAddr>,
+    model_name: &str,
+    model: Option<&Arc<CatalogModel>>,
+    tokens: u32,
+) -> Result<(Arc<CatalogModel>, RateInfo), Refusal> {
+    let (limiters, cfg, metrics) = (&state.limiters, &state.config, &state.metrics);
+    if let Some(ip) = ip
+        && !key.allows_ip(ip)
+    {
+        return Err(ApiError::forbidden(
+            "ip_not_allowed",
+            format!("Requests from {ip} are not allowed for this API key."),
+        )
+        .into());
+    }
+    let model = model
+        .filter(|m| m.is_servable())
+        .ok_or_else(|| ApiError::NotFound {
+            message: format!(
+                "The model `{model_name}` does not exist or you do not have access to it."
+            ),
+            code: "model_not_found",
+        })?;
+    if !key.allows_model(model_name) {
+        return Err(ApiError::forbidden(
+            "model_not_allowed",
+            format!("This API key is not allowed to use the model `{model_name}`."),
+        )
+        .into());
+    }
+    let (user_rpm, user_tpm) = user_limits(key, cfg);
+    let key_rpm = key.rpm_limit.unwrap_or(cfg.limits.default_key_rpm);
+    let mut info = RateInfo::default();
+    let k = limiters
+        .take(Scope::KeyRpm, &key.key_id, key_rpm, 1, metrics)
+        .await?;
+    let u = limiters
+        .take(Scope::UserRpm, &key.user_id, user_rpm, 1, metrics)
+        .await?;
+    info.requests = tighter(k, u);
+    let with_requests = |mut r: Refusal| {
+        r.rate.requests = info.requests;
+        r
+    };
+    let kt = limiters
+        .take(
+            Scope::KeyTpm,
+            &key.key_id,
+            key.tpm_limit.unwrap_or(0),
+            tokens,
+            metrics,
+        )
+        .await
+        .map_err(with_requests)?;
+    let ut = limiters
+        .take(Scope::UserTpm, &key.user_id, user_tpm, tokens, metrics)
+        .await
+        .map_err(with_requests)?;
+    info.tokens = tighter(kt, ut);
+    Ok((model.clone(), info))
+}
+
+/// `6s`, `1m30s`: OpenAI's format for the reset headers.
+pub fn reset_string(d: Duration) -> String {
+    let secs = d.as_secs_f64().ceil() as u64;
+    if secs >= 60 {
+        format!("{}m{}s", secs / 60, secs % 60)
+    } else {
+        format!("{secs}s")
+    }
+}
+
+/// Adds the `x-ratelimit-*` headers for the limits that applied.
+pub fn rate_headers(headers: &mut HeaderMap, info: &RateInfo) {
+    for (suffix, w) in [("requests", info.requests), ("tokens", info.tokens)] {
+        let Some(w) = w else { continue };
+        let pairs = [
+            (format!("x-ratelimit-limit-{suffix}"), w.limit.to_string()),
+            (
+                format!("x-ratelimit-remaining-{suffix}"),
+                w.remaining.to_string(),
+            ),
+            (format!("x-ratelimit-reset-{suffix}"), reset_string(w.reset)),
+        ];
+        for (k, v) in pairs {
+            if let (Ok(k), Ok(v)) = (http::HeaderName::try_from(k), HeaderValue::try_from(v)) {
+                headers.insert(k, v);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reset_format() {
+        assert_eq!(reset_string(Duration::from_millis(5200)), "6s");
+        assert_eq!(reset_string(Duration::from_secs(90)), "1m30s");
+    }
+
+    #[tokio::test]
+    async fn buckets_refuse_after_the_limit() {
+        let l = Limiters::new();
+        let m = Metrics::new();
+        for i in 0..3 {
+            let w = l
+                .take(Scope::KeyRpm, "k", 3, 1, &m)
+                .await
+                .expect("allowed")
+                .expect("window");
+            assert_eq!(w.remaining, 2 - i);
+        }
+        let r = l
+            .take(Scope::KeyRpm, "k", 3, 1, &m)
+            .await
+            .expect_err("refused");
+        assert!(
+            matches!(r.error, ApiError::RateLimited { retry_after_secs, .. } if retry_after_secs >= 1)
+        );
+        assert_eq!(
+            r.rate.requests.map(|w| (w.limit, w.remaining)),
+            Some((3, 0))
+        );
+        // No limit configured: nothing applies.
+        assert!(
+            l.take(Scope::KeyRpm, "k2", 0, 1, &m)
+                .await
+                .expect("ok")
+                .is_none()
+        );
+    }
+}

@@ -1,0 +1,339 @@
+//! The hot path, one file per stage, in the order a request meets them:
+//! ① `auth` gateway key → key context (cache first) ② `admit` IP and model allow-lists, rate
+//! limits, budget and balance ③ `route` catalog model → provider → provider key ④ `upstream` the
+//! pooled client ⑤ `stream` the body passes through ⑥ `meter` one usage record per request.
+
+pub mod admit;
+pub mod auth;
+pub mod estimate;
+pub mod meter;
+pub mod request;
+pub mod reserve;
+pub mod route;
+pub mod stream;
+pub mod upstream;
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::response::{IntoResponse, Response};
+use bytes::{Bytes, BytesMut};
+use http::{HeaderValue, Request, StatusCode, header};
+use http_body_util::BodyExt;
+
+use crate::error::ApiError;
+use crate::providers::{Endpoint, Usage};
+use crate::proxy::admit::{RateInfo, rate_headers};
+use crate::proxy::meter::{Meter, Prices, RequestFacts};
+use crate::proxy::request::RequestView;
+use crate::proxy::stream::{MeteredStream, StreamLimits, StreamMapping};
+use crate::state::AppState;
+
+/// Largest complete (non-streamed) upstream body the gateway will hold.
+const MAX_UPSTREAM_BODY: usize = 64 * 1024 * 1024;
+
+/// How long admission waits for a usage-queue slot before answering 503.
+const USAGE_SLOT_WAIT: Duration = Duration::from_secs(30);
+
+fn with_rate(mut resp: Response, rate: &RateInfo) -> Response {
+    rate_headers(resp.headers_mut(), rate);
+    resp
+}
+
+/// Proxies one OpenAI request through every stage.
+pub async fn forward(
+    state: AppState,
+    endpoint: Endpoint,
+    ip: Option<IpAddr>,
+    req: Request<Body>,
+) -> Response {
+    let (parts, body) = req.into_parts();
+    let request_id = parts
+        .headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+
+    // ① auth
+    let key = match auth::authenticate(&state, &parts.headers).await {
+        Ok(k) => k,
+        Err(e) => return e.into_response(),
+    };
+    let bytes = match read_body(body, state.config.server.max_body_bytes).await {
+        Ok(b) => b,
+        Err(e) => return e.into_response(),
+    };
+    let view = match RequestView::parse(&bytes) {
+        Ok(v) => v,
+        Err(e) => return e.into_response(),
+    };
+    if view.stream && !endpoint.can_stream() {
+        return ApiError::invalid_param(
+            "stream",
+            format!("/v1/{} does not stream.", endpoint.as_str()),
+        )
+        .into_response();
+    }
+
+    // ② admit
+    let catalog = match state.caches.catalog(&state.db).await {
+        Ok(c) => c,
+        Err(e) => return ApiError::from(e).into_response(),
+    };
+    let approx_tokens = (bytes.len() / 4).max(1).min(u32::MAX as usize) as u32;
+    let (model, rate) = match admit::admit(
+        &state,
+        &key,
+        ip,
+        &view.model,
+        catalog.get(&view.model),
+        approx_tokens,
+    )
+    .await
+    {
+        Ok(x) => x,
+        Err(refusal) => return with_rate(refusal.error.into_response(), &refusal.rate),
+    };
+
+    // ⑥ meter: the usage slot is taken before anything is reserved or sent upstream.
+    let Some(permit) = state.usage.reserve(USAGE_SLOT_WAIT).await else {
+        return with_rate(
+            ApiError::Unavailable {
+                message: "The gateway is overloaded (usage queue full); retry shortly.".into(),
+            }
+            .into_response(),
+            &rate,
+        );
+    };
+
+    // ③ route — its errors are reported after the budget and balance checks, in the contract's order.
+    let route = route::route(&state, &key, &model, endpoint).await;
+
+    // ② admit, continued: budget and balance.
+    let charged =
+        state.config.billing.enforce_balance || route.as_ref().is_ok_and(|r| r.shared_key);
+    let max_cost = reserve::max_cost(&view, bytes.len(), &model, endpoint);
+    let reservation = match reserve::reserve(&state, &key, charged && route.is_ok(), max_cost).await
+    {
+        Ok(r) => r,
+        Err(e) => return with_rate(e.into_response(), &rate),
+    };
+    let route = match route {
+        Ok(r) => r,
+        Err(e) => {
+            reserve::release(&state, &key, reservation).await;
+            return with_rate(e.into_response(), &rate);
+        }
+    };
+    let m = &model.model;
+    let mut meter = Meter::new(
+        permit,
+        RequestFacts {
+            user_id: key.user_id.clone(),
+            key_id: key.key_id.clone(),
+            model: view.model.clone(),
+            provider: model.provider.key.clone(),
+            endpoint,
+            stream: view.stream,
+            prices: Prices {
+                input: m.input_price_nanos,
+                output: m.output_price_nanos,
+                cached_input: m.cached_input_price_nanos,
+            },
+            request_id: request_id.clone(),
+            shared_key: route.shared_key,
+            reservation,
+            charged,
+            request_body: bytes.clone(),
+        },
+        state.metrics.clone(),
+    );
+    {
+        let limiters = state.limiters.clone();
+        let key = key.clone();
+        let user_tpm = admit::user_limits(&key, &state.config).1;
+        meter.on_usage(move |u: Usage| {
+            let n = u.completion.clamp(0, u32::MAX as i64) as u32;
+            limiters.consume_tokens(&key, Some(user_tpm), n);
+        });
+    }
+
+    // ④ upstream
+    let upstream_body = route.adapter.map_request(&view, &m.upstream_model);
+    let cfg = &state.config.upstream;
+    let resp = match upstream::send(
+        &state.http,
+        &route,
+        upstream_body,
+        view.stream,
+        &request_id,
+        Duration::from_secs(cfg.first_byte_timeout_secs),
+    )
+    .await
+    {
+        Ok(r) => r,
+        Err(e) => {
+            let kind = if e.parts().0 == StatusCode::GATEWAY_TIMEOUT {
+                "timeout"
+            } else {
+                "connect"
+            };
+            state
+                .metrics
+                .upstream_errors_total
+                .with_label_values(&[kind])
+                .inc();
+            meter.finish(e.parts().0.as_u16(), None, Vec::new(), e.parts().2);
+            return with_rate(e.into_response(), &rate);
+        }
+    };
+    let status = resp.status();
+    let idle = Duration::from_secs(cfg.idle_timeout_secs);
+    let is_sse = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"));
+
+    // ⑤ stream
+    if status.is_success() && view.stream && is_sse {
+        let body = MeteredStream::new(
+            resp.into_body(),
+            StreamMapping {
+                adapter: route.adapter,
+                client_model: view.model.clone(),
+                upstream_model: m.upstream_model.clone(),
+                client_wants_usage: view.include_usage,
+            },
+            meter,
+            StreamLimits { idle_timeout: idle },
+            state.metrics.active_streams.clone(),
+        );
+        let mut out = Response::new(Body::new(body));
+        let h = out.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/event-stream; charset=utf-8"),
+        );
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+        h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+        return with_rate(out, &rate);
+    }
+
+    // A complete body: an upstream error, or a non-streamed success.
+    let content_type = resp.headers().get(header::CONTENT_TYPE).cloned();
+    let body = match collect(resp.into_body(), idle, &mut meter).await {
+        Ok(b) => b,
+        Err(e) => {
+            state
+                .metrics
+                .upstream_errors_total
+                .with_label_values(&["body"])
+                .inc();
+            meter.finish(
+                e.parts().0.as_u16(),
+                None,
+                Vec::new(),
+                Some("upstream_body"),
+            );
+            return with_rate(e.into_response(), &rate);
+        }
+    };
+    let out_body = if status.is_success() {
+        let usage = route.adapter.usage_of(&body);
+        let mapped = route
+            .adapter
+            .map_response(body.clone(), &view.model, &m.upstream_model);
+        let kept = if usage.is_none() {
+            vec![body]
+        } else {
+            Vec::new()
+        };
+        meter.finish(status.as_u16(), usage, kept, None);
+        mapped
+    } else {
+        let kind = if status.is_client_error() {
+            "status_4xx"
+        } else {
+            "status_5xx"
+        };
+        state
+            .metrics
+            .upstream_errors_total
+            .with_label_values(&[kind])
+            .inc();
+        meter.finish(status.as_u16(), None, Vec::new(), Some("upstream_status"));
+        body
+    };
+    let mut out = Response::new(Body::from(out_body));
+    *out.status_mut() = status;
+    out.headers_mut().insert(
+        header::CONTENT_TYPE,
+        content_type.unwrap_or_else(|| HeaderValue::from_static("application/json")),
+    );
+    with_rate(out, &rate)
+}
+
+/// The client's body, at most `limit` bytes.
+async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    match axum::body::to_bytes(body, limit).await {
+        Ok(b) => Ok(b),
+        Err(e) => {
+            let too_large = std::error::Error::source(&e)
+                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
+                || e.to_string().contains("length limit");
+            if too_large {
+                Err(ApiError::PayloadTooLarge)
+            } else {
+                Err(ApiError::bad_request(
+                    "invalid_body",
+                    "Could not read the request body.",
+                ))
+            }
+        }
+    }
+}
+
+/// Reads a complete upstream body with an idle timeout between chunks.
+async fn collect(
+    mut body: hyper::body::Incoming,
+    idle: Duration,
+    meter: &mut Meter,
+) -> Result<Bytes, ApiError> {
+    let mut buf = BytesMut::new();
+    loop {
+        match tokio::time::timeout(idle, body.frame()).await {
+            Ok(Some(Ok(frame))) => {
+                meter.mark_first_byte();
+                if let Ok(data) = frame.into_data() {
+                    if buf.len() + data.len() > MAX_UPSTREAM_BODY {
+                        return Err(ApiError::Upstream {
+                            status: StatusCode::BAD_GATEWAY,
+                            message: "The upstream response is too large.".into(),
+                            code: "upstream_error",
+                        });
+                    }
+                    buf.extend_from_slice(&data);
+                }
+            }
+            Ok(None) => return Ok(buf.freeze()),
+            Ok(Some(Err(e))) => {
+                tracing::warn!(error = %e, "upstream body failed");
+                return Err(ApiError::Upstream {
+                    status: StatusCode::BAD_GATEWAY,
+                    message: "The upstream connection was lost.".into(),
+                    code: "upstream_disconnected",
+                });
+            }
+            Err(_) => {
+                return Err(ApiError::Upstream {
+                    status: StatusCode::GATEWAY_TIMEOUT,
+                    message: "The upstream stopped sending data.".into(),
+                    code: "upstream_timeout",
+                });
+            }
+        }
+    }
+}

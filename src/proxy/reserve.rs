@@ -1,0 +1,95 @@
+//! ② admit, continued: the key's budget and (when charged) the user's balance. The request's
+//! maximum cost is reserved in SQL before forwarding and settled by the usage writer.
+//!
+//! A request is *charged* to the user's balance when it uses a shared platform provider key, or
+//! for every request when `billing.enforce_balance` is on. Keys with a budget reserve against it
+//! either way. Nothing here touches the database for an uncharged request on a key without budget.
+
+use crate::cache::{CatalogModel, KeyCtx};
+use crate::error::ApiError;
+use crate::providers::{Endpoint, Usage};
+use crate::proxy::meter::{Prices, Reservation, cost_nanos};
+use crate::proxy::request::RequestView;
+use crate::state::AppState;
+use crate::store::billing;
+
+/// Completion tokens assumed when neither the request nor the model bounds them.
+pub const DEFAULT_MAX_OUTPUT_TOKENS: i64 = 4096;
+
+/// The most a request can cost: prompt estimated at 4 bytes a token (rounded up) plus
+/// `max_tokens`, else the model's `max_output_tokens`, at the model's prices.
+pub fn max_cost(
+    view: &RequestView<'_>,
+    body_len: usize,
+    model: &CatalogModel,
+    endpoint: Endpoint,
+) -> i64 {
+    let m = &model.model;
+    let prompt = body_len.div_ceil(4) as i64;
+    let completion = match endpoint {
+        Endpoint::Embeddings => 0,
+        _ => view
+            .max_tokens
+            .map(|t| t.min(i64::MAX as u64) as i64)
+            .or(m.max_output_tokens.map(i64::from))
+            .unwrap_or(DEFAULT_MAX_OUTPUT_TOKENS),
+    };
+    cost_nanos(
+        Usage {
+            prompt,
+            completion,
+            cached: 0,
+        },
+        Prices {
+            input: m.input_price_nanos,
+            output: m.output_price_nanos,
+            cached_input: m.cached_input_price_nanos,
+        },
+    )
+}
+
+/// Reserves `max_cost` against the key budget (if any) and the balance (if `charged`).
+pub async fn reserve(
+    state: &AppState,
+    key: &KeyCtx,
+    charged: bool,
+    max_cost: i64,
+) -> Result<Reservation, ApiError> {
+    let mut r = Reservation::default();
+    if key.budget_nanos.is_some() {
+        if !billing::reserve_key(&state.db, &key.key_id, max_cost).await? {
+            return Err(ApiError::quota(
+                "This API key has reached its budget (budget_usd).",
+            ));
+        }
+        r.key_nanos = max_cost;
+    }
+    if charged {
+        if !billing::reserve_balance(&state.db, &key.user_id, max_cost).await? {
+            release(state, key, r).await;
+            return Err(ApiError::quota(
+                "You exceeded your current quota: your balance does not cover this request. Add credit and retry.",
+            ));
+        }
+        r.user_nanos = max_cost;
+    }
+    Ok(r)
+}
+
+/// Gives a reservation back (the request was refused after reserving).
+pub async fn release(state: &AppState, key: &KeyCtx, r: Reservation) {
+    if r.key_nanos == 0 && r.user_nanos == 0 {
+        return;
+    }
+    if let Err(e) = billing::release(
+        &state.db,
+        &key.key_id,
+        r.key_nanos,
+        &key.user_id,
+        r.user_nanos,
+    )
+    .await
+    {
+        tracing::error!(error = %e, "releasing a reservation failed");
+    }
+}

@@ -1,0 +1,386 @@
+//! ⑤ stream: the upstream's body passes through chunk by chunk. An incremental SSE scanner finds
+//! whole events (split across reads, `\n` / `\r\n` / `\r` line ends, comments, multi-line data),
+//! the adapter maps each one (usage read, usage-only chunk removed when the client did not ask for
+//! it, model renamed), and the meter fires when the body ends, fails, or is dropped because the
+//! client left.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http_body::{Body, Frame, SizeHint};
+use tokio::time::Sleep;
+
+use crate::error::ApiError;
+use crate::providers::{Adapter, EventCtx, EventOut, Usage};
+use crate::proxy::meter::Meter;
+
+/// Splits a byte stream into SSE events.
+#[derive(Default)]
+pub struct SseScanner {
+    buf: BytesMut,
+    /// Where scanning resumes (bytes before it are known to hold no complete event end).
+    scanned: usize,
+}
+
+/// One complete event: its raw bytes (terminator included) and its joined `data` payload.
+#[derive(Debug, PartialEq, Eq)]
+pub struct SseEvent {
+    pub raw: Bytes,
+    pub data: Option<Bytes>,
+}
+
+impl SseScanner {
+    pub fn push(&mut self, chunk: &[u8]) {
+        self.buf.extend_from_slice(chunk);
+    }
+
+    /// The next complete event, if the buffer holds one.
+    pub fn next_event(&mut self) -> Option<SseEvent> {
+        let end = self.find_event_end()?;
+        let raw = self.buf.split_to(end).freeze();
+        self.scanned = 0;
+        Some(SseEvent {
+            data: data_of(&raw),
+            raw,
+        })
+    }
+
+    /// Whatever is left when the stream ends (an event without its blank line).
+    pub fn finish(&mut self) -> Option<SseEvent> {
+        if self.buf.is_empty() {
+            return None;
+        }
+        let raw = self.buf.split().freeze();
+        self.scanned = 0;
+        Some(SseEvent {
+            data: data_of(&raw),
+            raw,
+        })
+    }
+
+    /// End offset (exclusive) of the first event: the end of its first empty line. A blank line
+    /// at the very start is an event of its own (forwarded as is).
+    fn find_event_end(&mut self) -> Option<usize> {
+        let b = &self.buf[..];
+        let mut line_start = self.scanned;
+        let mut i = line_start;
+        while i < b.len() {
+            let c = b[i];
+            if c != b'\n' && c != b'\r' {
+                i += 1;
+                continue;
+            }
+            let term = if c == b'\r' {
+                match b.get(i + 1) {
+                    // A lone '\r' at the end may be the first half of "\r\n": wait for more.
+                    None => break,
+                    Some(b'\n') => 2,
+                    Some(_) => 1,
+                }
+            } else {
+                1
+            };
+            let next = i + term;
+            if i == line_start {
+                return Some(next);
+            }
+            line_start = next;
+            i = next;
+        }
+        self.scanned = line_start;
+        None
+    }
+}
+
+/// The `data` field of an event: its `data:` lines joined with `\n` (one leading space dropped).
+fn data_of(raw: &[u8]) -> Option<Bytes> {
+    let mut out: Option<Vec<u8>> = None;
+    for line in raw.split(|&c| c == b'\n' || c == b'\r') {
+        if let Some(rest) = line.strip_prefix(b"data:") {
+            let rest = rest.strip_prefix(b" ").unwrap_or(rest);
+            match &mut out {
+                Some(v) => {
+                    v.push(b'\n');
+                    v.extend_from_slice(rest);
+                }
+                None => out = Some(rest.to_vec()),
+            }
+        }
+    }
+    out.map(Bytes::from)
+}
+
+/// What a stream is allowed to wait for the next chunk.
+pub struct StreamLimits {
+    pub idle_timeout: Duration,
+}
+
+/// How a stream's events are mapped for the client.
+pub struct StreamMapping {
+    pub adapter: &'static dyn Adapter,
+    pub client_model: String,
+    pub upstream_model: String,
+    /// The client asked for usage; else the usage-only chunk is removed.
+    pub client_wants_usage: bool,
+}
+
+/// The body returned to a streaming client.
+pub struct MeteredStream<B> {
+    upstream: Pin<Box<B>>,
+    map: StreamMapping,
+    scanner: SseScanner,
+    out: VecDeque<Bytes>,
+    usage: Option<Usage>,
+    /// Payloads kept for estimation until the upstream reports usage.
+    kept: Vec<Bytes>,
+    meter: Option<Meter>,
+    idle: Pin<Box<Sleep>>,
+    idle_timeout: Duration,
+    ended: bool,
+    active_streams: prometheus::IntGauge,
+}
+
+impl<B> MeteredStream<B> {
+    pub fn new(
+        upstream: B,
+        map: StreamMapping,
+        meter: Meter,
+        limits: StreamLimits,
+        active_streams: prometheus::IntGauge,
+    ) -> Self {
+        active_streams.inc();
+        Self {
+            upstream: Box::pin(upstream),
+            map,
+            scanner: SseScanner::default(),
+            out: VecDeque::new(),
+            usage: None,
+            kept: Vec::new(),
+            meter: Some(meter),
+            idle: Box::pin(tokio::time::sleep(limits.idle_timeout)),
+            idle_timeout: limits.idle_timeout,
+            ended: false,
+            active_streams,
+        }
+    }
+
+    fn handle_event(&mut self, ev: SseEvent) {
+        let Some(data) = ev.data else {
+            self.out.push_back(ev.raw);
+            return;
+        };
+        let ctx = EventCtx {
+            client_model: &self.map.client_model,
+            upstream_model: &self.map.upstream_model,
+            client_wants_usage: self.map.client_wants_usage,
+        };
+        let mapped = self.map.adapter.map_event(&data, &ctx);
+        if let Some(u) = mapped.usage {
+            self.usage = Some(u);
+            self.kept.clear();
+        } else if self.usage.is_none() && mapped.has_output {
+            self.kept.push(data);
+        }
+        match mapped.out {
+            EventOut::Unchanged => self.out.push_back(ev.raw),
+            EventOut::Replace(payload) => {
+                let mut b = BytesMut::with_capacity(payload.len() + 8);
+                b.extend_from_slice(b"data: ");
+                b.extend_from_slice(&payload);
+                b.extend_from_slice(b"\n\n");
+                self.out.push_back(b.freeze());
+            }
+            EventOut::Drop => {}
+        }
+    }
+
+    /// Ends the stream with an OpenAI error event and meters what was produced.
+    fn fail(&mut self, status: u16, err: ApiError, reason: &str) {
+        if let Some(ev) = self.scanner.finish() {
+            self.handle_event(ev);
+        }
+        let body = serde_json::to_vec(&err.body()).unwrap_or_default();
+        let mut b = BytesMut::with_capacity(body.len() + 8);
+        b.extend_from_slice(b"data: ");
+        b.extend_from_slice(&body);
+        b.extend_from_slice(b"\n\n");
+        self.out.push_back(b.freeze());
+        self.ended = true;
+        self.finish_meter(status, Some(reason));
+    }
+
+    fn finish_meter(&mut self, status: u16, error: Option<&str>) {
+        if let Some(m) = self.meter.take() {
+            m.finish(status, self.usage, std::mem::take(&mut self.kept), error);
+        }
+    }
+}
+
+impl<B> Body for MeteredStream<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: std::fmt::Display,
+{
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        loop {
+            if let Some(b) = this.out.pop_front() {
+                return Poll::Ready(Some(Ok(Frame::data(b))));
+            }
+            if this.ended {
+                this.finish_meter(200, None);
+                return Poll::Ready(None);
+            }
+            match this.upstream.as_mut().poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    let Ok(data) = frame.into_data() else {
+                        continue; // trailers: nothing for an SSE client
+                    };
+                    if let Some(m) = this.meter.as_mut() {
+                        m.mark_first_byte();
+                    }
+                    let deadline = tokio::time::Instant::now() + this.idle_timeout;
+                    this.idle.as_mut().reset(deadline);
+                    this.scanner.push(&data);
+                    while let Some(ev) = this.scanner.next_event() {
+                        this.handle_event(ev);
+                    }
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    tracing::warn!(error = %e, "upstream stream broke off");
+                    this.fail(
+                        502,
+                        ApiError::Upstream {
+                            status: http::StatusCode::BAD_GATEWAY,
+                            message: "The upstream connection was lost mid-stream.".into(),
+                            code: "upstream_disconnected",
+                        },
+                        "upstream_disconnected",
+                    );
+                }
+                Poll::Ready(None) => {
+                    if let Some(ev) = this.scanner.finish() {
+                        this.handle_event(ev);
+                    }
+                    this.ended = true;
+                }
+                Poll::Pending => {
+                    if this.idle.as_mut().poll(cx).is_ready() {
+                        this.fail(
+                            504,
+                            ApiError::Upstream {
+                                status: http::StatusCode::GATEWAY_TIMEOUT,
+                                message: "The upstream stopped sending data.".into(),
+                                code: "upstream_timeout",
+                            },
+                            "upstream_idle_timeout",
+                        );
+                        continue;
+                    }
+                    return Poll::Pending;
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended && self.out.is_empty() && self.meter.is_none()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::default()
+    }
+}
+
+impl<B> Drop for MeteredStream<B> {
+    fn drop(&mut self) {
+        self.active_streams.dec();
+        // Still metering: the client went away before the end. 499 = client closed request.
+        if self.meter.is_some() {
+            if let Some(ev) = self.scanner.finish() {
+                self.handle_event(ev);
+            }
+            self.finish_meter(499, Some("client_disconnected"));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn events(chunks: &[&[u8]]) -> Vec<(String, Option<String>)> {
+        let mut s = SseScanner::default();
+        let mut out = Vec::new();
+        for c in chunks {
+            s.push(c);
+            while let Some(e) = s.next_event() {
+                out.push(e);
+            }
+        }
+        out.extend(s.finish());
+        out.into_iter()
+            .map(|e| {
+                (
+                    String::from_utf8(e.raw.to_vec()).expect("utf8"),
+                    e.data.map(|d| String::from_utf8(d.to_vec()).expect("utf8")),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn events_split_across_reads() {
+        let got = events(&[b"data: {\"a\"", b":1}\n", b"\ndata: [DONE]\n\n"]);
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[0].1.as_deref(), Some("{\"a\":1}"));
+        assert_eq!(got[0].0, "data: {\"a\":1}\n\n");
+        assert_eq!(got[1].1.as_deref(), Some("[DONE]"));
+    }
+
+    #[test]
+    fn crlf_and_cr_line_ends() {
+        let got = events(&[b"data: x\r\n\r\ndata: y\r", b"\r", b"data: z\r\n", b"\r\n"]);
+        let data: Vec<_> = got.iter().map(|e| e.1.clone()).collect();
+        assert_eq!(
+            data,
+            vec![Some("x".into()), Some("y".into()), Some("z".into())]
+        );
+    }
+
+    #[test]
+    fn comments_multiline_and_other_fields() {
+        let got = events(&[b": keep-alive\n\nevent: msg\ndata: line1\ndata:line2\nid: 7\n\n"]);
+        assert_eq!(got[0].1, None);
+        assert_eq!(got[0].0, ": keep-alive\n\n");
+        assert_eq!(got[1].1.as_deref(), Some("line1\nline2"));
+    }
+
+    #[test]
+    fn unterminated_last_event_is_flushed() {
+        let got = events(&[b"data: a\n\ndata: tail"]);
+        assert_eq!(got[1].1.as_deref(), Some("tail"));
+    }
+
+    #[test]
+    fn byte_by_byte() {
+        let input = b"data: {\"x\":\"\xc3\xa9\"}\r\n\r\n: c\n\ndata: [DONE]\n\n";
+        let chunks: Vec<&[u8]> = input.chunks(1).collect();
+        let got = events(&chunks);
+        assert_eq!(got.len(), 3);
+        assert_eq!(got[0].1.as_deref(), Some("{\"x\":\"é\"}"));
+        assert_eq!(got[2].1.as_deref(), Some("[DONE]"));
+        let joined: String = got.iter().map(|e| e.0.clone()).collect();
+        assert_eq!(joined.as_bytes(), input);
+    }
+}

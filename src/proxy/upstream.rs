@@ -1,0 +1,186 @@
+//! ④ upstream: pooled hyper clients (rustls for https, plain http for local upstreams;
+//! HTTP/1.1 and HTTP/2 by ALPN), with connect and first-byte timeouts.
+//!
+//! Two pools: admins' provider base URLs are trusted (a local Ollama on 127.0.0.1 is fine), while
+//! a user's own `base_url` goes through a resolver that refuses private, loopback and link-local
+//! addresses at connect time too — the check at save time alone would let DNS rebinding through.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, header};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::connect::dns::{GaiResolver, Name};
+use hyper_util::client::legacy::{Client, ResponseFuture};
+use hyper_util::rt::TokioExecutor;
+use secrecy::ExposeSecret;
+
+use crate::config::UpstreamConfig;
+use crate::error::ApiError;
+use crate::proxy::route::Route;
+
+type Pool<R> = Client<HttpsConnector<HttpConnector<R>>, Full<Bytes>>;
+
+/// The upstream clients.
+#[derive(Clone)]
+pub struct HttpClient {
+    trusted: Pool<GaiResolver>,
+    guarded: Pool<GuardedResolver>,
+}
+
+impl HttpClient {
+    fn request(&self, req: Request<Full<Bytes>>, guarded: bool) -> ResponseFuture {
+        if guarded {
+            self.guarded.request(req)
+        } else {
+            self.trusted.request(req)
+        }
+    }
+}
+
+/// Resolves like the system resolver, then drops every address `ssrf::is_forbidden` refuses
+/// (unless `security.allow_private_base_urls`).
+#[derive(Clone, Default)]
+pub struct GuardedResolver {
+    allow_private: bool,
+}
+
+impl tower::Service<Name> for GuardedResolver {
+    type Response = std::vec::IntoIter<SocketAddr>;
+    type Error = std::io::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, name: Name) -> Self::Future {
+        let allow_private = self.allow_private;
+        Box::pin(async move {
+            let addrs: Vec<SocketAddr> = tokio::net::lookup_host((name.as_str(), 0))
+                .await?
+                .filter(|a| allow_private || !crate::ssrf::is_forbidden(a.ip()))
+                .collect();
+            if addrs.is_empty() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::PermissionDenied,
+                    "the base URL resolves only to private addresses",
+                ));
+            }
+            Ok(addrs.into_iter())
+        })
+    }
+}
+
+pub fn client(cfg: &UpstreamConfig, allow_private: bool) -> anyhow::Result<HttpClient> {
+    Ok(HttpClient {
+        trusted: pool(cfg, GaiResolver::new())?,
+        guarded: pool(cfg, GuardedResolver { allow_private })?,
+    })
+}
+
+fn pool<R>(cfg: &UpstreamConfig, resolver: R) -> anyhow::Result<Pool<R>>
+where
+    R: tower::Service<Name> + Clone + Send + Sync + 'static,
+    R::Response: Iterator<Item = SocketAddr>,
+    R::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    R::Future: Send,
+{
+    let mut http = HttpConnector::new_with_resolver(resolver);
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(Duration::from_secs(cfg.connect_timeout_secs)));
+    http.set_keepalive(Some(Duration::from_secs(60)));
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())?
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(http);
+    Ok(Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(cfg.pool_idle_timeout_secs))
+        .pool_max_idle_per_host(cfg.pool_max_idle_per_host)
+        .build(https))
+}
+
+/// Sends `body` along `route`; resolves when the upstream's response headers arrive.
+pub async fn send(
+    client: &HttpClient,
+    route: &Route,
+    body: Bytes,
+    stream: bool,
+    request_id: &str,
+    first_byte_timeout: Duration,
+) -> Result<Response<Incoming>, ApiError> {
+    let mut req = Request::post(&route.url)
+        .header(header::CONTENT_TYPE, "application/json")
+        .header(
+            header::ACCEPT,
+            if stream {
+                "text/event-stream"
+            } else {
+                "application/json"
+            },
+        )
+        .body(Full::new(body))
+        .map_err(|e| ApiError::internal(anyhow::anyhow!("building upstream request: {e}")))?;
+    if let Ok(v) = HeaderValue::from_str(request_id) {
+        req.headers_mut().insert("x-request-id", v);
+    }
+    route
+        .adapter
+        .auth(req.headers_mut(), route.provider_key.expose_secret());
+    match tokio::time::timeout(first_byte_timeout, client.request(req, route.guarded)).await {
+        Ok(Ok(resp)) => Ok(resp),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, url = %route.url, "upstream request failed");
+            Err(ApiError::Upstream {
+                status: http::StatusCode::BAD_GATEWAY,
+                message: "Could not reach the upstream provider.".into(),
+                code: "upstream_unreachable",
+            })
+        }
+        Err(_) => Err(ApiError::Upstream {
+            status: http::StatusCode::GATEWAY_TIMEOUT,
+            message: "The upstream provider did not answer in time.".into(),
+            code: "upstream_timeout",
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::str::FromStr;
+
+    use tower::Service;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn guarded_resolver_refuses_private_addresses_unless_allowed() {
+        let name = Name::from_str("localhost").expect("name");
+        let err = GuardedResolver {
+            allow_private: false,
+        }
+        .call(name.clone())
+        .await
+        .expect_err("refused");
+        assert_eq!(err.kind(), std::io::ErrorKind::PermissionDenied);
+        let addrs: Vec<_> = GuardedResolver {
+            allow_private: true,
+        }
+        .call(name)
+        .await
+        .expect("allowed")
+        .collect();
+        assert!(addrs.iter().all(|a| a.ip().is_loopback()) && !addrs.is_empty());
+    }
+}

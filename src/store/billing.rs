@@ -1,0 +1,97 @@
+//! Reservations against a user's balance and a gateway key's budget: atomic conditional SQL, so
+//! several replicas on one database cannot overdraw by more than what is in flight.
+//!
+//! Admission reserves a request's maximum cost; the usage writer settles it to the actual cost
+//! (and releases the reservation) in the same transaction that writes the usage record.
+
+use entity::{gateway_keys, users};
+use sea_orm::sea_query::{Expr, ExprTrait};
+use sea_orm::{ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QuerySelect};
+
+/// Reserves `nanos` against the key's budget when it has one. False when the budget cannot cover
+/// it (spent + in flight + this > budget). Keys without a budget always succeed.
+pub async fn reserve_key(
+    db: &impl ConnectionTrait,
+    key_id: &str,
+    nanos: i64,
+) -> Result<bool, sea_orm::DbErr> {
+    let res = gateway_keys::Entity::update_many()
+        .col_expr(
+            gateway_keys::Column::ReservedNanos,
+            Expr::col(gateway_keys::Column::ReservedNanos).add(nanos),
+        )
+        .filter(gateway_keys::Column::Id.eq(key_id))
+        .filter(gateway_keys::Column::BudgetNanos.is_not_null())
+        .filter(
+            Expr::col(gateway_keys::Column::SpentNanos)
+                .add(Expr::col(gateway_keys::Column::ReservedNanos))
+                .add(nanos)
+                .lte(Expr::col(gateway_keys::Column::BudgetNanos)),
+        )
+        .exec(db)
+        .await?;
+    if res.rows_affected == 1 {
+        return Ok(true);
+    }
+    // Either over budget, or no budget at all (then nothing is reserved and that is fine).
+    let budget: Option<Option<i64>> = gateway_keys::Entity::find_by_id(key_id.to_owned())
+        .select_only()
+        .column(gateway_keys::Column::BudgetNanos)
+        .into_tuple()
+        .one(db)
+        .await?;
+    Ok(matches!(budget, Some(None)))
+}
+
+/// Reserves `nanos` against the user's balance. False when balance − in flight < `nanos`.
+pub async fn reserve_balance(
+    db: &impl ConnectionTrait,
+    user_id: &str,
+    nanos: i64,
+) -> Result<bool, sea_orm::DbErr> {
+    let res = users::Entity::update_many()
+        .col_expr(
+            users::Column::ReservedNanos,
+            Expr::col(users::Column::ReservedNanos).add(nanos),
+        )
+        .filter(users::Column::Id.eq(user_id))
+        .filter(
+            Expr::col(users::Column::BalanceNanos)
+                .sub(Expr::col(users::Column::ReservedNanos))
+                .gte(nanos),
+        )
+        .exec(db)
+        .await?;
+    Ok(res.rows_affected == 1)
+}
+
+/// Gives back reservations of a request that never reached the upstream.
+pub async fn release(
+    db: &impl ConnectionTrait,
+    key_id: &str,
+    key_nanos: i64,
+    user_id: &str,
+    user_nanos: i64,
+) -> Result<(), sea_orm::DbErr> {
+    if key_nanos != 0 {
+        gateway_keys::Entity::update_many()
+            .col_expr(
+                gateway_keys::Column::ReservedNanos,
+                Expr::col(gateway_keys::Column::ReservedNanos).sub(key_nanos),
+            )
+            .filter(gateway_keys::Column::Id.eq(key_id))
+            .exec(db)
+            .await?;
+    }
+    if user_nanos != 0 {
+        users::Entity::update_many()
+            .col_expr(
+                users::Column::ReservedNanos,
+                Expr::col(users::Column::ReservedNanos).sub(user_nanos),
+            )
+            .filter(users::Column::Id.eq(user_id))
+            .exec(db)
+            .await?;
+    }
+    Ok(())
+}

@@ -1,0 +1,311 @@
+//! The usage writer: one task that turns [`UsageEvent`]s into usage records in batches (by size or
+//! every `usage.flush_interval_ms`), and adds each key's spend. Requests never wait on an insert.
+//!
+//! A failed batch is retried with back-off until it lands (counted in
+//! `tollgate_usage_write_errors_total`); meanwhile the bounded queue fills and admission waits for
+//! a slot — records are never dropped. `shutdown` closes the queue, waits for every outstanding
+//! slot (requests still streaming hold one), and flushes.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use entity::{gateway_keys, usage_records, users};
+use sea_orm::sea_query::{Expr, ExprTrait};
+use sea_orm::{ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter, Set, TransactionTrait};
+use tokio::sync::{Notify, mpsc};
+
+use crate::proxy::estimate;
+use crate::proxy::meter::{UsageEvent, cost_nanos};
+use crate::store::ledger;
+use crate::telemetry::Metrics;
+
+/// The sending side, held in `AppState`.
+#[derive(Clone)]
+pub struct UsageQueue {
+    tx: mpsc::Sender<UsageEvent>,
+}
+
+impl UsageQueue {
+    /// Reserves one slot; waits while the queue is full (back-pressure) up to `wait`.
+    pub async fn reserve(&self, wait: Duration) -> Option<mpsc::OwnedPermit<UsageEvent>> {
+        match tokio::time::timeout(wait, self.tx.clone().reserve_owned()).await {
+            Ok(Ok(p)) => Some(p),
+            _ => None,
+        }
+    }
+
+    /// Events queued or slots reserved but not yet sent.
+    pub fn depth(&self) -> usize {
+        self.tx.max_capacity() - self.tx.capacity()
+    }
+}
+
+/// Owns the writer task.
+pub struct UsageWriter {
+    stop: Arc<Notify>,
+    handle: tokio::task::JoinHandle<()>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct WriterConfig {
+    pub capacity: usize,
+    pub batch_size: usize,
+    pub flush_interval: Duration,
+}
+
+pub fn start(
+    db: DatabaseConnection,
+    metrics: Metrics,
+    cfg: WriterConfig,
+) -> (UsageQueue, UsageWriter) {
+    let (tx, rx) = mpsc::channel(cfg.capacity.max(1));
+    let stop = Arc::new(Notify::new());
+    let handle = tokio::spawn(run(db, metrics, cfg, rx, stop.clone()));
+    (UsageQueue { tx }, UsageWriter { stop, handle })
+}
+
+impl UsageWriter {
+    /// Closes the queue and returns once every reserved slot was used and every record written,
+    /// or after `limit`.
+    pub async fn shutdown(self, limit: Duration) {
+        self.stop.notify_one();
+        let mut handle = self.handle;
+        if tokio::time::timeout(limit, &mut handle).await.is_err() {
+            tracing::error!(
+                "usage writer did not finish within {limit:?}; some records may be lost"
+            );
+            handle.abort();
+        }
+    }
+}
+
+async fn run(
+    db: DatabaseConnection,
+    metrics: Metrics,
+    cfg: WriterConfig,
+    mut rx: mpsc::Receiver<UsageEvent>,
+    stop: Arc<Notify>,
+) {
+    let mut stopping = false;
+    let mut batch: Vec<UsageEvent> = Vec::with_capacity(cfg.batch_size);
+    loop {
+        // Wait for the first event of a batch (or the stop signal).
+        let first = if stopping {
+            rx.recv().await
+        } else {
+            tokio::select! {
+                ev = rx.recv() => ev,
+                _ = stop.notified() => {
+                    stopping = true;
+                    rx.close();
+                    continue;
+                }
+            }
+        };
+        let Some(first) = first else { break };
+        batch.push(first);
+        let deadline = tokio::time::Instant::now() + cfg.flush_interval;
+        while batch.len() < cfg.batch_size {
+            tokio::select! {
+                ev = rx.recv() => match ev {
+                    Some(ev) => batch.push(ev),
+                    None => break,
+                },
+                _ = tokio::time::sleep_until(deadline) => break,
+                _ = stop.notified(), if !stopping => {
+                    stopping = true;
+                    rx.close();
+                }
+            }
+        }
+        metrics.usage_queue_depth.set(rx.len() as i64);
+        let rows = prepare(std::mem::take(&mut batch)).await;
+        write_with_retry(&db, &metrics, rows).await;
+    }
+    metrics.usage_queue_depth.set(0);
+}
+
+/// A usage record ready to insert, with its settled cost.
+pub struct Settled {
+    pub event: UsageEvent,
+    pub cost_nanos: i64,
+    pub tokens_estimated: bool,
+}
+
+/// Counts tokens where the upstream did not (on the blocking pool) and prices every event.
+async fn prepare(batch: Vec<UsageEvent>) -> Vec<Settled> {
+    let needs_counting = batch.iter().any(|e| e.estimate.is_some());
+    let settle = |mut e: UsageEvent| {
+        let tokens_estimated = match e.estimate.take() {
+            Some(input) => {
+                e.usage = estimate::estimate(e.endpoint, &input.request, &input.response);
+                true
+            }
+            None => false,
+        };
+        Settled {
+            cost_nanos: cost_nanos(e.usage, e.prices),
+            event: e,
+            tokens_estimated,
+        }
+    };
+    if needs_counting {
+        tokio::task::spawn_blocking(move || batch.into_iter().map(settle).collect())
+            .await
+            .unwrap_or_default()
+    } else {
+        batch.into_iter().map(settle).collect()
+    }
+}
+
+async fn write_with_retry(db: &DatabaseConnection, metrics: &Metrics, rows: Vec<Settled>) {
+    if rows.is_empty() {
+        return;
+    }
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match write_batch(db, &rows).await {
+            Ok(()) => {
+                metrics
+                    .usage_records_written_total
+                    .inc_by(rows.len() as u64);
+                for r in &rows {
+                    let e = &r.event;
+                    let labels = |kind| [e.model.as_str(), e.provider.as_str(), kind];
+                    metrics
+                        .tokens_total
+                        .with_label_values(&labels("prompt"))
+                        .inc_by(e.usage.prompt as u64);
+                    metrics
+                        .tokens_total
+                        .with_label_values(&labels("completion"))
+                        .inc_by(e.usage.completion as u64);
+                    metrics
+                        .tokens_total
+                        .with_label_values(&labels("cached"))
+                        .inc_by(e.usage.cached as u64);
+                    metrics
+                        .cost_usd_total
+                        .with_label_values(&[&e.model, &e.provider])
+                        .inc_by(r.cost_nanos as f64 / 1e9);
+                }
+                return;
+            }
+            Err(err) => {
+                metrics.usage_write_errors_total.inc();
+                tracing::error!(error = %err, records = rows.len(), retry_in_ms = backoff.as_millis() as u64, "usage batch write failed; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+/// One transaction: the records, each key's spend and last use, and each charged user's balance
+/// (one `usage` ledger entry per user per batch), releasing what admission reserved.
+pub async fn write_batch(db: &DatabaseConnection, rows: &[Settled]) -> Result<(), sea_orm::DbErr> {
+    let txn = db.begin().await?;
+    let models = rows.iter().map(|r| {
+        let e = &r.event;
+        usage_records::ActiveModel {
+            at: Set(e.at),
+            user_id: Set(e.user_id.clone()),
+            key_id: Set(e.key_id.clone()),
+            model: Set(e.model.clone()),
+            provider: Set(e.provider.clone()),
+            endpoint: Set(e.endpoint.as_str().to_owned()),
+            stream: Set(e.stream),
+            status: Set(e.status as i32),
+            prompt_tokens: Set(e.usage.prompt),
+            completion_tokens: Set(e.usage.completion),
+            cached_tokens: Set(e.usage.cached),
+            cost_nanos: Set(r.cost_nanos),
+            latency_ms: Set(e.latency_ms),
+            ttft_ms: Set(e.ttft_ms),
+            tokens_estimated: Set(r.tokens_estimated),
+            request_id: Set(e.request_id.chars().take(128).collect()),
+            shared_key: Set(e.shared_key),
+            error: Set(e.error.clone()),
+            ..Default::default()
+        }
+    });
+    usage_records::Entity::insert_many(models)
+        .exec_without_returning(&txn)
+        .await?;
+
+    let mut per_key: HashMap<&str, (i64, i64, DateTime<Utc>)> = HashMap::new();
+    for r in rows {
+        let e = &r.event;
+        let entry = per_key.entry(e.key_id.as_str()).or_insert((0, 0, e.at));
+        entry.0 += r.cost_nanos;
+        entry.1 += e.reservation.key_nanos;
+        entry.2 = std::cmp::max(entry.2, e.at);
+    }
+    // Users: debit what charged requests cost, release every reservation.
+    let mut per_user: HashMap<&str, (i64, i64, usize)> = HashMap::new();
+    for r in rows {
+        let e = &r.event;
+        if e.charged || e.reservation.user_nanos != 0 {
+            let entry = per_user.entry(e.user_id.as_str()).or_insert((0, 0, 0));
+            if e.charged {
+                entry.0 += r.cost_nanos;
+                entry.2 += 1;
+            }
+            entry.1 += e.reservation.user_nanos;
+        }
+    }
+    for (user_id, (cost, released, n)) in per_user {
+        if released != 0 {
+            users::Entity::update_many()
+                .col_expr(
+                    users::Column::ReservedNanos,
+                    Expr::col(users::Column::ReservedNanos).sub(released),
+                )
+                .filter(users::Column::Id.eq(user_id))
+                .exec(&txn)
+                .await?;
+        }
+        if cost != 0 {
+            let note = format!("{n} request{}", if n == 1 { "" } else { "s" });
+            match ledger::apply(
+                &txn,
+                ledger::Change {
+                    user_id,
+                    amount_nanos: -cost,
+                    kind: ledger::Kind::Usage,
+                    note: Some(&note),
+                    actor_id: None,
+                    refuse_negative: false,
+                },
+            )
+            .await
+            {
+                Ok(_) => {}
+                // Users are never deleted (only disabled); should one vanish, the record still lands.
+                Err(ledger::LedgerError::UserNotFound) => {
+                    tracing::error!(user_id, "usage charged to a user that does not exist");
+                }
+                Err(ledger::LedgerError::Db(db)) => return Err(db),
+                Err(other) => return Err(sea_orm::DbErr::Custom(other.to_string())),
+            }
+        }
+    }
+    for (key_id, (spent, released, last)) in per_key {
+        gateway_keys::Entity::update_many()
+            .col_expr(
+                gateway_keys::Column::SpentNanos,
+                Expr::col(gateway_keys::Column::SpentNanos).add(spent),
+            )
+            .col_expr(
+                gateway_keys::Column::ReservedNanos,
+                Expr::col(gateway_keys::Column::ReservedNanos).sub(released),
+            )
+            .col_expr(gateway_keys::Column::LastUsedAt, Expr::value(last))
+            .filter(gateway_keys::Column::Id.eq(key_id))
+            .exec(&txn)
+            .await?;
+    }
+    txn.commit().await
+}

@@ -1,0 +1,227 @@
+//! Balance and budget enforcement on the hot path: reservations, settlement, the ledger.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::gateway::{new_key, setup, wait_records};
+use common::{TestApp, assert_error};
+use sea_orm::{EntityTrait, QuerySelect};
+use serde_json::{Value, json};
+
+/// (balance, sum of ledger entries, reserved) in nano-dollars, straight from the database.
+async fn ledger_state(app: &TestApp, user_id: &str) -> (i64, i64, i64) {
+    let u = entity::users::Entity::find_by_id(user_id.to_owned())
+        .one(&app.state.db)
+        .await
+        .unwrap()
+        .unwrap();
+    let entries: Vec<i64> = entity::balance_ledger::Entity::find()
+        .select_only()
+        .column(entity::balance_ledger::Column::AmountNanos)
+        .into_tuple::<i64>()
+        .all(&app.state.db)
+        .await
+        .unwrap();
+    (u.balance_nanos, entries.iter().sum(), u.reserved_nanos)
+}
+
+async fn user_id(app: &TestApp, name: &str) -> String {
+    tollgate::store::users::find_by_username(&app.state.db, name)
+        .await
+        .unwrap()
+        .unwrap()
+        .id
+}
+
+/// The reservation admission makes for `body` on a model priced $1 in / $2 out per 1M.
+fn max_cost_nanos(body: &Value, max_tokens: i64) -> i64 {
+    let bytes = serde_json::to_vec(body).unwrap().len() as i64;
+    let prompt = (bytes + 3) / 4;
+    // prompt × 1000 nanos + completion × 2000 nanos (per token), rounded as cost_nanos does
+    prompt * 1000 + max_tokens * 2000
+}
+
+#[tokio::test]
+async fn zero_balance_is_refused_without_reaching_the_upstream() {
+    let app = TestApp::spawn_with(|c| c.billing.enforce_balance = true).await;
+    let gw = setup(&app).await;
+    let r = app
+        .client
+        .post(app.url("/v1/chat/completions"))
+        .bearer_auth(&gw.key)
+        .json(&json!({"model": "gpt-test", "messages": []}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
+    assert_eq!(r.headers()["x-should-retry"], "false");
+    let s = r.status().as_u16();
+    let b: Value = r.json().await.unwrap();
+    assert_error(s, &b, 429, "insufficient_quota");
+    assert_eq!(b["error"]["type"], "insufficient_quota");
+    assert!(gw.mock.requests().is_empty());
+}
+
+#[tokio::test]
+async fn grant_spend_and_ledger_agree_to_the_nano_dollar() {
+    let app = TestApp::spawn_with(|c| c.billing.enforce_balance = true).await;
+    let gw = setup(&app).await;
+    let alice = user_id(&app, "alice").await;
+    let (s, b) = app
+        .post(
+            &format!("/api/admin/users/{alice}/balance"),
+            Some(&gw.admin),
+            json!({"amount_usd": 1.5, "note": "welcome"}),
+        )
+        .await;
+    assert!(s == 200 || s == 201, "{s} {b}");
+    for i in 0..7 {
+        let body = json!({"model": if i % 2 == 0 { "gpt-cached" } else { "gpt-test" }, "stream": i % 3 == 0, "messages": []});
+        let r = app
+            .client
+            .post(app.url("/v1/chat/completions"))
+            .bearer_auth(&gw.key)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        r.text().await.unwrap();
+    }
+    let recs = wait_records(&app, &gw.user, 7).await;
+    let cost_nanos: i64 = recs
+        .iter()
+        .map(|r| (r["cost_usd"].as_f64().unwrap() * 1e9).round() as i64)
+        .sum();
+    // Settlement lands with the records, but poll until no reservation is left.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let (balance, sum, reserved) = ledger_state(&app, &alice).await;
+        if reserved == 0 && balance == 1_500_000_000 - cost_nanos {
+            assert_eq!(sum, balance, "ledger entries sum to the balance");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "balance {balance}, ledger {sum}, reserved {reserved}, cost {cost_nanos}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+}
+
+#[tokio::test]
+async fn parallel_requests_cannot_overdraw_the_balance() {
+    let app = TestApp::spawn_with(|c| c.billing.enforce_balance = true).await;
+    let gw = setup(&app).await;
+    let alice = user_id(&app, "alice").await;
+    let body = json!({"model": "gpt-slow", "stream": true, "max_tokens": 1000, "messages": [{"role": "user", "content": "hi"}]});
+    let each = max_cost_nanos(&body, 1000);
+    // Room for four reservations, not five.
+    let grant = each * 4 + each / 2;
+    tollgate::store::ledger::apply(
+        &app.state.db,
+        tollgate::store::ledger::Change {
+            user_id: &alice,
+            amount_nanos: grant,
+            kind: tollgate::store::ledger::Kind::Adjustment,
+            note: Some("test"),
+            actor_id: None,
+            refuse_negative: true,
+        },
+    )
+    .await
+    .unwrap();
+    let mut tasks = Vec::new();
+    for _ in 0..40 {
+        let client = app.client.clone();
+        let url = app.url("/v1/chat/completions");
+        let key = gw.key.clone();
+        let body = body.clone();
+        tasks.push(tokio::spawn(async move {
+            let r = client
+                .post(url)
+                .bearer_auth(key)
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            r.text().await.unwrap();
+            status
+        }));
+    }
+    let mut ok = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            200 => ok += 1,
+            429 => {}
+            other => panic!("unexpected status {other}"),
+        }
+    }
+    assert_eq!(ok, 4, "exactly what was reservable was served");
+    wait_records(&app, &gw.user, 4).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let (balance, sum, reserved) = ledger_state(&app, &alice).await;
+        if reserved == 0 {
+            assert!(balance >= 0, "never overdrawn: {balance}");
+            assert_eq!(sum, balance);
+            assert!(balance < grant, "the four requests were charged");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "reservations never released: {reserved}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+}
+
+#[tokio::test]
+async fn key_budget_is_enforced_without_balance_enforcement() {
+    let app = TestApp::spawn().await;
+    let gw = setup(&app).await;
+    let body = json!({"model": "gpt-test", "max_tokens": 10, "messages": []});
+    let each = max_cost_nanos(&body, 10);
+    // A budget for two reservations; each request actually costs 25 µ$ (11 in, 7 out).
+    let budget_usd = (each * 2 + each / 2) as f64 / 1e9;
+    let (key, key_id) = new_key(
+        &app,
+        &gw.user,
+        json!({"name": "capped", "budget_usd": budget_usd}),
+    )
+    .await;
+    let mut statuses = Vec::new();
+    for _ in 0..40 {
+        let r = app
+            .client
+            .post(app.url("/v1/chat/completions"))
+            .bearer_auth(&key)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        statuses.push(r.status().as_u16());
+        if r.status() == 429 {
+            assert_eq!(r.headers()["x-should-retry"], "false");
+            let b: Value = r.json().await.unwrap();
+            assert_eq!(b["error"]["code"], "insufficient_quota");
+            break;
+        }
+        r.text().await.unwrap();
+        // Let the writer settle so the next reservation sees the real spend.
+        tokio::time::sleep(std::time::Duration::from_millis(120)).await;
+    }
+    assert_eq!(
+        statuses.last(),
+        Some(&429),
+        "the budget ran out: {statuses:?}"
+    );
+    let (_, k) = app
+        .get(&format!("/api/keys/{key_id}"), Some(&gw.user))
+        .await;
+    assert!(k["spent_usd"].as_f64().unwrap() <= budget_usd, "{k}");
+    // The balance was never touched: own provider key, enforcement off.
+    let alice = user_id(&app, "alice").await;
+    assert_eq!(ledger_state(&app, &alice).await.0, 0);
+}

@@ -1,0 +1,237 @@
+//! A scripted OpenAI-compatible upstream on 127.0.0.1:0. The behaviour is chosen by the upstream
+//! model name the gateway sends: `normal`, `cached`, `nousage`, `slow`, `cut`, `hang`, `err400`,
+//! `err500`, `embed`. Every request is recorded (path, headers, JSON body) for assertions.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub path: String,
+    pub headers: HeaderMap,
+    pub body: Value,
+}
+
+#[derive(Default)]
+struct Inner {
+    requests: Mutex<Vec<Recorded>>,
+    /// Streams whose body was dropped before it finished (the gateway cancelled them).
+    cancelled: AtomicUsize,
+    finished: AtomicUsize,
+}
+
+#[derive(Clone)]
+pub struct Mock {
+    pub addr: SocketAddr,
+    inner: Arc<Inner>,
+}
+
+impl Mock {
+    pub async fn start() -> Self {
+        let inner = Arc::new(Inner::default());
+        let app = Router::new().fallback(handle).with_state(inner.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind mock");
+        let addr = listener.local_addr().expect("mock addr");
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Self { addr, inner }
+    }
+
+    /// The base URL to register as a provider.
+    pub fn base_url(&self) -> String {
+        format!("http://{}/v1", self.addr)
+    }
+
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.inner.requests.lock().expect("lock").clone()
+    }
+
+    pub fn last(&self) -> Recorded {
+        self.requests().pop().expect("the mock received a request")
+    }
+
+    pub fn cancelled(&self) -> usize {
+        self.inner.cancelled.load(Ordering::SeqCst)
+    }
+
+    pub fn finished(&self) -> usize {
+        self.inner.finished.load(Ordering::SeqCst)
+    }
+}
+
+/// Counts how a streamed body ended.
+struct Guard {
+    inner: Arc<Inner>,
+    done: bool,
+}
+
+impl Guard {
+    fn mark_done(&mut self) {
+        self.done = true;
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let c = if self.done {
+            &self.inner.finished
+        } else {
+            &self.inner.cancelled
+        };
+        c.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+fn usage(cached: bool) -> Value {
+    let mut u = json!({"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18});
+    if cached {
+        u["prompt_tokens_details"] = json!({"cached_tokens": 4});
+    }
+    u
+}
+
+const WORDS: [&str; 3] = ["Hello", " from", " mock"];
+
+async fn handle(
+    State(inner): State<Arc<Inner>>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    inner.requests.lock().expect("lock").push(Recorded {
+        path: uri.path().to_owned(),
+        headers: headers.clone(),
+        body: body.clone(),
+    });
+    let model = body["model"].as_str().unwrap_or_default().to_owned();
+    let stream = body["stream"].as_bool().unwrap_or(false);
+    let include_usage = body["stream_options"]["include_usage"]
+        .as_bool()
+        .unwrap_or(false);
+    let behaviour = model.split(':').next().unwrap_or_default().to_owned();
+    let chat = uri.path().ends_with("/chat/completions");
+    match behaviour.as_str() {
+        "err400" => {
+            return (
+                StatusCode::BAD_REQUEST,
+                axum::Json(json!({"error": {"message": "bad thing", "type": "invalid_request_error", "param": "messages", "code": "upstream_says_no"}})),
+            )
+                .into_response();
+        }
+        "err500" => {
+            return (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                axum::Json(json!({"error": {"message": "boom", "type": "server_error", "param": null, "code": null}})),
+            )
+                .into_response();
+        }
+        "hang" => {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+        }
+        _ => {}
+    }
+    if uri.path().ends_with("/embeddings") {
+        return axum::Json(json!({
+            "object": "list",
+            "data": [{"object": "embedding", "index": 0, "embedding": [0.1, 0.2, 0.3]}],
+            "model": model,
+            "usage": {"prompt_tokens": 5, "total_tokens": 5}
+        }))
+        .into_response();
+    }
+    let with_usage = behaviour != "nousage";
+    let cached = behaviour == "cached";
+    if !stream {
+        let choice = if chat {
+            json!({"index": 0, "message": {"role": "assistant", "content": WORDS.concat()}, "finish_reason": "stop"})
+        } else {
+            json!({"index": 0, "text": WORDS.concat(), "finish_reason": "stop"})
+        };
+        let mut resp = json!({
+            "id": "cmpl-mock", "object": if chat { "chat.completion" } else { "text_completion" },
+            "created": 1_700_000_000, "model": model, "choices": [choice]
+        });
+        if with_usage {
+            resp["usage"] = usage(cached);
+        }
+        return axum::Json(resp).into_response();
+    }
+
+    let delay = match behaviour.as_str() {
+        "slow" => Duration::from_millis(100),
+        "cut" => Duration::from_millis(30),
+        _ => Duration::ZERO,
+    };
+    let cut = behaviour == "cut";
+    let mut events: Vec<Vec<u8>> = WORDS
+        .iter()
+        .map(|w| {
+            let choice = if chat {
+                json!({"index": 0, "delta": {"content": w}, "finish_reason": null})
+            } else {
+                json!({"index": 0, "text": w, "finish_reason": null})
+            };
+            let chunk = json!({"id": "c", "object": "chat.completion.chunk", "created": 1, "model": model, "choices": [choice]});
+            format!("data: {chunk}\n\n").into_bytes()
+        })
+        .collect();
+    if behaviour == "slow" {
+        // A long stream: 30 more chunks.
+        for _ in 0..30 {
+            let chunk = json!({"id": "c", "model": model, "choices": [{"index": 0, "delta": {"content": " more"}}]});
+            events.push(format!("data: {chunk}\n\n").into_bytes());
+        }
+    }
+    if with_usage && include_usage {
+        let chunk = json!({"id": "c", "object": "chat.completion.chunk", "created": 1, "model": model, "choices": [], "usage": usage(cached)});
+        events.push(format!("data: {chunk}\n\n").into_bytes());
+    }
+    events.push(b"data: [DONE]\n\n".to_vec());
+    let total = events.len();
+    let guard = Guard {
+        inner: inner.clone(),
+        done: false,
+    };
+    let s = futures_util::stream::unfold(
+        (0usize, events, guard),
+        move |(i, events, mut guard)| async move {
+            if i >= total {
+                guard.mark_done();
+                return None;
+            }
+            if cut && i == 2 {
+                // Let what was sent reach the gateway before the connection breaks.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                guard.mark_done();
+                return Some((
+                    Err::<Bytes, std::io::Error>(std::io::Error::other("cut")),
+                    (total, events, guard),
+                ));
+            }
+            if !delay.is_zero() && (i > 0 || cut) {
+                tokio::time::sleep(delay).await;
+            }
+            Some((Ok(Bytes::from(events[i].clone())), (i + 1, events, guard)))
+        },
+    )
+    .boxed();
+    Response::builder()
+        .header(header::CONTENT_TYPE, "text/event-stream")
+        .body(Body::from_stream(s))
+        .expect("response")
+}
