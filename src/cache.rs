@@ -101,6 +101,13 @@ impl KeyCtx {
     }
 }
 
+/// Default requests-per-minute limits in force (0 = none).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RuntimeDefaults {
+    pub user_rpm: u32,
+    pub key_rpm: u32,
+}
+
 /// A catalog model with its provider.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CatalogModel {
@@ -192,6 +199,8 @@ pub enum Invalidation {
     User { user_id: String },
     /// Providers or models changed.
     Catalog,
+    /// A runtime setting changed (`PUT /api/admin/settings/{key}`).
+    Settings,
     /// One user's provider keys changed.
     ProviderKeys { user_id: String },
     /// A shared provider key changed: it may serve anyone.
@@ -223,6 +232,8 @@ impl Expiry<String, KeyEntry> for KeyExpiry {
 struct Inner {
     gateway_keys: Cache<String, KeyEntry>,
     catalog: Cache<(), Arc<Catalog>>,
+    /// Runtime settings the hot path reads (default rate limits).
+    defaults: Cache<(), RuntimeDefaults>,
     provider_keys: Cache<ProviderKeyCacheKey, Option<Arc<ProviderKeyEntry>>>,
     /// Bumped by every invalidation (see the module comment).
     generation: AtomicU64,
@@ -269,6 +280,11 @@ impl Caches {
                     .build(),
                 catalog: Cache::builder()
                     .name("catalog")
+                    .max_capacity(1)
+                    .time_to_live(TTL)
+                    .build(),
+                defaults: Cache::builder()
+                    .name("runtime_defaults")
                     .max_capacity(1)
                     .time_to_live(TTL)
                     .build(),
@@ -337,6 +353,24 @@ impl Caches {
         .await
     }
 
+    /// The runtime default rate limits (settings table over config), cached like the catalog.
+    pub async fn runtime_defaults(
+        &self,
+        db: &DatabaseConnection,
+        config: &crate::config::Config,
+    ) -> Result<RuntimeDefaults, DbErr> {
+        if let Some(hit) = self.inner.defaults.get(&()).await {
+            return Ok(hit);
+        }
+        self.load(&self.inner.defaults, (), async {
+            Ok(RuntimeDefaults {
+                user_rpm: crate::settings::default_user_rpm(db, config).await?,
+                key_rpm: crate::settings::default_key_rpm(db, config).await?,
+            })
+        })
+        .await
+    }
+
     /// The provider key a request by `user_id` to `provider` uses: the user's own newest active
     /// key, else an active shared one; `None` when there is neither.
     pub async fn provider_key(
@@ -392,6 +426,7 @@ impl Caches {
                 self.invalidate_provider_keys_of(user_id);
             }
             Invalidation::Catalog => inner.catalog.invalidate_all(),
+            Invalidation::Settings => inner.defaults.invalidate_all(),
             Invalidation::ProviderKeys { user_id } => self.invalidate_provider_keys_of(user_id),
             Invalidation::AllProviderKeys => inner.provider_keys.invalidate_all(),
         }

@@ -710,3 +710,34 @@ async fn shutdown_during_a_burst_meters_every_answered_request_once() {
         "no request is metered twice"
     );
 }
+
+#[tokio::test]
+async fn runtime_default_key_rpm_applies_at_once() {
+    let app = TestApp::spawn().await;
+    let gw = setup(&app).await;
+    assert_eq!(
+        chat(&app, &gw.key, json!({"model": "gpt-test", "messages": []}))
+            .await
+            .status(),
+        200
+    );
+    let (s, b) = app
+        .put(
+            "/api/admin/settings/default_key_rpm",
+            Some(&gw.admin),
+            json!({"value": 2}),
+        )
+        .await;
+    assert_eq!(s, 200, "{b}");
+    let (key, _) = new_key(&app, &gw.user, json!({"name": "defaults"})).await;
+    let statuses: Vec<u16> = futures_util::future::join_all((0..3).map(|_| async {
+        chat(&app, &key, json!({"model": "gpt-test", "messages": []}))
+            .await
+            .status()
+            .as_u16()
+    }))
+    .await;
+    let mut sorted = statuses.clone();
+    sorted.sort();
+    assert_eq!(sorted, vec![200, 200, 429], "{statuses:?}");
+}

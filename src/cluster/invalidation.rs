@@ -316,6 +316,7 @@ fn invalidation_kind(inv: &Invalidation) -> &'static str {
         Invalidation::Catalog => "catalog",
         Invalidation::ProviderKeys { .. } => "provider_keys",
         Invalidation::AllProviderKeys => "all_provider_keys",
+        Invalidation::Settings => "settings",
     }
 }
 

@@ -13,7 +13,7 @@ use governor::state::{InMemoryState, NotKeyed};
 use governor::{Quota, RateLimiter};
 use http::{HeaderMap, HeaderValue};
 
-use crate::cache::{CatalogModel, KeyCtx};
+use crate::cache::{CatalogModel, KeyCtx, RuntimeDefaults};
 use crate::cluster::limits::{SharedLimits, Verdict};
 use crate::config::Config;
 use crate::error::ApiError;
@@ -252,7 +252,7 @@ fn tighter(a: Option<Window>, b: Option<Window>) -> Option<Window> {
 }
 
 /// The per-user limits in force: the user's own, else an unexpired plan's, else the defaults.
-pub fn user_limits(key: &KeyCtx, cfg: &Config) -> (u32, u32) {
+pub fn user_limits(key: &KeyCtx, cfg: &Config, defaults: RuntimeDefaults) -> (u32, u32) {
     let plan = key
         .plan
         .as_deref()
@@ -261,7 +261,7 @@ pub fn user_limits(key: &KeyCtx, cfg: &Config) -> (u32, u32) {
     let rpm = key
         .user_rpm_limit
         .or(plan.map(|p| p.rpm_limit))
-        .unwrap_or(cfg.limits.default_user_rpm);
+        .unwrap_or(defaults.user_rpm);
     let tpm = key
         .user_tpm_limit
         .or(plan.map(|p| p.tpm_limit))
@@ -303,8 +303,13 @@ pub async fn admit(
         )
         .into());
     }
-    let (user_rpm, user_tpm) = user_limits(key, cfg);
-    let key_rpm = key.rpm_limit.unwrap_or(cfg.limits.default_key_rpm);
+    let defaults = state
+        .caches
+        .runtime_defaults(&state.db, cfg)
+        .await
+        .map_err(ApiError::from)?;
+    let (user_rpm, user_tpm) = user_limits(key, cfg, defaults);
+    let key_rpm = key.rpm_limit.unwrap_or(defaults.key_rpm);
     let mut info = RateInfo::default();
     let k = limiters
         .take(Scope::KeyRpm, &key.key_id, key_rpm, 1, metrics)

@@ -153,7 +153,12 @@ pub async fn forward(
     {
         let limiters = state.limiters.clone();
         let key = key.clone();
-        let user_tpm = admit::user_limits(&key, &state.config).1;
+        let defaults = state
+            .caches
+            .runtime_defaults(&state.db, &state.config)
+            .await
+            .unwrap_or_default();
+        let user_tpm = admit::user_limits(&key, &state.config, defaults).1;
         meter.on_usage(move |u: Usage| {
             let n = u.completion.clamp(0, u32::MAX as i64) as u32;
             limiters.consume_tokens(&key, Some(user_tpm), n);

@@ -668,6 +668,11 @@ async fn put_setting(
         SettingsError::InvalidValue(_) => ApiError::invalid_param("value", e.to_string()),
         SettingsError::Db(e) => e.into(),
     })?;
+    // Every replica's hot path reads the default limits from its cache.
+    state
+        .caches
+        .apply(&crate::cache::Invalidation::Settings)
+        .await;
     audit(
         &state,
         &admin,
