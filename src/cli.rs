@@ -66,10 +66,11 @@ pub enum MasterKeyCommand {
 pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve => {
+            let shutdown = crate::server::shutdown_signal();
             let listener = tokio::net::TcpListener::bind(config.listen_addr()?).await?;
             let app = App::build(config).await?;
             tracing::info!(addr = %listener.local_addr()?, database = app.state.db_kind.as_str(), "tollgate listening");
-            crate::server::serve(listener, app, crate::server::shutdown_signal()).await
+            crate::server::serve(listener, app, shutdown).await
         }
         Command::Migrate => {
             let db = store::connect(config.database_url(), 2).await?;

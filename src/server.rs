@@ -31,6 +31,7 @@ pub async fn serve(
         state,
         router,
         usage_writer,
+        retention,
     } = app;
     let drain = Duration::from_secs(state.config.server.shutdown_drain_secs);
     let graceful = GracefulShutdown::new();
@@ -88,30 +89,54 @@ pub async fn serve(
     connections.abort_all();
     while connections.join_next().await.is_some() {}
     drop(router);
+    if let Some(pruner) = retention {
+        pruner.shutdown().await;
+    }
     usage_writer.shutdown(FLUSH_LIMIT).await;
+    // Close the pool so SQLite checkpoints its WAL and PostgreSQL/MySQL see a clean goodbye.
+    if let Err(e) = state.db.close_by_ref().await {
+        tracing::warn!(error = %e, "closing the database pool");
+    }
     drop(state);
     tracing::info!("stopped; usage records flushed");
     Ok(())
 }
 
-/// Resolves on SIGINT or SIGTERM.
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+/// Resolves on SIGINT or SIGTERM. The handlers are installed when this is called (not when the
+/// future is first polled), so a signal that arrives while the server is still starting is not
+/// lost and does not kill the process.
+pub fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    #[cfg(unix)]
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).ok();
+    async move {
+        #[cfg(unix)]
+        {
+            let term = async {
+                match term.as_mut() {
+                    Some(s) => {
+                        s.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            let int = async {
+                match int.as_mut() {
+                    Some(s) => {
+                        s.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            tokio::select! {
+                _ = term => {},
+                _ = int => {},
             }
-            Err(_) => std::future::pending::<()>().await,
         }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = term => {},
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }
