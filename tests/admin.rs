@@ -1,4 +1,5 @@
 //! User administration, the audit log and runtime settings over HTTP (`/api/admin`).
+#![allow(clippy::unwrap_used)]
 
 mod common;
 

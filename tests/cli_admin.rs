@@ -1,4 +1,5 @@
 //! `tollgate admin create`: the real binary bootstraps an administrator who can then sign in.
+#![allow(clippy::unwrap_used)]
 
 mod common;
 
