@@ -18,6 +18,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use sea_orm::DatabaseConnection;
 use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use super::redis::{CONNECT_TIMEOUT, RedisLink};
@@ -153,13 +154,16 @@ impl Bus {
     }
 
     /// Starts applying the other replicas' invalidations to `caches`, in a task that lives as
-    /// long as the returned [`Listener`].
+    /// long as the returned [`Listener`]. Call [`Listener::started`] once the replica is about to
+    /// serve.
     pub fn listen(&self, caches: Caches) -> Listener {
-        let subscribed = Arc::new(AtomicBool::new(false));
+        let (status, watch) = watch::channel(Status::Starting);
+        let started = Arc::new(AtomicBool::new(false));
         let ctx = ListenCtx {
             origin: self.origin.clone(),
             caches,
-            subscribed: subscribed.clone(),
+            status,
+            started: started.clone(),
         };
         let task = match &self.transport {
             Transport::Redis { link, channel } => {
@@ -167,21 +171,47 @@ impl Bus {
             }
             Transport::Postgres { url, .. } => tokio::spawn(listen_postgres(ctx, url.clone())),
         };
-        Listener { task, subscribed }
+        Listener {
+            task,
+            status: watch,
+            started,
+        }
     }
+}
+
+/// Where a listener stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Status {
+    /// No attempt has finished yet.
+    Starting,
+    Subscribed,
+    /// The last attempt failed or the subscription was lost; retrying.
+    Down,
 }
 
 /// The background task applying other replicas' invalidations; stopped when dropped.
 #[derive(Debug)]
 pub struct Listener {
     task: JoinHandle<()>,
-    subscribed: Arc<AtomicBool>,
+    status: watch::Receiver<Status>,
+    /// Set once the replica serves: from then on every subscription starts by clearing the caches.
+    started: Arc<AtomicBool>,
 }
 
 impl Listener {
     /// Subscribed right now (messages published from here on are heard).
     pub fn is_subscribed(&self) -> bool {
-        self.subscribed.load(Ordering::Acquire)
+        *self.status.borrow() == Status::Subscribed
+    }
+
+    /// The replica is about to serve: waits (at most `limit`) for the first subscription attempt
+    /// to finish, so a replica whose bus is up hears every invalidation from its first request on.
+    /// Until now nothing can have been cached, so a first subscription before this point needs no
+    /// clearing; one after it clears the caches, as a re-subscription does.
+    pub async fn started(&self, limit: Duration) {
+        let mut status = self.status.clone();
+        let _ = tokio::time::timeout(limit, status.wait_for(|s| *s != Status::Starting)).await;
+        self.started.store(true, Ordering::Release);
     }
 }
 
@@ -195,23 +225,31 @@ impl Drop for Listener {
 struct ListenCtx {
     origin: Arc<str>,
     caches: Caches,
-    subscribed: Arc<AtomicBool>,
+    status: watch::Sender<Status>,
+    started: Arc<AtomicBool>,
 }
 
 impl ListenCtx {
-    /// Now subscribed: anything published while we were not is lost, so start from empty caches.
+    /// Now subscribed: anything published while we were not is lost, so the caches start empty
+    /// (unless the replica has not served yet: then they are).
     async fn on_subscribed(&self, was_lost: bool, bus: &str) {
-        self.caches.clear_local().await;
-        self.subscribed.store(true, Ordering::Release);
+        if was_lost || self.started.load(Ordering::Acquire) {
+            self.caches.clear_local().await;
+        }
+        self.status.send_replace(Status::Subscribed);
         if was_lost {
-            tracing::info!(bus, "listening for other replicas' cache invalidations again");
+            tracing::info!(
+                bus,
+                "listening for other replicas' cache invalidations again"
+            );
         } else {
             tracing::debug!(bus, "listening for other replicas' cache invalidations");
         }
     }
 
-    fn on_lost(&self) {
-        self.subscribed.store(false, Ordering::Release);
+    /// An attempt failed or the subscription dropped.
+    fn on_down(&self) {
+        self.status.send_replace(Status::Down);
     }
 
     /// Applies one message unless this replica sent it. One that cannot be read (from a newer
@@ -247,7 +285,7 @@ async fn listen_redis(ctx: ListenCtx, link: RedisLink, channel: String) {
                 while let Some(msg) = messages.next().await {
                     ctx.handle(msg.get_payload_bytes()).await;
                 }
-                ctx.on_lost();
+                ctx.on_down();
                 link.count_error("subscribe");
                 lost = true;
                 tracing::warn!(
@@ -255,6 +293,7 @@ async fn listen_redis(ctx: ListenCtx, link: RedisLink, channel: String) {
                 );
             }
             Ok(Err(error)) => {
+                ctx.on_down();
                 link.count_error("subscribe");
                 if !lost {
                     lost = true;
@@ -262,6 +301,7 @@ async fn listen_redis(ctx: ListenCtx, link: RedisLink, channel: String) {
                 }
             }
             Err(_) => {
+                ctx.on_down();
                 link.count_error("subscribe");
                 if !lost {
                     lost = true;
@@ -293,11 +333,12 @@ async fn listen_postgres(ctx: ListenCtx, url: String) {
                         Err(e) => break e,
                     }
                 };
-                ctx.on_lost();
+                ctx.on_down();
                 lost = true;
                 tracing::warn!(%error, "lost the PostgreSQL LISTEN connection for cache invalidations; reconnecting");
             }
             Err(error) => {
+                ctx.on_down();
                 if !lost {
                     lost = true;
                     tracing::warn!(%error, "cannot LISTEN for cache invalidations on PostgreSQL; retrying");

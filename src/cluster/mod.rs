@@ -18,6 +18,9 @@ use crate::config::Config;
 use crate::store::DbKind;
 use crate::telemetry::Metrics;
 
+/// The longest a replica's start waits for its invalidation listener.
+pub const START_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// This replica's place in the deployment.
 #[derive(Debug)]
 pub struct Cluster {
@@ -33,7 +36,11 @@ pub struct Cluster {
 impl Cluster {
     /// Picks the shared services from the config. Does not connect: a replica starts while
     /// Redis is down, and catches up when it answers.
-    pub fn new(config: &Config, db: &DatabaseConnection, metrics: &Metrics) -> anyhow::Result<Self> {
+    pub fn new(
+        config: &Config,
+        db: &DatabaseConnection,
+        metrics: &Metrics,
+    ) -> anyhow::Result<Self> {
         let replica_id = uuid::Uuid::new_v4().simple().to_string();
         let redis = match config.redis_url() {
             Some(url) => Some(RedisLink::new(
@@ -54,7 +61,11 @@ impl Cluster {
         };
         tracing::info!(
             replica_id,
-            rate_limits = if redis.is_some() { "redis" } else { "per replica" },
+            rate_limits = if redis.is_some() {
+                "redis"
+            } else {
+                "per replica"
+            },
             cache_invalidation = bus.as_ref().map_or("this replica only", Bus::kind),
             "replica coordination"
         );
@@ -71,10 +82,15 @@ impl Cluster {
         self.redis.clone().map(SharedLimits::new)
     }
 
-    /// Starts applying other replicas' invalidations to `caches` (until this is dropped).
-    pub fn listen(&mut self, caches: &Caches) {
+    /// Starts applying other replicas' invalidations to `caches` (until this is dropped), and
+    /// waits a moment for the first subscription, so a replica whose bus is up serves its first
+    /// request already hearing the others. A bus that is down delays the start by at most
+    /// [`START_WAIT`]; the listener keeps retrying in the background.
+    pub async fn listen(&mut self, caches: &Caches) {
         if let Some(bus) = &self.bus {
-            self.listener = Some(bus.listen(caches.clone()));
+            let listener = bus.listen(caches.clone());
+            listener.started(START_WAIT).await;
+            self.listener = Some(listener);
         }
     }
 

@@ -62,6 +62,10 @@ impl RedisLink {
         let conn = client
             .get_connection_manager_lazy(config)
             .map_err(|e| anyhow::anyhow!("redis: {:?}", e.kind()))?;
+        // Exported as 0 from the start, so rates and alerts work before the first error.
+        for op in ["rate_limit", "publish", "subscribe"] {
+            metrics.redis_errors_total.with_label_values(&[op]);
+        }
         Ok(Self(Arc::new(Inner {
             client,
             conn,
@@ -137,7 +141,7 @@ impl RedisLink {
                     tracing::warn!(
                         op,
                         %error,
-                        "Redis is unreachable: each replica enforces rate limits on its own until it answers again"
+                        "Redis is unreachable or failing: each replica enforces rate limits on its own until it answers again"
                     );
                 }
                 None
