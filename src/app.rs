@@ -79,6 +79,8 @@ pub fn api_router() -> OpenApiRouter<AppState> {
         .merge(routes::keys::router())
         .merge(routes::openai::router())
         .merge(routes::usage::router())
+        .merge(routes::admin_usage::router())
+        .merge(routes::plans::router())
 }
 
 /// The OpenAPI document (tests compare it with the router).
@@ -91,6 +93,8 @@ pub struct App {
     pub router: Router,
     /// Flushed by `server::serve` after the drain.
     pub usage_writer: UsageWriter,
+    /// Deletes usage records past `usage.retention_days` (none when 0); stopped by `serve`.
+    pub retention: Option<store::retention::Pruner>,
 }
 
 impl App {
@@ -103,7 +107,7 @@ impl App {
         let metrics = Metrics::new();
         let mut cluster = Cluster::new(&config, &db, &metrics)?;
         let caches = Caches::with_bus(cluster.bus.clone());
-        cluster.listen(&caches);
+        cluster.listen(&caches).await;
         let (usage, usage_writer) = usage_writer::start(
             db.clone(),
             metrics.clone(),
@@ -128,10 +132,13 @@ impl App {
             config,
         }));
         let router = Self::router(state.clone());
+        let retention =
+            store::retention::start(state.db.clone(), state.config.usage.retention_days);
         Ok(Self {
             state,
             router,
             usage_writer,
+            retention,
         })
     }
 

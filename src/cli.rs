@@ -1,4 +1,4 @@
-//! Command line: `serve`, `migrate`, `admin create`, `master-key rotate`.
+//! Command line: `serve`, `migrate`, `admin create`, `master-key rotate`, `usage prune`.
 
 use std::path::PathBuf;
 
@@ -34,6 +34,41 @@ pub enum Command {
     /// Master key operations.
     #[command(subcommand, name = "master-key")]
     MasterKey(MasterKeyCommand),
+    /// Usage record maintenance.
+    #[command(subcommand)]
+    Usage(UsageCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum UsageCommand {
+    /// Delete usage records older than an age (e.g. `--older-than 90d`), in batches.
+    Prune(UsagePrune),
+}
+
+#[derive(Debug, Args)]
+pub struct UsagePrune {
+    /// `<N>d` (days) or `<N>h` (hours), N ≥ 1.
+    #[arg(long, value_name = "AGE", value_parser = parse_age)]
+    pub older_than: chrono::Duration,
+}
+
+/// `90d`, `36h` → a duration.
+pub fn parse_age(s: &str) -> Result<chrono::Duration, String> {
+    let bad = || format!("{s:?} is not an age like 90d or 36h");
+    let t = s.trim();
+    let (n, unit): (&str, fn(i64) -> Option<chrono::Duration>) =
+        if let Some(n) = t.strip_suffix('d') {
+            (n, chrono::Duration::try_days)
+        } else if let Some(n) = t.strip_suffix('h') {
+            (n, chrono::Duration::try_hours)
+        } else {
+            return Err(bad());
+        };
+    n.parse::<i64>()
+        .ok()
+        .filter(|n| *n >= 1)
+        .and_then(unit)
+        .ok_or_else(bad)
 }
 
 #[derive(Debug, Subcommand)]
@@ -79,6 +114,17 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Admin(AdminCommand::Create(args)) => admin_create(args, config).await,
+        Command::Usage(UsageCommand::Prune(args)) => {
+            let db = store::connect(config.database_url(), 2).await?;
+            store::migrate(&db, config.database_url()).await?;
+            let cutoff = chrono::Utc::now() - args.older_than;
+            let deleted = store::usage::prune_older_than(&db, cutoff).await?;
+            println!(
+                "deleted {deleted} usage records from before {}",
+                crate::routes::rfc3339(cutoff)
+            );
+            Ok(())
+        }
         Command::MasterKey(MasterKeyCommand::Rotate) => {
             // File-managed keys: put a new key first in the secrets file. A configured key
             // (security.master_key / TOLLGATE_MASTER_KEY) is already the newest: the operator

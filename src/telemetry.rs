@@ -187,6 +187,16 @@ impl Metrics {
             ),
             registry: r,
         }
+        .with_known_series()
+    }
+
+    /// Series that exist from the start at 0, so dashboards and `rate()` see them before the
+    /// first event.
+    fn with_known_series(self) -> Self {
+        for scope in ["key_rpm", "key_tpm", "user_rpm", "user_tpm", "login"] {
+            self.rate_limited_total.with_label_values(&[scope]);
+        }
+        self
     }
 
     /// Prometheus text exposition.

@@ -628,7 +628,10 @@ async fn catalog_cache_tracks_models_and_provider_state() {
     // A second read agrees. (Not asserting the very same Arc: on PostgreSQL the write's own
     // NOTIFY may arrive a moment later and legitimately drop the entry.)
     let again = caches.catalog(db).await.expect("catalog");
-    assert_eq!(again.get("chat-1").map(|m| m.model.id.clone()), Some(id.clone()));
+    assert_eq!(
+        again.get("chat-1").map(|m| m.model.id.clone()),
+        Some(id.clone())
+    );
 
     // Price change shows at once.
     let (s, _) = app

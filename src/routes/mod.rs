@@ -1,12 +1,14 @@
 //! HTTP surfaces, one file each; handlers stay thin and call `accounts`, `proxy`, `store`.
 
 pub mod admin;
+pub mod admin_usage;
 pub mod auth;
 pub mod catalog;
 pub mod keys;
 pub mod me;
 pub mod openai;
 pub mod ops;
+pub mod plans;
 pub mod usage;
 
 use std::net::{IpAddr, SocketAddr};

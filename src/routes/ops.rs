@@ -85,6 +85,11 @@ async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> Result<Re
             ));
         }
     }
+    // Read at scrape time: events queued plus slots reserved by requests still in flight.
+    state
+        .metrics
+        .usage_queue_depth
+        .set(i64::try_from(state.usage.depth()).unwrap_or(i64::MAX));
     Ok((
         StatusCode::OK,
         [(

@@ -1,4 +1,5 @@
-//! Usage the signed-in user can see: the metered records of their own requests.
+//! Usage the signed-in user can see: the metered records of their own requests, grouped
+//! reports, the balance and its ledger. Admin views of the same live in `admin_usage`.
 
 use axum::extract::State;
 use chrono::{DateTime, Utc};
@@ -8,12 +9,18 @@ use utoipa_axum::routes;
 
 use crate::accounts::session::CurrentUser;
 use crate::error::{ApiError, ApiResult, Json, Query};
-use crate::routes::{Paginated, rfc3339};
+use crate::routes::admin::LedgerEntryView;
+use crate::routes::{PageParams, Paginated, rfc3339};
 use crate::state::AppState;
-use crate::store::{self, PageReq, nanos_to_usd, usage::UsageFilter};
+use crate::store::usage::{GroupBy, UsageFilter, UsageGroup, UsageTotals};
+use crate::store::{self, PageReq, nanos_to_usd};
 
 pub fn router() -> OpenApiRouter<AppState> {
-    OpenApiRouter::new().routes(routes!(my_records))
+    OpenApiRouter::new()
+        .routes(routes!(my_records))
+        .routes(routes!(my_usage))
+        .routes(routes!(my_balance))
+        .routes(routes!(my_transactions))
 }
 
 /// A usage record as users see it.
@@ -126,4 +133,189 @@ async fn my_records(
     let req = PageReq::new(q.page, q.per_page);
     let page = store::usage::records(&state.db, &filter, req).await?;
     Ok(Json(Paginated::new(page, req, UsageRecordView::from)))
+}
+
+/// Sums over a set of usage records.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct UsageTotalsView {
+    pub requests: i64,
+    pub prompt_tokens: i64,
+    pub completion_tokens: i64,
+    pub cached_tokens: i64,
+    pub cost_usd: f64,
+    pub avg_latency_ms: f64,
+    /// Records with status ≥ 400.
+    pub errors: i64,
+}
+
+impl From<UsageTotals> for UsageTotalsView {
+    fn from(t: UsageTotals) -> Self {
+        Self {
+            requests: t.requests,
+            prompt_tokens: t.prompt_tokens,
+            completion_tokens: t.completion_tokens,
+            cached_tokens: t.cached_tokens,
+            cost_usd: nanos_to_usd(t.cost_nanos),
+            avg_latency_ms: t.avg_latency_ms(),
+            errors: t.errors,
+        }
+    }
+}
+
+/// One group of a usage report.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct UsageGroupView {
+    /// The model name, provider key, day (`YYYY-MM-DD`, UTC), gateway key id or user id.
+    pub group: String,
+    #[serde(flatten)]
+    pub totals: UsageTotalsView,
+}
+
+impl From<UsageGroup> for UsageGroupView {
+    fn from(g: UsageGroup) -> Self {
+        Self {
+            totals: g.totals().into(),
+            group: g.grp,
+        }
+    }
+}
+
+/// `{data: [groups], totals}`.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct UsageReport {
+    pub data: Vec<UsageGroupView>,
+    pub totals: UsageTotalsView,
+}
+
+/// `?from=&to=&group_by=&model=&key_id=`.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct UsageQuery {
+    /// RFC 3339 or YYYY-MM-DD; records at or after.
+    pub from: Option<String>,
+    /// RFC 3339 or YYYY-MM-DD; records before.
+    pub to: Option<String>,
+    /// `model` (default) | `provider` | `day` | `key`.
+    pub group_by: Option<String>,
+    pub model: Option<String>,
+    pub key_id: Option<String>,
+}
+
+/// Parses `group_by`; `user` only where `allow_user`.
+pub fn parse_group_by(s: Option<&str>, allow_user: bool) -> ApiResult<GroupBy> {
+    let allowed = if allow_user {
+        "`model`, `provider`, `day`, `key` or `user`"
+    } else {
+        "`model`, `provider`, `day` or `key`"
+    };
+    match s.filter(|s| !s.is_empty()).map(GroupBy::parse) {
+        None => Ok(GroupBy::Model),
+        Some(Some(GroupBy::User)) if !allow_user => Err(ApiError::invalid_param(
+            "group_by",
+            format!("group_by must be {allowed}"),
+        )),
+        Some(Some(g)) => Ok(g),
+        Some(None) => Err(ApiError::invalid_param(
+            "group_by",
+            format!("group_by must be {allowed}"),
+        )),
+    }
+}
+
+/// Runs a grouped report and its totals.
+pub async fn build_report(
+    state: &AppState,
+    filter: &UsageFilter,
+    group: GroupBy,
+) -> ApiResult<UsageReport> {
+    let groups = store::usage::report(&state.db, filter, group).await?;
+    let totals = store::usage::totals(&state.db, filter).await?;
+    Ok(UsageReport {
+        data: groups.into_iter().map(UsageGroupView::from).collect(),
+        totals: totals.into(),
+    })
+}
+
+/// The signed-in user's usage, grouped and summed.
+#[utoipa::path(get, path = "/api/me/usage", tag = "usage", security(("access_token" = [])),
+    params(UsageQuery),
+    responses((status = 200, body = UsageReport), (status = 400, body = crate::error::ErrorBody),
+              (status = 401, body = crate::error::ErrorBody)))]
+async fn my_usage(
+    State(state): State<AppState>,
+    user: CurrentUser,
+    Query(q): Query<UsageQuery>,
+) -> ApiResult<Json<UsageReport>> {
+    let group = parse_group_by(q.group_by.as_deref(), false)?;
+    let filter = RecordsQuery {
+        from: q.from,
+        to: q.to,
+        model: q.model,
+        key_id: q.key_id,
+        page: None,
+        per_page: None,
+    }
+    .filter(Some(user.id().to_owned()))?;
+    Ok(Json(build_report(&state, &filter, group).await?))
+}
+
+/// Spend on one provider.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ProviderSpend {
+    pub provider: String,
+    pub cost_usd: f64,
+}
+
+/// The balance and what the last 30 days of usage cost.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct BalanceView {
+    pub balance_usd: f64,
+    /// The metered cost of the last 30 days' usage records (whoever paid the upstream).
+    pub spent_usd_30d: f64,
+    /// The same, per provider (providers with a cost only), highest first.
+    pub by_provider: Vec<ProviderSpend>,
+}
+
+/// The signed-in user's balance and 30-day spend.
+#[utoipa::path(get, path = "/api/me/balance", tag = "usage", security(("access_token" = [])),
+    responses((status = 200, body = BalanceView), (status = 401, body = crate::error::ErrorBody)))]
+async fn my_balance(
+    State(state): State<AppState>,
+    user: CurrentUser,
+) -> ApiResult<Json<BalanceView>> {
+    let filter = UsageFilter {
+        user_id: Some(user.id().to_owned()),
+        from: Some(Utc::now() - chrono::Duration::days(30)),
+        ..Default::default()
+    };
+    let groups = store::usage::report(&state.db, &filter, GroupBy::Provider).await?;
+    let spent: i64 = groups.iter().map(|g| g.cost_nanos).sum();
+    Ok(Json(BalanceView {
+        balance_usd: nanos_to_usd(user.user.balance_nanos),
+        spent_usd_30d: nanos_to_usd(spent),
+        by_provider: groups
+            .into_iter()
+            .filter(|g| g.cost_nanos != 0)
+            .map(|g| ProviderSpend {
+                provider: g.grp,
+                cost_usd: nanos_to_usd(g.cost_nanos),
+            })
+            .collect(),
+    }))
+}
+
+/// The signed-in user's balance ledger, newest first; the entries sum to the balance.
+#[utoipa::path(get, path = "/api/me/balance/transactions", tag = "usage",
+    security(("access_token" = [])),
+    params(PageParams),
+    responses((status = 200, body = Paginated<LedgerEntryView>), (status = 401, body = crate::error::ErrorBody)))]
+async fn my_transactions(
+    State(state): State<AppState>,
+    user: CurrentUser,
+    Query(p): Query<PageParams>,
+) -> ApiResult<Json<Paginated<LedgerEntryView>>> {
+    let req = p.req();
+    let page = store::ledger::list_for_user(&state.db, user.id(), req).await?;
+    Ok(Json(Paginated::new(page, req, LedgerEntryView::from)))
 }
