@@ -1,0 +1,315 @@
+//! What the hot-path benches and the load harness share: a realistic chat request, upstream
+//! payloads, and a ready gateway in a database (user on a plan, provider, priced model, sealed
+//! provider key, gateway key with every check switched on), built through the store modules.
+#![allow(dead_code)]
+
+use chrono::Utc;
+use serde_json::json;
+use tollgate::accounts::signup::{self, NewUser, Role};
+use tollgate::config::Config;
+use tollgate::crypto::{KeyRing, mask, sha256_hex};
+use tollgate::store;
+use tollgate::store::gateway_keys::NewGatewayKey;
+use tollgate::store::models::NewModel;
+use tollgate::store::provider_keys::NewProviderKey;
+use tollgate::store::providers::NewProvider;
+use tollgate::store::users::UserChanges;
+
+/// The catalog name clients use.
+pub const MODEL: &str = "gpt-bench";
+/// What the gateway sends upstream instead (a different name, so the model swap runs both ways).
+pub const UPSTREAM_MODEL: &str = "bench-upstream";
+/// The provider's key in the catalog.
+pub const PROVIDER: &str = "bench";
+/// The plan the user is on (its limits must be in the config's `[[plans]]`).
+pub const PLAN: &str = "bench";
+/// Limits high enough never to refuse, low enough that every limiter is created and consulted.
+pub const RPM_LIMIT: u32 = 10_000_000;
+pub const TPM_LIMIT: u32 = 2_000_000_000;
+/// The upstream credential stored (sealed) as the user's provider key.
+pub const PROVIDER_SECRET: &str = "sk-bench-upstream-0123456789abcdefghijklmnopqrstuvwxyz";
+
+/// A chat completion request of about 2 KB: a system prompt, a short conversation, the usual
+/// sampling fields. Compact JSON, so `"stream":true` appears verbatim.
+pub fn chat_body(stream: bool) -> Vec<u8> {
+    let system = "You are a careful assistant for an online bookshop. Answer in at most three \
+                  short paragraphs, cite the catalogue number of every book you mention, never \
+                  invent prices, and say so plainly when you do not know. Prefer British \
+                  spelling. If the customer asks about an order, ask for the order number first.";
+    let body = json!({
+        "model": MODEL,
+        "messages": [
+            {"role": "system", "content": system},
+            {"role": "user", "content": "Hello! I'm looking for a present for my niece, who is twelve and loves \
+                stories about dragons and boarding schools. She has already read the obvious ones. Could you \
+                suggest something a little less well known, ideally the first book of a series?"},
+            {"role": "assistant", "content": "Happy to help. Two series come to mind that are popular with readers \
+                of that age but less famous than the usual suspects: one about a girl who is apprenticed to a \
+                dragon-keeper at a mountain academy (catalogue 48213), and one set in a school for young \
+                cartographers where the maps come alive (catalogue 51907). Both start gently and build up. \
+                Would you like paperback or hardback?"},
+            {"role": "user", "content": "Both sound lovely. She reads quickly, so a series with at least four books \
+                would be ideal, and she has mentioned that she does not enjoy stories where animals come to harm."},
+            {"role": "assistant", "content": "Noted. The dragon-keeper series has five books so far and no animal is \
+                harmed on the page; the cartographers' series has four, with one chapter in which a messenger bird \
+                is lost in a storm but returns safely in the next chapter."},
+            {"role": "user", "content": "Paperback, please. Which of the two has the better ending to the first \
+                book? I'd rather she were not left on a cliffhanger before the holidays, and can you tell me \
+                whether the second one is suitable for a twelve-year-old in terms of how scary it gets?"}
+        ],
+        "temperature": 0.7,
+        "top_p": 1,
+        "max_tokens": 512,
+        "presence_penalty": 0,
+        "frequency_penalty": 0,
+        "user": "customer-8842",
+        "stream": stream
+    });
+    serde_json::to_vec(&body).unwrap_or_default()
+}
+
+/// One streamed chunk as an OpenAI upstream sends it (the `data:` payload).
+pub fn content_chunk(model: &str, text: &str) -> String {
+    json!({
+        "id": "chatcmpl-bench0000000000000000000000",
+        "object": "chat.completion.chunk",
+        "created": 1_700_000_000,
+        "model": model,
+        "system_fingerprint": "fp_bench",
+        "choices": [{"index": 0, "delta": {"content": text}, "logprobs": null, "finish_reason": null}],
+        "usage": null
+    })
+    .to_string()
+}
+
+/// The final usage-only chunk (what `stream_options.include_usage` asks for).
+pub fn usage_chunk(model: &str) -> String {
+    json!({
+        "id": "chatcmpl-bench0000000000000000000000",
+        "object": "chat.completion.chunk",
+        "created": 1_700_000_000,
+        "model": model,
+        "system_fingerprint": "fp_bench",
+        "choices": [],
+        "usage": {"prompt_tokens": 412, "completion_tokens": 38, "total_tokens": 450,
+                  "prompt_tokens_details": {"cached_tokens": 128}}
+    })
+    .to_string()
+}
+
+/// A complete (non-streamed) chat completion with usage.
+pub fn completion_body(model: &str) -> String {
+    json!({
+        "id": "chatcmpl-bench0000000000000000000000",
+        "object": "chat.completion",
+        "created": 1_700_000_000,
+        "model": model,
+        "system_fingerprint": "fp_bench",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content":
+            "The dragon-keeper series (48213) ends its first book on a settled note: the apprentice passes her \
+             first trial and the story closes at a midwinter feast. The cartographers' school (51907) is \
+             gentler still; it has one tense chapter in a flooded library but nothing a twelve-year-old \
+             should find frightening.", "refusal": null}, "logprobs": null, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 412, "completion_tokens": 74, "total_tokens": 486,
+                  "prompt_tokens_details": {"cached_tokens": 128}}
+    })
+    .to_string()
+}
+
+/// The words of a streamed answer: one content chunk each.
+pub const STREAM_WORDS: [&str; 5] = [
+    "The dragon",
+    "-keeper series",
+    " ends",
+    " on a settled",
+    " note.",
+];
+
+/// The SSE body of a streamed answer: content chunks, the usage chunk, `[DONE]`, one event each.
+pub fn sse_events(model: &str) -> Vec<String> {
+    let mut out: Vec<String> = STREAM_WORDS
+        .iter()
+        .map(|w| format!("data: {}\n\n", content_chunk(model, w)))
+        .collect();
+    out.push(format!("data: {}\n\n", usage_chunk(model)));
+    out.push("data: [DONE]\n\n".to_owned());
+    out
+}
+
+/// What a test or bench needs to know about the gateway it set up.
+#[derive(Debug, Clone)]
+pub struct Fixture {
+    pub user_id: String,
+    pub key_id: String,
+    /// The gateway key secret (`sk-tg-…`) to present.
+    pub key_secret: String,
+    pub key_hash: String,
+}
+
+/// The config the fixture assumes: balance enforcement on (unless `billing` is false) with a
+/// large grant, the bench plan, default limits on. `db_url` and the secrets are the caller's.
+pub fn bench_config(db_url: &str, master_key: &str, billing: bool) -> Config {
+    let mut cfg = Config::default();
+    cfg.server.listen = "127.0.0.1:0".into();
+    cfg.database.url = secrecy::SecretString::from(db_url.to_owned());
+    cfg.security.master_key = Some(secrecy::SecretString::from(master_key.to_owned()));
+    cfg.security.jwt_secret = Some(secrecy::SecretString::from("b".repeat(48)));
+    cfg.security.allow_private_base_urls = true;
+    cfg.billing.enforce_balance = billing;
+    cfg.billing.initial_balance_usd = 1_000_000.0;
+    cfg.limits.default_user_rpm = RPM_LIMIT;
+    cfg.limits.default_key_rpm = RPM_LIMIT;
+    cfg.plans = vec![tollgate::config::PlanConfig {
+        name: PLAN.into(),
+        rpm_limit: RPM_LIMIT,
+        tpm_limit: TPM_LIMIT,
+        price_usd_per_month: 0.0,
+    }];
+    cfg
+}
+
+/// The same settings as `config.toml` text for the `tollgate` binary.
+pub fn bench_config_toml(db_url: &str, master_key: &str, billing: bool) -> String {
+    format!(
+        r#"# Written by the load harness (benches/load.rs).
+[server]
+listen = "127.0.0.1:0"
+log_format = "json"
+shutdown_drain_secs = 10
+
+[database]
+url = "{db_url}"
+max_connections = 16
+
+[security]
+allow_private_base_urls = true
+master_key = "{master_key}"
+jwt_secret = "{jwt}"
+
+[billing]
+enforce_balance = {billing}
+initial_balance_usd = 1000000.0
+
+[limits]
+default_user_rpm = {RPM_LIMIT}
+default_key_rpm = {RPM_LIMIT}
+
+[[plans]]
+name = "{PLAN}"
+rpm_limit = {RPM_LIMIT}
+tpm_limit = {TPM_LIMIT}
+price_usd_per_month = 0.0
+"#,
+        jwt = "b".repeat(48),
+    )
+}
+
+/// Creates, through the store modules: an active user on the bench plan with a large balance
+/// and an RPM limit of its own; the provider `bench` at `upstream_base_url`; the model `gpt-bench`
+/// (→ `bench-upstream`, priced); the user's sealed provider key; and a gateway key with a model
+/// allow-list, a loopback IP allow-list, RPM/TPM limits, a budget (when `cfg` enforces the
+/// balance, i.e. billing is on) and an expiry.
+pub async fn create_fixture(
+    db: &sea_orm::DatabaseConnection,
+    ring: &KeyRing,
+    cfg: &Config,
+    upstream_base_url: &str,
+) -> anyhow::Result<Fixture> {
+    let billing = cfg.billing.enforce_balance;
+    let user = signup::create(
+        db,
+        ring,
+        cfg,
+        NewUser {
+            username: "bench",
+            password: "bench-password-0123",
+            email: None,
+            role: Role::User,
+            active: true,
+        },
+    )
+    .await?
+    .user;
+    store::users::update(
+        db,
+        &user.id,
+        UserChanges {
+            plan: Some(Some(PLAN.into())),
+            plan_expires_at: Some(Some(Utc::now() + chrono::Duration::days(30))),
+            rpm_limit: Some(Some(RPM_LIMIT as i32)),
+            ..Default::default()
+        },
+    )
+    .await?;
+    store::providers::create(
+        db,
+        NewProvider {
+            key: PROVIDER.into(),
+            display_name: "Bench upstream".into(),
+            base_url: upstream_base_url.trim_end_matches('/').to_owned(),
+            kind: "openai".into(),
+            is_active: true,
+            sort_order: 0,
+        },
+    )
+    .await?;
+    store::models::create(
+        db,
+        NewModel {
+            name: MODEL.into(),
+            display_name: "GPT bench".into(),
+            provider_key: PROVIDER.into(),
+            upstream_model: UPSTREAM_MODEL.into(),
+            model_type: "chat".into(),
+            input_price_nanos: store::usd_to_nanos(2.5),
+            output_price_nanos: store::usd_to_nanos(10.0),
+            cached_input_price_nanos: Some(store::usd_to_nanos(1.25)),
+            context_window: Some(128_000),
+            max_output_tokens: Some(16_384),
+            supports_streaming: true,
+            supports_tools: true,
+            supports_vision: false,
+            description: None,
+            is_active: true,
+            sort_order: 0,
+        },
+    )
+    .await?;
+    store::provider_keys::create(
+        db,
+        ring,
+        NewProviderKey {
+            user_id: &user.id,
+            provider_key: PROVIDER,
+            api_key: PROVIDER_SECRET,
+            base_url: None,
+            label: Some("bench".into()),
+            shared: false,
+        },
+    )
+    .await?;
+    let secret = tollgate::routes::keys::new_gateway_secret();
+    let key_hash = sha256_hex(&secret);
+    let key = store::gateway_keys::create(
+        db,
+        NewGatewayKey {
+            user_id: user.id.clone(),
+            name: "bench".into(),
+            key_hash: key_hash.clone(),
+            masked: mask(&secret),
+            allowed_models: Some(serde_json::to_string(&[MODEL])?),
+            allowed_ips: Some(r#"["127.0.0.0/8","::1/128"]"#.into()),
+            rpm_limit: Some(RPM_LIMIT as i32),
+            tpm_limit: Some(TPM_LIMIT as i32),
+            budget_nanos: billing.then(|| store::usd_to_nanos(1_000_000.0)),
+            expires_at: Some(Utc::now() + chrono::Duration::days(30)),
+        },
+    )
+    .await?;
+    Ok(Fixture {
+        user_id: user.id,
+        key_id: key.id,
+        key_secret: secret,
+        key_hash,
+    })
+}

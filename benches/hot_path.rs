@@ -1,0 +1,370 @@
+//! Micro-benchmarks of each stage of the `/v1` hot path, in the order a request meets them:
+//! ① auth (gateway key → context on a warm cache) ② admit (allow-lists and the four governor
+//! limiters) ③ route (provider key from the cache, opened with the key ring) ④ the request
+//! rewrite (model swap + `include_usage` injection on a ~2 KB chat body) ⑤ SSE scanning and
+//! mapping, per chunk ⑥ the usage writer's batch insert (500 records into a SQLite file).
+//!
+//! The setup is a real `App` (SQLite in a temp dir) holding a gateway made through the store
+//! modules, exactly what the load harness serves. Run with `cargo bench --bench hot_path`;
+//! `benches/crypto.rs` covers sealing and hashing on their own.
+
+mod common;
+
+use std::hint::black_box;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
+use http::{HeaderMap, HeaderValue};
+use tokio::runtime::Runtime;
+use tollgate::app::App;
+use tollgate::cache::KeyCtx;
+use tollgate::crypto::generate_master_key;
+use tollgate::providers::openai::OpenAi;
+use tollgate::providers::{Adapter, Endpoint, EventCtx, EventOut, Usage};
+use tollgate::proxy::meter::{Prices, Reservation, UsageEvent};
+use tollgate::proxy::request::RequestView;
+use tollgate::proxy::stream::SseScanner;
+use tollgate::proxy::{admit, auth, route};
+use tollgate::store::usage_writer::{Settled, write_batch};
+
+use common::{Fixture, MODEL, PROVIDER, UPSTREAM_MODEL};
+
+/// Requests admitted per fresh key in the admission bench: far below every limit, so the bench
+/// measures admission, never a refusal.
+const ADMIT_CHUNK: u64 = 100_000;
+/// Prompt-token estimate admission is asked for (a ~2 KB body / 4).
+const APPROX_TOKENS: u32 = 512;
+
+struct Env {
+    rt: Runtime,
+    app: App,
+    fx: Fixture,
+    _dir: tempfile::TempDir,
+}
+
+fn env() -> Env {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = format!(
+        "sqlite://{}?mode=rwc",
+        dir.path().join("bench.db").display()
+    );
+    let cfg = common::bench_config(&url, &generate_master_key(), true);
+    let (app, fx) = rt.block_on(async {
+        let app = App::build(cfg).await.expect("build app");
+        let s = &app.state;
+        // The upstream is never called here; the URL only has to be valid.
+        let fx = common::create_fixture(&s.db, &s.keyring, &s.config, "http://127.0.0.1:9/v1")
+            .await
+            .expect("fixture");
+        (app, fx)
+    });
+    Env {
+        rt,
+        app,
+        fx,
+        _dir: dir,
+    }
+}
+
+/// The key context as the cache holds it (this also warms the cache).
+fn key_ctx(e: &Env) -> Arc<KeyCtx> {
+    let s = &e.app.state;
+    e.rt.block_on(s.caches.gateway_key(&s.db, &s.metrics, &e.fx.key_hash))
+        .expect("lookup")
+        .expect("the fixture's key is found")
+}
+
+fn stage_auth(c: &mut Criterion, e: &Env) {
+    let s = e.app.state.clone();
+    let ctx = key_ctx(e);
+    assert_eq!(ctx.key_id, e.fx.key_id);
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        http::header::AUTHORIZATION,
+        HeaderValue::from_str(&format!("Bearer {}", e.fx.key_secret)).expect("header"),
+    );
+    let hash = e.fx.key_hash.clone();
+
+    let mut g = c.benchmark_group("auth");
+    g.bench_function("gateway_key_cache_hit", |b| {
+        b.to_async(&e.rt).iter(|| async {
+            black_box(
+                s.caches
+                    .gateway_key(&s.db, &s.metrics, black_box(&hash))
+                    .await,
+            )
+        })
+    });
+    // The whole stage: header, SHA-256, cache hit, key and owner checks.
+    g.bench_function("authenticate", |b| {
+        b.to_async(&e.rt)
+            .iter(|| async { black_box(auth::authenticate(&s, black_box(&headers)).await) })
+    });
+    g.finish();
+}
+
+fn stage_admit(c: &mut Criterion, e: &Env) {
+    let s = e.app.state.clone();
+    let base = key_ctx(e);
+    let catalog = e.rt.block_on(s.caches.catalog(&s.db)).expect("catalog");
+    let model = catalog.get(MODEL);
+    assert!(model.is_some(), "the fixture's model is in the catalog");
+    let ip: Option<IpAddr> = Some(IpAddr::from([127, 0, 0, 1]));
+    let mut fresh = 0u64;
+
+    c.bench_function("admit/allow_lists_and_4_limiters", |b| {
+        b.iter_custom(|iters| {
+            let mut measured = Duration::ZERO;
+            let mut done = 0;
+            let mut refused = 0u64;
+            while done < iters {
+                let n = (iters - done).min(ADMIT_CHUNK);
+                // A fresh key and user every chunk keep every bucket far from its limit; the first
+                // call (which creates the buckets) is not timed: in steady state they exist.
+                fresh += 1;
+                let mut ctx = (*base).clone();
+                ctx.key_id = format!("bench-key-{fresh}");
+                ctx.user_id = format!("bench-user-{fresh}");
+                let (elapsed, errs) = e.rt.block_on(async {
+                    let mut errs = 0u64;
+                    if admit::admit(&s, &ctx, ip, MODEL, model, APPROX_TOKENS)
+                        .await
+                        .is_err()
+                    {
+                        errs += 1;
+                    }
+                    let start = Instant::now();
+                    for _ in 0..n {
+                        let r = admit::admit(&s, black_box(&ctx), ip, MODEL, model, APPROX_TOKENS)
+                            .await;
+                        if black_box(r).is_err() {
+                            errs += 1;
+                        }
+                    }
+                    (start.elapsed(), errs)
+                });
+                measured += elapsed;
+                refused += errs;
+                done += n;
+            }
+            assert_eq!(
+                refused, 0,
+                "admission refused: the bench would measure refusals"
+            );
+            measured
+        })
+    });
+}
+
+fn stage_route(c: &mut Criterion, e: &Env) {
+    let s = e.app.state.clone();
+    let ctx = key_ctx(e);
+    let catalog = e.rt.block_on(s.caches.catalog(&s.db)).expect("catalog");
+    let model = catalog.get(MODEL).expect("model").clone();
+    let entry =
+        e.rt.block_on(s.caches.provider_key(&s.db, &ctx.user_id, PROVIDER))
+            .expect("provider key lookup")
+            .expect("the fixture's provider key");
+    assert_eq!(
+        s.keyring
+            .open_string(&entry.secret_enc, &entry.id)
+            .expect("opens"),
+        common::PROVIDER_SECRET
+    );
+
+    let mut g = c.benchmark_group("route");
+    g.bench_function("provider_key_open_string", |b| {
+        b.iter(|| {
+            s.keyring
+                .open_string(black_box(&entry.secret_enc), black_box(&entry.id))
+        })
+    });
+    // The whole stage: model type check, adapter, provider key from the cache, open, URL.
+    g.bench_function("route", |b| {
+        b.to_async(&e.rt).iter(|| async {
+            black_box(route::route(&s, &ctx, &model, Endpoint::ChatCompletions).await)
+        })
+    });
+    g.finish();
+}
+
+fn stage_request(c: &mut Criterion) {
+    let body = common::chat_body(true);
+    {
+        let v = RequestView::parse(&body).expect("parse");
+        assert!(v.stream && !v.include_usage);
+        let out: serde_json::Value =
+            serde_json::from_slice(&v.rewrite(UPSTREAM_MODEL)).expect("valid JSON");
+        assert_eq!(out["model"], UPSTREAM_MODEL);
+        assert_eq!(out["stream_options"]["include_usage"], true);
+    }
+    let mut g = c.benchmark_group(format!("request_{}B", body.len()));
+    g.throughput(Throughput::Bytes(body.len() as u64));
+    g.bench_function("parse", |b| {
+        b.iter(|| RequestView::parse(black_box(&body)).map(|v| v.fields.len()))
+    });
+    let view = RequestView::parse(&body).expect("parse");
+    g.bench_function("rewrite", |b| {
+        b.iter(|| view.rewrite(black_box(UPSTREAM_MODEL)))
+    });
+    // What stage ④ does per request: parse, then the adapter's mapping (rewrite + Bytes).
+    g.bench_function("parse_and_map_request", |b| {
+        b.iter(|| {
+            let v = RequestView::parse(black_box(&body)).expect("parse");
+            OpenAi.map_request(&v, UPSTREAM_MODEL)
+        })
+    });
+    g.finish();
+}
+
+fn stage_stream(c: &mut Criterion) {
+    let events = common::sse_events(UPSTREAM_MODEL);
+    let content = events[0].as_bytes().to_vec();
+    let usage = events[events.len() - 2].as_bytes().to_vec();
+    let whole: Vec<u8> = events.concat().into_bytes();
+    let renamed = EventCtx {
+        client_model: MODEL,
+        upstream_model: UPSTREAM_MODEL,
+        client_wants_usage: false,
+    };
+    let same = EventCtx {
+        client_model: UPSTREAM_MODEL,
+        ..renamed
+    };
+
+    // One event through the scanner and the adapter, as `MeteredStream` does per upstream read.
+    fn one(scanner: &mut SseScanner, chunk: &[u8], ctx: &EventCtx<'_>) -> (Bytes, EventOut) {
+        scanner.push(chunk);
+        let ev = scanner.next_event().expect("a whole event");
+        let data = ev.data.expect("a data event");
+        (ev.raw, OpenAi.map_event(&data, ctx).out)
+    }
+    {
+        let mut s = SseScanner::default();
+        assert!(matches!(
+            one(&mut s, &content, &renamed).1,
+            EventOut::Replace(_)
+        ));
+        assert_eq!(one(&mut s, &content, &same).1, EventOut::Unchanged);
+        assert_eq!(one(&mut s, &usage, &renamed).1, EventOut::Drop);
+    }
+
+    let mut g = c.benchmark_group(format!("stream_chunk_{}B", content.len()));
+    g.throughput(Throughput::Bytes(content.len() as u64));
+    let mut s = SseScanner::default();
+    g.bench_function("content_model_renamed", |b| {
+        b.iter(|| one(&mut s, black_box(&content), &renamed))
+    });
+    g.bench_function("content_same_model", |b| {
+        b.iter(|| one(&mut s, black_box(&content), &same))
+    });
+    g.bench_function("usage_chunk_dropped", |b| {
+        b.iter(|| one(&mut s, black_box(&usage), &renamed))
+    });
+    g.finish();
+
+    let mut g = c.benchmark_group(format!("stream_response_{}_events", events.len()));
+    g.throughput(Throughput::Bytes(whole.len() as u64));
+    g.bench_function("one_read_model_renamed", |b| {
+        b.iter_batched_ref(
+            SseScanner::default,
+            |s| {
+                s.push(black_box(&whole));
+                let mut usage = None;
+                while let Some(ev) = s.next_event() {
+                    if let Some(d) = ev.data {
+                        let m = OpenAi.map_event(&d, &renamed);
+                        usage = usage.or(m.usage);
+                        black_box(m.out);
+                    }
+                }
+                usage
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    g.finish();
+}
+
+const BATCH: usize = 500;
+
+fn usage_rows(fx: &Fixture) -> Vec<Settled> {
+    (0..BATCH)
+        .map(|i| Settled {
+            event: UsageEvent {
+                at: chrono::Utc::now(),
+                user_id: fx.user_id.clone(),
+                key_id: fx.key_id.clone(),
+                model: MODEL.into(),
+                provider: PROVIDER.into(),
+                endpoint: Endpoint::ChatCompletions,
+                stream: i % 2 == 0,
+                status: 200,
+                usage: Usage {
+                    prompt: 412,
+                    completion: 38 + i as i64 % 50,
+                    cached: 128,
+                },
+                prices: Prices {
+                    input: 2_500_000_000,
+                    output: 10_000_000_000,
+                    cached_input: Some(1_250_000_000),
+                },
+                latency_ms: 840,
+                ttft_ms: Some(210),
+                estimate: None,
+                request_id: uuid::Uuid::new_v4().to_string(),
+                shared_key: false,
+                error: None,
+                reservation: Reservation::default(),
+                charged: true,
+            },
+            cost_nanos: 1_745_000,
+            tokens_estimated: false,
+        })
+        .collect()
+}
+
+fn stage_usage_writer(c: &mut Criterion, e: &Env) {
+    let db = e.app.state.db.clone();
+    let rows = usage_rows(&e.fx);
+    e.rt.block_on(write_batch(&db, &rows))
+        .expect("a batch lands");
+
+    let mut g = c.benchmark_group("usage_writer");
+    g.sample_size(20);
+    g.measurement_time(Duration::from_secs(8));
+    g.throughput(Throughput::Elements(BATCH as u64));
+    g.bench_function("write_batch_500_sqlite_file", |b| {
+        b.to_async(&e.rt)
+            .iter(|| async { write_batch(&db, black_box(&rows)).await.expect("write") })
+    });
+    g.finish();
+}
+
+fn hot_path(c: &mut Criterion) {
+    let e = env();
+    stage_auth(c, &e);
+    stage_admit(c, &e);
+    stage_route(c, &e);
+    stage_request(c);
+    stage_stream(c);
+    stage_usage_writer(c, &e);
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default()
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3));
+    targets = hot_path
+}
+criterion_main!(benches);

@@ -1,0 +1,1541 @@
+//! End-to-end load harness: the same client load against a fixed-response upstream directly,
+//! through a bare reverse-proxy hop (nginx, else a minimal hyper pass-through), and through
+//! tollgate with every hot-path stage switched on; one table of throughput, latency, CPU per
+//! request and memory, plus a check that every request tollgate forwarded became a usage record.
+//!
+//! `cargo bench --bench load` (release profile). Needs `wrk`; nginx optional (Debian packages
+//! `wrk`, `nginx-light`). Loopback only; the output also goes to `benches/results/latest.txt`.
+//! Environment: `LOAD_SECS` (per run, default 10), `LOAD_CONNECTIONS` (default 32),
+//! `LOAD_NGINX` (path of an nginx binary), `LOAD_TOLLGATE_BIN` (another tollgate binary to
+//! measure), `LOAD_BILLING=0` (no key budget, balance enforcement off: no per-request SQL).
+//! `--soak` (or `LOAD_SOAK_SECS`) instead runs tollgate alone at a fixed rate
+//! (`LOAD_SOAK_RPS`, default 200) and samples its memory every 10 s.
+
+mod common;
+
+use std::convert::Infallible;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail, ensure};
+use bytes::Bytes;
+use entity::usage_records;
+use http::{Request, Response, StatusCode, header};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use sea_orm::{ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter};
+use tokio::net::TcpListener;
+use tokio::runtime::Runtime;
+use tollgate::crypto::{KeyRing, generate_master_key, parse_master_key};
+use tollgate::store;
+
+use common::{Fixture, MODEL, UPSTREAM_MODEL};
+
+/// Linux reports process CPU time in ticks of 1/100 s (USER_HZ) on every architecture.
+const US_PER_TICK: u64 = 10_000;
+const WARMUP_SECS: u64 = 1;
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("load: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn env_u64(name: &str, default: u64) -> anyhow::Result<u64> {
+    match std::env::var(name) {
+        Ok(v) if !v.trim().is_empty() => v
+            .trim()
+            .parse()
+            .with_context(|| format!("{name}={v:?} is not a whole number")),
+        _ => Ok(default),
+    }
+}
+
+/// What the run prints, kept for `benches/results/latest.txt`.
+#[derive(Default)]
+struct Log {
+    text: String,
+    raw: String,
+}
+
+impl Log {
+    fn say(&mut self, line: impl AsRef<str>) {
+        println!("{}", line.as_ref());
+        self.text.push_str(line.as_ref());
+        self.text.push('\n');
+    }
+
+    fn raw(&mut self, title: &str, output: &str) {
+        let _ = writeln!(self.raw, "---- {title}\n{}", output.trim_end());
+    }
+
+    fn save(&self) -> anyhow::Result<PathBuf> {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/results");
+        std::fs::create_dir_all(&dir)?;
+        let path = dir.join("latest.txt");
+        let body = format!(
+            "{}\n==== raw wrk output, in run order ====\n{}",
+            self.text, self.raw
+        );
+        std::fs::write(&path, body)?;
+        Ok(path)
+    }
+}
+
+fn run() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.iter().any(|a| a == "--help" || a == "-h") {
+        println!("{}", HELP);
+        return Ok(());
+    }
+    let soak = args.iter().any(|a| a == "--soak") || std::env::var_os("LOAD_SOAK_SECS").is_some();
+    let secs = env_u64("LOAD_SECS", 10)?.max(1);
+    let conns = env_u64("LOAD_CONNECTIONS", 32)?.max(1);
+    let wrk = find_program("wrk", "LOAD_WRK", &[]).context(
+        "wrk is not installed (Debian/Ubuntu: `apt-get install -y wrk`); it drives the load",
+    )?;
+
+    let tmp = tempfile::Builder::new()
+        .prefix("tollgate-load-")
+        .tempdir()?;
+    let ctl = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let mut log = Log::default();
+
+    // (a) the upstream.
+    let upstream = Upstream::start()?;
+    let up_url = format!("http://{}/v1/chat/completions", upstream.addr);
+
+    // (c) tollgate, as the real binary in a child process, on a database prepared here.
+    let billing = env_u64("LOAD_BILLING", 1)? != 0;
+    let tg = Tollgate::start(
+        &ctl,
+        tmp.path(),
+        &format!("http://{}/v1", upstream.addr),
+        billing,
+    )?;
+    let tg_url = format!("http://{}/v1/chat/completions", tg.addr);
+
+    let plain = tmp.path().join("body-plain.json");
+    let stream = tmp.path().join("body-stream.json");
+    std::fs::write(&plain, common::chat_body(false))?;
+    std::fs::write(&stream, common::chat_body(true))?;
+    let key = tg.fixture.key_secret.clone();
+    let client = reqwest::Client::new();
+    ctl.block_on(sanity(&client, &tg_url, &key, true))
+        .context("tollgate does not answer as expected")?;
+    // The two sanity requests above went through tollgate too.
+    let sanity_requests = 2u64;
+
+    if soak {
+        return run_soak(
+            &mut log,
+            &ctl,
+            &wrk,
+            tmp.path(),
+            &tg,
+            &upstream,
+            &plain,
+            &stream,
+            sanity_requests,
+        );
+    }
+
+    // (b) the reference hop.
+    let reference = Reference::start(tmp.path(), upstream.addr)?;
+    let ref_url = format!("http://{}/v1/chat/completions", reference.addr());
+    ctl.block_on(sanity(&client, &up_url, &key, false))
+        .context("the upstream does not answer as expected")?;
+    ctl.block_on(sanity(&client, &ref_url, &key, false))
+        .context("the reference proxy does not answer as expected")?;
+
+    let rss_idle = vm_kb(tg.pid(), "VmRSS");
+    describe_setup(&mut log, &wrk, secs, conns, &reference, &tg);
+
+    let targets = [
+        (Target::Direct, up_url.as_str()),
+        (Target::Reference, ref_url.as_str()),
+        (Target::Tollgate, tg_url.as_str()),
+    ];
+    let mut rows: Vec<Row> = Vec::new();
+    let mut tollgate_answered = 0u64;
+    let mut rss_peak_load = 0u64;
+    for (mode, body) in [(Mode::Plain, &plain), (Mode::Stream, &stream)] {
+        let script = write_script(tmp.path(), mode.name(), body, &key)?;
+        for (target, url) in targets {
+            let cpu = || match target {
+                Target::Direct => upstream.cpu_ticks(),
+                Target::Reference => reference.cpu_ticks(),
+                Target::Tollgate => proc_cpu_ticks(tg.pid()).unwrap_or(0),
+            };
+            eprintln!("load: {} / {} …", mode.name(), target.name());
+            let warm = wrk_run(&wrk, url, &script, conns.min(2), conns, WARMUP_SECS)?;
+            log.raw(
+                &format!("{} {} warm-up", mode.name(), target.name()),
+                &warm.raw,
+            );
+
+            let (up0, cpu0) = (upstream.cpu_ticks(), cpu());
+            let sampler = (target == Target::Tollgate).then(|| RssSampler::start(tg.pid()));
+            let load = wrk_run(&wrk, url, &script, conns.min(2), conns, secs)?;
+            if let Some(s) = sampler {
+                rss_peak_load = rss_peak_load.max(s.stop());
+            }
+            let (up1, cpu1) = (upstream.cpu_ticks(), cpu());
+            log.raw(
+                &format!("{} {} {conns} connections", mode.name(), target.name()),
+                &load.raw,
+            );
+
+            let single = wrk_run(&wrk, url, &script, 1, 1, secs)?;
+            log.raw(
+                &format!("{} {} 1 connection", mode.name(), target.name()),
+                &single.raw,
+            );
+            if target == Target::Tollgate {
+                tollgate_answered += warm.requests + load.requests + single.requests;
+            }
+            let n = load.requests;
+            let per_req = |a: u64, b: u64| {
+                (n > 0).then(|| (b.saturating_sub(a) * US_PER_TICK) as f64 / n as f64)
+            };
+            rows.push(Row {
+                mode,
+                target,
+                cpu_us: per_req(cpu0, cpu1),
+                upstream_cpu_us: per_req(up0, up1),
+                load,
+                single,
+            });
+        }
+    }
+    let rss_hwm = vm_kb(tg.pid(), "VmHWM");
+
+    // Every request tollgate forwarded must become a usage record: wait for the writer.
+    let after_wrk = ctl.block_on(tg.wait_for_records(upstream.via_gateway()))?;
+    // Then an exact check with a client that waits for every answer.
+    let exact = ctl.block_on(exact_metering(&client, &tg, &tg_url, &after_wrk))?;
+    std::thread::sleep(Duration::from_secs(2));
+    let rss_after = vm_kb(tg.pid(), "VmRSS");
+
+    table(&mut log, &rows);
+    log.say("");
+    let answered = tollgate_answered + sanity_requests;
+    let tollgate_runs = 6;
+    let wrk_ok = after_wrk.total >= after_wrk.upstream
+        && after_wrk.ok >= answered
+        && after_wrk.total - answered <= tollgate_runs * conns
+        && after_wrk.estimated_ok == 0;
+    log.say(format!(
+        "usage records after the wrk runs: {} — tollgate answered {answered} requests completely (wrk + 2 sanity checks) and sent {} upstream; by status {} × 200, {} × 499, {} other; {} answered with usage yet estimated (want 0) — {}",
+        after_wrk.total,
+        after_wrk.upstream,
+        after_wrk.ok,
+        after_wrk.client_left,
+        after_wrk.total - after_wrk.ok - after_wrk.client_left,
+        after_wrk.estimated_ok,
+        if wrk_ok { "consistent" } else { "INCONSISTENT" },
+    ));
+    log.say(format!(
+        "    (wrk drops the requests in flight when a run's time is up — at most {conns} per run, {tollgate_runs} runs — and tollgate meters those as 499 or as a 200 wrk never read, so records ≥ answered, not =)"
+    ));
+    log.say(format!(
+        "usage records, exact check: {} requests answered by tollgate ({} concurrent, half streamed, every answer read to the end) → {} new records, {} with status 200 and the upstream's usage — {}",
+        exact.sent,
+        EXACT_CONCURRENCY,
+        exact.records,
+        exact.ok_with_usage,
+        if exact.passed() { "equal" } else { "MISMATCH" },
+    ));
+    log.say(format!(
+        "tollgate RSS (child process alone): idle after start {}, peak under load {} (VmHWM {}), idle after load {}",
+        mib(rss_idle),
+        mib(Some(rss_peak_load)),
+        mib(rss_hwm),
+        mib(rss_after)
+    ));
+    log.say(format!("load average at end: {}", loadavg()));
+    drop(reference);
+    tg.stop();
+    let path = log.save()?;
+    println!("\nwritten to {}", path.display());
+    ensure!(
+        wrk_ok && exact.passed(),
+        "usage metering check failed (see above)"
+    );
+    Ok(())
+}
+
+/// Requests of the exact metering check, and how many are in flight at once.
+const EXACT_REQUESTS: u64 = 1000;
+const EXACT_CONCURRENCY: usize = 16;
+
+struct Exact {
+    sent: u64,
+    records: u64,
+    ok_with_usage: u64,
+}
+
+impl Exact {
+    fn passed(&self) -> bool {
+        self.records == self.sent && self.ok_with_usage == self.sent
+    }
+}
+
+/// Sends [`EXACT_REQUESTS`] requests (half streamed), reads every answer to the end, and counts
+/// the usage records that appear on top of `before` (a settled count).
+async fn exact_metering(
+    client: &reqwest::Client,
+    tg: &Tollgate,
+    url: &str,
+    before: &Records,
+) -> anyhow::Result<Exact> {
+    use futures_util::StreamExt;
+    let key = &tg.fixture.key_secret;
+    let results: Vec<anyhow::Result<()>> = futures_util::stream::iter(0..EXACT_REQUESTS)
+        .map(|i| async move {
+            let r = client
+                .post(url)
+                .bearer_auth(key)
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(common::chat_body(i % 2 == 1))
+                .send()
+                .await?;
+            ensure!(r.status() == StatusCode::OK, "status {}", r.status());
+            r.bytes().await?;
+            Ok(())
+        })
+        .buffer_unordered(EXACT_CONCURRENCY)
+        .collect()
+        .await;
+    let failed: Vec<String> = results
+        .into_iter()
+        .filter_map(|r| r.err().map(|e| e.to_string()))
+        .collect();
+    ensure!(
+        failed.is_empty(),
+        "{} of the exact check's requests failed, e.g. {}",
+        failed.len(),
+        failed[0]
+    );
+    let after = tg.wait_for_records(before.total + EXACT_REQUESTS).await?;
+    Ok(Exact {
+        sent: EXACT_REQUESTS,
+        records: after.total - before.total,
+        ok_with_usage: after.ok_with_usage - before.ok_with_usage,
+    })
+}
+
+const HELP: &str = "cargo bench --bench load [-- --soak]
+
+Drives direct / reference (nginx) / tollgate with wrk and prints one comparison table;
+writes it, with every raw wrk report, to benches/results/latest.txt.
+
+  LOAD_SECS=10          seconds per run (3 targets × 2 modes × 2 runs, plus 1 s warm-ups)
+  LOAD_CONNECTIONS=32   connections of the loaded runs
+  LOAD_NGINX=PATH       nginx binary (default: nginx on PATH, /usr/sbin/nginx)
+  LOAD_TOLLGATE_BIN=P   tollgate binary to measure (default: the one cargo built)
+  LOAD_BILLING=0        no key budget, balance enforcement off (no SQL per request)
+  --soak, LOAD_SOAK_SECS=300, LOAD_SOAK_RPS=200
+                        tollgate alone at a fixed rate, memory sampled every 10 s";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Plain,
+    Stream,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Plain => "non-stream",
+            Mode::Stream => "stream",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Target {
+    Direct,
+    Reference,
+    Tollgate,
+}
+
+impl Target {
+    fn name(self) -> &'static str {
+        match self {
+            Target::Direct => "direct",
+            Target::Reference => "reference",
+            Target::Tollgate => "tollgate",
+        }
+    }
+}
+
+struct Row {
+    mode: Mode,
+    target: Target,
+    load: WrkResult,
+    single: WrkResult,
+    /// CPU of the server process per request: the upstream for `direct`, else the proxy alone.
+    cpu_us: Option<f64>,
+    upstream_cpu_us: Option<f64>,
+}
+
+fn describe_setup(
+    log: &mut Log,
+    wrk: &Path,
+    secs: u64,
+    conns: u64,
+    reference: &Reference,
+    tg: &Tollgate,
+) {
+    let wrk_version = Command::new(wrk)
+        .arg("--version")
+        .output()
+        .map(|o| {
+            let s = String::from_utf8_lossy(&o.stdout).into_owned()
+                + &String::from_utf8_lossy(&o.stderr);
+            s.lines()
+                .next()
+                .unwrap_or("")
+                .split(" Copyright")
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_owned()
+        })
+        .unwrap_or_default();
+    log.say("== tollgate load harness ==");
+    log.say(format!(
+        "date: {} UTC; machine: {}, {} logical CPUs, {} RAM, Linux {}",
+        chrono::Utc::now().format("%Y-%m-%d %H:%M"),
+        cpu_model(),
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        mem_total(),
+        std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim()
+    ));
+    log.say(format!(
+        "load average at start: {} (anything above 0 is other work sharing the CPUs)",
+        loadavg()
+    ));
+    log.say(format!(
+        "load: {wrk_version}; {conns} connections / {} threads for {secs} s per target and mode, after a {WARMUP_SECS} s warm-up; then 1 connection for {secs} s (single-request latency)",
+        conns.min(2)
+    ));
+    log.say(format!(
+        "request: POST /v1/chat/completions, {} B JSON chat body (non-stream) / {} B (\"stream\":true); Authorization: Bearer <gateway key>",
+        common::chat_body(false).len(),
+        common::chat_body(true).len()
+    ));
+    log.say(format!(
+        "upstream: hyper HTTP/1.1 server inside the harness (2 threads), fixed answers: a {} B chat completion with usage, or an SSE stream of {} events (5 content chunks, usage chunk, [DONE])",
+        common::completion_body(UPSTREAM_MODEL).len(),
+        common::sse_events(UPSTREAM_MODEL).len()
+    ));
+    log.say(format!("reference: {}", reference.describe()));
+    log.say(format!(
+        "tollgate: {} serve, a child process (RSS and CPU are tollgate's alone); SQLite (WAL) in a temp dir; JSON access log at info to a file; gateway key with model + IP allow-lists, RPM/TPM limits, {}, expiry; user on a plan with RPM/TPM; {}; model renamed both ways; every request metered into usage_records",
+        tg.bin.display(),
+        if tg.billing { "a budget" } else { "NO budget" },
+        if tg.billing {
+            "balance enforcement on (budget and balance reserved in SQL per request)"
+        } else {
+            "balance enforcement OFF (LOAD_BILLING=0: no per-request SQL)"
+        },
+    ));
+    log.say("CPUs: wrk, the upstream, the reference and tollgate all share them; nothing is pinned, so throughput is bounded by the machine, not by one process. CPU µs/req is the steadier figure.");
+}
+
+fn fmt_ms(us: f64) -> String {
+    format!("{:.2}", us / 1000.0)
+}
+
+fn fmt_opt(v: Option<f64>, digits: usize) -> String {
+    v.map_or_else(|| "-".into(), |v| format!("{v:.digits$}"))
+}
+
+fn ratio(a: f64, b: f64) -> String {
+    if b > 0.0 {
+        format!("{:.2}", a / b)
+    } else {
+        "-".into()
+    }
+}
+
+fn table(log: &mut Log, rows: &[Row]) {
+    log.say("");
+    log.say(format!(
+        "{:<11} {:<10} {:>9} {:>8} {:>8} {:>10} {:>8} {:>9} {:>11} {:>12}",
+        "mode",
+        "target",
+        "req/s",
+        "p50 ms",
+        "p99 ms",
+        "p50@1 ms",
+        "non-2xx",
+        "sock err",
+        "CPU µs/req",
+        "upstream CPU"
+    ));
+    for r in rows {
+        log.say(format!(
+            "{:<11} {:<10} {:>9.0} {:>8} {:>8} {:>10} {:>8} {:>9} {:>11} {:>12}",
+            r.mode.name(),
+            r.target.name(),
+            r.load.rps(),
+            fmt_ms(r.load.p50_us),
+            fmt_ms(r.load.p99_us),
+            fmt_ms(r.single.p50_us),
+            r.load.non2xx + r.single.non2xx,
+            r.load.sock_errors + r.single.sock_errors,
+            fmt_opt(r.cpu_us, 0),
+            fmt_opt(r.upstream_cpu_us, 0),
+        ));
+    }
+    log.say("(CPU µs/req: the upstream's for direct, the proxy process's own for reference and tollgate; upstream CPU: the upstream's in that run)");
+    log.say("");
+    for mode in [Mode::Plain, Mode::Stream] {
+        let get = |t| rows.iter().find(|r| r.mode == mode && r.target == t);
+        let (Some(d), Some(n), Some(t)) = (
+            get(Target::Direct),
+            get(Target::Reference),
+            get(Target::Tollgate),
+        ) else {
+            continue;
+        };
+        log.say(format!(
+            "{:<11} tollgate ÷ reference: throughput {}, p50 {}, p99 {}, p50@1 {}, CPU/req {}",
+            mode.name(),
+            ratio(t.load.rps(), n.load.rps()),
+            ratio(t.load.p50_us, n.load.p50_us),
+            ratio(t.load.p99_us, n.load.p99_us),
+            ratio(t.single.p50_us, n.single.p50_us),
+            match (t.cpu_us, n.cpu_us) {
+                (Some(a), Some(b)) => ratio(a, b),
+                _ => "-".into(),
+            }
+        ));
+        log.say(format!(
+            "{:<11} added by one hop at 1 connection (p50 − direct p50): reference {:+.0} µs, tollgate {:+.0} µs",
+            "",
+            n.single.p50_us - d.single.p50_us,
+            t.single.p50_us - d.single.p50_us
+        ));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// wrk
+
+#[derive(Debug, Default, Clone)]
+struct WrkResult {
+    requests: u64,
+    duration_us: f64,
+    non2xx: u64,
+    sock_errors: u64,
+    p50_us: f64,
+    p99_us: f64,
+    raw: String,
+}
+
+impl WrkResult {
+    fn rps(&self) -> f64 {
+        if self.duration_us > 0.0 {
+            self.requests as f64 / (self.duration_us / 1e6)
+        } else {
+            0.0
+        }
+    }
+}
+
+/// The `done` hook every script ends with: one machine-readable line next to wrk's own report.
+const DONE_HOOK: &str = r#"
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format("LOAD_RESULT requests=%.0f duration_us=%.0f status=%.0f connect=%.0f read=%.0f write=%.0f timeout=%.0f p50=%.0f p90=%.0f p99=%.0f max=%.0f\n",
+    summary.requests, summary.duration, e.status, e.connect, e.read, e.write, e.timeout,
+    latency:percentile(50), latency:percentile(90), latency:percentile(99), latency.max))
+end
+"#;
+
+fn lua_string(s: &str) -> String {
+    format!("{s:?}")
+}
+
+fn write_script(dir: &Path, name: &str, body: &Path, key: &str) -> anyhow::Result<PathBuf> {
+    let path = dir.join(format!("{name}.lua"));
+    let script = format!(
+        r#"-- POST a JSON body with the gateway key (written by benches/load.rs)
+local f = assert(io.open({body}, "rb"))
+wrk.method = "POST"
+wrk.body = f:read("*a")
+f:close()
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = {auth}
+{DONE_HOOK}"#,
+        body = lua_string(&body.display().to_string()),
+        auth = lua_string(&format!("Bearer {key}")),
+    );
+    std::fs::write(&path, script)?;
+    Ok(path)
+}
+
+fn wrk_command(
+    wrk: &Path,
+    url: &str,
+    script: &Path,
+    threads: u64,
+    conns: u64,
+    secs: u64,
+) -> Command {
+    let mut cmd = Command::new(wrk);
+    cmd.arg(format!("-t{threads}"))
+        .arg(format!("-c{conns}"))
+        .arg(format!("-d{secs}s"))
+        .arg("--timeout")
+        .arg("10s")
+        .arg("--latency")
+        .arg("-s")
+        .arg(script)
+        .arg(url)
+        .stdin(Stdio::null());
+    cmd
+}
+
+fn wrk_run(
+    wrk: &Path,
+    url: &str,
+    script: &Path,
+    threads: u64,
+    conns: u64,
+    secs: u64,
+) -> anyhow::Result<WrkResult> {
+    let out = wrk_command(wrk, url, script, threads, conns, secs)
+        .output()
+        .context("running wrk")?;
+    let raw =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    ensure!(out.status.success(), "wrk failed: {raw}");
+    parse_wrk(&raw)
+}
+
+fn parse_wrk(raw: &str) -> anyhow::Result<WrkResult> {
+    let line = raw
+        .lines()
+        .find(|l| l.starts_with("LOAD_RESULT "))
+        .with_context(|| format!("no LOAD_RESULT line in wrk's output:\n{raw}"))?;
+    let mut r = WrkResult {
+        raw: raw.to_owned(),
+        ..Default::default()
+    };
+    for kv in line.split_whitespace().skip(1) {
+        let Some((k, v)) = kv.split_once('=') else {
+            continue;
+        };
+        let v: f64 = v.parse().with_context(|| format!("wrk field {kv}"))?;
+        match k {
+            "requests" => r.requests = v as u64,
+            "duration_us" => r.duration_us = v,
+            "status" => r.non2xx = v as u64,
+            "connect" | "read" | "write" | "timeout" => r.sock_errors += v as u64,
+            "p50" => r.p50_us = v,
+            "p99" => r.p99_us = v,
+            _ => {}
+        }
+    }
+    Ok(r)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The upstream: fixed answers, counted.
+
+struct UpstreamState {
+    completion: Bytes,
+    events: Vec<Bytes>,
+    /// `Authorization` tollgate sends (the provider key): tells its requests from the others.
+    gateway_auth: String,
+    total: AtomicU64,
+    via_gateway: AtomicU64,
+}
+
+struct Upstream {
+    addr: SocketAddr,
+    state: Arc<UpstreamState>,
+    _rt: Runtime,
+}
+
+type HarnessBody = BoxBody<Bytes, hyper::Error>;
+
+fn runtime(name: &str) -> anyhow::Result<Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name(name)
+        .enable_all()
+        .build()?)
+}
+
+fn full(b: Bytes) -> HarnessBody {
+    Full::new(b)
+        .map_err(|never: Infallible| match never {})
+        .boxed()
+}
+
+/// `"stream":true` anywhere at the top level (the compact bodies the harness and tollgate send).
+fn wants_stream(body: &[u8]) -> bool {
+    body.windows(13).any(|w| w == b"\"stream\":true")
+}
+
+async fn upstream_answer(
+    req: Request<Incoming>,
+    st: Arc<UpstreamState>,
+) -> Result<Response<HarnessBody>, Infallible> {
+    let via_gateway = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .is_some_and(|v| v.as_bytes() == st.gateway_auth.as_bytes());
+    let body = match req.into_body().collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => Bytes::new(),
+    };
+    st.total.fetch_add(1, Ordering::Relaxed);
+    if via_gateway {
+        st.via_gateway.fetch_add(1, Ordering::Relaxed);
+    }
+    let mut resp = if wants_stream(&body) {
+        let frames: Vec<Result<Frame<Bytes>, hyper::Error>> = st
+            .events
+            .iter()
+            .map(|e| Ok(Frame::data(e.clone())))
+            .collect();
+        let mut r = Response::new(StreamBody::new(futures_util::stream::iter(frames)).boxed());
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            http::HeaderValue::from_static("text/event-stream"),
+        );
+        r.headers_mut().insert(
+            header::CACHE_CONTROL,
+            http::HeaderValue::from_static("no-cache"),
+        );
+        r
+    } else {
+        let mut r = Response::new(full(st.completion.clone()));
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/json"),
+        );
+        r
+    };
+    *resp.status_mut() = StatusCode::OK;
+    Ok(resp)
+}
+
+impl Upstream {
+    fn start() -> anyhow::Result<Self> {
+        let rt = runtime("load-upstream")?;
+        let listener = rt.block_on(TcpListener::bind("127.0.0.1:0"))?;
+        let addr = listener.local_addr()?;
+        let state = Arc::new(UpstreamState {
+            completion: Bytes::from(common::completion_body(UPSTREAM_MODEL)),
+            events: common::sse_events(UPSTREAM_MODEL)
+                .into_iter()
+                .map(Bytes::from)
+                .collect(),
+            gateway_auth: format!("Bearer {}", common::PROVIDER_SECRET),
+            total: AtomicU64::new(0),
+            via_gateway: AtomicU64::new(0),
+        });
+        let st = state.clone();
+        rt.spawn(async move {
+            loop {
+                let (stream, _) = match listener.accept().await {
+                    Ok(x) => x,
+                    Err(_) => {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let st = st.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req| upstream_answer(req, st.clone()));
+                    let _ = http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Ok(Self {
+            addr,
+            state,
+            _rt: rt,
+        })
+    }
+
+    fn via_gateway(&self) -> u64 {
+        self.state.via_gateway.load(Ordering::SeqCst)
+    }
+
+    fn cpu_ticks(&self) -> u64 {
+        threads_cpu_ticks("load-upstream")
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The reference hop: nginx, else a minimal hyper pass-through.
+
+enum Reference {
+    Nginx {
+        addr: SocketAddr,
+        child: Child,
+        version: String,
+        pids: Vec<u32>,
+    },
+    Hyper {
+        addr: SocketAddr,
+        _rt: Runtime,
+    },
+}
+
+impl Reference {
+    fn start(tmp: &Path, upstream: SocketAddr) -> anyhow::Result<Self> {
+        match find_program(
+            "nginx",
+            "LOAD_NGINX",
+            &[
+                "/usr/sbin/nginx",
+                "/usr/local/sbin/nginx",
+                "/usr/local/nginx/sbin/nginx",
+            ],
+        ) {
+            Some(bin) => start_nginx(&bin, tmp, upstream),
+            None => {
+                eprintln!(
+                    "load: nginx not found (apt-get install -y nginx-light); using the hyper pass-through as the reference"
+                );
+                start_hyper_reference(upstream)
+            }
+        }
+    }
+
+    fn addr(&self) -> SocketAddr {
+        match self {
+            Reference::Nginx { addr, .. } | Reference::Hyper { addr, .. } => *addr,
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Reference::Nginx { version, .. } => format!(
+                "{version} (worker_processes 2, upstream keepalive 64, proxy_http_version 1.1, proxy_buffering off, access log on), a child process"
+            ),
+            Reference::Hyper { .. } => "NOT nginx (not installed): a minimal hyper HTTP/1.1 pass-through inside the harness (2 threads, pooled client), streaming bodies both ways".into(),
+        }
+    }
+
+    /// CPU ticks used so far by the reference proxy (nginx master + workers, or its threads).
+    fn cpu_ticks(&self) -> u64 {
+        match self {
+            Reference::Nginx { pids, .. } => pids.iter().filter_map(|p| proc_cpu_ticks(*p)).sum(),
+            Reference::Hyper { .. } => threads_cpu_ticks("load-reference"),
+        }
+    }
+}
+
+impl Drop for Reference {
+    fn drop(&mut self) {
+        if let Reference::Nginx { child, .. } = self {
+            // SIGTERM to the master makes it stop its workers too (SIGKILL would orphan them).
+            terminate(child, Duration::from_secs(5));
+        }
+    }
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+fn start_nginx(bin: &Path, tmp: &Path, upstream: SocketAddr) -> anyhow::Result<Reference> {
+    let dir = tmp.join("nginx");
+    for sub in ["logs", "temp"] {
+        std::fs::create_dir_all(dir.join(sub))?;
+    }
+    let version = Command::new(bin)
+        .arg("-v")
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stderr)
+                .trim()
+                .replace("nginx version: ", "")
+        })
+        .unwrap_or_else(|_| "nginx".into());
+    let mut last_err = String::new();
+    // The port is picked free and handed over; retry if something took it in between.
+    for _ in 0..3 {
+        let port = free_port()?;
+        let conf = dir.join("nginx.conf");
+        let d = dir.display();
+        std::fs::write(
+            &conf,
+            format!(
+                r#"# Written by benches/load.rs: a bare reverse-proxy hop to the harness's upstream.
+daemon off;
+master_process on;
+worker_processes 2;
+pid {d}/nginx.pid;
+error_log {d}/logs/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log {d}/logs/access.log;
+    client_body_temp_path {d}/temp/body;
+    proxy_temp_path {d}/temp/proxy;
+    fastcgi_temp_path {d}/temp/fastcgi;
+    uwsgi_temp_path {d}/temp/uwsgi;
+    scgi_temp_path {d}/temp/scgi;
+    client_max_body_size 16m;
+    client_body_buffer_size 64k;
+    keepalive_requests 1000000;
+    upstream llm {{
+        server {upstream};
+        keepalive 64;
+        keepalive_requests 1000000;
+    }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://llm;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+        }}
+    }}
+}}
+"#
+            ),
+        )?;
+        let log = std::fs::File::create(dir.join("logs/stderr.log"))?;
+        let mut child = Command::new(bin)
+            .arg("-p")
+            .arg(&dir)
+            .arg("-c")
+            .arg(&conf)
+            .arg("-e")
+            .arg(dir.join("logs/error.log"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if std::net::TcpStream::connect(addr).is_ok() {
+                // Wait until both workers exist so their CPU is counted from the start.
+                let mut pids = vec![child.id()];
+                for _ in 0..50 {
+                    let workers = children_of(child.id());
+                    if workers.len() >= 2 {
+                        pids.extend(workers);
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                return Ok(Reference::Nginx {
+                    addr,
+                    child,
+                    version,
+                    pids,
+                });
+            }
+            if let Some(status) = child.try_wait()? {
+                last_err = format!(
+                    "nginx exited ({status}): {}{}",
+                    std::fs::read_to_string(dir.join("logs/stderr.log")).unwrap_or_default(),
+                    std::fs::read_to_string(dir.join("logs/error.log")).unwrap_or_default()
+                );
+                break;
+            }
+            if Instant::now() > deadline {
+                terminate(&mut child, Duration::from_secs(2));
+                last_err = "nginx did not start listening within 10 s".into();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    bail!("{last_err}")
+}
+
+fn start_hyper_reference(upstream: SocketAddr) -> anyhow::Result<Reference> {
+    let rt = runtime("load-reference")?;
+    let listener = rt.block_on(TcpListener::bind("127.0.0.1:0"))?;
+    let addr = listener.local_addr()?;
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    let client: Client<HttpConnector, Incoming> = Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(64)
+        .build(connector);
+    rt.spawn(async move {
+        loop {
+            let (stream, _) = match listener.accept().await {
+                Ok(x) => x,
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            let client = client.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |mut req: Request<Incoming>| {
+                    let client = client.clone();
+                    async move {
+                        let pq = req
+                            .uri()
+                            .path_and_query()
+                            .map_or("/", |p| p.as_str())
+                            .to_owned();
+                        let answer = match format!("http://{upstream}{pq}").parse() {
+                            Ok(uri) => {
+                                *req.uri_mut() = uri;
+                                req.headers_mut().remove(header::HOST);
+                                client.request(req).await.ok()
+                            }
+                            Err(_) => None,
+                        };
+                        Ok::<_, Infallible>(match answer {
+                            Some(r) => r.map(|b| b.boxed()),
+                            None => {
+                                let mut r = Response::new(full(Bytes::from_static(b"bad gateway")));
+                                *r.status_mut() = StatusCode::BAD_GATEWAY;
+                                r
+                            }
+                        })
+                    }
+                });
+                let _ = http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    Ok(Reference::Hyper { addr, _rt: rt })
+}
+
+// ---------------------------------------------------------------------------------------------
+// tollgate
+
+struct Tollgate {
+    addr: SocketAddr,
+    /// Key budget and balance enforcement on (a SQL reservation per request).
+    billing: bool,
+    child: Child,
+    bin: PathBuf,
+    db_url: String,
+    fixture: Fixture,
+}
+
+struct Records {
+    total: u64,
+    /// How many records were waited for (the upstream's count of tollgate's requests, or the
+    /// settled count before the exact check plus its requests).
+    upstream: u64,
+    ok: u64,
+    client_left: u64,
+    /// Status 200 yet no usage from the upstream (should not happen with this upstream).
+    estimated_ok: u64,
+    /// Status 200 with the upstream's usage.
+    ok_with_usage: u64,
+}
+
+impl Tollgate {
+    /// Prepares the database through the store modules, then runs `tollgate serve` on it.
+    fn start(
+        ctl: &Runtime,
+        tmp: &Path,
+        upstream_base: &str,
+        billing: bool,
+    ) -> anyhow::Result<Self> {
+        let bin = match std::env::var_os("LOAD_TOLLGATE_BIN") {
+            Some(p) => PathBuf::from(p),
+            None => PathBuf::from(env!("CARGO_BIN_EXE_tollgate")),
+        };
+        ensure!(bin.exists(), "no tollgate binary at {}", bin.display());
+        let dir = tmp.join("tollgate");
+        std::fs::create_dir_all(&dir)?;
+        let db_url = format!("sqlite://{}?mode=rwc", dir.join("tollgate.db").display());
+        let master_key = generate_master_key();
+        let cfg = common::bench_config(&db_url, &master_key, billing);
+        let ring = KeyRing::new(&[parse_master_key(&master_key)?])?;
+        let fixture = ctl.block_on(async {
+            let db = store::connect(&db_url, 2).await?;
+            store::migrate(&db, &db_url).await?;
+            let fx = common::create_fixture(&db, &ring, &cfg, upstream_base).await?;
+            db.close().await?;
+            anyhow::Ok(fx)
+        })?;
+        let config_path = dir.join("config.toml");
+        std::fs::write(
+            &config_path,
+            common::bench_config_toml(&db_url, &master_key, billing),
+        )?;
+
+        let log_path = dir.join("tollgate.log");
+        let log = std::fs::File::create(&log_path)?;
+        let mut cmd = Command::new(&bin);
+        cmd.arg("--config")
+            .arg(&config_path)
+            .arg("serve")
+            .current_dir(&dir)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        for (name, _) in std::env::vars_os() {
+            let name = name.to_string_lossy();
+            if name.starts_with("TOLLGATE_") || name == "DATABASE_URL" || name == "RUST_LOG" {
+                cmd.env_remove(name.as_ref());
+            }
+        }
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let addr = loop {
+            let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+            if let Some(addr) = text.lines().find_map(listening_addr) {
+                break addr;
+            }
+            if let Some(status) = child.try_wait()? {
+                bail!("tollgate exited ({status}) before listening:\n{text}");
+            }
+            if Instant::now() > deadline {
+                terminate(&mut child, Duration::from_secs(2));
+                bail!("tollgate did not log `tollgate listening` within 60 s:\n{text}");
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        };
+        Ok(Self {
+            addr,
+            billing,
+            child,
+            bin,
+            db_url,
+            fixture,
+        })
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    async fn count(
+        &self,
+        db: &sea_orm::DatabaseConnection,
+        filter: Option<sea_orm::Condition>,
+    ) -> Result<u64, sea_orm::DbErr> {
+        let mut q = usage_records::Entity::find();
+        if let Some(f) = filter {
+            q = q.filter(f);
+        }
+        q.count(db).await
+    }
+
+    /// Polls `usage_records` until it holds at least `want` rows and has not changed for 1 s (the
+    /// writer flushes every 50 ms), or has not grown for 10 s; then counts by kind.
+    async fn wait_for_records(&self, want: u64) -> anyhow::Result<Records> {
+        let db = store::connect(&self.db_url, 1).await?;
+        let mut last = (u64::MAX, Instant::now());
+        loop {
+            let n = self.count(&db, None).await?;
+            if n != last.0 {
+                last = (n, Instant::now());
+            } else if (n >= want && last.1.elapsed() > Duration::from_secs(1))
+                || last.1.elapsed() > Duration::from_secs(10)
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        use sea_orm::Condition;
+        use usage_records::Column as C;
+        let ok = || Condition::all().add(C::Status.eq(200));
+        let r = Records {
+            total: last.0,
+            upstream: want,
+            ok: self.count(&db, Some(ok())).await?,
+            client_left: self
+                .count(&db, Some(Condition::all().add(C::Status.eq(499))))
+                .await?,
+            estimated_ok: self
+                .count(&db, Some(ok().add(C::TokensEstimated.eq(true))))
+                .await?,
+            ok_with_usage: self
+                .count(&db, Some(ok().add(C::TokensEstimated.eq(false))))
+                .await?,
+        };
+        db.close().await?;
+        Ok(r)
+    }
+
+    /// SIGTERM: tollgate drains and flushes; killed if it takes longer than 30 s.
+    fn stop(mut self) {
+        terminate(&mut self.child, Duration::from_secs(30));
+    }
+}
+
+impl Drop for Tollgate {
+    fn drop(&mut self) {
+        terminate(&mut self.child, Duration::from_secs(30));
+    }
+}
+
+/// The address in tollgate's `tollgate listening` log line (JSON, flattened or not).
+fn listening_addr(line: &str) -> Option<SocketAddr> {
+    if !line.contains("tollgate listening") {
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_str(line).ok()?;
+    v.get("addr")
+        .or_else(|| v.pointer("/fields/addr"))?
+        .as_str()?
+        .parse()
+        .ok()
+}
+
+/// One non-stream and one stream request, checked the way a client would.
+async fn sanity(
+    client: &reqwest::Client,
+    url: &str,
+    key: &str,
+    via_tollgate: bool,
+) -> anyhow::Result<()> {
+    let want_model = if via_tollgate { MODEL } else { UPSTREAM_MODEL };
+    let r = client
+        .post(url)
+        .bearer_auth(key)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(common::chat_body(false))
+        .send()
+        .await?;
+    let status = r.status();
+    let text = r.text().await?;
+    ensure!(status == StatusCode::OK, "non-stream: {status}: {text}");
+    let v: serde_json::Value = serde_json::from_str(&text)?;
+    ensure!(
+        v["model"] == want_model && v["usage"]["prompt_tokens"] == 412,
+        "non-stream body: {text}"
+    );
+
+    let r = client
+        .post(url)
+        .bearer_auth(key)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(common::chat_body(true))
+        .send()
+        .await?;
+    let status = r.status();
+    let text = r.text().await?;
+    ensure!(status == StatusCode::OK, "stream: {status}: {text}");
+    let events = text.matches("data: ").count();
+    // Through tollgate the usage-only chunk is removed: the client did not ask for it.
+    let want_events = common::sse_events(UPSTREAM_MODEL).len() - usize::from(via_tollgate);
+    ensure!(
+        events == want_events
+            && text.ends_with("data: [DONE]\n\n")
+            && text.contains(&format!("\"model\":\"{want_model}\"")),
+        "stream body ({events} events, want {want_events}): {text}"
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Soak: tollgate alone at a fixed rate, memory sampled.
+
+#[allow(clippy::too_many_arguments)]
+fn run_soak(
+    log: &mut Log,
+    ctl: &Runtime,
+    wrk: &Path,
+    tmp: &Path,
+    tg: &Tollgate,
+    upstream: &Upstream,
+    plain: &Path,
+    stream: &Path,
+    sanity_requests: u64,
+) -> anyhow::Result<()> {
+    let secs = env_u64("LOAD_SOAK_SECS", 300)?.max(10);
+    let rps = env_u64("LOAD_SOAK_RPS", 200)?.max(1);
+    let conns = 4u64;
+    // Each connection waits this long between its requests (plus the request's own latency), so
+    // the rate is at most `rps`.
+    let delay_ms = (conns * 1000 / rps).max(1);
+    let script = tmp.join("soak.lua");
+    std::fs::write(
+        &script,
+        format!(
+            r#"-- Alternate non-stream and stream requests at a fixed pace (written by benches/load.rs)
+local bodies = {{}}
+for i, p in ipairs({{{plain}, {stream}}}) do
+  local f = assert(io.open(p, "rb")); bodies[i] = f:read("*a"); f:close()
+end
+local headers = {{["Content-Type"] = "application/json", ["Authorization"] = {auth}}}
+local n = 0
+request = function()
+  n = n + 1
+  return wrk.format("POST", "/v1/chat/completions", headers, bodies[(n % 2) + 1])
+end
+delay = function() return {delay_ms} end
+{DONE_HOOK}"#,
+            plain = lua_string(&plain.display().to_string()),
+            stream = lua_string(&stream.display().to_string()),
+            auth = lua_string(&format!("Bearer {}", tg.fixture.key_secret)),
+        ),
+    )?;
+    log.say("== tollgate soak ==");
+    log.say(format!(
+        "{secs} s at ≤ {rps} req/s ({conns} connections, {delay_ms} ms pause each), alternating non-stream and stream; tollgate {} as a child process (RSS is its own)",
+        tg.bin.display()
+    ));
+    log.say(format!(
+        "{:>6} {:>10} {:>10} {:>12}",
+        "t s", "RSS", "VmHWM", "records"
+    ));
+    let url = format!("http://{}/v1/chat/completions", tg.addr);
+    let out_path = tmp.join("soak-wrk.txt");
+    let out = std::fs::File::create(&out_path)?;
+    let mut child = wrk_command(wrk, &url, &script, 1, conns, secs)
+        .stdout(out.try_clone()?)
+        .stderr(out)
+        .spawn()
+        .context("running wrk")?;
+    let db = ctl.block_on(store::connect(&tg.db_url, 1))?;
+    let start = Instant::now();
+    let mut next = Duration::ZERO;
+    loop {
+        if start.elapsed() >= next {
+            let records = ctl.block_on(usage_records::Entity::find().count(&db))?;
+            log.say(format!(
+                "{:>6} {:>10} {:>10} {:>12}",
+                next.as_secs(),
+                mib(vm_kb(tg.pid(), "VmRSS")),
+                mib(vm_kb(tg.pid(), "VmHWM")),
+                records
+            ));
+            next += Duration::from_secs(10);
+        }
+        if child.try_wait()?.is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let raw = std::fs::read_to_string(&out_path)?;
+    log.raw("soak", &raw);
+    let r = parse_wrk(&raw)?;
+    let records = ctl.block_on(tg.wait_for_records(upstream.via_gateway()))?;
+    log.say(format!(
+        "{} requests answered ({:.0} req/s), p50 {} ms, p99 {} ms, non-2xx {}, socket errors {}",
+        r.requests,
+        r.rps(),
+        fmt_ms(r.p50_us),
+        fmt_ms(r.p99_us),
+        r.non2xx,
+        r.sock_errors
+    ));
+    let answered = r.requests + sanity_requests;
+    let ok = records.total >= records.upstream
+        && records.ok >= answered
+        && records.total - answered <= conns
+        && records.estimated_ok == 0;
+    log.say(format!(
+        "usage records: {} for {} upstream requests tollgate made and {answered} complete answers (incl. 2 sanity checks; wrk drops ≤ {conns} in flight at the end) — {}; RSS at end {}",
+        records.total,
+        records.upstream,
+        if ok { "consistent" } else { "INCONSISTENT" },
+        mib(vm_kb(tg.pid(), "VmRSS"))
+    ));
+    let path = log.save()?;
+    println!("\nwritten to {}", path.display());
+    ensure!(ok, "usage metering check failed (see above)");
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// /proc and processes
+
+fn find_program(name: &str, env: &str, extra: &[&str]) -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os(env) {
+        return Some(PathBuf::from(p));
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .chain(extra.iter().map(PathBuf::from))
+        .find(|p| p.is_file())
+}
+
+/// Ends a child process this harness started: SIGTERM, then SIGKILL after `grace`.
+fn terminate(child: &mut Child, grace: Duration) {
+    if matches!(child.try_wait(), Ok(Some(_))) {
+        return;
+    }
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline {
+        if matches!(child.try_wait(), Ok(Some(_))) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// Fields after the `(comm)` of a `/proc/…/stat` line (field 3 onwards), and the comm.
+fn stat_fields(stat: &str) -> Option<(&str, Vec<&str>)> {
+    let open = stat.find('(')?;
+    let close = stat.rfind(')')?;
+    Some((
+        &stat[open + 1..close],
+        stat[close + 1..].split_whitespace().collect(),
+    ))
+}
+
+/// utime + stime of a process (all its threads, finished ones included), in ticks.
+fn proc_cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, f) = stat_fields(&stat)?;
+    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+}
+
+/// utime + stime of this process's threads named `name`, in ticks.
+fn threads_cpu_ticks(name: &str) -> u64 {
+    let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
+        return 0;
+    };
+    dir.flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("stat")).ok())
+        .filter_map(|s| {
+            let (comm, f) = stat_fields(&s)?;
+            (comm == name)
+                .then(|| Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?))?
+        })
+        .sum()
+}
+
+/// Processes whose parent is `pid`.
+fn children_of(pid: u32) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/stat"))
+                .ok()
+                .and_then(|s| stat_fields(&s).and_then(|(_, f)| f.get(1)?.parse::<u32>().ok()))
+                == Some(pid)
+        })
+        .collect()
+}
+
+/// A `/proc/<pid>/status` memory field (`VmRSS`, `VmHWM`) in KiB.
+fn vm_kb(pid: u32, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+fn mib(kb: Option<u64>) -> String {
+    kb.map_or_else(|| "?".into(), |k| format!("{:.1} MiB", k as f64 / 1024.0))
+}
+
+/// Samples a process's RSS every 250 ms on a thread; `stop` returns the highest, in KiB.
+struct RssSampler {
+    stop: Arc<AtomicBool>,
+    handle: std::thread::JoinHandle<u64>,
+}
+
+impl RssSampler {
+    fn start(pid: u32) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let handle = std::thread::spawn(move || {
+            let mut peak = 0;
+            while !flag.load(Ordering::SeqCst) {
+                peak = peak.max(vm_kb(pid, "VmRSS").unwrap_or(0));
+                std::thread::sleep(Duration::from_millis(250));
+            }
+            peak
+        });
+        Self { stop, handle }
+    }
+
+    fn stop(self) -> u64 {
+        self.stop.store(true, Ordering::SeqCst);
+        self.handle.join().unwrap_or(0)
+    }
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                l.strip_prefix("model name")?
+                    .split_once(':')
+                    .map(|(_, v)| v.trim().to_owned())
+            })
+        })
+        .unwrap_or_else(|| "unknown CPU".into())
+}
+
+fn mem_total() -> String {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            let kb: u64 = s
+                .lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()?;
+            Some(format!("{:.0} GiB", kb as f64 / 1024.0 / 1024.0))
+        })
+        .unwrap_or_else(|| "?".into())
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
