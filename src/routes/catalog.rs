@@ -12,9 +12,9 @@ use utoipa_axum::routes;
 
 use crate::accounts::session::{AdminUser, CurrentUser};
 use crate::error::{ApiError, ApiResult, Json, Path, Query};
+use crate::routes::audit;
 use crate::routes::{ClientIp, PageParams, Paginated, rfc3339};
 use crate::state::AppState;
-use crate::store::audit::AuditEntry;
 use crate::store::models::{ModelFilter, ModelPatch, NewModel};
 use crate::store::providers::{NewProvider, ProviderPatch};
 use crate::store::{self, is_unique_violation, nanos_to_usd, usd_to_nanos};
@@ -38,28 +38,6 @@ where
     T: Deserialize<'de>,
 {
     Option::<T>::deserialize(d).map(Some)
-}
-
-/// Records an audit entry for a catalog change by `actor`.
-async fn audit(
-    state: &AppState,
-    actor: &CurrentUser,
-    ip: &ClientIp,
-    action: &str,
-    target: String,
-    detail: Option<serde_json::Value>,
-) -> Result<(), sea_orm::DbErr> {
-    store::audit::record(
-        &state.db,
-        AuditEntry {
-            actor_id: Some(actor.id()),
-            action,
-            target: Some(target),
-            ip: ip.string().as_deref(),
-            detail,
-        },
-    )
-    .await
 }
 
 // ---------------------------------------------------------------------------------------------

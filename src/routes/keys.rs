@@ -22,9 +22,9 @@ use super::catalog::nullable;
 use crate::accounts::session::CurrentUser;
 use crate::crypto;
 use crate::error::{ApiError, ApiResult, Json, Path, Query};
+use crate::routes::audit;
 use crate::routes::{ClientIp, PageParams, Paginated, rfc3339};
 use crate::state::AppState;
-use crate::store::audit::AuditEntry;
 use crate::store::gateway_keys::{GatewayKeyPatch, NewGatewayKey};
 use crate::store::provider_keys::{NewProviderKey, ProviderKeyPatch};
 use crate::store::{self, nanos_to_usd, usd_to_nanos};
@@ -38,27 +38,6 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(get_key, update_key, delete_key))
         .routes(routes!(toggle_key))
         .routes(routes!(rotate_key))
-}
-
-async fn audit(
-    state: &AppState,
-    me: &CurrentUser,
-    ip: &ClientIp,
-    action: &str,
-    target: String,
-    detail: Option<serde_json::Value>,
-) -> Result<(), sea_orm::DbErr> {
-    store::audit::record(
-        &state.db,
-        AuditEntry {
-            actor_id: Some(me.id()),
-            action,
-            target: Some(target),
-            ip: ip.string().as_deref(),
-            detail,
-        },
-    )
-    .await
 }
 
 fn check_label(s: String) -> ApiResult<String> {

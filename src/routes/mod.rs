@@ -121,3 +121,25 @@ impl<T> Paginated<T> {
 pub fn rfc3339(t: chrono::DateTime<chrono::Utc>) -> String {
     t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
 }
+
+/// Records the audit entry of a change `actor` made from `ip` (never put a secret in `detail`).
+pub async fn audit(
+    state: &AppState,
+    actor: &crate::accounts::session::CurrentUser,
+    ip: &ClientIp,
+    action: &str,
+    target: String,
+    detail: Option<serde_json::Value>,
+) -> Result<(), sea_orm::DbErr> {
+    crate::store::audit::record(
+        &state.db,
+        crate::store::audit::AuditEntry {
+            actor_id: Some(actor.id()),
+            action,
+            target: Some(target),
+            ip: ip.string().as_deref(),
+            detail,
+        },
+    )
+    .await
+}
