@@ -6,8 +6,9 @@
 //! `cargo bench --bench load` (release profile). Needs `wrk`; nginx optional (Debian packages
 //! `wrk`, `nginx-light`). Loopback only; the output also goes to `benches/results/latest.txt`.
 //! Environment: `LOAD_SECS` (per run, default 10), `LOAD_CONNECTIONS` (default 32),
-//! `LOAD_NGINX` (path of an nginx binary), `LOAD_TOLLGATE_BIN` (another tollgate binary to
-//! measure), `LOAD_BILLING=0` (no key budget, balance enforcement off: no per-request SQL).
+//! `LOAD_NGINX` (an nginx binary; `none` for the hyper pass-through), `LOAD_WRK` (a wrk binary),
+//! `LOAD_TOLLGATE_BIN` (another tollgate binary to measure), `LOAD_BILLING=0` (no key budget,
+//! balance enforcement off: no per-request SQL).
 //! `--soak` (or `LOAD_SOAK_SECS`) instead runs tollgate alone at a fixed rate
 //! (`LOAD_SOAK_RPS`, default 200) and samples its memory every 10 s.
 
@@ -349,7 +350,9 @@ writes it, with every raw wrk report, to benches/results/latest.txt.
 
   LOAD_SECS=10          seconds per run (3 targets × 2 modes × 2 runs, plus 1 s warm-ups)
   LOAD_CONNECTIONS=32   connections of the loaded runs
-  LOAD_NGINX=PATH       nginx binary (default: nginx on PATH, /usr/sbin/nginx)
+  LOAD_NGINX=PATH       nginx binary (default: nginx on PATH, /usr/sbin/nginx); `none` uses
+                        the hyper pass-through as the reference instead
+  LOAD_WRK=PATH         wrk binary (default: wrk on PATH)
   LOAD_TOLLGATE_BIN=P   tollgate binary to measure (default: the one cargo built)
   LOAD_BILLING=0        no key budget, balance enforcement off (no SQL per request)
   --soak, LOAD_SOAK_SECS=300, LOAD_SOAK_RPS=200
@@ -846,7 +849,7 @@ impl Reference {
             Reference::Nginx { version, .. } => format!(
                 "{version} (worker_processes 2, upstream keepalive 64, proxy_http_version 1.1, proxy_buffering off, access log on), a child process"
             ),
-            Reference::Hyper { .. } => "NOT nginx (not installed): a minimal hyper HTTP/1.1 pass-through inside the harness (2 threads, pooled client), streaming bodies both ways".into(),
+            Reference::Hyper { .. } => "NOT nginx (not found, or LOAD_NGINX=none): a minimal hyper HTTP/1.1 pass-through inside the harness (2 threads, pooled client), streaming bodies both ways".into(),
         }
     }
 
@@ -1381,9 +1384,10 @@ delay = function() return {delay_ms} end
 // ---------------------------------------------------------------------------------------------
 // /proc and processes
 
+/// `$env` when set (`none`: pretend the program is absent), else `name` on `PATH` or in `extra`.
 fn find_program(name: &str, env: &str, extra: &[&str]) -> Option<PathBuf> {
     if let Some(p) = std::env::var_os(env) {
-        return Some(PathBuf::from(p));
+        return (p != "none").then(|| PathBuf::from(p));
     }
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
