@@ -19,6 +19,7 @@ use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::error::ApiError;
 use crate::proxy::admit::Limiters;
+use crate::proxy::reserve::Leases;
 use crate::proxy::upstream;
 use crate::secrets::Secrets;
 use crate::state::{AppState, Inner};
@@ -108,9 +109,11 @@ impl App {
         let mut cluster = Cluster::new(&config, &db, &metrics)?;
         let caches = Caches::with_bus(cluster.bus.clone());
         cluster.listen(&caches).await;
+        let leases = Leases::default();
         let (usage, usage_writer) = usage_writer::start(
             db.clone(),
             metrics.clone(),
+            leases.clone(),
             WriterConfig {
                 capacity: config.usage.queue_capacity,
                 batch_size: config.usage.batch_size,
@@ -128,6 +131,7 @@ impl App {
             limiters: Limiters::new().with_shared(cluster.shared_limits()),
             cluster,
             usage,
+            leases,
             started_at: Instant::now(),
             config,
         }));

@@ -11,6 +11,7 @@ use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::crypto::KeyRing;
 use crate::proxy::admit::Limiters;
+use crate::proxy::reserve::Leases;
 use crate::proxy::upstream::HttpClient;
 use crate::store::DbKind;
 use crate::store::usage_writer::UsageQueue;
@@ -37,6 +38,8 @@ pub struct Inner {
     pub cluster: Cluster,
     /// The queue to the usage writer.
     pub usage: UsageQueue,
+    /// Balance and budget this replica has reserved in the database, handed to requests.
+    pub leases: Leases,
     pub started_at: Instant,
 }
 

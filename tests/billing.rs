@@ -225,3 +225,65 @@ async fn key_budget_is_enforced_without_balance_enforcement() {
     let alice = user_id(&app, "alice").await;
     assert_eq!(ledger_state(&app, &alice).await.0, 0);
 }
+
+/// Leases: a replica reserves balance in chunks, serves the next requests from memory, falls back
+/// to exactly what is missing when the balance is short, and gives its spare back.
+#[tokio::test]
+async fn leases_reserve_in_chunks_and_give_back_the_spare() {
+    use tollgate::proxy::reserve::Holder;
+    let app = TestApp::spawn_with(|c| c.billing.enforce_balance = true).await;
+    setup(&app).await;
+    let alice = user_id(&app, "alice").await;
+    let db = &app.state.db;
+    let leases = tollgate::proxy::reserve::Leases::default();
+    let n = 1_000_000;
+    let grant = |amount| {
+        tollgate::store::ledger::apply(
+            db,
+            tollgate::store::ledger::Change {
+                user_id: &alice,
+                amount_nanos: amount,
+                kind: tollgate::store::ledger::Kind::Adjustment,
+                note: Some("test"),
+                actor_id: None,
+                refuse_negative: true,
+            },
+        )
+    };
+    grant(100 * n).await.unwrap();
+
+    // The first request reserves a chunk (itself + 16 more) in one statement …
+    assert!(leases.take(db, Holder::User, &alice, n).await.unwrap());
+    assert_eq!(ledger_state(&app, &alice).await.2, 17 * n);
+    // … the next sixteen come from memory: the database does not move.
+    for _ in 0..16 {
+        assert!(leases.take(db, Holder::User, &alice, n).await.unwrap());
+    }
+    assert_eq!(ledger_state(&app, &alice).await.2, 17 * n);
+    assert_eq!(leases.held(Holder::User, &alice), (17 * n, 17 * n));
+    // The eighteenth needs a new chunk: 1 + 16 + the 17 in flight.
+    assert!(leases.take(db, Holder::User, &alice, n).await.unwrap());
+    assert_eq!(ledger_state(&app, &alice).await.2, 51 * n);
+
+    // Settling: what a request cost leaves the lease (the writer takes it out of the column in
+    // the same transaction as the debit); the rest of its reservation is spare again.
+    leases.settle(Holder::User, &alice, n, n / 4);
+    assert_eq!(leases.held(Holder::User, &alice), (51 * n - n / 4, 17 * n));
+    for _ in 0..17 {
+        leases.release(Holder::User, &alice, n);
+    }
+    // Idle for a second: the spare goes back; the slot is forgotten.
+    leases.give_back(db, std::time::Duration::ZERO).await;
+    assert_eq!(leases.held(Holder::User, &alice), (0, 0));
+    assert_eq!(ledger_state(&app, &alice).await.2, n / 4);
+
+    // A short balance: the chunk does not fit, exactly what is missing does, once.
+    let (balance, _, reserved) = ledger_state(&app, &alice).await;
+    grant(-(balance - reserved) + 3 * n / 2).await.unwrap();
+    assert!(leases.take(db, Holder::User, &alice, n).await.unwrap());
+    assert_eq!(ledger_state(&app, &alice).await.2, n / 4 + n);
+    assert!(!leases.take(db, Holder::User, &alice, n).await.unwrap());
+    leases.release(Holder::User, &alice, n);
+    leases.give_back(db, std::time::Duration::ZERO).await;
+    assert_eq!(ledger_state(&app, &alice).await.2, n / 4);
+}

@@ -123,7 +123,7 @@ pub async fn forward(
     let route = match route {
         Ok(r) => r,
         Err(e) => {
-            reserve::release(&state, &key, reservation).await;
+            reserve::release(&state, &key, reservation);
             return with_rate(e.into_response(), &rate);
         }
     };

@@ -1,15 +1,17 @@
 //! Reservations against a user's balance and a gateway key's budget: atomic conditional SQL, so
 //! several replicas on one database cannot overdraw by more than what is in flight.
 //!
-//! Admission reserves a request's maximum cost; the usage writer settles it to the actual cost
-//! (and releases the reservation) in the same transaction that writes the usage record.
+//! Admission reserves a request's maximum cost from a lease (`proxy::reserve::Leases`), which
+//! reserves here in chunks; the usage writer takes what the request cost out of
+//! `reserved_nanos` in the same transaction that debits it and writes the usage record.
 
 use entity::{gateway_keys, users};
 use sea_orm::sea_query::{Expr, ExprTrait};
-use sea_orm::{ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QuerySelect};
+use sea_orm::{ColumnTrait, Condition, ConnectionTrait, EntityTrait, QueryFilter};
 
-/// Reserves `nanos` against the key's budget when it has one. False when the budget cannot cover
-/// it (spent + in flight + this > budget). Keys without a budget always succeed.
+/// Reserves `nanos` against the key's budget: false when the budget cannot cover it
+/// (spent + in flight + this > budget) or the key is gone. A key without a budget (removed since
+/// the caller looked) reserves too, so settling stays symmetric.
 pub async fn reserve_key(
     db: &impl ConnectionTrait,
     key_id: &str,
@@ -21,26 +23,19 @@ pub async fn reserve_key(
             Expr::col(gateway_keys::Column::ReservedNanos).add(nanos),
         )
         .filter(gateway_keys::Column::Id.eq(key_id))
-        .filter(gateway_keys::Column::BudgetNanos.is_not_null())
         .filter(
-            Expr::col(gateway_keys::Column::SpentNanos)
-                .add(Expr::col(gateway_keys::Column::ReservedNanos))
-                .add(nanos)
-                .lte(Expr::col(gateway_keys::Column::BudgetNanos)),
+            Condition::any()
+                .add(gateway_keys::Column::BudgetNanos.is_null())
+                .add(
+                    Expr::col(gateway_keys::Column::SpentNanos)
+                        .add(Expr::col(gateway_keys::Column::ReservedNanos))
+                        .add(nanos)
+                        .lte(Expr::col(gateway_keys::Column::BudgetNanos)),
+                ),
         )
         .exec(db)
         .await?;
-    if res.rows_affected == 1 {
-        return Ok(true);
-    }
-    // Either over budget, or no budget at all (then nothing is reserved and that is fine).
-    let budget: Option<Option<i64>> = gateway_keys::Entity::find_by_id(key_id.to_owned())
-        .select_only()
-        .column(gateway_keys::Column::BudgetNanos)
-        .into_tuple()
-        .one(db)
-        .await?;
-    Ok(matches!(budget, Some(None)))
+    Ok(res.rows_affected == 1)
 }
 
 /// Reserves `nanos` against the user's balance. False when balance − in flight < `nanos`.
@@ -65,7 +60,7 @@ pub async fn reserve_balance(
     Ok(res.rows_affected == 1)
 }
 
-/// Gives back reservations of a request that never reached the upstream.
+/// Gives back reserved amounts (a lease's spare).
 pub async fn release(
     db: &impl ConnectionTrait,
     key_id: &str,

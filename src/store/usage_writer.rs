@@ -17,7 +17,8 @@ use sea_orm::{ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter, Set, Tr
 use tokio::sync::{Notify, mpsc};
 
 use crate::proxy::estimate;
-use crate::proxy::meter::{UsageEvent, cost_nanos};
+use crate::proxy::meter::{Reservation, UsageEvent, cost_nanos};
+use crate::proxy::reserve::{Holder, Leases};
 use crate::store::ledger;
 use crate::telemetry::Metrics;
 
@@ -55,20 +56,24 @@ pub struct WriterConfig {
     pub flush_interval: Duration,
 }
 
+/// How long a reservation lease may sit unused before its spare goes back to the database.
+const LEASE_IDLE: Duration = Duration::from_secs(1);
+
 pub fn start(
     db: DatabaseConnection,
     metrics: Metrics,
+    leases: Leases,
     cfg: WriterConfig,
 ) -> (UsageQueue, UsageWriter) {
     let (tx, rx) = mpsc::channel(cfg.capacity.max(1));
     let stop = Arc::new(Notify::new());
-    let handle = tokio::spawn(run(db, metrics, cfg, rx, stop.clone()));
+    let handle = tokio::spawn(run(db, metrics, leases, cfg, rx, stop.clone()));
     (UsageQueue { tx }, UsageWriter { stop, handle })
 }
 
 impl UsageWriter {
-    /// Closes the queue and returns once every reserved slot was used and every record written,
-    /// or after `limit`.
+    /// Closes the queue and returns once every reserved slot was used, every record written and
+    /// every reservation lease given back, or after `limit`.
     pub async fn shutdown(self, limit: Duration) {
         self.stop.notify_one();
         let mut handle = self.handle;
@@ -84,19 +89,26 @@ impl UsageWriter {
 async fn run(
     db: DatabaseConnection,
     metrics: Metrics,
+    leases: Leases,
     cfg: WriterConfig,
     mut rx: mpsc::Receiver<UsageEvent>,
     stop: Arc<Notify>,
 ) {
     let mut stopping = false;
     let mut batch: Vec<UsageEvent> = Vec::with_capacity(cfg.batch_size);
+    let mut tick = tokio::time::interval(LEASE_IDLE);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        // Wait for the first event of a batch (or the stop signal).
+        // Wait for the first event of a batch (or the stop signal); give back idle leases meanwhile.
         let first = if stopping {
             rx.recv().await
         } else {
             tokio::select! {
                 ev = rx.recv() => ev,
+                _ = tick.tick() => {
+                    leases.give_back(&db, LEASE_IDLE).await;
+                    continue;
+                }
                 _ = stop.notified() => {
                     stopping = true;
                     rx.close();
@@ -122,8 +134,15 @@ async fn run(
         }
         metrics.usage_queue_depth.set(rx.len() as i64);
         let rows = prepare(std::mem::take(&mut batch)).await;
-        write_with_retry(&db, &metrics, rows).await;
+        write_with_retry(&db, &metrics, &rows).await;
+        // Only now is the debit in the database: the rest of each reservation is spare again.
+        for r in &rows {
+            let (e, used) = (&r.event, r.consumed());
+            leases.settle(Holder::User, &e.user_id, e.reservation.user_nanos, used.user_nanos);
+            leases.settle(Holder::Key, &e.key_id, e.reservation.key_nanos, used.key_nanos);
+        }
     }
+    leases.give_back(&db, Duration::ZERO).await;
     metrics.usage_queue_depth.set(0);
 }
 
@@ -132,6 +151,18 @@ pub struct Settled {
     pub event: UsageEvent,
     pub cost_nanos: i64,
     pub tokens_estimated: bool,
+}
+
+impl Settled {
+    /// What leaves the reservations: the cost, up to what was reserved (a request that cost more
+    /// than its maximum is still debited in full, but holds no more in reservation than it took).
+    pub fn consumed(&self) -> Reservation {
+        let r = self.event.reservation;
+        Reservation {
+            user_nanos: Ord::clamp(self.cost_nanos, 0, Ord::max(r.user_nanos, 0)),
+            key_nanos: Ord::clamp(self.cost_nanos, 0, Ord::max(r.key_nanos, 0)),
+        }
+    }
 }
 
 /// Counts tokens where the upstream did not (on the blocking pool) and prices every event.
@@ -160,18 +191,18 @@ async fn prepare(batch: Vec<UsageEvent>) -> Vec<Settled> {
     }
 }
 
-async fn write_with_retry(db: &DatabaseConnection, metrics: &Metrics, rows: Vec<Settled>) {
+async fn write_with_retry(db: &DatabaseConnection, metrics: &Metrics, rows: &[Settled]) {
     if rows.is_empty() {
         return;
     }
     let mut backoff = Duration::from_millis(100);
     loop {
-        match write_batch(db, &rows).await {
+        match write_batch(db, rows).await {
             Ok(()) => {
                 metrics
                     .usage_records_written_total
                     .inc_by(rows.len() as u64);
-                for r in &rows {
+                for r in rows {
                     let e = &r.event;
                     let labels = |kind| [e.model.as_str(), e.provider.as_str(), kind];
                     metrics
@@ -240,10 +271,10 @@ pub async fn write_batch(db: &DatabaseConnection, rows: &[Settled]) -> Result<()
         let e = &r.event;
         let entry = per_key.entry(e.key_id.as_str()).or_insert((0, 0, e.at));
         entry.0 += r.cost_nanos;
-        entry.1 += e.reservation.key_nanos;
+        entry.1 += r.consumed().key_nanos;
         entry.2 = std::cmp::max(entry.2, e.at);
     }
-    // Users: debit what charged requests cost, release every reservation.
+    // Users: debit what charged requests cost; that much leaves the reservation too.
     let mut per_user: HashMap<&str, (i64, i64, usize)> = HashMap::new();
     for r in rows {
         let e = &r.event;
@@ -253,7 +284,7 @@ pub async fn write_batch(db: &DatabaseConnection, rows: &[Settled]) -> Result<()
                 entry.0 += r.cost_nanos;
                 entry.2 += 1;
             }
-            entry.1 += e.reservation.user_nanos;
+            entry.1 += r.consumed().user_nanos;
         }
     }
     for (user_id, (cost, released, n)) in per_user {
