@@ -8,7 +8,9 @@ use axum::http::{HeaderName, HeaderValue, Method, header};
 use axum::response::IntoResponse;
 use tower::ServiceBuilder;
 use tower_http::cors::{AllowOrigin, CorsLayer};
-use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::request_id::{
+    MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
+};
 use utoipa::OpenApi;
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa_axum::router::OpenApiRouter;
@@ -161,7 +163,7 @@ impl App {
                 ServiceBuilder::new()
                     .layer(SetRequestIdLayer::new(
                         x_request_id.clone(),
-                        MakeRequestUuid,
+                        TimeOrderedRequestId,
                     ))
                     .layer(PropagateRequestIdLayer::new(x_request_id))
                     .layer(axum::middleware::from_fn_with_state(
@@ -172,6 +174,19 @@ impl App {
                     .layer(DefaultBodyLimit::max(cfg.max_body_bytes)),
             )
             .with_state(state)
+    }
+}
+
+/// `x-request-id` for requests that come without one: a UUIDv7, so ids sort by time and the
+/// usage records' request-id index grows at its end instead of at random pages (a v4 made every
+/// usage batch dirty pages all over that index).
+#[derive(Clone, Copy)]
+struct TimeOrderedRequestId;
+
+impl MakeRequestId for TimeOrderedRequestId {
+    fn make_request_id<B>(&mut self, _: &axum::http::Request<B>) -> Option<RequestId> {
+        let id = uuid::Uuid::now_v7().to_string();
+        HeaderValue::from_str(&id).ok().map(RequestId::new)
     }
 }
 

@@ -6,15 +6,25 @@ use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
     Registry, TextEncoder,
 };
+use std::io::Write;
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::time::Duration;
+
 use tracing_subscriber::EnvFilter;
 
 /// Installs the global subscriber. `RUST_LOG` overrides the default `info` level.
-pub fn init_logging(format: &str) {
+///
+/// Lines are formatted on the thread that logs and collected in memory; a background thread
+/// writes them to stderr every [`LOG_FLUSH_EVERY`] (sooner once [`LOG_FLUSH_AT`] bytes wait), so
+/// a request never waits on, or wakes a thread for, a `write(2)`. Keep the returned guard alive
+/// until exit: dropping it writes what is left.
+pub fn init_logging(format: &str) -> LogGuard {
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,sea_orm=warn,hyper=warn"));
+    let (writer, guard) = LogWriter::start(Box::new(std::io::stderr()));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(writer);
     // Ignore the error: a test may have installed one already.
     let _ = if format == "pretty" {
         builder.try_init()
@@ -25,6 +35,132 @@ pub fn init_logging(format: &str) {
             .with_current_span(false)
             .try_init()
     };
+    guard
+}
+
+/// How often buffered log lines are written out.
+pub const LOG_FLUSH_EVERY: Duration = Duration::from_millis(50);
+/// Buffered bytes that make the writer thread write at once.
+pub const LOG_FLUSH_AT: usize = 256 * 1024;
+/// Buffered bytes past which new lines are dropped (and counted) rather than growing memory
+/// while the output is blocked.
+const LOG_BUFFER_CAP: usize = 16 * 1024 * 1024;
+
+struct LogShared {
+    state: Mutex<LogBuf>,
+    wake: Condvar,
+}
+
+#[derive(Default)]
+struct LogBuf {
+    bytes: Vec<u8>,
+    dropped: u64,
+    closed: bool,
+}
+
+/// A `MakeWriter` that appends formatted lines to a shared buffer.
+#[derive(Clone)]
+pub struct LogWriter(Arc<LogShared>);
+
+/// Writes what is buffered and stops the writer thread when dropped.
+pub struct LogGuard {
+    shared: Arc<LogShared>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl LogWriter {
+    /// Starts the thread that writes the buffer to `out`.
+    pub fn start(mut out: Box<dyn Write + Send>) -> (Self, LogGuard) {
+        let shared = Arc::new(LogShared {
+            state: Mutex::new(LogBuf::default()),
+            wake: Condvar::new(),
+        });
+        let s = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("tollgate-log".into())
+            .spawn(move || {
+                let mut spare = Vec::new();
+                loop {
+                    let (closed, dropped) = {
+                        let mut st = s.state.lock().unwrap_or_else(PoisonError::into_inner);
+                        if !st.closed && st.bytes.len() < LOG_FLUSH_AT {
+                            st = s
+                                .wake
+                                .wait_timeout(st, LOG_FLUSH_EVERY)
+                                .unwrap_or_else(PoisonError::into_inner)
+                                .0;
+                        }
+                        std::mem::swap(&mut st.bytes, &mut spare);
+                        (st.closed, std::mem::take(&mut st.dropped))
+                    };
+                    if dropped > 0 {
+                        let _ = writeln!(
+                            spare,
+                            r#"{{"level":"WARN","message":"{dropped} log lines dropped: the log output was blocked"}}"#
+                        );
+                    }
+                    if !spare.is_empty() {
+                        let _ = out.write_all(&spare);
+                        let _ = out.flush();
+                        spare.clear();
+                        if spare.capacity() > LOG_FLUSH_AT * 4 {
+                            spare.shrink_to(LOG_FLUSH_AT);
+                        }
+                    }
+                    if closed {
+                        return;
+                    }
+                }
+            })
+            .ok();
+        (
+            Self(shared.clone()),
+            LogGuard {
+                shared,
+                thread,
+            },
+        )
+    }
+}
+
+impl Write for LogWriter {
+    fn write(&mut self, line: &[u8]) -> std::io::Result<usize> {
+        let mut st = self.0.state.lock().unwrap_or_else(PoisonError::into_inner);
+        if st.bytes.len() + line.len() > LOG_BUFFER_CAP {
+            st.dropped += 1;
+        } else {
+            st.bytes.extend_from_slice(line);
+            if st.bytes.len() >= LOG_FLUSH_AT {
+                self.0.wake.notify_one();
+            }
+        }
+        Ok(line.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogWriter {
+    type Writer = LogWriter;
+    fn make_writer(&'a self) -> Self::Writer {
+        self.clone()
+    }
+}
+
+impl Drop for LogGuard {
+    fn drop(&mut self) {
+        self.shared
+            .state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .closed = true;
+        self.shared.wake.notify_one();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 /// Every metric tollgate exports.

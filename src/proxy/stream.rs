@@ -97,22 +97,42 @@ impl SseScanner {
 }
 
 /// The `data` field of an event: its `data:` lines joined with `\n` (one leading space dropped).
-fn data_of(raw: &[u8]) -> Option<Bytes> {
+/// A single `data:` line (the usual case) is a slice of `raw`, not a copy.
+fn data_of(raw: &Bytes) -> Option<Bytes> {
     let mut out: Option<Vec<u8>> = None;
+    let mut single: Option<(usize, usize)> = None;
+    let mut start = 0;
     for line in raw.split(|&c| c == b'\n' || c == b'\r') {
-        if let Some(rest) = line.strip_prefix(b"data:") {
-            let rest = rest.strip_prefix(b" ").unwrap_or(rest);
-            match &mut out {
-                Some(v) => {
-                    v.push(b'\n');
-                    v.extend_from_slice(rest);
-                }
-                None => out = Some(rest.to_vec()),
+        let line_start = start;
+        start += line.len() + 1;
+        let Some(rest) = line.strip_prefix(b"data:") else {
+            continue;
+        };
+        let skip = 5 + usize::from(rest.first() == Some(&b' '));
+        let rest = &line[skip..];
+        match (&mut out, single) {
+            (Some(v), _) => {
+                v.push(b'\n');
+                v.extend_from_slice(rest);
             }
+            (None, Some((a, b))) => {
+                let mut v = raw[a..b].to_vec();
+                v.push(b'\n');
+                v.extend_from_slice(rest);
+                out = Some(v);
+            }
+            (None, None) => single = Some((line_start + skip, line_start + line.len())),
         }
     }
-    out.map(Bytes::from)
+    match (out, single) {
+        (Some(v), _) => Some(Bytes::from(v)),
+        (None, Some((a, b))) => Some(raw.slice(a..b)),
+        (None, None) => None,
+    }
 }
+
+/// Mapped events are sent once this much is gathered, even while the upstream has more at hand.
+const FLUSH_AT: usize = 16 * 1024;
 
 /// What a stream is allowed to wait for the next chunk.
 pub struct StreamLimits {
@@ -138,8 +158,11 @@ pub struct MeteredStream<B> {
     /// Payloads kept for estimation until the upstream reports usage.
     kept: Vec<Bytes>,
     meter: Option<Meter>,
+    /// Fires at the earliest moment the stream could be idle too long; re-armed from
+    /// `last_data` only when it fires, so chunks do not touch the timer wheel.
     idle: Pin<Box<Sleep>>,
     idle_timeout: Duration,
+    last_data: tokio::time::Instant,
     ended: bool,
     active_streams: prometheus::IntGauge,
 }
@@ -163,8 +186,25 @@ impl<B> MeteredStream<B> {
             meter: Some(meter),
             idle: Box::pin(tokio::time::sleep(limits.idle_timeout)),
             idle_timeout: limits.idle_timeout,
+            last_data: tokio::time::Instant::now(),
             ended: false,
             active_streams,
+        }
+    }
+
+    /// Everything mapped so far as one frame (one write to the client instead of one per event).
+    fn take_out(&mut self) -> Option<Bytes> {
+        match self.out.len() {
+            0 => None,
+            1 => self.out.pop_front(),
+            _ => {
+                let len = self.out.iter().map(Bytes::len).sum();
+                let mut b = BytesMut::with_capacity(len);
+                for part in self.out.drain(..) {
+                    b.extend_from_slice(&part);
+                }
+                Some(b.freeze())
+            }
         }
     }
 
@@ -234,8 +274,12 @@ where
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = &mut *self;
         loop {
-            if let Some(b) = this.out.pop_front() {
-                return Poll::Ready(Some(Ok(Frame::data(b))));
+            // Events are gathered while the upstream has more at hand, then sent as one frame:
+            // when it has nothing more right now, when enough is gathered, or at the end.
+            if this.ended || this.out.iter().map(Bytes::len).sum::<usize>() >= FLUSH_AT {
+                if let Some(b) = this.take_out() {
+                    return Poll::Ready(Some(Ok(Frame::data(b))));
+                }
             }
             if this.ended {
                 this.finish_meter(200, None);
@@ -249,8 +293,7 @@ where
                     if let Some(m) = this.meter.as_mut() {
                         m.mark_first_byte();
                     }
-                    let deadline = tokio::time::Instant::now() + this.idle_timeout;
-                    this.idle.as_mut().reset(deadline);
+                    this.last_data = tokio::time::Instant::now();
                     this.scanner.push(&data);
                     while let Some(ev) = this.scanner.next_event() {
                         this.handle_event(ev);
@@ -275,7 +318,15 @@ where
                     this.ended = true;
                 }
                 Poll::Pending => {
+                    if let Some(b) = this.take_out() {
+                        return Poll::Ready(Some(Ok(Frame::data(b))));
+                    }
                     if this.idle.as_mut().poll(cx).is_ready() {
+                        let due = this.last_data + this.idle_timeout;
+                        if due > tokio::time::Instant::now() {
+                            this.idle.as_mut().reset(due);
+                            continue;
+                        }
                         this.fail(
                             504,
                             ApiError::Upstream {

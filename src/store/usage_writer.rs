@@ -56,6 +56,10 @@ pub struct WriterConfig {
     pub flush_interval: Duration,
 }
 
+/// The most rows one INSERT statement carries (18 parameters each, well under every driver's
+/// limit); see [`write_batch`].
+const MAX_ROWS_PER_INSERT: usize = 256;
+
 /// How long a reservation lease may sit unused before its spare goes back to the database.
 const LEASE_IDLE: Duration = Duration::from_secs(1);
 
@@ -238,33 +242,42 @@ async fn write_with_retry(db: &DatabaseConnection, metrics: &Metrics, rows: &[Se
 /// (one `usage` ledger entry per user per batch), releasing what admission reserved.
 pub async fn write_batch(db: &DatabaseConnection, rows: &[Settled]) -> Result<(), sea_orm::DbErr> {
     let txn = db.begin().await?;
-    let models = rows.iter().map(|r| {
-        let e = &r.event;
-        usage_records::ActiveModel {
-            at: Set(e.at),
-            user_id: Set(e.user_id.clone()),
-            key_id: Set(e.key_id.clone()),
-            model: Set(e.model.clone()),
-            provider: Set(e.provider.clone()),
-            endpoint: Set(e.endpoint.as_str().to_owned()),
-            stream: Set(e.stream),
-            status: Set(e.status as i32),
-            prompt_tokens: Set(e.usage.prompt),
-            completion_tokens: Set(e.usage.completion),
-            cached_tokens: Set(e.usage.cached),
-            cost_nanos: Set(r.cost_nanos),
-            latency_ms: Set(e.latency_ms),
-            ttft_ms: Set(e.ttft_ms),
-            tokens_estimated: Set(r.tokens_estimated),
-            request_id: Set(e.request_id.chars().take(128).collect()),
-            shared_key: Set(e.shared_key),
-            error: Set(e.error.clone()),
-            ..Default::default()
-        }
-    });
-    usage_records::Entity::insert_many(models)
-        .exec_without_returning(&txn)
-        .await?;
+    // Rows go in as statements of 256, 128, …, 1 rows: a batch of any size then uses at most nine
+    // distinct statements, which the driver's prepared-statement cache keeps. One statement per
+    // batch size made every size a new cached statement (each large), and memory grew with load.
+    let mut rest = rows;
+    while !rest.is_empty() {
+        let n = 1usize << rest.len().min(MAX_ROWS_PER_INSERT).ilog2();
+        let (chunk, tail) = rest.split_at(n);
+        rest = tail;
+        let models = chunk.iter().map(|r| {
+            let e = &r.event;
+            usage_records::ActiveModel {
+                at: Set(e.at),
+                user_id: Set(e.user_id.clone()),
+                key_id: Set(e.key_id.clone()),
+                model: Set(e.model.clone()),
+                provider: Set(e.provider.clone()),
+                endpoint: Set(e.endpoint.as_str().to_owned()),
+                stream: Set(e.stream),
+                status: Set(e.status as i32),
+                prompt_tokens: Set(e.usage.prompt),
+                completion_tokens: Set(e.usage.completion),
+                cached_tokens: Set(e.usage.cached),
+                cost_nanos: Set(r.cost_nanos),
+                latency_ms: Set(e.latency_ms),
+                ttft_ms: Set(e.ttft_ms),
+                tokens_estimated: Set(r.tokens_estimated),
+                request_id: Set(e.request_id.chars().take(128).collect()),
+                shared_key: Set(e.shared_key),
+                error: Set(e.error.clone()),
+                ..Default::default()
+            }
+        });
+        usage_records::Entity::insert_many(models)
+            .exec_without_returning(&txn)
+            .await?;
+    }
 
     let mut per_key: HashMap<&str, (i64, i64, DateTime<Utc>)> = HashMap::new();
     for r in rows {
