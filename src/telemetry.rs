@@ -113,13 +113,7 @@ impl LogWriter {
                 }
             })
             .ok();
-        (
-            Self(shared.clone()),
-            LogGuard {
-                shared,
-                thread,
-            },
-        )
+        (Self(shared.clone()), LogGuard { shared, thread })
     }
 }
 
@@ -346,5 +340,64 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A `Write` whose bytes the test can read back.
+    #[derive(Clone, Default)]
+    struct Sink(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Sink {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn buffered_lines_are_written_in_order_and_flushed_on_drop() {
+        let sink = Sink::default();
+        let (writer, guard) = LogWriter::start(Box::new(sink.clone()));
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let mut w = writer.clone();
+                std::thread::spawn(move || {
+                    for i in 0..1000 {
+                        w.write_all(format!("{t} {i}\n").as_bytes()).ok();
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().ok();
+        }
+        drop(guard);
+        let out = String::from_utf8(
+            sink.0
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone(),
+        )
+        .unwrap_or_default();
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), 4000, "every line arrives, whole");
+        for t in 0..4 {
+            let mine: Vec<usize> = lines
+                .iter()
+                .filter_map(|l| l.strip_prefix(&format!("{t} ")))
+                .filter_map(|n| n.parse().ok())
+                .collect();
+            assert_eq!(mine, (0..1000).collect::<Vec<_>>(), "thread {t} in order");
+        }
     }
 }

@@ -46,15 +46,6 @@ struct WithUsage {
     usage: Option<WireUsage>,
 }
 
-/// Just enough of a stream chunk to decide what to do with it.
-#[derive(Deserialize)]
-struct Chunk {
-    #[serde(default)]
-    choices: Option<Vec<ChunkChoice>>,
-    #[serde(default)]
-    usage: Option<WireUsage>,
-}
-
 #[derive(Deserialize)]
 struct ChunkChoice {
     #[serde(default)]
@@ -77,10 +68,20 @@ struct Delta {
 /// copying every other field verbatim. `None` when the input is not a JSON object.
 fn edit_top_level(body: &[u8], model: Option<&str>, drop_usage: bool) -> Option<Vec<u8>> {
     let fields = crate::proxy::request::top_level_fields(body)?;
-    let mut out = Vec::with_capacity(body.len() + 16);
+    Some(write_fields(&fields, body.len(), model, drop_usage))
+}
+
+/// Writes an object's top-level fields back out, with `model` replaced and/or `usage` dropped.
+fn write_fields(
+    fields: &[(std::borrow::Cow<'_, str>, &serde_json::value::RawValue)],
+    size_hint: usize,
+    model: Option<&str>,
+    drop_usage: bool,
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(size_hint + 16);
     out.push(b'{');
     let mut first = true;
-    for (k, v) in &fields {
+    for (k, v) in fields {
         if drop_usage && k == "usage" {
             continue;
         }
@@ -98,7 +99,7 @@ fn edit_top_level(body: &[u8], model: Option<&str>, drop_usage: bool) -> Option<
         }
     }
     out.push(b'}');
-    Some(out)
+    out
 }
 
 impl Adapter for OpenAi {
@@ -139,18 +140,37 @@ impl Adapter for OpenAi {
         if data == b"[DONE]" {
             return MappedEvent::default();
         }
-        let Ok(chunk) = serde_json::from_slice::<Chunk>(data) else {
+        // One pass over the chunk: its top-level fields, raw; then only `choices` and `usage`
+        // are read, and a rewrite copies the other fields from that same pass.
+        let Some(fields) = crate::proxy::request::top_level_fields(data) else {
             // Not ours to judge: pass through what the upstream sent.
             return MappedEvent::default();
         };
-        let choices = chunk.choices.unwrap_or_default();
+        let mut choices: Vec<ChunkChoice> = Vec::new();
+        let mut usage = None;
+        for (k, v) in &fields {
+            match k.as_ref() {
+                "choices" => {
+                    choices = serde_json::from_str::<Option<Vec<ChunkChoice>>>(v.get())
+                        .ok()
+                        .flatten()
+                        .unwrap_or_default();
+                }
+                "usage" => {
+                    usage = serde_json::from_str::<Option<WireUsage>>(v.get())
+                        .ok()
+                        .flatten()
+                        .map(Usage::from);
+                }
+                _ => {}
+            }
+        }
         let has_output = choices.iter().any(|c| {
             c.text.is_some()
                 || c.delta.as_ref().is_some_and(|d| {
                     d.content.is_some() || d.tool_calls.is_some() || d.refusal.is_some()
                 })
         });
-        let usage = chunk.usage.map(Usage::from);
         let strip_usage = usage.is_some() && !ctx.client_wants_usage;
         if strip_usage && choices.is_empty() {
             return MappedEvent {
@@ -161,10 +181,12 @@ impl Adapter for OpenAi {
         }
         let rename = ctx.client_model != ctx.upstream_model;
         let out = if rename || strip_usage {
-            match edit_top_level(data, rename.then_some(ctx.client_model), strip_usage) {
-                Some(v) => EventOut::Replace(v),
-                None => EventOut::Unchanged,
-            }
+            EventOut::Replace(write_fields(
+                &fields,
+                data.len(),
+                rename.then_some(ctx.client_model),
+                strip_usage,
+            ))
         } else {
             EventOut::Unchanged
         };

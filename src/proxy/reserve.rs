@@ -95,7 +95,9 @@ pub async fn reserve(
 /// Gives a reservation back (the request was refused after reserving).
 pub fn release(state: &AppState, key: &KeyCtx, r: Reservation) {
     state.leases.release(Holder::Key, &key.key_id, r.key_nanos);
-    state.leases.release(Holder::User, &key.user_id, r.user_nanos);
+    state
+        .leases
+        .release(Holder::User, &key.user_id, r.user_nanos);
 }
 
 /// How much more than a request needs a replica reserves in one statement: the lease then serves
@@ -128,6 +130,8 @@ impl Lease {
         self.held - self.in_use
     }
 }
+
+type SlotMap = HashMap<(Holder, String), Arc<Slot>>;
 
 #[derive(Debug)]
 struct Slot {
@@ -167,7 +171,7 @@ impl Slot {
 /// at shutdown), so other replicas and the admin views see it free again.
 #[derive(Clone, Default)]
 pub struct Leases {
-    slots: Arc<Mutex<HashMap<(Holder, String), Arc<Slot>>>>,
+    slots: Arc<Mutex<SlotMap>>,
 }
 
 impl Leases {
@@ -291,8 +295,7 @@ impl Leases {
                     Holder::User => ("", 0, id.as_str(), amount),
                     Holder::Key => (id.as_str(), amount, "", 0),
                 };
-                if let Err(e) = billing::release(db, key_id, key_nanos, user_id, user_nanos).await
-                {
+                if let Err(e) = billing::release(db, key_id, key_nanos, user_id, user_nanos).await {
                     tracing::warn!(error = %e, "giving back a reservation lease failed; retrying later");
                     slot.lease().held += amount;
                     continue;

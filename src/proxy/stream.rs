@@ -276,10 +276,10 @@ where
         loop {
             // Events are gathered while the upstream has more at hand, then sent as one frame:
             // when it has nothing more right now, when enough is gathered, or at the end.
-            if this.ended || this.out.iter().map(Bytes::len).sum::<usize>() >= FLUSH_AT {
-                if let Some(b) = this.take_out() {
-                    return Poll::Ready(Some(Ok(Frame::data(b))));
-                }
+            if (this.ended || this.out.iter().map(Bytes::len).sum::<usize>() >= FLUSH_AT)
+                && let Some(b) = this.take_out()
+            {
+                return Poll::Ready(Some(Ok(Frame::data(b))));
             }
             if this.ended {
                 this.finish_meter(200, None);

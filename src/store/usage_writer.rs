@@ -122,18 +122,21 @@ async fn run(
         };
         let Some(first) = first else { break };
         batch.push(first);
-        let deadline = tokio::time::Instant::now() + cfg.flush_interval;
-        while batch.len() < cfg.batch_size {
+        // Let the batch gather for `flush_interval` — the writer sleeps rather than waking for
+        // every event — unless a full batch is already waiting or the writer is stopping.
+        if !stopping && rx.len() + 1 < cfg.batch_size {
             tokio::select! {
-                ev = rx.recv() => match ev {
-                    Some(ev) => batch.push(ev),
-                    None => break,
-                },
-                _ = tokio::time::sleep_until(deadline) => break,
-                _ = stop.notified(), if !stopping => {
+                _ = tokio::time::sleep(cfg.flush_interval) => {}
+                _ = stop.notified() => {
                     stopping = true;
                     rx.close();
                 }
+            }
+        }
+        while batch.len() < cfg.batch_size {
+            match rx.try_recv() {
+                Ok(ev) => batch.push(ev),
+                Err(_) => break,
             }
         }
         metrics.usage_queue_depth.set(rx.len() as i64);
@@ -142,8 +145,18 @@ async fn run(
         // Only now is the debit in the database: the rest of each reservation is spare again.
         for r in &rows {
             let (e, used) = (&r.event, r.consumed());
-            leases.settle(Holder::User, &e.user_id, e.reservation.user_nanos, used.user_nanos);
-            leases.settle(Holder::Key, &e.key_id, e.reservation.key_nanos, used.key_nanos);
+            leases.settle(
+                Holder::User,
+                &e.user_id,
+                e.reservation.user_nanos,
+                used.user_nanos,
+            );
+            leases.settle(
+                Holder::Key,
+                &e.key_id,
+                e.reservation.key_nanos,
+                used.key_nanos,
+            );
         }
     }
     leases.give_back(&db, Duration::ZERO).await;
