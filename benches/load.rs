@@ -8,7 +8,7 @@
 //! Environment: `LOAD_SECS` (per run, default 10), `LOAD_CONNECTIONS` (default 32),
 //! `LOAD_NGINX` (an nginx binary; `none` for the hyper pass-through), `LOAD_WRK` (a wrk binary),
 //! `LOAD_TOLLGATE_BIN` (another tollgate binary to measure), `LOAD_BILLING=0` (no key budget,
-//! balance enforcement off: no per-request SQL).
+//! balance enforcement off: no reservations).
 //! `--soak` (or `LOAD_SOAK_SECS`) instead runs tollgate alone at a fixed rate
 //! (`LOAD_SOAK_RPS`, default 200) and samples its memory every 10 s.
 
@@ -354,7 +354,7 @@ writes it, with every raw wrk report, to benches/results/latest.txt.
                         the hyper pass-through as the reference instead
   LOAD_WRK=PATH         wrk binary (default: wrk on PATH)
   LOAD_TOLLGATE_BIN=P   tollgate binary to measure (default: the one cargo built)
-  LOAD_BILLING=0        no key budget, balance enforcement off (no SQL per request)
+  LOAD_BILLING=0        no key budget, balance enforcement off (no reservations)
   --soak, LOAD_SOAK_SECS=300, LOAD_SOAK_RPS=200
                         tollgate alone at a fixed rate, memory sampled every 10 s";
 
@@ -459,9 +459,9 @@ fn describe_setup(
         tg.bin.display(),
         if tg.billing { "a budget" } else { "NO budget" },
         if tg.billing {
-            "balance enforcement on (budget and balance reserved in SQL per request)"
+            "balance enforcement on (budget and balance reserved per request, from leases taken in SQL)"
         } else {
-            "balance enforcement OFF (LOAD_BILLING=0: no per-request SQL)"
+            "balance enforcement OFF (LOAD_BILLING=0: no reservations)"
         },
     ));
     log.say("CPUs: wrk, the upstream, the reference and tollgate all share them; nothing is pinned, so throughput is bounded by the machine, not by one process. CPU µs/req is the steadier figure.");

@@ -33,6 +33,9 @@ use crate::state::AppState;
 /// Largest complete (non-streamed) upstream body the gateway will hold.
 const MAX_UPSTREAM_BODY: usize = 64 * 1024 * 1024;
 
+/// How long a stream's response head waits for the first events, so both leave in one write.
+const STREAM_HEAD_WAIT: Duration = Duration::from_millis(1);
+
 /// How long admission waits for a usage-queue slot before answering 503.
 const USAGE_SLOT_WAIT: Duration = Duration::from_secs(30);
 
@@ -204,7 +207,7 @@ pub async fn forward(
 
     // ⑤ stream
     if status.is_success() && view.stream && is_sse {
-        let body = MeteredStream::new(
+        let mut body = MeteredStream::new(
             resp.into_body(),
             StreamMapping {
                 adapter: route.adapter,
@@ -216,6 +219,7 @@ pub async fn forward(
             StreamLimits { idle_timeout: idle },
             state.metrics.active_streams.clone(),
         );
+        body.prime(STREAM_HEAD_WAIT).await;
         let mut out = Response::new(Body::new(body));
         let h = out.headers_mut();
         h.insert(

@@ -260,6 +260,106 @@ impl<B> MeteredStream<B> {
     }
 }
 
+impl<B> MeteredStream<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: std::fmt::Display,
+{
+    /// Reads and maps what the upstream has: `Ready` once the stream ended or [`FLUSH_AT`] bytes
+    /// wait in `out`, `Pending` when the upstream has nothing more right now (or the idle timer
+    /// is armed).
+    fn gather(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        loop {
+            if self.ended || self.out.iter().map(Bytes::len).sum::<usize>() >= FLUSH_AT {
+                return Poll::Ready(());
+            }
+            match self.upstream.as_mut().poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    let Ok(data) = frame.into_data() else {
+                        continue; // trailers: nothing for an SSE client
+                    };
+                    if let Some(m) = self.meter.as_mut() {
+                        m.mark_first_byte();
+                    }
+                    self.last_data = tokio::time::Instant::now();
+                    self.scanner.push(&data);
+                    while let Some(ev) = self.scanner.next_event() {
+                        self.handle_event(ev);
+                    }
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    tracing::warn!(error = %e, "upstream stream broke off");
+                    self.fail(
+                        502,
+                        ApiError::Upstream {
+                            status: http::StatusCode::BAD_GATEWAY,
+                            message: "The upstream connection was lost mid-stream.".into(),
+                            code: "upstream_disconnected",
+                        },
+                        "upstream_disconnected",
+                    );
+                }
+                Poll::Ready(None) => {
+                    if let Some(ev) = self.scanner.finish() {
+                        self.handle_event(ev);
+                    }
+                    self.ended = true;
+                }
+                Poll::Pending => {
+                    if self.idle.as_mut().poll(cx).is_ready() {
+                        let due = self.last_data + self.idle_timeout;
+                        if due > tokio::time::Instant::now() {
+                            self.idle.as_mut().reset(due);
+                            continue;
+                        }
+                        self.fail(
+                            504,
+                            ApiError::Upstream {
+                                status: http::StatusCode::GATEWAY_TIMEOUT,
+                                message: "The upstream stopped sending data.".into(),
+                                code: "upstream_timeout",
+                            },
+                            "upstream_idle_timeout",
+                        );
+                        continue;
+                    }
+                    return Poll::Pending;
+                }
+            }
+        }
+    }
+
+    /// Runs before the response head is sent: waits up to `wait` for the first events, then takes
+    /// what follows at once (one scheduler turn at a time, while each turn brings more — hyper's
+    /// client hands a body over chunk by chunk). The head and the first events then leave in one
+    /// write, and a short stream in one write altogether. Waiting never delays an event: only the
+    /// head, and only while no event has come.
+    pub async fn prime(&mut self, wait: Duration) {
+        let first = std::future::poll_fn(|cx| match self.gather(cx) {
+            Poll::Pending if self.out.is_empty() => Poll::Pending,
+            _ => Poll::Ready(()),
+        });
+        if tokio::time::timeout(wait, first).await.is_err() {
+            return;
+        }
+        loop {
+            if self.ended || self.out.iter().map(Bytes::len).sum::<usize>() >= FLUSH_AT {
+                return;
+            }
+            let before = self.out.len();
+            tokio::task::yield_now().await;
+            std::future::poll_fn(|cx| {
+                let _ = self.gather(cx);
+                Poll::Ready(())
+            })
+            .await;
+            if self.out.len() == before {
+                return;
+            }
+        }
+    }
+}
+
 impl<B> Body for MeteredStream<B>
 where
     B: Body<Data = Bytes>,
@@ -276,70 +376,21 @@ where
         loop {
             // Events are gathered while the upstream has more at hand, then sent as one frame:
             // when it has nothing more right now, when enough is gathered, or at the end.
-            if (this.ended || this.out.iter().map(Bytes::len).sum::<usize>() >= FLUSH_AT)
-                && let Some(b) = this.take_out()
-            {
+            let gathered = this.gather(cx);
+            if let Some(b) = this.take_out() {
+                if this.ended {
+                    // The last frame: metering now lets `is_end_stream` say so, and hyper
+                    // writes the closing chunk with this data instead of on its own.
+                    this.finish_meter(200, None);
+                }
                 return Poll::Ready(Some(Ok(Frame::data(b))));
             }
             if this.ended {
                 this.finish_meter(200, None);
                 return Poll::Ready(None);
             }
-            match this.upstream.as_mut().poll_frame(cx) {
-                Poll::Ready(Some(Ok(frame))) => {
-                    let Ok(data) = frame.into_data() else {
-                        continue; // trailers: nothing for an SSE client
-                    };
-                    if let Some(m) = this.meter.as_mut() {
-                        m.mark_first_byte();
-                    }
-                    this.last_data = tokio::time::Instant::now();
-                    this.scanner.push(&data);
-                    while let Some(ev) = this.scanner.next_event() {
-                        this.handle_event(ev);
-                    }
-                }
-                Poll::Ready(Some(Err(e))) => {
-                    tracing::warn!(error = %e, "upstream stream broke off");
-                    this.fail(
-                        502,
-                        ApiError::Upstream {
-                            status: http::StatusCode::BAD_GATEWAY,
-                            message: "The upstream connection was lost mid-stream.".into(),
-                            code: "upstream_disconnected",
-                        },
-                        "upstream_disconnected",
-                    );
-                }
-                Poll::Ready(None) => {
-                    if let Some(ev) = this.scanner.finish() {
-                        this.handle_event(ev);
-                    }
-                    this.ended = true;
-                }
-                Poll::Pending => {
-                    if let Some(b) = this.take_out() {
-                        return Poll::Ready(Some(Ok(Frame::data(b))));
-                    }
-                    if this.idle.as_mut().poll(cx).is_ready() {
-                        let due = this.last_data + this.idle_timeout;
-                        if due > tokio::time::Instant::now() {
-                            this.idle.as_mut().reset(due);
-                            continue;
-                        }
-                        this.fail(
-                            504,
-                            ApiError::Upstream {
-                                status: http::StatusCode::GATEWAY_TIMEOUT,
-                                message: "The upstream stopped sending data.".into(),
-                                code: "upstream_timeout",
-                            },
-                            "upstream_idle_timeout",
-                        );
-                        continue;
-                    }
-                    return Poll::Pending;
-                }
+            if gathered.is_pending() {
+                return Poll::Pending;
             }
         }
     }
