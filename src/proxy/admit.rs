@@ -352,20 +352,26 @@ pub fn reset_string(d: Duration) -> String {
 
 /// Adds the `x-ratelimit-*` headers for the limits that applied.
 pub fn rate_headers(headers: &mut HeaderMap, info: &RateInfo) {
-    for (suffix, w) in [("requests", info.requests), ("tokens", info.tokens)] {
+    use http::HeaderName;
+    const NAMES: [[HeaderName; 3]; 2] = [
+        [
+            HeaderName::from_static("x-ratelimit-limit-requests"),
+            HeaderName::from_static("x-ratelimit-remaining-requests"),
+            HeaderName::from_static("x-ratelimit-reset-requests"),
+        ],
+        [
+            HeaderName::from_static("x-ratelimit-limit-tokens"),
+            HeaderName::from_static("x-ratelimit-remaining-tokens"),
+            HeaderName::from_static("x-ratelimit-reset-tokens"),
+        ],
+    ];
+    for (names, w) in NAMES.into_iter().zip([info.requests, info.tokens]) {
         let Some(w) = w else { continue };
-        let pairs = [
-            (format!("x-ratelimit-limit-{suffix}"), w.limit.to_string()),
-            (
-                format!("x-ratelimit-remaining-{suffix}"),
-                w.remaining.to_string(),
-            ),
-            (format!("x-ratelimit-reset-{suffix}"), reset_string(w.reset)),
-        ];
-        for (k, v) in pairs {
-            if let (Ok(k), Ok(v)) = (http::HeaderName::try_from(k), HeaderValue::try_from(v)) {
-                headers.insert(k, v);
-            }
+        let [limit, remaining, reset] = names;
+        headers.insert(limit, HeaderValue::from(w.limit));
+        headers.insert(remaining, HeaderValue::from(w.remaining));
+        if let Ok(v) = HeaderValue::try_from(reset_string(w.reset)) {
+            headers.insert(reset, v);
         }
     }
 }
