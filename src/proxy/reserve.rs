@@ -217,28 +217,45 @@ impl Leases {
         if slot.try_take(n) {
             return Ok(true);
         }
-        let (need, in_use) = {
-            let l = slot.lease();
-            (n - l.spare().max(0), l.in_use)
-        };
-        let chunk = need
-            .saturating_add(n.saturating_mul(LEASE_MULTIPLE))
-            .saturating_add(in_use);
-        for want in [chunk, need] {
-            let ok = match holder {
-                Holder::User => billing::reserve_balance(db, id, want).await?,
-                Holder::Key => billing::reserve_key(db, id, want).await?,
+        loop {
+            let (need, in_use) = {
+                let l = slot.lease();
+                (n - l.spare().max(0), l.in_use)
             };
-            if ok {
-                let mut l = slot.lease();
-                l.held += want;
+            if need <= 0 {
+                if slot.try_take(n) {
+                    return Ok(true);
+                }
+                continue;
+            }
+            let chunk = need
+                .saturating_add(n.saturating_mul(LEASE_MULTIPLE))
+                .saturating_add(in_use);
+            let mut got = None;
+            for want in [chunk, need] {
+                let ok = match holder {
+                    Holder::User => billing::reserve_balance(db, id, want).await?,
+                    Holder::Key => billing::reserve_key(db, id, want).await?,
+                };
+                if ok {
+                    got = Some(want);
+                    break;
+                }
+            }
+            let Some(want) = got else {
+                return Ok(false);
+            };
+            let mut l = slot.lease();
+            l.held += want;
+            if l.spare() >= n {
                 l.in_use += n;
                 l.touched = Instant::now();
                 l.last = n;
                 return Ok(true);
             }
+            // Requests took from the spare while the database answered: reserve what is
+            // still missing (what was reserved stays in the lease).
         }
-        Ok(false)
     }
 
     /// A request that took `n` was refused before reaching the upstream: all of it is spare again.
