@@ -308,11 +308,11 @@ impl Leases {
                 }
             };
             if amount > 0 {
-                let (key_id, key_nanos, user_id, user_nanos) = match holder {
-                    Holder::User => ("", 0, id.as_str(), amount),
-                    Holder::Key => (id.as_str(), amount, "", 0),
+                let given = match holder {
+                    Holder::User => billing::release_balance(db, &id, amount).await,
+                    Holder::Key => billing::release_key(db, &id, amount).await,
                 };
-                if let Err(e) = billing::release(db, key_id, key_nanos, user_id, user_nanos).await {
+                if let Err(e) = given {
                     tracing::warn!(error = %e, "giving back a reservation lease failed; retrying later");
                     slot.lease().held += amount;
                     continue;

@@ -192,6 +192,11 @@ impl<B> MeteredStream<B> {
         }
     }
 
+    /// The stream ended, or [`FLUSH_AT`] bytes wait to be sent.
+    fn ready_to_send(&self) -> bool {
+        self.ended || self.out.iter().map(Bytes::len).sum::<usize>() >= FLUSH_AT
+    }
+
     /// Everything mapped so far as one frame (one write to the client instead of one per event).
     fn take_out(&mut self) -> Option<Bytes> {
         match self.out.len() {
@@ -270,7 +275,7 @@ where
     /// is armed).
     fn gather(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         loop {
-            if self.ended || self.out.iter().map(Bytes::len).sum::<usize>() >= FLUSH_AT {
+            if self.ready_to_send() {
                 return Poll::Ready(());
             }
             match self.upstream.as_mut().poll_frame(cx) {
@@ -343,7 +348,7 @@ where
             return;
         }
         loop {
-            if self.ended || self.out.iter().map(Bytes::len).sum::<usize>() >= FLUSH_AT {
+            if self.ready_to_send() {
                 return;
             }
             let before = self.out.len();

@@ -60,33 +60,36 @@ pub async fn reserve_balance(
     Ok(res.rows_affected == 1)
 }
 
-/// Gives back reserved amounts (a lease's spare).
-pub async fn release(
+/// Gives back `nanos` of the user's reserved balance (a lease's spare).
+pub async fn release_balance(
+    db: &impl ConnectionTrait,
+    user_id: &str,
+    nanos: i64,
+) -> Result<(), sea_orm::DbErr> {
+    users::Entity::update_many()
+        .col_expr(
+            users::Column::ReservedNanos,
+            Expr::col(users::Column::ReservedNanos).sub(nanos),
+        )
+        .filter(users::Column::Id.eq(user_id))
+        .exec(db)
+        .await?;
+    Ok(())
+}
+
+/// Gives back `nanos` of the key's reserved budget (a lease's spare).
+pub async fn release_key(
     db: &impl ConnectionTrait,
     key_id: &str,
-    key_nanos: i64,
-    user_id: &str,
-    user_nanos: i64,
+    nanos: i64,
 ) -> Result<(), sea_orm::DbErr> {
-    if key_nanos != 0 {
-        gateway_keys::Entity::update_many()
-            .col_expr(
-                gateway_keys::Column::ReservedNanos,
-                Expr::col(gateway_keys::Column::ReservedNanos).sub(key_nanos),
-            )
-            .filter(gateway_keys::Column::Id.eq(key_id))
-            .exec(db)
-            .await?;
-    }
-    if user_nanos != 0 {
-        users::Entity::update_many()
-            .col_expr(
-                users::Column::ReservedNanos,
-                Expr::col(users::Column::ReservedNanos).sub(user_nanos),
-            )
-            .filter(users::Column::Id.eq(user_id))
-            .exec(db)
-            .await?;
-    }
+    gateway_keys::Entity::update_many()
+        .col_expr(
+            gateway_keys::Column::ReservedNanos,
+            Expr::col(gateway_keys::Column::ReservedNanos).sub(nanos),
+        )
+        .filter(gateway_keys::Column::Id.eq(key_id))
+        .exec(db)
+        .await?;
     Ok(())
 }
