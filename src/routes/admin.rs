@@ -17,7 +17,6 @@ use crate::routes::{ClientIp, Paginated, rfc3339};
 use crate::settings::{self, SettingView, SettingsError};
 use crate::state::AppState;
 use crate::store;
-use crate::store::audit::AuditEntry;
 use crate::store::ledger::{self, LedgerError};
 use crate::validate;
 
@@ -34,28 +33,6 @@ pub fn router() -> OpenApiRouter<AppState> {
 }
 
 const STATUSES: [&str; 3] = ["pending_totp", "active", "disabled"];
-
-async fn audit(
-    state: &AppState,
-    admin: &AdminUser,
-    action: &str,
-    target: Option<String>,
-    ip: &ClientIp,
-    detail: Option<serde_json::Value>,
-) -> ApiResult<()> {
-    store::audit::record(
-        &state.db,
-        AuditEntry {
-            actor_id: Some(admin.id()),
-            action,
-            target,
-            ip: ip.string().as_deref(),
-            detail,
-        },
-    )
-    .await?;
-    Ok(())
-}
 
 async fn find_user(state: &AppState, id: &str) -> ApiResult<entity::users::Model> {
     store::users::find(&state.db, id)
@@ -153,12 +130,12 @@ async fn create_user(
         },
     )
     .await?;
-    audit(
+    super::audit(
         &state,
         &admin,
-        "admin.user.create",
-        Some(user_target(&created.user.id)),
         &ip,
+        "admin.user.create",
+        user_target(&created.user.id),
         Some(serde_json::json!({ "username": created.user.username, "role": role.as_str() })),
     )
     .await?;
@@ -306,16 +283,16 @@ async fn patch_user(
     if limits_changed {
         state.caches.invalidate_user(&id).await;
     }
-    audit(
+    super::audit(
         &state,
         &admin,
+        &ip,
         if disabling {
             "admin.user.disable"
         } else {
             "admin.user.update"
         },
-        Some(user_target(&id)),
-        &ip,
+        user_target(&id),
         Some(serde_json::Value::Object(detail)),
     )
     .await?;
@@ -351,12 +328,12 @@ async fn delete_user(
     .await?;
     let revoked = store::sessions::revoke_all(&state.db, &id, None).await?;
     state.caches.invalidate_user(&id).await;
-    audit(
+    super::audit(
         &state,
         &admin,
-        "admin.user.disable",
-        Some(user_target(&id)),
         &ip,
+        "admin.user.disable",
+        user_target(&id),
         Some(serde_json::json!({ "via": "delete", "sessions_revoked": revoked })),
     )
     .await?;
@@ -404,12 +381,12 @@ async fn reset_password(
     )
     .await?;
     let revoked = store::sessions::revoke_all(&state.db, &user.id, None).await?;
-    audit(
+    super::audit(
         &state,
         &admin,
-        "admin.user.reset_password",
-        Some(user_target(&user.id)),
         &ip,
+        "admin.user.reset_password",
+        user_target(&user.id),
         Some(serde_json::json!({ "sessions_revoked": revoked })),
     )
     .await?;
@@ -450,12 +427,12 @@ async fn reset_totp(
     .await?;
     let revoked = store::sessions::revoke_all(&state.db, &user.id, None).await?;
     state.caches.invalidate_user(&user.id).await;
-    audit(
+    super::audit(
         &state,
         &admin,
-        "admin.user.reset_totp",
-        Some(user_target(&user.id)),
         &ip,
+        "admin.user.reset_totp",
+        user_target(&user.id),
         Some(serde_json::json!({ "status": status, "sessions_revoked": revoked })),
     )
     .await?;
@@ -549,12 +526,12 @@ async fn adjust_balance(
         LedgerError::UserNotFound => ApiError::not_found("user"),
         LedgerError::Db(e) => e.into(),
     })?;
-    audit(
+    super::audit(
         &state,
         &admin,
-        "admin.user.balance",
-        Some(user_target(&user.id)),
         &ip,
+        "admin.user.balance",
+        user_target(&user.id),
         Some(serde_json::json!({
             "amount_usd": store::nanos_to_usd(amount),
             "balance_after_usd": store::nanos_to_usd(entry.balance_after_nanos),
@@ -673,12 +650,12 @@ async fn put_setting(
         .caches
         .apply(&crate::cache::Invalidation::Settings)
         .await;
-    audit(
+    super::audit(
         &state,
         &admin,
-        "settings.update",
-        Some(format!("setting:{key}")),
         &ip,
+        "settings.update",
+        format!("setting:{key}"),
         Some(serde_json::json!({ "key": key, "value": view.value })),
     )
     .await?;

@@ -10,7 +10,7 @@ use crate::accounts::session::AdminUser;
 use crate::error::{ApiResult, Json, Query};
 use crate::routes::Paginated;
 use crate::routes::usage::{
-    RecordsQuery, UsageRecordView, UsageReport, build_report, parse_group_by,
+    UsageRecordView, UsageReport, build_report, parse_group_by, usage_filter,
 };
 use crate::state::AppState;
 use crate::store::{self, PageReq, nanos_to_usd};
@@ -54,15 +54,13 @@ async fn usage_report(
     Query(q): Query<AdminUsageQuery>,
 ) -> ApiResult<Json<UsageReport>> {
     let group = parse_group_by(q.group_by.as_deref(), true)?;
-    let filter = RecordsQuery {
-        from: q.from,
-        to: q.to,
-        model: q.model,
-        key_id: q.key_id,
-        page: None,
-        per_page: None,
-    }
-    .filter(non_empty(q.user_id))?;
+    let filter = usage_filter(
+        q.from.as_deref(),
+        q.to.as_deref(),
+        q.model,
+        q.key_id,
+        non_empty(q.user_id),
+    )?;
     Ok(Json(build_report(&state, &filter, group).await?))
 }
 
@@ -102,15 +100,13 @@ async fn usage_records(
     Query(q): Query<AdminRecordsQuery>,
 ) -> ApiResult<Json<Paginated<AdminUsageRecordView>>> {
     let req = PageReq::new(q.page, q.per_page);
-    let filter = RecordsQuery {
-        from: q.from,
-        to: q.to,
-        model: q.model,
-        key_id: q.key_id,
-        page: None,
-        per_page: None,
-    }
-    .filter(non_empty(q.user_id))?;
+    let filter = usage_filter(
+        q.from.as_deref(),
+        q.to.as_deref(),
+        q.model,
+        q.key_id,
+        non_empty(q.user_id),
+    )?;
     let page = store::usage::records(&state.db, &filter, req).await?;
     Ok(Json(Paginated::new(page, req, |r| AdminUsageRecordView {
         user_id: r.user_id.clone(),

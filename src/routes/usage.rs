@@ -101,22 +101,32 @@ pub fn parse_time(param: &str, s: &str) -> ApiResult<DateTime<Utc>> {
 
 impl RecordsQuery {
     pub fn filter(&self, user_id: Option<String>) -> ApiResult<UsageFilter> {
-        Ok(UsageFilter {
+        usage_filter(
+            self.from.as_deref(),
+            self.to.as_deref(),
+            self.model.clone(),
+            self.key_id.clone(),
             user_id,
-            from: self
-                .from
-                .as_deref()
-                .map(|s| parse_time("from", s))
-                .transpose()?,
-            to: self
-                .to
-                .as_deref()
-                .map(|s| parse_time("to", s))
-                .transpose()?,
-            model: self.model.clone(),
-            key_id: self.key_id.clone(),
-        })
+        )
     }
+}
+
+/// The records a report or listing covers: `from`/`to` parsed (RFC 3339 or YYYY-MM-DD), the
+/// other filters as given; `user_id` `None` = every user.
+pub fn usage_filter(
+    from: Option<&str>,
+    to: Option<&str>,
+    model: Option<String>,
+    key_id: Option<String>,
+    user_id: Option<String>,
+) -> ApiResult<UsageFilter> {
+    Ok(UsageFilter {
+        user_id,
+        from: from.map(|s| parse_time("from", s)).transpose()?,
+        to: to.map(|s| parse_time("to", s)).transpose()?,
+        model,
+        key_id,
+    })
 }
 
 /// The signed-in user's usage records, newest first.
@@ -248,15 +258,13 @@ async fn my_usage(
     Query(q): Query<UsageQuery>,
 ) -> ApiResult<Json<UsageReport>> {
     let group = parse_group_by(q.group_by.as_deref(), false)?;
-    let filter = RecordsQuery {
-        from: q.from,
-        to: q.to,
-        model: q.model,
-        key_id: q.key_id,
-        page: None,
-        per_page: None,
-    }
-    .filter(Some(user.id().to_owned()))?;
+    let filter = usage_filter(
+        q.from.as_deref(),
+        q.to.as_deref(),
+        q.model,
+        q.key_id,
+        Some(user.id().to_owned()),
+    )?;
     Ok(Json(build_report(&state, &filter, group).await?))
 }
 
