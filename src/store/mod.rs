@@ -87,12 +87,27 @@ pub async fn connect(url: &str, max_connections: u32) -> anyhow::Result<Database
             .idle_timeout(None)
             .max_lifetime(None);
     }
-    Database::connect(opts).await.with_context(|| {
-        format!(
-            "connecting to the {} database",
-            DbKind::from_url(&url).map_or("?", |k| k.as_str())
-        )
-    })
+    // Opening a SQLite file switches it to WAL, which needs a moment of exclusive access: a second
+    // process opening the same fresh file at that instant gets SQLITE_BUSY from the pragma
+    // (the busy timeout does not cover it). Retry briefly instead of failing the start.
+    let sqlite = url.starts_with("sqlite:");
+    let mut attempts = 0;
+    loop {
+        match Database::connect(opts.clone()).await {
+            Err(e) if sqlite && attempts < 50 && e.to_string().contains("database is locked") => {
+                attempts += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            res => {
+                return res.with_context(|| {
+                    format!(
+                        "connecting to the {} database",
+                        DbKind::from_url(&url).map_or("?", |k| k.as_str())
+                    )
+                });
+            }
+        }
+    }
 }
 
 /// Applies pending migrations under a cross-process lock, so replicas starting together on one
