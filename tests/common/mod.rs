@@ -97,6 +97,23 @@ impl Drop for TestDb {
                 let sql = if admin.starts_with("postgres") {
                     format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")
                 } else {
+                    // MySQL has no FORCE: end the test's own connections first. A replica of the
+                    // test may still hold a usage batch's transaction, and this thread blocks the
+                    // test's runtime, so waiting for it to commit would wait forever.
+                    let ids = db
+                        .query_all_raw(sea_orm::Statement::from_string(
+                            sea_orm::DbBackend::MySql,
+                            format!(
+                                "SELECT id FROM information_schema.processlist WHERE db = '{name}'"
+                            ),
+                        ))
+                        .await
+                        .unwrap_or_default();
+                    for row in ids {
+                        if let Ok(id) = row.try_get_by_index::<u64>(0) {
+                            let _ = db.execute_unprepared(&format!("KILL {id}")).await;
+                        }
+                    }
                     format!("DROP DATABASE IF EXISTS {name}")
                 };
                 db.execute_unprepared(&sql).await.ok()?;
