@@ -110,7 +110,12 @@ impl Drop for TestDb {
                         .await
                         .unwrap_or_default();
                     for row in ids {
-                        if let Ok(id) = row.try_get_by_index::<u64>(0) {
+                        // MariaDB reports the id signed, MySQL unsigned.
+                        let id = row
+                            .try_get_by_index::<i64>(0)
+                            .ok()
+                            .or_else(|| row.try_get_by_index::<u64>(0).ok().map(|v| v as i64));
+                        if let Some(id) = id {
                             let _ = db.execute_unprepared(&format!("KILL {id}")).await;
                         }
                     }
