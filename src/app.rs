@@ -129,7 +129,11 @@ impl App {
             jwt: accounts::tokens::JwtKeys::new(&secrets.jwt_secret),
             metrics,
             caches,
-            http: upstream::client(&config.upstream, config.security.allow_private_base_urls)?,
+            http: upstream::client(
+                &config.upstream,
+                config.security.allow_private_base_urls,
+                config.workers(),
+            )?,
             limiters: Limiters::new().with_shared(cluster.shared_limits()),
             cluster,
             usage,

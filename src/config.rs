@@ -58,6 +58,8 @@ pub struct ServerConfig {
     pub trust_forwarded_for: bool,
     /// `json` (default) or `pretty`.
     pub log_format: String,
+    /// Threads that serve connections, each with its own event loop; 0 = one per CPU.
+    pub workers: usize,
 }
 
 impl Default for ServerConfig {
@@ -71,6 +73,7 @@ impl Default for ServerConfig {
             shutdown_drain_secs: 30,
             trust_forwarded_for: false,
             log_format: "json".into(),
+            workers: 0,
         }
     }
 }
@@ -284,6 +287,14 @@ impl Config {
         Ok(cfg)
     }
 
+    /// `server.workers`, with 0 resolved to the number of CPUs this process may use.
+    pub fn workers(&self) -> usize {
+        match self.server.workers {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        }
+    }
+
     /// Checks what serde cannot; every message names the key.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.listen_addr()?;
@@ -294,6 +305,12 @@ impl Config {
             return Err(invalid(
                 "server.log_format",
                 "must be \"json\" or \"pretty\"",
+            ));
+        }
+        if self.server.workers > 1024 {
+            return Err(invalid(
+                "server.workers",
+                "must be at most 1024 (0 = one per CPU)",
             ));
         }
         let url = self.database.url.expose_secret();

@@ -1,9 +1,17 @@
 //! `serve(listener, app, shutdown)`: the seam `main` and the tests share.
 //!
+//! Connections are served by `server.workers` threads, each running its own single-threaded
+//! runtime; the accept loop hands each new connection to the next worker in turn. A request, its
+//! upstream connection (each worker has its own pool) and that connection's task then live on one
+//! thread, so handing a body from one to the other is a queue push rather than a cross-thread
+//! wake-up — the shape nginx has. Background work (the usage writer, retention, the invalidation
+//! listener) stays on the main runtime.
+//!
 //! On shutdown it stops accepting, lets in-flight requests and streams finish (bounded by
 //! `server.shutdown_drain_secs`), aborts what is still open after that (their metered bodies are
 //! dropped, which meters them), and finally flushes every pending usage record.
 
+use std::cell::Cell;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -13,7 +21,9 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto::Builder;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::runtime::Handle;
+use tokio::sync::oneshot;
 use tokio::task::JoinSet;
 use tower::ServiceExt;
 
@@ -42,6 +52,7 @@ pub async fn serve(
         .timer(hyper_util::rt::TokioTimer::new())
         .keep_alive(true);
     builder.http2().timer(hyper_util::rt::TokioTimer::new());
+    let mut workers = Workers::start(state.config.workers())?;
     let mut shutdown = std::pin::pin!(shutdown);
 
     loop {
@@ -57,18 +68,33 @@ pub async fn serve(
                     }
                 };
                 let _ = stream.set_nodelay(true);
+                // Re-registered with the worker's reactor below.
+                let stream = match stream.into_std() {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "handing a connection to a worker");
+                        continue;
+                    }
+                };
                 let svc = router.clone().map_request(move |req: http::Request<hyper::body::Incoming>| {
                     let mut req = req.map(axum::body::Body::new);
                     req.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
                     req
                 });
-                let conn = builder
-                    .serve_connection_with_upgrades(TokioIo::new(stream), TowerToHyperService::new(svc))
-                    .into_owned();
-                let conn = graceful.watch(conn);
-                connections.spawn(async move {
-                    let _ = conn.await;
-                });
+                let (builder, watcher) = (builder.clone(), graceful.watcher());
+                connections.spawn_on(
+                    async move {
+                        let Ok(stream) = TcpStream::from_std(stream) else {
+                            return;
+                        };
+                        let conn = builder.serve_connection_with_upgrades(
+                            TokioIo::new(stream),
+                            TowerToHyperService::new(svc),
+                        );
+                        let _ = watcher.watch(conn).await;
+                    },
+                    workers.next(),
+                );
                 // Reap finished connection tasks so the set does not grow.
                 while connections.try_join_next().is_some() {}
             }
@@ -98,8 +124,72 @@ pub async fn serve(
         tracing::warn!(error = %e, "closing the database pool");
     }
     drop(state);
+    // Last: database connections opened on a worker are registered with its reactor.
+    let _ = tokio::task::spawn_blocking(move || workers.stop()).await;
     tracing::info!("stopped; usage records flushed");
     Ok(())
+}
+
+thread_local! {
+    static WORKER: Cell<usize> = const { Cell::new(0) };
+}
+
+/// The server worker running on this thread (0 off the workers), to pick per-worker resources.
+pub fn worker() -> usize {
+    WORKER.with(Cell::get)
+}
+
+/// The worker threads, each blocked in its runtime until stopped. Stopping (or dropping) ends
+/// each runtime, which drops whatever is still spawned on it.
+struct Workers {
+    handles: Vec<Handle>,
+    stops: Vec<oneshot::Sender<()>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    next: usize,
+}
+
+impl Workers {
+    fn start(n: usize) -> anyhow::Result<Self> {
+        let mut workers = Workers {
+            handles: Vec::with_capacity(n),
+            stops: Vec::with_capacity(n),
+            threads: Vec::with_capacity(n),
+            next: 0,
+        };
+        for i in 0..n.max(1) {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let (stop, stopped) = oneshot::channel::<()>();
+            workers.handles.push(rt.handle().clone());
+            workers.stops.push(stop);
+            workers.threads.push(
+                std::thread::Builder::new()
+                    .name(format!("tollgate-worker-{i}"))
+                    .spawn(move || {
+                        WORKER.with(|w| w.set(i));
+                        rt.block_on(async {
+                            let _ = stopped.await;
+                        });
+                    })?,
+            );
+        }
+        Ok(workers)
+    }
+
+    /// The worker for the next connection, in turn.
+    fn next(&mut self) -> &Handle {
+        self.next = (self.next + 1) % self.handles.len();
+        &self.handles[self.next]
+    }
+
+    /// Ends the runtimes and waits for their threads.
+    fn stop(mut self) {
+        self.stops.clear();
+        for t in std::mem::take(&mut self.threads) {
+            let _ = t.join();
+        }
+    }
 }
 
 /// Resolves on SIGINT or SIGTERM. The handlers are installed when this is called (not when the

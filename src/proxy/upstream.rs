@@ -1,6 +1,9 @@
 //! ④ upstream: pooled hyper clients (rustls for https, plain http for local upstreams;
 //! HTTP/1.1 and HTTP/2 by ALPN), with connect and first-byte timeouts.
 //!
+//! Each server worker has its own pools (`crate::server::worker`), so a request, its upstream
+//! connection and that connection's task stay on one thread.
+//!
 //! Two pools: admins' provider base URLs are trusted (a local Ollama on 127.0.0.1 is fine), while
 //! a user's own `base_url` goes through a resolver that refuses private, loopback and link-local
 //! addresses at connect time too — the check at save time alone would let DNS rebinding through.
@@ -29,19 +32,24 @@ use crate::proxy::route::Route;
 
 type Pool<R> = Client<HttpsConnector<HttpConnector<R>>, Full<Bytes>>;
 
-/// The upstream clients.
+/// The upstream clients, one pair per server worker.
 #[derive(Clone)]
 pub struct HttpClient {
+    workers: std::sync::Arc<[Pools]>,
+}
+
+struct Pools {
     trusted: Pool<GaiResolver>,
     guarded: Pool<GuardedResolver>,
 }
 
 impl HttpClient {
     fn request(&self, req: Request<Full<Bytes>>, guarded: bool) -> ResponseFuture {
+        let pools = &self.workers[crate::server::worker() % self.workers.len()];
         if guarded {
-            self.guarded.request(req)
+            pools.guarded.request(req)
         } else {
-            self.trusted.request(req)
+            pools.trusted.request(req)
         }
     }
 }
@@ -80,10 +88,22 @@ impl tower::Service<Name> for GuardedResolver {
     }
 }
 
-pub fn client(cfg: &UpstreamConfig, allow_private: bool) -> anyhow::Result<HttpClient> {
+/// Pools for `workers` server workers (at least one).
+pub fn client(
+    cfg: &UpstreamConfig,
+    allow_private: bool,
+    workers: usize,
+) -> anyhow::Result<HttpClient> {
+    let workers = (0..workers.max(1))
+        .map(|_| {
+            Ok(Pools {
+                trusted: pool(cfg, GaiResolver::new())?,
+                guarded: pool(cfg, GuardedResolver { allow_private })?,
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
     Ok(HttpClient {
-        trusted: pool(cfg, GaiResolver::new())?,
-        guarded: pool(cfg, GuardedResolver { allow_private })?,
+        workers: workers.into(),
     })
 }
 
