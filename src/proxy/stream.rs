@@ -163,6 +163,8 @@ pub struct MeteredStream<B> {
     idle: Pin<Box<Sleep>>,
     idle_timeout: Duration,
     last_data: tokio::time::Instant,
+    /// Data frames read from the upstream so far (progress, even when an event is dropped).
+    received: u64,
     ended: bool,
     active_streams: prometheus::IntGauge,
 }
@@ -187,6 +189,7 @@ impl<B> MeteredStream<B> {
             idle: Box::pin(tokio::time::sleep(limits.idle_timeout)),
             idle_timeout: limits.idle_timeout,
             last_data: tokio::time::Instant::now(),
+            received: 0,
             ended: false,
             active_streams,
         }
@@ -287,6 +290,7 @@ where
                         m.mark_first_byte();
                     }
                     self.last_data = tokio::time::Instant::now();
+                    self.received += 1;
                     self.scanner.push(&data);
                     while let Some(ev) = self.scanner.next_event() {
                         self.handle_event(ev);
@@ -347,18 +351,22 @@ where
         if tokio::time::timeout(wait, first).await.is_err() {
             return;
         }
+        // hyper's client hands the body over one chunk per turn of its connection task, so keep
+        // yielding to it while each turn brings more: a stream that is already complete upstream
+        // then leaves in one write, closing chunk included. Progress is counted in upstream
+        // frames, not mapped events, since some events (the injected usage chunk) are dropped.
         loop {
             if self.ready_to_send() {
                 return;
             }
-            let before = self.out.len();
+            let before = self.received;
             tokio::task::yield_now().await;
             std::future::poll_fn(|cx| {
                 let _ = self.gather(cx);
                 Poll::Ready(())
             })
             .await;
-            if self.out.len() == before {
+            if self.received == before {
                 return;
             }
         }
