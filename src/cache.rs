@@ -229,11 +229,48 @@ impl Expiry<String, KeyEntry> for KeyExpiry {
     }
 }
 
+/// How long a [`Snapshot`] may serve its copy before asking its cache again.
+const SNAPSHOT_TTL: Duration = Duration::from_secs(1);
+
+/// The value of a single-entry cache as a hit reads it twice per request, without moka's
+/// hashing and read bookkeeping: valid while no invalidation happened since it was taken (the
+/// generation did not move) and for at most [`SNAPSHOT_TTL`].
+struct Snapshot<V>(std::sync::RwLock<Option<(u64, Instant, V)>>);
+
+impl<V: Clone> Snapshot<V> {
+    fn new() -> Self {
+        Self(std::sync::RwLock::new(None))
+    }
+
+    fn get(&self, generation: u64) -> Option<V> {
+        let held = self
+            .0
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match &*held {
+            Some((g, until, v)) if *g == generation && Instant::now() < *until => Some(v.clone()),
+            _ => None,
+        }
+    }
+
+    /// `generation` is the one read before the value was fetched, so a value fetched across an
+    /// invalidation is never served.
+    fn set(&self, generation: u64, v: V) {
+        *self
+            .0
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) =
+            Some((generation, Instant::now() + SNAPSHOT_TTL, v));
+    }
+}
+
 struct Inner {
     gateway_keys: Cache<String, KeyEntry>,
     catalog: Cache<(), Arc<Catalog>>,
+    catalog_snapshot: Snapshot<Arc<Catalog>>,
     /// Runtime settings the hot path reads (default rate limits).
     defaults: Cache<(), RuntimeDefaults>,
+    defaults_snapshot: Snapshot<RuntimeDefaults>,
     provider_keys: Cache<ProviderKeyCacheKey, Option<Arc<ProviderKeyEntry>>>,
     /// Bumped by every invalidation (see the module comment).
     generation: AtomicU64,
@@ -283,11 +320,13 @@ impl Caches {
                     .max_capacity(1)
                     .time_to_live(TTL)
                     .build(),
+                catalog_snapshot: Snapshot::new(),
                 defaults: Cache::builder()
                     .name("runtime_defaults")
                     .max_capacity(1)
                     .time_to_live(TTL)
                     .build(),
+                defaults_snapshot: Snapshot::new(),
                 provider_keys: Cache::builder()
                     .name("provider_keys")
                     .max_capacity(MAX_PROVIDER_KEYS)
@@ -342,15 +381,23 @@ impl Caches {
 
     /// The whole catalog (providers and models, active or not).
     pub async fn catalog(&self, db: &DatabaseConnection) -> Result<Arc<Catalog>, DbErr> {
-        if let Some(hit) = self.inner.catalog.get(&()).await {
+        let generation = self.inner.generation.load(Ordering::SeqCst);
+        if let Some(hit) = self.inner.catalog_snapshot.get(generation) {
             return Ok(hit);
         }
-        self.load(&self.inner.catalog, (), async {
-            let providers = store::providers::all(db).await?;
-            let models = store::models::all(db).await?;
-            Ok(Arc::new(Catalog::new(models, providers)))
-        })
-        .await
+        let catalog = match self.inner.catalog.get(&()).await {
+            Some(hit) => hit,
+            None => {
+                self.load(&self.inner.catalog, (), async {
+                    let providers = store::providers::all(db).await?;
+                    let models = store::models::all(db).await?;
+                    Ok(Arc::new(Catalog::new(models, providers)))
+                })
+                .await?
+            }
+        };
+        self.inner.catalog_snapshot.set(generation, catalog.clone());
+        Ok(catalog)
     }
 
     /// The runtime default rate limits (settings table over config), cached like the catalog.
@@ -359,16 +406,24 @@ impl Caches {
         db: &DatabaseConnection,
         config: &crate::config::Config,
     ) -> Result<RuntimeDefaults, DbErr> {
-        if let Some(hit) = self.inner.defaults.get(&()).await {
+        let generation = self.inner.generation.load(Ordering::SeqCst);
+        if let Some(hit) = self.inner.defaults_snapshot.get(generation) {
             return Ok(hit);
         }
-        self.load(&self.inner.defaults, (), async {
-            Ok(RuntimeDefaults {
-                user_rpm: crate::settings::default_user_rpm(db, config).await?,
-                key_rpm: crate::settings::default_key_rpm(db, config).await?,
-            })
-        })
-        .await
+        let defaults = match self.inner.defaults.get(&()).await {
+            Some(hit) => hit,
+            None => {
+                self.load(&self.inner.defaults, (), async {
+                    Ok(RuntimeDefaults {
+                        user_rpm: crate::settings::default_user_rpm(db, config).await?,
+                        key_rpm: crate::settings::default_key_rpm(db, config).await?,
+                    })
+                })
+                .await?
+            }
+        };
+        self.inner.defaults_snapshot.set(generation, defaults);
+        Ok(defaults)
     }
 
     /// The provider key a request by `user_id` to `provider` uses: the user's own newest active
