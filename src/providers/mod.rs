@@ -4,6 +4,7 @@
 //! Gemini, Azure) are added as new files implementing the same trait.
 
 pub mod openai;
+pub mod scan;
 
 use bytes::Bytes;
 use http::HeaderMap;
@@ -70,10 +71,14 @@ pub trait Adapter: Send + Sync + 'static {
         req: &crate::proxy::request::RequestView<'_>,
         upstream_model: &str,
     ) -> Bytes;
-    /// A complete (non-streamed) success body, with `model` reported as the client's name.
-    fn map_response(&self, body: Bytes, client_model: &str, upstream_model: &str) -> Bytes;
-    /// Usage in a complete body.
-    fn usage_of(&self, body: &[u8]) -> Option<Usage>;
+    /// A complete (non-streamed) success body, with `model` reported as the client's name, and
+    /// the usage it reports (one parse for both).
+    fn map_response(
+        &self,
+        body: Bytes,
+        client_model: &str,
+        upstream_model: &str,
+    ) -> (Bytes, Option<Usage>);
     /// One streamed event's `data:` payload: its usage, and what the client should see of it.
     fn map_event(&self, data: &[u8], ctx: &EventCtx<'_>) -> MappedEvent;
 }

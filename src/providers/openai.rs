@@ -5,7 +5,7 @@ use http::{HeaderMap, HeaderValue, header};
 use serde::Deserialize;
 use serde::de::IgnoredAny;
 
-use super::{Adapter, Endpoint, EventCtx, EventOut, MappedEvent, Usage};
+use super::{Adapter, Endpoint, EventCtx, EventOut, MappedEvent, Usage, scan};
 use crate::proxy::request::RequestView;
 
 pub struct OpenAi;
@@ -41,12 +41,6 @@ impl From<WireUsage> for Usage {
 }
 
 #[derive(Deserialize)]
-struct WithUsage {
-    #[serde(default)]
-    usage: Option<WireUsage>,
-}
-
-#[derive(Deserialize)]
 struct ChunkChoice {
     #[serde(default)]
     delta: Option<Delta>,
@@ -66,42 +60,19 @@ struct Delta {
 
 /// Replaces the top-level `"model"` value and/or removes the top-level `"usage"` of a JSON object,
 /// copying every other field verbatim. `None` when the input is not a JSON object.
-fn edit_top_level(body: &[u8], model: Option<&str>, drop_usage: bool) -> Option<Vec<u8>> {
-    let fields = crate::proxy::request::top_level_fields(body)?;
-    Some(write_fields(&fields, body.len(), model, drop_usage))
-}
-
 /// Writes an object's top-level fields back out, with `model` replaced and/or `usage` dropped.
-fn write_fields(
-    fields: &[(std::borrow::Cow<'_, str>, &serde_json::value::RawValue)],
-    size_hint: usize,
-    model: Option<&str>,
-    drop_usage: bool,
-) -> Vec<u8> {
-    let mut out = Vec::with_capacity(size_hint + 16);
-    out.push(b'{');
-    let mut first = true;
-    for (k, v) in fields {
-        if drop_usage && k == "usage" {
-            continue;
-        }
-        if !first {
-            out.push(b',');
-        }
-        first = false;
-        let _ = serde_json::to_writer(&mut out, k.as_ref());
-        out.push(b':');
-        match (k.as_ref(), model) {
-            ("model", Some(m)) => {
-                let _ = serde_json::to_writer(&mut out, m);
-            }
-            _ => out.extend_from_slice(v.get().as_bytes()),
-        }
-    }
-    out.push(b'}');
-    out
+/// A usage object (`null` or unreadable: none).
+fn usage_in(value: &[u8]) -> Option<Usage> {
+    serde_json::from_slice::<Option<WireUsage>>(value)
+        .ok()
+        .flatten()
+        .map(Usage::from)
 }
 
+/// `name` as a JSON string.
+fn model_json(name: &str) -> Vec<u8> {
+    serde_json::to_vec(name).unwrap_or_else(|_| b"\"\"".to_vec())
+}
 impl Adapter for OpenAi {
     fn url(&self, base_url: &str, endpoint: Endpoint) -> String {
         format!("{}{}", base_url.trim_end_matches('/'), endpoint.path())
@@ -119,21 +90,28 @@ impl Adapter for OpenAi {
         Bytes::from(req.rewrite(upstream_model))
     }
 
-    fn map_response(&self, body: Bytes, client_model: &str, upstream_model: &str) -> Bytes {
-        if client_model == upstream_model || memchr::memmem::find(&body, b"\"model\"").is_none() {
-            return body;
+    fn map_response(
+        &self,
+        body: Bytes,
+        client_model: &str,
+        upstream_model: &str,
+    ) -> (Bytes, Option<Usage>) {
+        let Some(members) = scan::top_level_members(&body) else {
+            return (body, None);
+        };
+        let usage = members
+            .iter()
+            .find(|m| m.is("usage"))
+            .and_then(|m| usage_in(m.value));
+        let rename = client_model != upstream_model && members.iter().any(|m| m.is("model"));
+        if !rename {
+            return (body, usage);
         }
-        match edit_top_level(&body, Some(client_model), false) {
-            Some(v) => Bytes::from(v),
-            None => body,
-        }
-    }
-
-    fn usage_of(&self, body: &[u8]) -> Option<Usage> {
-        serde_json::from_slice::<WithUsage>(body)
-            .ok()?
-            .usage
-            .map(Usage::from)
+        let model = model_json(client_model);
+        let out = scan::edit_members(&body, &members, |m| {
+            m.is("model").then(|| Some(model.clone()))
+        });
+        (Bytes::from(out), usage)
     }
 
     fn map_event(&self, data: &[u8], ctx: &EventCtx<'_>) -> MappedEvent {
@@ -142,27 +120,19 @@ impl Adapter for OpenAi {
         }
         // One pass over the chunk: its top-level fields, raw; then only `choices` and `usage`
         // are read, and a rewrite copies the other fields from that same pass.
-        let Some(fields) = crate::proxy::request::top_level_fields(data) else {
-            // Not ours to judge: pass through what the upstream sent.
+        let Some(members) = scan::top_level_members(data) else {
             return MappedEvent::default();
         };
         let mut choices: Vec<ChunkChoice> = Vec::new();
         let mut usage = None;
-        for (k, v) in &fields {
-            match k.as_ref() {
-                "choices" => {
-                    choices = serde_json::from_str::<Option<Vec<ChunkChoice>>>(v.get())
-                        .ok()
-                        .flatten()
-                        .unwrap_or_default();
-                }
-                "usage" => {
-                    usage = serde_json::from_str::<Option<WireUsage>>(v.get())
-                        .ok()
-                        .flatten()
-                        .map(Usage::from);
-                }
-                _ => {}
+        for m in &members {
+            if m.is("choices") {
+                choices = serde_json::from_slice::<Option<Vec<ChunkChoice>>>(m.value)
+                    .ok()
+                    .flatten()
+                    .unwrap_or_default();
+            } else if m.is("usage") {
+                usage = usage_in(m.value);
             }
         }
         let has_output = choices.iter().any(|c| {
@@ -181,12 +151,16 @@ impl Adapter for OpenAi {
         }
         let rename = ctx.client_model != ctx.upstream_model;
         let out = if rename || strip_usage {
-            EventOut::Replace(write_fields(
-                &fields,
-                data.len(),
-                rename.then_some(ctx.client_model),
-                strip_usage,
-            ))
+            let model = rename.then(|| model_json(ctx.client_model));
+            EventOut::Replace(scan::edit_members(data, &members, |m| {
+                if strip_usage && m.is("usage") {
+                    Some(None)
+                } else if m.is("model") {
+                    model.clone().map(Some)
+                } else {
+                    None
+                }
+            }))
         } else {
             EventOut::Unchanged
         };
@@ -257,17 +231,27 @@ mod tests {
     #[test]
     fn response_model_is_renamed_and_usage_read() {
         let body = Bytes::from_static(br#"{"id":"x","model":"theirs","usage":{"prompt_tokens":5,"completion_tokens":2,"total_tokens":7}}"#);
+        let (out, usage) = OpenAi.map_response(body.clone(), "mine", "theirs");
         assert_eq!(
-            OpenAi.usage_of(&body),
+            usage,
             Some(Usage {
                 prompt: 5,
                 completion: 2,
                 cached: 0
             })
         );
-        let out = OpenAi.map_response(body, "mine", "theirs");
         let v: serde_json::Value = serde_json::from_slice(&out).expect("json");
         assert_eq!(v["model"], "mine");
         assert_eq!(v["usage"]["total_tokens"], 7);
+        // Same name both ways: the body goes through untouched, usage still read.
+        let (same, usage) = OpenAi.map_response(body.clone(), "theirs", "theirs");
+        assert_eq!(same, body);
+        assert_eq!(usage.map(|u| u.prompt), Some(5));
+        // Not JSON: untouched, no usage.
+        let junk = Bytes::from_static(b"not json");
+        assert_eq!(
+            OpenAi.map_response(junk.clone(), "mine", "theirs"),
+            (junk, None)
+        );
     }
 }

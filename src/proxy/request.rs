@@ -45,11 +45,6 @@ impl<'de> de::Deserialize<'de> for Fields<'de> {
     }
 }
 
-/// The top-level fields of a JSON object, in order, values raw; `None` when not an object.
-pub fn top_level_fields(body: &[u8]) -> Option<Vec<(std::borrow::Cow<'_, str>, &RawValue)>> {
-    serde_json::from_slice::<Fields<'_>>(body).ok().map(|f| f.0)
-}
-
 impl<'a> RequestView<'a> {
     pub fn parse(body: &'a [u8]) -> Result<Self, ApiError> {
         let Fields(fields) = serde_json::from_slice(body).map_err(|e| {
