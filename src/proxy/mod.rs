@@ -51,6 +51,17 @@ pub async fn forward(
     ip: Option<IpAddr>,
     req: Request<Body>,
 ) -> Response {
+    // The stages' state is kilobytes; boxed once here, it is not copied each time the layers
+    // above move their futures (callgrind counted ~20,000 instructions of memcpy per request).
+    Box::pin(run(state, endpoint, ip, req)).await
+}
+
+async fn run(
+    state: AppState,
+    endpoint: Endpoint,
+    ip: Option<IpAddr>,
+    req: Request<Body>,
+) -> Response {
     let (parts, body) = req.into_parts();
     let request_id = parts
         .headers
@@ -251,10 +262,10 @@ pub async fn forward(
         }
     };
     let out_body = if status.is_success() {
-        let usage = route.adapter.usage_of(&body);
-        let mapped = route
-            .adapter
-            .map_response(body.clone(), &view.model, &m.upstream_model);
+        let (mapped, usage) =
+            route
+                .adapter
+                .map_response(body.clone(), &view.model, &m.upstream_model);
         let kept = if usage.is_none() {
             vec![body]
         } else {
