@@ -66,7 +66,10 @@ pub async fn edge(State(state): State<AppState>, req: Request, next: Next) -> Re
     let latency_ms = elapsed.as_secs_f64() * 1000.0;
     if let Some(ErrorDetail(detail)) = resp.extensions().get::<ErrorDetail>() {
         tracing::error!(%method, %path, status = status.as_u16(), latency_ms, request_id, error = %detail, "request failed");
-    } else if path != "/health" && path != "/metrics" {
+    } else if path != "/health"
+        && path != "/metrics"
+        && !crate::telemetry::access_line(&method, &path, status.as_u16(), latency_ms, &request_id)
+    {
         tracing::info!(%method, %path, status = status.as_u16(), latency_ms, request_id, "request");
     }
     resp

@@ -26,16 +26,79 @@ pub fn init_logging(format: &str) -> LogGuard {
         .with_env_filter(filter)
         .with_writer(writer);
     // Ignore the error: a test may have installed one already.
-    let _ = if format == "pretty" {
-        builder.try_init()
-    } else {
-        builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
-            .try_init()
-    };
+    if format == "pretty" {
+        let _ = builder.try_init();
+    } else if builder
+        .json()
+        .flatten_event(true)
+        .with_current_span(false)
+        .try_init()
+        .is_ok()
+    {
+        let _ = ACCESS_LOG.set(writer_for_access_lines(&guard));
+    }
     guard
+}
+
+/// Where [`access_line`] writes: the JSON subscriber's own buffer, once that is installed.
+static ACCESS_LOG: std::sync::OnceLock<LogWriter> = std::sync::OnceLock::new();
+
+fn writer_for_access_lines(guard: &LogGuard) -> LogWriter {
+    LogWriter(guard.shared.clone())
+}
+
+/// Logs one request's access line (`message: "request"`, target `tollgate::edge`) straight into
+/// the log buffer, byte for byte as the JSON subscriber writes any event, when that subscriber
+/// is installed and the line is enabled. tracing's JSON formatter spent ~16,000 instructions on
+/// this line (callgrind), a tenth of a request. `false`: log it through `tracing` instead
+/// (pretty format, or no global subscriber as in tests).
+pub fn access_line(
+    method: &http::Method,
+    path: &str,
+    status: u16,
+    latency_ms: f64,
+    request_id: &str,
+) -> bool {
+    let Some(writer) = ACCESS_LOG.get() else {
+        return false;
+    };
+    if !tracing::enabled!(target: "tollgate::edge", tracing::Level::INFO) {
+        return true;
+    }
+    thread_local! {
+        static LINE: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    LINE.with(|line| {
+        let mut l = line.borrow_mut();
+        l.clear();
+        let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+        write_access_line(&mut l, &now, method, path, status, latency_ms, request_id);
+        writer.push(&l);
+    });
+    true
+}
+
+/// The access line as the JSON subscriber formats it (see the test that compares the two).
+fn write_access_line(
+    l: &mut Vec<u8>,
+    timestamp: &str,
+    method: &http::Method,
+    path: &str,
+    status: u16,
+    latency_ms: f64,
+    request_id: &str,
+) {
+    l.extend_from_slice(b"{\"timestamp\":");
+    let _ = serde_json::to_writer(&mut *l, timestamp);
+    l.extend_from_slice(b",\"level\":\"INFO\",\"message\":\"request\",\"method\":");
+    let _ = serde_json::to_writer(&mut *l, method.as_str());
+    l.extend_from_slice(b",\"path\":");
+    let _ = serde_json::to_writer(&mut *l, path);
+    let _ = write!(l, ",\"status\":{status},\"latency_ms\":");
+    let _ = serde_json::to_writer(&mut *l, &latency_ms);
+    l.extend_from_slice(b",\"request_id\":");
+    let _ = serde_json::to_writer(&mut *l, request_id);
+    l.extend_from_slice(b",\"target\":\"tollgate::edge\"}\n");
 }
 
 /// How often buffered log lines are written out.
@@ -117,8 +180,9 @@ impl LogWriter {
     }
 }
 
-impl Write for LogWriter {
-    fn write(&mut self, line: &[u8]) -> std::io::Result<usize> {
+impl LogWriter {
+    /// Appends one formatted line (or counts it as dropped past the cap).
+    fn push(&self, line: &[u8]) {
         let mut st = self.0.state.lock().unwrap_or_else(PoisonError::into_inner);
         if st.bytes.len() + line.len() > LOG_BUFFER_CAP {
             st.dropped += 1;
@@ -128,6 +192,12 @@ impl Write for LogWriter {
                 self.0.wake.notify_one();
             }
         }
+    }
+}
+
+impl Write for LogWriter {
+    fn write(&mut self, line: &[u8]) -> std::io::Result<usize> {
+        self.push(line);
         Ok(line.len())
     }
 
@@ -362,6 +432,54 @@ mod tests {
         fn flush(&mut self) -> std::io::Result<()> {
             Ok(())
         }
+    }
+
+    impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Sink {
+        type Writer = Sink;
+        fn make_writer(&'a self) -> Sink {
+            self.clone()
+        }
+    }
+
+    /// The access line written by hand is the line the JSON subscriber writes for the same
+    /// event, timestamp aside.
+    #[test]
+    fn access_line_matches_the_json_subscriber() {
+        let sink = Sink::default();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(sink.clone())
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .finish();
+        let method = http::Method::POST;
+        let (path, request_id, latency_ms) = ("/v1/chat/\"x\"\u{e9}\t", "id-\\1", 0.030966_f64);
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::info!(target: "tollgate::edge", %method, %path, status = 200u16, latency_ms, request_id, "request");
+        });
+        let from_tracing = String::from_utf8(
+            sink.0
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone(),
+        )
+        .unwrap_or_default();
+        let ts = from_tracing
+            .split("\"timestamp\":\"")
+            .nth(1)
+            .and_then(|r| r.split('"').next())
+            .unwrap_or_default()
+            .to_owned();
+        assert!(ts.ends_with('Z') && ts.len() == 27, "{from_tracing}");
+        let mut mine = Vec::new();
+        write_access_line(&mut mine, &ts, &method, path, 200, latency_ms, request_id);
+        assert_eq!(String::from_utf8(mine).unwrap_or_default(), from_tracing);
+        // And our timestamp has the same shape.
+        let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+        assert_eq!(
+            (now.len(), now.as_bytes()[10], now.ends_with('Z')),
+            (27, b'T', true)
+        );
     }
 
     #[test]
