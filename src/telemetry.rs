@@ -434,6 +434,17 @@ mod tests {
         }
     }
 
+    impl Sink {
+        fn text(&self) -> String {
+            let bytes = self
+                .0
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone();
+            String::from_utf8(bytes).unwrap_or_default()
+        }
+    }
+
     impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Sink {
         type Writer = Sink;
         fn make_writer(&'a self) -> Sink {
@@ -457,13 +468,7 @@ mod tests {
         tracing::subscriber::with_default(subscriber, || {
             tracing::info!(target: "tollgate::edge", %method, %path, status = 200u16, latency_ms, request_id, "request");
         });
-        let from_tracing = String::from_utf8(
-            sink.0
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .clone(),
-        )
-        .unwrap_or_default();
+        let from_tracing = sink.text();
         let ts = from_tracing
             .split("\"timestamp\":\"")
             .nth(1)
@@ -500,13 +505,7 @@ mod tests {
             t.join().ok();
         }
         drop(guard);
-        let out = String::from_utf8(
-            sink.0
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .clone(),
-        )
-        .unwrap_or_default();
+        let out = sink.text();
         let lines: Vec<&str> = out.lines().collect();
         assert_eq!(lines.len(), 4000, "every line arrives, whole");
         for t in 0..4 {

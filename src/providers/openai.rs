@@ -58,9 +58,6 @@ struct Delta {
     refusal: Option<IgnoredAny>,
 }
 
-/// Replaces the top-level `"model"` value and/or removes the top-level `"usage"` of a JSON object,
-/// copying every other field verbatim. `None` when the input is not a JSON object.
-/// Writes an object's top-level fields back out, with `model` replaced and/or `usage` dropped.
 /// A usage object (`null` or unreadable: none).
 fn usage_in(value: &[u8]) -> Option<Usage> {
     serde_json::from_slice::<Option<WireUsage>>(value)
@@ -73,6 +70,7 @@ fn usage_in(value: &[u8]) -> Option<Usage> {
 fn model_json(name: &str) -> Vec<u8> {
     serde_json::to_vec(name).unwrap_or_else(|_| b"\"\"".to_vec())
 }
+
 impl Adapter for OpenAi {
     fn url(&self, base_url: &str, endpoint: Endpoint) -> String {
         format!("{}{}", base_url.trim_end_matches('/'), endpoint.path())
