@@ -358,6 +358,30 @@ impl Caches {
         Ok(value)
     }
 
+    /// A single-entry cache read through its [`Snapshot`]: the snapshot when current, else the
+    /// cache (loading on a miss), which then refreshes the snapshot.
+    async fn single<V, F>(
+        &self,
+        snapshot: &Snapshot<V>,
+        cache: &Cache<(), V>,
+        load: F,
+    ) -> Result<V, DbErr>
+    where
+        V: Clone + Send + Sync + 'static,
+        F: Future<Output = Result<V, DbErr>>,
+    {
+        let generation = self.inner.generation.load(Ordering::SeqCst);
+        if let Some(hit) = snapshot.get(generation) {
+            return Ok(hit);
+        }
+        let value = match cache.get(&()).await {
+            Some(hit) => hit,
+            None => self.load(cache, (), load).await?,
+        };
+        snapshot.set(generation, value.clone());
+        Ok(value)
+    }
+
     /// The context of the gateway key whose secret hashes to `key_hash`; `None` for an unknown
     /// key (also cached, briefly). A hit never touches the database.
     pub async fn gateway_key(
@@ -381,23 +405,13 @@ impl Caches {
 
     /// The whole catalog (providers and models, active or not).
     pub async fn catalog(&self, db: &DatabaseConnection) -> Result<Arc<Catalog>, DbErr> {
-        let generation = self.inner.generation.load(Ordering::SeqCst);
-        if let Some(hit) = self.inner.catalog_snapshot.get(generation) {
-            return Ok(hit);
-        }
-        let catalog = match self.inner.catalog.get(&()).await {
-            Some(hit) => hit,
-            None => {
-                self.load(&self.inner.catalog, (), async {
-                    let providers = store::providers::all(db).await?;
-                    let models = store::models::all(db).await?;
-                    Ok(Arc::new(Catalog::new(models, providers)))
-                })
-                .await?
-            }
-        };
-        self.inner.catalog_snapshot.set(generation, catalog.clone());
-        Ok(catalog)
+        let inner = &self.inner;
+        self.single(&inner.catalog_snapshot, &inner.catalog, async {
+            let providers = store::providers::all(db).await?;
+            let models = store::models::all(db).await?;
+            Ok(Arc::new(Catalog::new(models, providers)))
+        })
+        .await
     }
 
     /// The runtime default rate limits (settings table over config), cached like the catalog.
@@ -406,24 +420,14 @@ impl Caches {
         db: &DatabaseConnection,
         config: &crate::config::Config,
     ) -> Result<RuntimeDefaults, DbErr> {
-        let generation = self.inner.generation.load(Ordering::SeqCst);
-        if let Some(hit) = self.inner.defaults_snapshot.get(generation) {
-            return Ok(hit);
-        }
-        let defaults = match self.inner.defaults.get(&()).await {
-            Some(hit) => hit,
-            None => {
-                self.load(&self.inner.defaults, (), async {
-                    Ok(RuntimeDefaults {
-                        user_rpm: crate::settings::default_user_rpm(db, config).await?,
-                        key_rpm: crate::settings::default_key_rpm(db, config).await?,
-                    })
-                })
-                .await?
-            }
-        };
-        self.inner.defaults_snapshot.set(generation, defaults);
-        Ok(defaults)
+        let inner = &self.inner;
+        self.single(&inner.defaults_snapshot, &inner.defaults, async {
+            Ok(RuntimeDefaults {
+                user_rpm: crate::settings::default_user_rpm(db, config).await?,
+                key_rpm: crate::settings::default_key_rpm(db, config).await?,
+            })
+        })
+        .await
     }
 
     /// The provider key a request by `user_id` to `provider` uses: the user's own newest active
