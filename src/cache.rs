@@ -497,6 +497,7 @@ impl Caches {
         inner.generation.fetch_add(1, Ordering::SeqCst);
         inner.gateway_keys.invalidate_all();
         inner.catalog.invalidate_all();
+        inner.defaults.invalidate_all();
         inner.provider_keys.invalidate_all();
     }
 
