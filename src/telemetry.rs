@@ -35,17 +35,13 @@ pub fn init_logging(format: &str) -> LogGuard {
         .try_init()
         .is_ok()
     {
-        let _ = ACCESS_LOG.set(writer_for_access_lines(&guard));
+        let _ = ACCESS_LOG.set(LogWriter(guard.shared.clone()));
     }
     guard
 }
 
 /// Where [`access_line`] writes: the JSON subscriber's own buffer, once that is installed.
 static ACCESS_LOG: std::sync::OnceLock<LogWriter> = std::sync::OnceLock::new();
-
-fn writer_for_access_lines(guard: &LogGuard) -> LogWriter {
-    LogWriter(guard.shared.clone())
-}
 
 /// Logs one request's access line (`message: "request"`, target `tollgate::edge`) straight into
 /// the log buffer, byte for byte as the JSON subscriber writes any event, when that subscriber
