@@ -7,13 +7,16 @@
 //! slot (requests still streaming hold one), and flushes.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use entity::{gateway_keys, usage_records, users};
-use sea_orm::sea_query::{Expr, ExprTrait};
-use sea_orm::{ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter, Set, TransactionTrait};
+use sea_orm::sea_query::{Expr, ExprTrait, Query};
+use sea_orm::{
+    ColumnTrait, ConnectionTrait, DatabaseConnection, DbBackend, EntityTrait, QueryFilter,
+    Statement, TransactionTrait, Value,
+};
 use tokio::sync::{Notify, mpsc};
 
 use crate::proxy::estimate;
@@ -251,6 +254,90 @@ async fn write_with_retry(db: &DatabaseConnection, metrics: &Metrics, rows: &[Se
     }
 }
 
+/// The columns of a usage record, in the order [`record_values`] gives them.
+const RECORD_COLUMNS: [usage_records::Column; 18] = {
+    use usage_records::Column as C;
+    [
+        C::At,
+        C::UserId,
+        C::KeyId,
+        C::Model,
+        C::Provider,
+        C::Endpoint,
+        C::Stream,
+        C::Status,
+        C::PromptTokens,
+        C::CompletionTokens,
+        C::CachedTokens,
+        C::CostNanos,
+        C::LatencyMs,
+        C::TtftMs,
+        C::TokensEstimated,
+        C::RequestId,
+        C::SharedKey,
+        C::Error,
+    ]
+};
+
+/// One record's values, in [`RECORD_COLUMNS`] order (the same conversions its `ActiveModel` uses).
+fn record_values(r: &Settled, out: &mut Vec<Value>) {
+    let e = &r.event;
+    out.extend([
+        e.at.into(),
+        e.user_id.clone().into(),
+        e.key_id.clone().into(),
+        e.model.clone().into(),
+        e.provider.clone().into(),
+        e.endpoint.as_str().into(),
+        e.stream.into(),
+        (e.status as i32).into(),
+        e.usage.prompt.into(),
+        e.usage.completion.into(),
+        e.usage.cached.into(),
+        r.cost_nanos.into(),
+        e.latency_ms.into(),
+        e.ttft_ms.into(),
+        r.tokens_estimated.into(),
+        // At most 128 characters; the usual id is shorter in bytes and is copied as is.
+        if e.request_id.len() <= 128 {
+            e.request_id.clone().into()
+        } else {
+            e.request_id.chars().take(128).collect::<String>().into()
+        },
+        e.shared_key.into(),
+        e.error.clone().into(),
+    ]);
+}
+
+/// The text of an INSERT of `rows` usage records, rendered by sea-query once per backend and row
+/// count (only powers of two up to [`MAX_ROWS_PER_INSERT`] occur) and kept: building the statement
+/// through `ActiveModel`s and `insert_many` for every batch cost more than the insert itself.
+fn insert_sql(backend: DbBackend, rows: usize) -> String {
+    const SIZES: usize = MAX_ROWS_PER_INSERT.ilog2() as usize + 1;
+    static CACHE: [[OnceLock<String>; SIZES]; 3] =
+        [const { [const { OnceLock::new() }; SIZES] }; 3];
+    let per_backend = match backend {
+        DbBackend::Sqlite => &CACHE[0],
+        DbBackend::Postgres => &CACHE[1],
+        _ => &CACHE[2],
+    };
+    let render = || {
+        let mut q = Query::insert();
+        q.into_table(usage_records::Entity).columns(RECORD_COLUMNS);
+        for _ in 0..rows {
+            q.values_panic(RECORD_COLUMNS.map(|_| Expr::val(0)));
+        }
+        backend.build(&q).sql
+    };
+    if rows.is_power_of_two() && rows <= MAX_ROWS_PER_INSERT {
+        per_backend[rows.ilog2() as usize]
+            .get_or_init(render)
+            .clone()
+    } else {
+        render()
+    }
+}
+
 /// One transaction: the records, each key's spend and last use, and each charged user's balance
 /// (one `usage` ledger entry per user per batch), releasing what admission reserved.
 pub async fn write_batch(db: &DatabaseConnection, rows: &[Settled]) -> Result<(), sea_orm::DbErr> {
@@ -258,38 +345,20 @@ pub async fn write_batch(db: &DatabaseConnection, rows: &[Settled]) -> Result<()
     // Rows go in as statements of 256, 128, …, 1 rows: a batch of any size then uses at most nine
     // distinct statements, which the driver's prepared-statement cache keeps. One statement per
     // batch size made every size a new cached statement (each large), and memory grew with load.
+    let backend = txn.get_database_backend();
     let mut rest = rows;
     while !rest.is_empty() {
         let n = 1usize << rest.len().min(MAX_ROWS_PER_INSERT).ilog2();
         let (chunk, tail) = rest.split_at(n);
         rest = tail;
-        let models = chunk.iter().map(|r| {
-            let e = &r.event;
-            usage_records::ActiveModel {
-                at: Set(e.at),
-                user_id: Set(e.user_id.clone()),
-                key_id: Set(e.key_id.clone()),
-                model: Set(e.model.clone()),
-                provider: Set(e.provider.clone()),
-                endpoint: Set(e.endpoint.as_str().to_owned()),
-                stream: Set(e.stream),
-                status: Set(e.status as i32),
-                prompt_tokens: Set(e.usage.prompt),
-                completion_tokens: Set(e.usage.completion),
-                cached_tokens: Set(e.usage.cached),
-                cost_nanos: Set(r.cost_nanos),
-                latency_ms: Set(e.latency_ms),
-                ttft_ms: Set(e.ttft_ms),
-                tokens_estimated: Set(r.tokens_estimated),
-                request_id: Set(e.request_id.chars().take(128).collect()),
-                shared_key: Set(e.shared_key),
-                error: Set(e.error.clone()),
-                ..Default::default()
-            }
-        });
-        usage_records::Entity::insert_many(models)
-            .exec_without_returning(&txn)
-            .await?;
+        let mut values = Vec::with_capacity(n * RECORD_COLUMNS.len());
+        chunk.iter().for_each(|r| record_values(r, &mut values));
+        txn.execute_raw(Statement::from_sql_and_values(
+            backend,
+            insert_sql(backend, n),
+            values,
+        ))
+        .await?;
     }
 
     let mut per_key: HashMap<&str, (i64, i64, DateTime<Utc>)> = HashMap::new();
