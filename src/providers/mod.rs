@@ -96,8 +96,6 @@ pub struct EventCtx<'a> {
 #[derive(Debug, Default)]
 pub struct MappedEvent {
     pub usage: Option<Usage>,
-    /// The event carried generated output (a delta with content, text, or a tool call).
-    pub has_output: bool,
     pub out: EventOut,
 }
 

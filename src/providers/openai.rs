@@ -3,7 +3,6 @@
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, header};
 use serde::Deserialize;
-use serde::de::IgnoredAny;
 
 use super::{Adapter, Endpoint, EventCtx, EventOut, MappedEvent, Usage, scan};
 use crate::proxy::request::RequestView;
@@ -40,22 +39,14 @@ impl From<WireUsage> for Usage {
     }
 }
 
-#[derive(Deserialize)]
-struct ChunkChoice {
-    #[serde(default)]
-    delta: Option<Delta>,
-    #[serde(default)]
-    text: Option<IgnoredAny>,
-}
-
-#[derive(Deserialize)]
-struct Delta {
-    #[serde(default)]
-    content: Option<IgnoredAny>,
-    #[serde(default)]
-    tool_calls: Option<IgnoredAny>,
-    #[serde(default)]
-    refusal: Option<IgnoredAny>,
+/// A JSON value that is `[]` or `null` (whitespace aside).
+fn is_empty_or_null(value: &[u8]) -> bool {
+    let mut it = value.iter().filter(|c| !c.is_ascii_whitespace());
+    match it.next() {
+        Some(b'[') => it.next() == Some(&b']') && it.next().is_none(),
+        Some(b'n') => value.trim_ascii() == b"null",
+        _ => false,
+    }
 }
 
 /// A usage object (`null` or unreadable: none).
@@ -121,29 +112,19 @@ impl Adapter for OpenAi {
         let Some(members) = scan::top_level_members(data) else {
             return MappedEvent::default();
         };
-        let mut choices: Vec<ChunkChoice> = Vec::new();
         let mut usage = None;
+        let mut no_choices = true;
         for m in &members {
             if m.is("choices") {
-                choices = serde_json::from_slice::<Option<Vec<ChunkChoice>>>(m.value)
-                    .ok()
-                    .flatten()
-                    .unwrap_or_default();
+                no_choices = is_empty_or_null(m.value);
             } else if m.is("usage") {
                 usage = usage_in(m.value);
             }
         }
-        let has_output = choices.iter().any(|c| {
-            c.text.is_some()
-                || c.delta.as_ref().is_some_and(|d| {
-                    d.content.is_some() || d.tool_calls.is_some() || d.refusal.is_some()
-                })
-        });
         let strip_usage = usage.is_some() && !ctx.client_wants_usage;
-        if strip_usage && choices.is_empty() {
+        if strip_usage && no_choices {
             return MappedEvent {
                 usage,
-                has_output,
                 out: EventOut::Drop,
             };
         }
@@ -162,11 +143,7 @@ impl Adapter for OpenAi {
         } else {
             EventOut::Unchanged
         };
-        MappedEvent {
-            usage,
-            has_output,
-            out,
-        }
+        MappedEvent { usage, out }
     }
 }
 
@@ -203,7 +180,6 @@ mod tests {
     fn usage_in_a_content_chunk_is_stripped_and_model_renamed() {
         let data = br#"{"id":"c","model":"theirs","choices":[{"index":0,"delta":{"content":"hi"}}],"usage":{"prompt_tokens":1,"completion_tokens":1}}"#;
         let m = OpenAi.map_event(data, &ctx(false, true));
-        assert!(m.has_output);
         assert_eq!(m.usage.map(|u| u.prompt), Some(1));
         let EventOut::Replace(v) = m.out else {
             panic!("expected a rewrite")
@@ -219,7 +195,7 @@ mod tests {
         let data = br#"{"model":"mine","choices":[{"delta":{"content":"x"}}],"usage":null}"#;
         let m = OpenAi.map_event(data, &ctx(false, false));
         assert_eq!(m.out, EventOut::Unchanged);
-        assert!(m.usage.is_none() && m.has_output);
+        assert!(m.usage.is_none());
         assert_eq!(
             OpenAi.map_event(b"[DONE]", &ctx(false, false)).out,
             EventOut::Unchanged

@@ -68,13 +68,9 @@ impl SseScanner {
         let b = &self.buf[..];
         let mut line_start = self.scanned;
         let mut i = line_start;
-        while i < b.len() {
-            let c = b[i];
-            if c != b'\n' && c != b'\r' {
-                i += 1;
-                continue;
-            }
-            let term = if c == b'\r' {
+        while let Some(at) = memchr::memchr2(b'\n', b'\r', &b[i..]) {
+            i += at;
+            let term = if b[i] == b'\r' {
                 match b.get(i + 1) {
                     // A lone '\r' at the end may be the first half of "\r\n": wait for more.
                     None => break,
@@ -99,6 +95,14 @@ impl SseScanner {
 /// The `data` field of an event: its `data:` lines joined with `\n` (one leading space dropped).
 /// A single `data:` line (the usual case) is a slice of `raw`, not a copy.
 fn data_of(raw: &Bytes) -> Option<Bytes> {
+    // The usual event, one `data:` line and its blank line: a slice, found with one search.
+    if let Some(rest) = raw.strip_prefix(b"data:") {
+        let end = memchr::memchr2(b'\n', b'\r', rest).unwrap_or(rest.len());
+        if rest[end..].iter().all(|&c| c == b'\n' || c == b'\r') {
+            let skip = 5 + usize::from(rest.first() == Some(&b' '));
+            return Some(raw.slice(skip.min(5 + end)..5 + end));
+        }
+    }
     let mut out: Option<Vec<u8>> = None;
     let mut single: Option<(usize, usize)> = None;
     let mut start = 0;
@@ -230,7 +234,8 @@ impl<B> MeteredStream<B> {
         if let Some(u) = mapped.usage {
             self.usage = Some(u);
             self.kept.clear();
-        } else if self.usage.is_none() && mapped.has_output {
+        } else if self.usage.is_none() {
+            // Kept for an estimate should the usage never come (events without output count 0).
             self.kept.push(data);
         }
         match mapped.out {
@@ -479,6 +484,21 @@ mod tests {
         assert_eq!(got[0].1, None);
         assert_eq!(got[0].0, ": keep-alive\n\n");
         assert_eq!(got[1].1.as_deref(), Some("line1\nline2"));
+    }
+
+    #[test]
+    fn data_lines_with_and_without_space_or_payload() {
+        let got = events(&[b"data:\n\ndata:x\n\ndata:  two\n\ndata: a\ndata: b\n\n"]);
+        let data: Vec<_> = got.iter().map(|e| e.1.clone()).collect();
+        assert_eq!(
+            data,
+            vec![
+                Some(String::new()),
+                Some("x".into()),
+                Some(" two".into()),
+                Some("a\nb".into())
+            ]
+        );
     }
 
     #[test]
