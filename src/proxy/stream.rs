@@ -100,7 +100,7 @@ fn data_of(raw: &Bytes) -> Option<Bytes> {
         let end = memchr::memchr2(b'\n', b'\r', rest).unwrap_or(rest.len());
         if rest[end..].iter().all(|&c| c == b'\n' || c == b'\r') {
             let skip = 5 + usize::from(rest.first() == Some(&b' '));
-            return Some(raw.slice(skip.min(5 + end)..5 + end));
+            return Some(raw.slice(skip..5 + end));
         }
     }
     let mut out: Option<Vec<u8>> = None;
