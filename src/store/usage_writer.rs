@@ -309,10 +309,10 @@ fn record_values(r: &Settled, out: &mut Vec<Value>) {
     ]);
 }
 
-/// The text of an INSERT of `rows` usage records, rendered by sea-query once per backend and row
-/// count (only powers of two up to [`MAX_ROWS_PER_INSERT`] occur) and kept: building the statement
-/// through `ActiveModel`s and `insert_many` for every batch cost more than the insert itself.
-fn insert_sql(backend: DbBackend, rows: usize) -> String {
+/// The text of an INSERT of 2^`exp` usage records (`exp` ≤ log2 [`MAX_ROWS_PER_INSERT`]),
+/// rendered by sea-query once per backend and size and kept: building the statement through
+/// `ActiveModel`s and `insert_many` for every batch cost more than the insert itself.
+fn insert_sql(backend: DbBackend, exp: u32) -> String {
     const SIZES: usize = MAX_ROWS_PER_INSERT.ilog2() as usize + 1;
     static CACHE: [[OnceLock<String>; SIZES]; 3] =
         [const { [const { OnceLock::new() }; SIZES] }; 3];
@@ -321,21 +321,16 @@ fn insert_sql(backend: DbBackend, rows: usize) -> String {
         DbBackend::Postgres => &CACHE[1],
         _ => &CACHE[2],
     };
-    let render = || {
-        let mut q = Query::insert();
-        q.into_table(usage_records::Entity).columns(RECORD_COLUMNS);
-        for _ in 0..rows {
-            q.values_panic(RECORD_COLUMNS.map(|_| Expr::val(0)));
-        }
-        backend.build(&q).sql
-    };
-    if rows.is_power_of_two() && rows <= MAX_ROWS_PER_INSERT {
-        per_backend[rows.ilog2() as usize]
-            .get_or_init(render)
-            .clone()
-    } else {
-        render()
-    }
+    per_backend[exp as usize]
+        .get_or_init(|| {
+            let mut q = Query::insert();
+            q.into_table(usage_records::Entity).columns(RECORD_COLUMNS);
+            for _ in 0..1usize << exp {
+                q.values_panic(RECORD_COLUMNS.map(|_| Expr::val(0)));
+            }
+            backend.build(&q).sql
+        })
+        .clone()
 }
 
 /// One transaction: the records, each key's spend and last use, and each charged user's balance
@@ -348,14 +343,15 @@ pub async fn write_batch(db: &DatabaseConnection, rows: &[Settled]) -> Result<()
     let backend = txn.get_database_backend();
     let mut rest = rows;
     while !rest.is_empty() {
-        let n = 1usize << rest.len().min(MAX_ROWS_PER_INSERT).ilog2();
+        let exp = rest.len().min(MAX_ROWS_PER_INSERT).ilog2();
+        let n = 1usize << exp;
         let (chunk, tail) = rest.split_at(n);
         rest = tail;
         let mut values = Vec::with_capacity(n * RECORD_COLUMNS.len());
         chunk.iter().for_each(|r| record_values(r, &mut values));
         txn.execute_raw(Statement::from_sql_and_values(
             backend,
-            insert_sql(backend, n),
+            insert_sql(backend, exp),
             values,
         ))
         .await?;
