@@ -107,8 +107,8 @@ impl Adapter for OpenAi {
         if data == b"[DONE]" {
             return MappedEvent::default();
         }
-        // One pass over the chunk: its top-level fields, raw; then only `choices` and `usage`
-        // are read, and a rewrite copies the other fields from that same pass.
+        // One pass over the chunk: its top-level fields, raw; then `usage` is read, `choices` only
+        // checked for being empty, and a rewrite copies the other fields from that same pass.
         let Some(members) = scan::top_level_members(data) else {
             return MappedEvent::default();
         };
