@@ -46,6 +46,25 @@ use common::{Fixture, MODEL, UPSTREAM_MODEL};
 /// Linux reports process CPU time in ticks of 1/100 s (USER_HZ) on every architecture.
 const US_PER_TICK: u64 = 10_000;
 const WARMUP_SECS: u64 = 1;
+/// Single-connection rounds per target and mode; together they last about `LOAD_SECS`.
+const SINGLE_ROUNDS: u64 = 5;
+
+fn single_round_secs(secs: u64) -> u64 {
+    (secs / SINGLE_ROUNDS).max(1)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(f64::total_cmp);
+    let m = v.len() / 2;
+    if v.len() % 2 == 1 {
+        v[m]
+    } else {
+        (v[m - 1] + v[m]) / 2.0
+    }
+}
 
 fn main() -> ExitCode {
     match run() {
@@ -203,14 +222,8 @@ fn run() -> anyhow::Result<()> {
                 &format!("{} {} {conns} connections", mode.name(), target.name()),
                 &load.raw,
             );
-
-            let single = wrk_run(&wrk, url, &script, 1, 1, secs)?;
-            log.raw(
-                &format!("{} {} 1 connection", mode.name(), target.name()),
-                &single.raw,
-            );
             if target == Target::Tollgate {
-                tollgate_answered += warm.requests + load.requests + single.requests;
+                tollgate_answered += warm.requests + load.requests;
             }
             let n = load.requests;
             let per_req = |a: u64, b: u64| {
@@ -222,8 +235,39 @@ fn run() -> anyhow::Result<()> {
                 cpu_us: per_req(cpu0, cpu1),
                 upstream_cpu_us: per_req(up0, up1),
                 load,
-                single,
+                singles: Vec::new(),
             });
+        }
+
+        // Single-request latency: short rounds with the targets interleaved, so a neighbour's
+        // burst lands on all three instead of on whichever target ran at that moment.
+        let round_secs = single_round_secs(secs);
+        for round in 1..=SINGLE_ROUNDS {
+            for (target, url) in targets {
+                eprintln!(
+                    "load: {} / {} 1 connection, round {round}/{SINGLE_ROUNDS} …",
+                    mode.name(),
+                    target.name()
+                );
+                let single = wrk_run(&wrk, url, &script, 1, 1, round_secs)?;
+                log.raw(
+                    &format!(
+                        "{} {} 1 connection, round {round}/{SINGLE_ROUNDS}",
+                        mode.name(),
+                        target.name()
+                    ),
+                    &single.raw,
+                );
+                if target == Target::Tollgate {
+                    tollgate_answered += single.requests;
+                }
+                if let Some(row) = rows
+                    .iter_mut()
+                    .find(|r| r.mode == mode && r.target == target)
+                {
+                    row.singles.push(single);
+                }
+            }
         }
     }
     let rss_hwm = vm_kb(tg.pid(), "VmHWM");
@@ -238,7 +282,8 @@ fn run() -> anyhow::Result<()> {
     table(&mut log, &rows);
     log.say("");
     let answered = tollgate_answered + sanity_requests;
-    let tollgate_runs = 6;
+    // Per mode: the warm-up, the loaded run and every single-connection round.
+    let tollgate_runs = 2 * (2 + SINGLE_ROUNDS);
     let wrk_ok = after_wrk.total >= after_wrk.upstream
         && after_wrk.ok >= answered
         && after_wrk.total - answered <= tollgate_runs * conns
@@ -348,7 +393,8 @@ const HELP: &str = "cargo bench --bench load [-- --soak]
 Drives direct / reference (nginx) / tollgate with wrk and prints one comparison table;
 writes it, with every raw wrk report, to benches/results/latest.txt.
 
-  LOAD_SECS=10          seconds per run (3 targets × 2 modes × 2 runs, plus 1 s warm-ups)
+  LOAD_SECS=10          seconds per loaded run, and for each target's single-connection rounds together
+                        (3 targets × 2 modes, plus 1 s warm-ups)
   LOAD_CONNECTIONS=32   connections of the loaded runs
   LOAD_NGINX=PATH       nginx binary (default: nginx on PATH, /usr/sbin/nginx); `none` uses
                         the hyper pass-through as the reference instead
@@ -394,10 +440,41 @@ struct Row {
     mode: Mode,
     target: Target,
     load: WrkResult,
-    single: WrkResult,
+    /// The single-connection rounds, in order.
+    singles: Vec<WrkResult>,
     /// CPU of the server process per request: the upstream for `direct`, else the proxy alone.
     cpu_us: Option<f64>,
     upstream_cpu_us: Option<f64>,
+}
+
+impl Row {
+    /// p50 with one connection: the median of the rounds' p50s.
+    fn single_p50(&self) -> f64 {
+        median(self.singles.iter().map(|s| s.p50_us).collect())
+    }
+
+    fn single_errors(&self) -> (u64, u64) {
+        self.singles
+            .iter()
+            .fold((0, 0), |(a, b), s| (a + s.non2xx, b + s.sock_errors))
+    }
+}
+
+/// tollgate ÷ reference p50 at one connection: the median of the per-round ratios, each taken
+/// from two runs seconds apart.
+fn single_ratio(t: &Row, n: &Row) -> String {
+    let per_round: Vec<f64> = t
+        .singles
+        .iter()
+        .zip(&n.singles)
+        .filter(|(a, b)| a.p50_us > 0.0 && b.p50_us > 0.0)
+        .map(|(a, b)| a.p50_us / b.p50_us)
+        .collect();
+    if per_round.is_empty() {
+        "-".into()
+    } else {
+        format!("{:.2}", median(per_round))
+    }
 }
 
 fn describe_setup(
@@ -440,8 +517,9 @@ fn describe_setup(
         loadavg()
     ));
     log.say(format!(
-        "load: {wrk_version}; {conns} connections / {} threads for {secs} s per target and mode, after a {WARMUP_SECS} s warm-up; then 1 connection for {secs} s (single-request latency)",
-        conns.min(2)
+        "load: {wrk_version}; {conns} connections / {} threads for {secs} s per target and mode, after a {WARMUP_SECS} s warm-up; then 1 connection in {SINGLE_ROUNDS} rounds of {} s with the three targets taking turns (single-request latency: the median round; its ratio: the median of the rounds' ratios)",
+        conns.min(2),
+        single_round_secs(secs)
     ));
     log.say(format!(
         "request: POST /v1/chat/completions, {} B JSON chat body (non-stream) / {} B (\"stream\":true); Authorization: Bearer <gateway key>",
@@ -506,9 +584,9 @@ fn table(log: &mut Log, rows: &[Row]) {
             r.load.rps(),
             fmt_ms(r.load.p50_us),
             fmt_ms(r.load.p99_us),
-            fmt_ms(r.single.p50_us),
-            r.load.non2xx + r.single.non2xx,
-            r.load.sock_errors + r.single.sock_errors,
+            fmt_ms(r.single_p50()),
+            r.load.non2xx + r.single_errors().0,
+            r.load.sock_errors + r.single_errors().1,
             fmt_opt(r.cpu_us, 0),
             fmt_opt(r.upstream_cpu_us, 0),
         ));
@@ -530,7 +608,7 @@ fn table(log: &mut Log, rows: &[Row]) {
             ratio(t.load.rps(), n.load.rps()),
             ratio(t.load.p50_us, n.load.p50_us),
             ratio(t.load.p99_us, n.load.p99_us),
-            ratio(t.single.p50_us, n.single.p50_us),
+            single_ratio(t, n),
             match (t.cpu_us, n.cpu_us) {
                 (Some(a), Some(b)) => ratio(a, b),
                 _ => "-".into(),
@@ -539,8 +617,19 @@ fn table(log: &mut Log, rows: &[Row]) {
         log.say(format!(
             "{:<11} added by one hop at 1 connection (p50 − direct p50): reference {:+.0} µs, tollgate {:+.0} µs",
             "",
-            n.single.p50_us - d.single.p50_us,
-            t.single.p50_us - d.single.p50_us
+            n.single_p50() - d.single_p50(),
+            t.single_p50() - d.single_p50()
+        ));
+        let rounds: Vec<String> = (0..t.singles.len())
+            .map(|i| {
+                let p = |r: &Row| r.singles.get(i).map_or(0.0, |s| s.p50_us / 1000.0);
+                format!("{:.2}/{:.2}/{:.2}", p(d), p(n), p(t))
+            })
+            .collect();
+        log.say(format!(
+            "{:<11} p50@1 ms by round (direct/reference/tollgate): {}",
+            "",
+            rounds.join(", ")
         ));
     }
 }
