@@ -189,8 +189,7 @@ struct TimeOrderedRequestId;
 
 impl MakeRequestId for TimeOrderedRequestId {
     fn make_request_id<B>(&mut self, _: &axum::http::Request<B>) -> Option<RequestId> {
-        let id = uuid::Uuid::now_v7().to_string();
-        HeaderValue::from_str(&id).ok().map(RequestId::new)
+        Some(RequestId::new(crate::edge::new_request_id()))
     }
 }
 

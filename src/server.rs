@@ -20,7 +20,6 @@ use axum::extract::ConnectInfo;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto::Builder;
 use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::runtime::Handle;
 use tokio::sync::oneshot;
@@ -53,6 +52,13 @@ pub async fn serve(
         .keep_alive(true);
     builder.http2().timer(hyper_util::rt::TokioTimer::new());
     let mut workers = Workers::start(state.config.workers())?;
+    // The proxied `/v1` routes skip the router (see `edge`), unless CORS needs its layer.
+    let fast = state
+        .config
+        .server
+        .cors_origins
+        .is_empty()
+        .then(|| state.clone());
     let mut shutdown = std::pin::pin!(shutdown);
 
     loop {
@@ -76,10 +82,18 @@ pub async fn serve(
                         continue;
                     }
                 };
-                let svc = router.clone().map_request(move |req: http::Request<hyper::body::Incoming>| {
-                    let mut req = req.map(axum::body::Body::new);
-                    req.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
-                    req
+                let (router, fast) = (router.clone(), fast.clone());
+                let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let endpoint = fast.as_ref().and(crate::edge::proxied(&req));
+                    let (router, fast) = (router.clone(), fast.clone());
+                    async move {
+                        if let (Some(state), Some(endpoint)) = (fast, endpoint) {
+                            return Ok(crate::edge::proxy(state, endpoint, peer, req).await);
+                        }
+                        let mut req = req.map(axum::body::Body::new);
+                        req.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
+                        router.oneshot(req).await
+                    }
                 });
                 let (builder, watcher) = (builder.clone(), graceful.watcher());
                 connections.spawn_on(
@@ -89,7 +103,7 @@ pub async fn serve(
                         };
                         let conn = builder.serve_connection_with_upgrades(
                             TokioIo::new(stream),
-                            TowerToHyperService::new(svc),
+                            svc,
                         );
                         let _ = watcher.watch(conn).await;
                     },

@@ -246,6 +246,18 @@ pub struct Metrics {
     pub redis_errors_total: IntCounterVec,
     pub http_requests_total: IntCounterVec,
     pub management_duration: Histogram,
+    /// Handles of the series every proxied request touches, looked up once: a labelled lookup
+    /// hashes its labels and takes a lock.
+    hot: Arc<HotSeries>,
+}
+
+#[derive(Default)]
+struct HotSeries {
+    /// By surface (openai, api, ops) and status class (1xx … 5xx).
+    http: [[std::sync::OnceLock<IntCounter>; 5]; 3],
+    /// By endpoint.
+    duration: [std::sync::OnceLock<Histogram>; 3],
+    ttft: [std::sync::OnceLock<Histogram>; 3],
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -382,6 +394,7 @@ impl Metrics {
                 .unwrap_or_else(|e| panic!("mgmt: {e}")),
             ),
             registry: r,
+            hot: Arc::default(),
         }
         .with_known_series()
     }
@@ -393,6 +406,35 @@ impl Metrics {
             self.rate_limited_total.with_label_values(&[scope]);
         }
         self
+    }
+
+    /// `tollgate_http_requests_total` for one answer.
+    pub fn http_requests(&self, surface: &'static str, status: u16) -> &IntCounter {
+        const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+        let s = match surface {
+            "openai" => 0,
+            "api" => 1,
+            _ => 2,
+        };
+        let c = usize::from(status.clamp(100, 599) / 100 - 1);
+        self.hot.http[s][c].get_or_init(|| {
+            self.http_requests_total
+                .with_label_values(&[surface, CLASSES[c]])
+        })
+    }
+
+    /// `tollgate_request_duration_seconds` of one endpoint.
+    pub fn request_duration_of(&self, endpoint: crate::providers::Endpoint) -> &Histogram {
+        self.hot.duration[endpoint.index()].get_or_init(|| {
+            self.request_duration
+                .with_label_values(&[endpoint.as_str()])
+        })
+    }
+
+    /// The time-to-first-byte histogram of one endpoint.
+    pub fn ttft_of(&self, endpoint: crate::providers::Endpoint) -> &Histogram {
+        self.hot.ttft[endpoint.index()]
+            .get_or_init(|| self.ttft.with_label_values(&[endpoint.as_str()]))
     }
 
     /// Prometheus text exposition.

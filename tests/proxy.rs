@@ -741,3 +741,49 @@ async fn runtime_default_key_rpm_applies_at_once() {
     sorted.sort();
     assert_eq!(sorted, vec![200, 200, 429], "{statuses:?}");
 }
+
+/// The proxied routes skip the router unless CORS is configured; either way a request id is
+/// echoed (or generated, time-ordered), sent upstream, and the same id comes back.
+#[tokio::test]
+async fn request_id_on_v1_with_and_without_the_router() {
+    for cors in [false, true] {
+        let app = TestApp::spawn_with(|c| {
+            if cors {
+                c.server.cors_origins = vec!["https://app.example".into()];
+            }
+        })
+        .await;
+        let gw = setup(&app).await;
+        let body = json!({"model": "gpt-cached", "messages": [{"role": "user", "content": "hi"}]});
+        let r = app
+            .client
+            .post(app.url("/v1/chat/completions"))
+            .bearer_auth(&gw.key)
+            .header("x-request-id", "mine-7")
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "cors={cors}");
+        assert_eq!(r.headers()["x-request-id"], "mine-7", "cors={cors}");
+        assert_eq!(gw.mock.last().headers["x-request-id"], "mine-7");
+
+        let r = chat(&app, &gw.key, body).await;
+        assert_eq!(r.status(), 200);
+        let id = r.headers()["x-request-id"].to_str().unwrap().to_owned();
+        let uuid = uuid::Uuid::parse_str(&id).expect("a UUID");
+        assert_eq!(uuid.get_version_num(), 7, "cors={cors}: {id}");
+        assert_eq!(gw.mock.last().headers["x-request-id"], id.as_str());
+
+        // Methods other than POST still get the router's answer.
+        let r = app
+            .client
+            .get(app.url("/v1/chat/completions"))
+            .bearer_auth(&gw.key)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 405, "cors={cors}");
+        assert!(r.headers().contains_key("x-request-id"));
+    }
+}

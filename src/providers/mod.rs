@@ -28,6 +28,34 @@ impl Endpoint {
     }
 
     /// Path below the provider's base URL.
+    /// The endpoint served at `path` (`/v1/…`), if any.
+    pub fn from_v1_path(path: &str) -> Option<Self> {
+        match path {
+            "/v1/chat/completions" => Some(Self::ChatCompletions),
+            "/v1/completions" => Some(Self::Completions),
+            "/v1/embeddings" => Some(Self::Embeddings),
+            _ => None,
+        }
+    }
+
+    /// The full route, `/v1` included.
+    pub fn v1_path(self) -> &'static str {
+        match self {
+            Self::ChatCompletions => "/v1/chat/completions",
+            Self::Completions => "/v1/completions",
+            Self::Embeddings => "/v1/embeddings",
+        }
+    }
+
+    /// 0, 1, 2: for per-endpoint arrays.
+    pub fn index(self) -> usize {
+        match self {
+            Self::ChatCompletions => 0,
+            Self::Completions => 1,
+            Self::Embeddings => 2,
+        }
+    }
+
     pub fn path(self) -> &'static str {
         match self {
             Self::ChatCompletions => "/chat/completions",

@@ -159,13 +159,10 @@ impl Meter {
                 status_label(status),
             ])
             .inc();
-        m.request_duration
-            .with_label_values(&[endpoint])
+        m.request_duration_of(self.facts.endpoint)
             .observe(latency.as_secs_f64());
         if let Some(t) = ttft {
-            m.ttft
-                .with_label_values(&[endpoint])
-                .observe(t.as_secs_f64());
+            m.ttft_of(self.facts.endpoint).observe(t.as_secs_f64());
         }
         // Count ourselves when the upstream said nothing but did work: a success, a client that
         // left (the prompt was processed), or a stream cut after producing output.

@@ -32,9 +32,21 @@ impl ClientIp {
 }
 
 pub fn client_ip(parts: &Parts, trust_forwarded_for: bool) -> Option<IpAddr> {
+    let peer = parts
+        .extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0);
+    client_ip_of(&parts.headers, peer, trust_forwarded_for)
+}
+
+/// [`client_ip`] from the headers and the socket peer.
+pub fn client_ip_of(
+    headers: &http::HeaderMap,
+    peer: Option<SocketAddr>,
+    trust_forwarded_for: bool,
+) -> Option<IpAddr> {
     if trust_forwarded_for
-        && let Some(ip) = parts
-            .headers
+        && let Some(ip) = headers
             .get("x-forwarded-for")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.split(',').next())
@@ -42,10 +54,7 @@ pub fn client_ip(parts: &Parts, trust_forwarded_for: bool) -> Option<IpAddr> {
     {
         return Some(ip);
     }
-    parts
-        .extensions
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0.ip())
+    peer.map(|p| p.ip())
 }
 
 impl FromRequestParts<AppState> for ClientIp {
