@@ -28,6 +28,9 @@ use tower::ServiceExt;
 
 use crate::app::App;
 
+/// See `Workers::start`.
+const WORKER_TICK: Duration = Duration::from_secs(1);
+
 /// How long the usage writer may take to flush after the drain.
 const FLUSH_LIMIT: Duration = Duration::from_secs(60);
 
@@ -183,7 +186,19 @@ impl Workers {
                     .spawn(move || {
                         WORKER.with(|w| w.set(i));
                         rt.block_on(async {
-                            let _ = stopped.await;
+                            // A timer that expires before the runtime's next wake-up makes tokio
+                            // wake its driver through the eventfd — one more write(2) and epoll
+                            // round per request — even when the runtime is running, not parked.
+                            // A 1 s tick keeps the next wake-up close, so the per-request timers
+                            // (the upstream's timeouts, hyper's header read) never come earlier.
+                            let mut tick = tokio::time::interval(WORKER_TICK);
+                            let mut stopped = std::pin::pin!(stopped);
+                            loop {
+                                tokio::select! {
+                                    _ = &mut stopped => break,
+                                    _ = tick.tick() => {}
+                                }
+                            }
                         });
                     })?,
             );
