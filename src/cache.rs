@@ -187,6 +187,48 @@ pub struct ProviderKeyEntry {
     /// The caller borrows someone else's shared key (the platform's), so the request is charged
     /// to the caller's balance. An admin using their own key gets `false`.
     pub shared: bool,
+    /// The key, opened by the first request that used this entry (see `proxy::route`).
+    pub opened: OpenedKey,
+}
+
+/// A provider key opened once per cache entry, so a request does not run AES-GCM (and allocate)
+/// for it: it lives exactly as long as the entry — a key edit, an invalidation or the TTL drops
+/// both. The sealed text stays beside it; only the process's memory holds the plaintext, as it
+/// holds the master key that opens it.
+#[derive(Clone, Default)]
+pub struct OpenedKey(std::sync::OnceLock<Arc<secrecy::SecretString>>);
+
+impl OpenedKey {
+    /// The opened key, opening it with `open` the first time.
+    pub fn get_or_open<E>(
+        &self,
+        open: impl FnOnce() -> Result<String, E>,
+    ) -> Result<Arc<secrecy::SecretString>, E> {
+        if let Some(k) = self.0.get() {
+            return Ok(k.clone());
+        }
+        let k = Arc::new(secrecy::SecretString::from(open()?));
+        Ok(self.0.get_or_init(|| k).clone())
+    }
+}
+
+/// Derived from `secret_enc`: two entries are equal whatever was opened.
+impl PartialEq for OpenedKey {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for OpenedKey {}
+
+impl std::fmt::Debug for OpenedKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.get().is_some() {
+            "OpenedKey(<redacted>)"
+        } else {
+            "OpenedKey(not yet)"
+        })
+    }
 }
 
 /// One cache invalidation. Serializable: it is published to the other replicas as JSON.
@@ -452,6 +494,7 @@ impl Caches {
                     provider: r.provider_key,
                     secret_enc: r.secret_enc,
                     base_url: r.base_url,
+                    opened: OpenedKey::default(),
                 })
             }))
         })

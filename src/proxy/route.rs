@@ -14,7 +14,7 @@ use crate::state::AppState;
 pub struct Route {
     pub adapter: &'static dyn Adapter,
     pub url: String,
-    pub provider_key: SecretString,
+    pub provider_key: Arc<SecretString>,
     pub shared_key: bool,
     pub provider_key_id: String,
     /// The URL is a user's own `base_url`: connect only to public addresses.
@@ -67,9 +67,9 @@ pub async fn route(
             code: "provider_key_missing",
             param: Some("model".into()),
         })?;
-    let secret = state
-        .keyring
-        .open_string(&entry.secret_enc, &entry.id)
+    let secret = entry
+        .opened
+        .get_or_open(|| state.keyring.open_string(&entry.secret_enc, &entry.id))
         .map_err(|e| {
             ApiError::internal(anyhow::anyhow!(
                 "provider key {} does not open: {e}",
@@ -80,7 +80,7 @@ pub async fn route(
     Ok(Route {
         adapter,
         url: adapter.url(base, endpoint),
-        provider_key: SecretString::from(secret),
+        provider_key: secret,
         shared_key: entry.shared,
         provider_key_id: entry.id.clone(),
         guarded: entry.base_url.is_some(),
