@@ -27,7 +27,6 @@ impl Endpoint {
         }
     }
 
-    /// Path below the provider's base URL.
     /// The endpoint served at `path` (`/v1/…`), if any.
     pub fn from_v1_path(path: &str) -> Option<Self> {
         match path {
@@ -56,6 +55,7 @@ impl Endpoint {
         }
     }
 
+    /// Path below the provider's base URL.
     pub fn path(self) -> &'static str {
         match self {
             Self::ChatCompletions => "/chat/completions",
