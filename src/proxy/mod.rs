@@ -63,9 +63,10 @@ async fn run(
     req: Request<Body>,
 ) -> Response {
     let (parts, body) = req.into_parts();
-    let request_id = parts
-        .headers
-        .get("x-request-id")
+    // Set by `edge` (or the router's layer) when the client sent none; forwarded upstream as is.
+    let request_id_header = parts.headers.get(crate::edge::X_REQUEST_ID).cloned();
+    let request_id = request_id_header
+        .as_ref()
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default()
         .to_owned();
@@ -187,7 +188,7 @@ async fn run(
         &route,
         upstream_body,
         view.stream,
-        &request_id,
+        request_id_header.as_ref(),
         Duration::from_secs(cfg.first_byte_timeout_secs),
     )
     .await

@@ -137,7 +137,7 @@ pub async fn send(
     route: &Route,
     body: Bytes,
     stream: bool,
-    request_id: &str,
+    request_id: Option<&HeaderValue>,
     first_byte_timeout: Duration,
 ) -> Result<Response<Incoming>, ApiError> {
     let mut req = Request::post(&route.url)
@@ -152,8 +152,9 @@ pub async fn send(
         )
         .body(Full::new(body))
         .map_err(|e| ApiError::internal(anyhow::anyhow!("building upstream request: {e}")))?;
-    if let Ok(v) = HeaderValue::from_str(request_id) {
-        req.headers_mut().insert("x-request-id", v);
+    if let Some(v) = request_id {
+        req.headers_mut()
+            .insert(crate::edge::X_REQUEST_ID, v.clone());
     }
     route
         .adapter
