@@ -161,7 +161,7 @@ impl App {
             .merge(SwaggerUi::new("/docs").url("/openapi.json", api))
             .fallback(|| async { ApiError::not_found("route").into_response() })
             .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed.into_response() });
-        let x_request_id = HeaderName::from_static("x-request-id");
+        let x_request_id = crate::edge::X_REQUEST_ID;
         routes
             .layer(
                 ServiceBuilder::new()
@@ -181,9 +181,7 @@ impl App {
     }
 }
 
-/// `x-request-id` for requests that come without one: a UUIDv7, so ids sort by time and the
-/// usage records' request-id index grows at its end instead of at random pages (a v4 made every
-/// usage batch dirty pages all over that index).
+/// `x-request-id` for requests that come without one: [`crate::edge::new_request_id`].
 #[derive(Clone, Copy)]
 struct TimeOrderedRequestId;
 

@@ -19,6 +19,7 @@ use http::{HeaderName, HeaderValue, Method};
 use crate::error::{ApiError, ErrorDetail};
 use crate::providers::Endpoint;
 use crate::state::AppState;
+use crate::telemetry::Surface;
 
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
@@ -28,16 +29,6 @@ pub fn new_request_id() -> HeaderValue {
     let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
     let id = uuid::Uuid::now_v7().hyphenated().encode_lower(&mut buf);
     HeaderValue::from_str(id).expect("a UUID is a valid header value")
-}
-
-fn surface(path: &str) -> &'static str {
-    if path.starts_with("/v1/") || path == "/v1" {
-        "openai"
-    } else if path.starts_with("/api/") {
-        "api"
-    } else {
-        "ops"
-    }
 }
 
 /// The proxied route a request takes without the router, if any.
@@ -75,7 +66,7 @@ pub async fn proxy(
     let id = request_id.to_str().unwrap_or_default();
     record(
         &state,
-        "openai",
+        Surface::OpenAi,
         &Method::POST,
         endpoint.v1_path(),
         id,
@@ -92,7 +83,7 @@ pub async fn edge(State(state): State<AppState>, req: Request, next: Next) -> Re
     let start = Instant::now();
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
-    let surface = surface(&path);
+    let surface = Surface::of(&path);
     let request_id = req
         .headers()
         .get(X_REQUEST_ID)
@@ -101,7 +92,7 @@ pub async fn edge(State(state): State<AppState>, req: Request, next: Next) -> Re
         .to_owned();
 
     // `/v1` streams may legitimately run for minutes; their bounds are the upstream timeouts.
-    let resp = if surface == "openai" {
+    let resp = if surface == Surface::OpenAi {
         next.run(req).await
     } else {
         let limit = Duration::from_secs(state.config.server.request_timeout_secs.max(1));
@@ -125,7 +116,7 @@ pub async fn edge(State(state): State<AppState>, req: Request, next: Next) -> Re
 /// Counts the answer and logs its line (with the internal error detail, if any).
 fn record(
     state: &AppState,
-    surface: &'static str,
+    surface: Surface,
     method: &Method,
     path: &str,
     request_id: &str,
@@ -134,7 +125,7 @@ fn record(
 ) {
     let status = resp.status();
     state.metrics.http_requests(surface, status.as_u16()).inc();
-    if surface != "openai" {
+    if surface != Surface::OpenAi {
         state
             .metrics
             .management_duration

@@ -223,6 +223,37 @@ impl Drop for LogGuard {
     }
 }
 
+/// Which part of the API a route belongs to (the `surface` label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Surface {
+    /// `/v1`, gateway keys.
+    OpenAi,
+    /// `/api`, access tokens.
+    Api,
+    /// Everything else: health, metrics, docs.
+    Ops,
+}
+
+impl Surface {
+    pub fn of(path: &str) -> Self {
+        if path.starts_with("/v1/") || path == "/v1" {
+            Self::OpenAi
+        } else if path.starts_with("/api/") {
+            Self::Api
+        } else {
+            Self::Ops
+        }
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::OpenAi => "openai",
+            Self::Api => "api",
+            Self::Ops => "ops",
+        }
+    }
+}
+
 /// Every metric tollgate exports.
 #[derive(Clone)]
 pub struct Metrics {
@@ -253,7 +284,7 @@ pub struct Metrics {
 
 #[derive(Default)]
 struct HotSeries {
-    /// By surface (openai, api, ops) and status class (1xx … 5xx).
+    /// By [`Surface`] and status class (1xx … 5xx).
     http: [[std::sync::OnceLock<IntCounter>; 5]; 3],
     /// By endpoint.
     duration: [std::sync::OnceLock<Histogram>; 3],
@@ -409,17 +440,12 @@ impl Metrics {
     }
 
     /// `tollgate_http_requests_total` for one answer.
-    pub fn http_requests(&self, surface: &'static str, status: u16) -> &IntCounter {
+    pub fn http_requests(&self, surface: Surface, status: u16) -> &IntCounter {
         const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
-        let s = match surface {
-            "openai" => 0,
-            "api" => 1,
-            _ => 2,
-        };
         let c = usize::from(status.clamp(100, 599) / 100 - 1);
-        self.hot.http[s][c].get_or_init(|| {
+        self.hot.http[surface as usize][c].get_or_init(|| {
             self.http_requests_total
-                .with_label_values(&[surface, CLASSES[c]])
+                .with_label_values(&[surface.label(), CLASSES[c]])
         })
     }
 
