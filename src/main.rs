@@ -3,6 +3,13 @@
 use clap::Parser;
 use tollgate::{cli, config::Config, telemetry};
 
+/// jemalloc instead of glibc's malloc: ~13% fewer instructions per proxied request (callgrind,
+/// the allocator's share of a request fell by more than half) with the same memory at idle and
+/// less under load (benches/README.md).
+#[cfg(not(target_env = "msvc"))]
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = cli::Cli::parse();
