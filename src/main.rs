@@ -3,9 +3,9 @@
 use clap::Parser;
 use tollgate::{cli, config::Config, telemetry};
 
-/// jemalloc instead of glibc's malloc: ~13% fewer instructions per proxied request (callgrind,
-/// the allocator's share of a request fell by more than half) with the same memory at idle and
-/// less under load (benches/README.md).
+/// jemalloc instead of glibc's malloc: 12% fewer instructions per proxied request (callgrind) and
+/// 30–40% more requests per second at 32 connections, with less memory than glibc at the peak
+/// (benches/README.md, session 6).
 #[cfg(not(target_env = "msvc"))]
 #[global_allocator]
 static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
