@@ -8,7 +8,8 @@
 //! Environment: `LOAD_SECS` (per run, default 10), `LOAD_CONNECTIONS` (default 32),
 //! `LOAD_NGINX` (an nginx binary; `none` for the hyper pass-through), `LOAD_WRK` (a wrk binary),
 //! `LOAD_TOLLGATE_BIN` (another tollgate binary to measure), `LOAD_BILLING=0` (no key budget,
-//! balance enforcement off: no reservations).
+//! balance enforcement off: no reservations), `LOAD_MODES` (`non-stream`, `stream`, or both,
+//! comma-separated; the default is both).
 //! `--soak` (or `LOAD_SOAK_SECS`) instead runs tollgate alone at a fixed rate
 //! (`LOAD_SOAK_RPS`, default 200) and samples its memory every 10 s.
 
@@ -196,7 +197,11 @@ fn run() -> anyhow::Result<()> {
     let mut rows: Vec<Row> = Vec::new();
     let mut tollgate_answered = 0u64;
     let mut rss_peak_load = 0u64;
+    let modes = std::env::var("LOAD_MODES").unwrap_or_default();
     for (mode, body) in [(Mode::Plain, &plain), (Mode::Stream, &stream)] {
+        if !modes.is_empty() && !modes.split(',').any(|m| m.trim() == mode.name()) {
+            continue;
+        }
         let script = write_script(tmp.path(), mode.name(), body, &key)?;
         for (target, url) in targets {
             let cpu = || match target {
@@ -401,6 +406,7 @@ writes it, with every raw wrk report, to benches/results/latest.txt.
   LOAD_WRK=PATH         wrk binary (default: wrk on PATH)
   LOAD_TOLLGATE_BIN=P   tollgate binary to measure (default: the one cargo built)
   LOAD_BILLING=0        no key budget, balance enforcement off (no reservations)
+  LOAD_MODES=stream     only these modes (comma-separated: non-stream, stream; default both)
   --soak, LOAD_SOAK_SECS=300, LOAD_SOAK_RPS=200
                         tollgate alone at a fixed rate, memory sampled every 10 s";
 
