@@ -230,13 +230,19 @@ fn stage_stream(c: &mut Criterion) {
     let content = events[0].as_bytes().to_vec();
     let usage = events[events.len() - 2].as_bytes().to_vec();
     let whole: Vec<u8> = events.concat().into_bytes();
+    let (model_json, upstream_json) = (
+        tollgate::providers::model_json(MODEL),
+        tollgate::providers::model_json(UPSTREAM_MODEL),
+    );
     let renamed = EventCtx {
         client_model: MODEL,
+        client_model_json: &model_json,
         upstream_model: UPSTREAM_MODEL,
         client_wants_usage: false,
     };
     let same = EventCtx {
         client_model: UPSTREAM_MODEL,
+        client_model_json: &upstream_json,
         ..renamed
     };
 

@@ -115,9 +115,16 @@ pub trait Adapter: Send + Sync + 'static {
 #[derive(Debug, Clone, Copy)]
 pub struct EventCtx<'a> {
     pub client_model: &'a str,
+    /// `client_model` as a JSON string, encoded once per stream rather than once per event.
+    pub client_model_json: &'a [u8],
     pub upstream_model: &'a str,
     /// The client asked for usage (`stream_options.include_usage`); else usage is removed.
     pub client_wants_usage: bool,
+}
+
+/// A model name as a JSON string, as the adapters write it into bodies and events.
+pub fn model_json(name: &str) -> Vec<u8> {
+    serde_json::to_vec(name).unwrap_or_else(|_| b"\"\"".to_vec())
 }
 
 /// The result of mapping one event.

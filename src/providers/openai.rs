@@ -4,7 +4,7 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, header};
 use serde::Deserialize;
 
-use super::{Adapter, Endpoint, EventCtx, EventOut, MappedEvent, Usage, scan};
+use super::{Adapter, Endpoint, EventCtx, EventOut, MappedEvent, Usage, model_json, scan};
 use crate::proxy::request::RequestView;
 
 pub struct OpenAi;
@@ -57,11 +57,6 @@ fn usage_in(value: &[u8]) -> Option<Usage> {
         .map(Usage::from)
 }
 
-/// `name` as a JSON string.
-fn model_json(name: &str) -> Vec<u8> {
-    serde_json::to_vec(name).unwrap_or_else(|_| b"\"\"".to_vec())
-}
-
 impl Adapter for OpenAi {
     fn url(&self, base_url: &str, endpoint: Endpoint) -> String {
         format!("{}{}", base_url.trim_end_matches('/'), endpoint.path())
@@ -98,7 +93,7 @@ impl Adapter for OpenAi {
         }
         let model = model_json(client_model);
         let out = scan::edit_members(&body, &members, |m| {
-            m.is("model").then(|| Some(model.clone()))
+            m.is("model").then_some(Some(model.as_slice()))
         });
         (Bytes::from(out), usage)
     }
@@ -130,12 +125,11 @@ impl Adapter for OpenAi {
         }
         let rename = ctx.client_model != ctx.upstream_model;
         let out = if rename || strip_usage {
-            let model = rename.then(|| model_json(ctx.client_model));
             EventOut::Replace(scan::edit_members(data, &members, |m| {
                 if strip_usage && m.is("usage") {
                     Some(None)
                 } else if m.is("model") {
-                    model.clone().map(Some)
+                    rename.then_some(Some(ctx.client_model_json))
                 } else {
                     None
                 }
@@ -154,6 +148,7 @@ mod tests {
     fn ctx(wants: bool, rename: bool) -> EventCtx<'static> {
         EventCtx {
             client_model: "mine",
+            client_model_json: b"\"mine\"",
             upstream_model: if rename { "theirs" } else { "mine" },
             client_wants_usage: wants,
         }

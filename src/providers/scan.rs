@@ -130,10 +130,10 @@ pub fn top_level_members(text: &[u8]) -> Option<Vec<Member<'_>>> {
 /// `text` with the members `edit` answers for changed: `Some(Some(v))` writes `v` as the
 /// member's new value, `Some(None)` removes the member with one separating comma, `None` keeps
 /// it. Every other byte is copied as it was.
-pub fn edit_members<'a>(
+pub fn edit_members<'a, 'v>(
     text: &[u8],
     members: &[Member<'a>],
-    mut edit: impl FnMut(&Member<'a>) -> Option<Option<Vec<u8>>>,
+    mut edit: impl FnMut(&Member<'a>) -> Option<Option<&'v [u8]>>,
 ) -> Vec<u8> {
     let mut out = Vec::with_capacity(text.len() + 32);
     // `text[..copied]` is dealt with.
@@ -153,7 +153,7 @@ pub fn edit_members<'a>(
             }
             Some(Some(v)) => {
                 out.extend_from_slice(&text[copied..m.end - m.value.len()]);
-                out.extend_from_slice(&v);
+                out.extend_from_slice(v);
                 copied = m.end;
                 kept_any = true;
             }
@@ -224,11 +224,12 @@ mod tests {
 
     fn edited(text: &str, rename: Option<&str>, drop: &[&str]) -> String {
         let ms = top_level_members(text.as_bytes()).expect("an object");
+        let renamed_to = rename.map(|r| serde_json::to_vec(r).expect("json"));
         let out = edit_members(text.as_bytes(), &ms, |m| {
             if drop.iter().any(|d| m.is(d)) {
                 Some(None)
             } else if m.is("model") {
-                rename.map(|r| Some(serde_json::to_vec(r).expect("json")))
+                renamed_to.as_deref().map(Some)
             } else {
                 None
             }

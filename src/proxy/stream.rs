@@ -156,6 +156,8 @@ pub struct StreamMapping {
 pub struct MeteredStream<B> {
     upstream: Pin<Box<B>>,
     map: StreamMapping,
+    /// `map.client_model` as a JSON string.
+    client_model_json: Vec<u8>,
     scanner: SseScanner,
     out: VecDeque<Bytes>,
     usage: Option<Usage>,
@@ -184,6 +186,7 @@ impl<B> MeteredStream<B> {
         active_streams.inc();
         Self {
             upstream: Box::pin(upstream),
+            client_model_json: crate::providers::model_json(&map.client_model),
             map,
             scanner: SseScanner::default(),
             out: VecDeque::new(),
@@ -227,6 +230,7 @@ impl<B> MeteredStream<B> {
         };
         let ctx = EventCtx {
             client_model: &self.map.client_model,
+            client_model_json: &self.client_model_json,
             upstream_model: &self.map.upstream_model,
             client_wants_usage: self.map.client_wants_usage,
         };
