@@ -254,9 +254,18 @@ impl Surface {
     }
 }
 
-/// Every metric tollgate exports.
+/// Every metric tollgate exports; cloned by every proxied request, so one `Arc` to clone.
 #[derive(Clone)]
-pub struct Metrics {
+pub struct Metrics(Arc<MetricsInner>);
+
+impl std::ops::Deref for Metrics {
+    type Target = MetricsInner;
+    fn deref(&self) -> &MetricsInner {
+        &self.0
+    }
+}
+
+pub struct MetricsInner {
     pub registry: Registry,
     pub requests_total: IntCounterVec,
     pub request_duration: HistogramVec,
@@ -340,7 +349,7 @@ impl Metrics {
                 IntGauge::new(name, help).unwrap_or_else(|e| panic!("{name}: {e}")),
             )
         };
-        Self {
+        Self(Arc::new(MetricsInner {
             requests_total: counter_vec(
                 "tollgate_requests_total",
                 "Proxied /v1 requests by endpoint, model, provider and final status.",
@@ -426,7 +435,7 @@ impl Metrics {
             ),
             registry: r,
             hot: Arc::default(),
-        }
+        }))
         .with_known_series()
     }
 
