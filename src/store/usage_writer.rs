@@ -222,25 +222,32 @@ async fn write_with_retry(db: &DatabaseConnection, metrics: &Metrics, rows: &[Se
                 metrics
                     .usage_records_written_total
                     .inc_by(rows.len() as u64);
+                // Summed per model and provider first: four label lookups per batch and model
+                // rather than per record.
+                let mut sums: HashMap<(&str, &str), (u64, u64, u64, i64)> = HashMap::new();
                 for r in rows {
                     let e = &r.event;
-                    let labels = |kind| [e.model.as_str(), e.provider.as_str(), kind];
-                    metrics
-                        .tokens_total
-                        .with_label_values(&labels("prompt"))
-                        .inc_by(e.usage.prompt as u64);
-                    metrics
-                        .tokens_total
-                        .with_label_values(&labels("completion"))
-                        .inc_by(e.usage.completion as u64);
-                    metrics
-                        .tokens_total
-                        .with_label_values(&labels("cached"))
-                        .inc_by(e.usage.cached as u64);
+                    let s = sums
+                        .entry((e.model.as_str(), e.provider.as_str()))
+                        .or_default();
+                    s.0 += Ord::max(e.usage.prompt, 0) as u64;
+                    s.1 += Ord::max(e.usage.completion, 0) as u64;
+                    s.2 += Ord::max(e.usage.cached, 0) as u64;
+                    s.3 = s.3.saturating_add(r.cost_nanos);
+                }
+                for ((model, provider), (prompt, completion, cached, cost)) in sums {
+                    let tokens = |kind| {
+                        metrics
+                            .tokens_total
+                            .with_label_values(&[model, provider, kind])
+                    };
+                    tokens("prompt").inc_by(prompt);
+                    tokens("completion").inc_by(completion);
+                    tokens("cached").inc_by(cached);
                     metrics
                         .cost_usd_total
-                        .with_label_values(&[&e.model, &e.provider])
-                        .inc_by(r.cost_nanos as f64 / 1e9);
+                        .with_label_values(&[model, provider])
+                        .inc_by(cost as f64 / 1e9);
                 }
                 return;
             }
