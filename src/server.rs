@@ -95,7 +95,9 @@ pub async fn serve(
                         }
                         let mut req = req.map(axum::body::Body::new);
                         req.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
-                        router.oneshot(req).await
+                        // Boxed: the router's future is large, and hyper moves this one into
+                        // place for every request, the proxied ones included.
+                        Box::pin(router.oneshot(req)).await
                     }
                 });
                 let (builder, watcher) = (builder.clone(), graceful.watcher());
