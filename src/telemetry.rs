@@ -265,6 +265,7 @@ impl std::ops::Deref for Metrics {
     }
 }
 
+/// The metrics a [`Metrics`] handle points to.
 pub struct MetricsInner {
     pub registry: Registry,
     pub requests_total: IntCounterVec,
@@ -288,7 +289,7 @@ pub struct MetricsInner {
     pub management_duration: Histogram,
     /// Handles of the series every proxied request touches, looked up once: a labelled lookup
     /// hashes its labels and takes a lock.
-    hot: Arc<HotSeries>,
+    hot: HotSeries,
 }
 
 #[derive(Default)]
@@ -434,7 +435,7 @@ impl Metrics {
                 .unwrap_or_else(|e| panic!("mgmt: {e}")),
             ),
             registry: r,
-            hot: Arc::default(),
+            hot: HotSeries::default(),
         }))
         .with_known_series()
     }
