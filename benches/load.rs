@@ -127,6 +127,7 @@ fn run() -> anyhow::Result<()> {
     let soak = args.iter().any(|a| a == "--soak") || std::env::var_os("LOAD_SOAK_SECS").is_some();
     let secs = env_u64("LOAD_SECS", 10)?.max(1);
     let conns = env_u64("LOAD_CONNECTIONS", 32)?.max(1);
+    let modes = modes_from_env()?;
     let wrk = find_program("wrk", "LOAD_WRK", &[]).context(
         "wrk is not installed (Debian/Ubuntu: `apt-get install -y wrk`); it drives the load",
     )?;
@@ -197,9 +198,8 @@ fn run() -> anyhow::Result<()> {
     let mut rows: Vec<Row> = Vec::new();
     let mut tollgate_answered = 0u64;
     let mut rss_peak_load = 0u64;
-    let modes = std::env::var("LOAD_MODES").unwrap_or_default();
     for (mode, body) in [(Mode::Plain, &plain), (Mode::Stream, &stream)] {
-        if !modes.is_empty() && !modes.split(',').any(|m| m.trim() == mode.name()) {
+        if !modes.contains(&mode) {
             continue;
         }
         let script = write_script(tmp.path(), mode.name(), body, &key)?;
@@ -414,6 +414,26 @@ writes it, with every raw wrk report, to benches/results/latest.txt.
 enum Mode {
     Plain,
     Stream,
+}
+
+/// `LOAD_MODES`: the modes to run (both when unset or empty); an unknown name is an error
+/// rather than a run that measures nothing.
+fn modes_from_env() -> anyhow::Result<Vec<Mode>> {
+    let all = [Mode::Plain, Mode::Stream];
+    let raw = std::env::var("LOAD_MODES").unwrap_or_default();
+    if raw.trim().is_empty() {
+        return Ok(all.to_vec());
+    }
+    let mut modes = Vec::new();
+    for name in raw.split(',').map(str::trim) {
+        let Some(mode) = all.into_iter().find(|m| m.name() == name) else {
+            bail!("LOAD_MODES: unknown mode {name:?} (the modes are non-stream and stream)");
+        };
+        if !modes.contains(&mode) {
+            modes.push(mode);
+        }
+    }
+    Ok(modes)
 }
 
 impl Mode {
