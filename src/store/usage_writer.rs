@@ -230,9 +230,11 @@ async fn write_with_retry(db: &DatabaseConnection, metrics: &Metrics, rows: &[Se
                     let s = sums
                         .entry((e.model.as_str(), e.provider.as_str()))
                         .or_default();
-                    s.0 += Ord::max(e.usage.prompt, 0) as u64;
-                    s.1 += Ord::max(e.usage.completion, 0) as u64;
-                    s.2 += Ord::max(e.usage.cached, 0) as u64;
+                    // Saturating: the counts come from the upstream's answer.
+                    let count = |n: i64| Ord::max(n, 0) as u64;
+                    s.0 = s.0.saturating_add(count(e.usage.prompt));
+                    s.1 = s.1.saturating_add(count(e.usage.completion));
+                    s.2 = s.2.saturating_add(count(e.usage.cached));
                     s.3 = s.3.saturating_add(r.cost_nanos);
                 }
                 for ((model, provider), (prompt, completion, cached, cost)) in sums {
