@@ -14,6 +14,7 @@
 use std::collections::{HashMap, HashSet};
 use std::hash::Hash;
 use std::net::IpAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -383,34 +384,48 @@ impl Caches {
 
     /// Loads `key` through `cache` unless present, coalescing concurrent misses, and drops the
     /// loaded value again if an invalidation happened while it was being read.
-    async fn load<K, V, F>(&self, cache: &Cache<K, V>, key: K, load: F) -> Result<V, DbErr>
+    ///
+    /// The returned future is boxed: moka's loading future and the load are kilobytes, and every
+    /// caller's future would otherwise carry (and copy, per request) that much for the miss it
+    /// almost never takes. Callers try the cache's `get` first.
+    fn load<'a, K, V, F>(
+        &'a self,
+        cache: &'a Cache<K, V>,
+        key: K,
+        load: F,
+    ) -> Pin<Box<dyn Future<Output = Result<V, DbErr>> + Send + 'a>>
     where
         K: Hash + Eq + Clone + Send + Sync + 'static,
         V: Clone + Send + Sync + 'static,
-        F: Future<Output = Result<V, DbErr>>,
+        F: Future<Output = Result<V, DbErr>> + Send + 'a,
     {
-        let generation = self.inner.generation.load(Ordering::SeqCst);
-        let value = cache
-            .try_get_with(key.clone(), load)
-            .await
-            .map_err(|e| (*e).clone())?;
-        if self.inner.generation.load(Ordering::SeqCst) != generation {
-            cache.invalidate(&key).await;
-        }
-        Ok(value)
+        Box::pin(async move {
+            let generation = self.inner.generation.load(Ordering::SeqCst);
+            let value = cache
+                .try_get_with(key.clone(), load)
+                .await
+                .map_err(|e| (*e).clone())?;
+            if self.inner.generation.load(Ordering::SeqCst) != generation {
+                cache.invalidate(&key).await;
+            }
+            Ok(value)
+        })
     }
 
     /// A single-entry cache read through its [`Snapshot`]: the snapshot when current, else the
     /// cache (loading on a miss), which then refreshes the snapshot.
+    ///
+    /// `load` makes the loading future only on a miss: an unstarted future is as large as its
+    /// whole state, and this one's would otherwise sit in every caller's.
     async fn single<V, F>(
         &self,
         snapshot: &Snapshot<V>,
         cache: &Cache<(), V>,
-        load: F,
+        load: impl FnOnce() -> F,
     ) -> Result<V, DbErr>
     where
         V: Clone + Send + Sync + 'static,
-        F: Future<Output = Result<V, DbErr>>,
+        F: Future<Output = Result<V, DbErr>> + Send,
     {
         let generation = self.inner.generation.load(Ordering::SeqCst);
         if let Some(hit) = snapshot.get(generation) {
@@ -418,7 +433,7 @@ impl Caches {
         }
         let value = match cache.get(&()).await {
             Some(hit) => hit,
-            None => self.load(cache, (), load).await?,
+            None => self.load(cache, (), load()).await?,
         };
         snapshot.set(generation, value.clone());
         Ok(value)
@@ -448,7 +463,7 @@ impl Caches {
     /// The whole catalog (providers and models, active or not).
     pub async fn catalog(&self, db: &DatabaseConnection) -> Result<Arc<Catalog>, DbErr> {
         let inner = &self.inner;
-        self.single(&inner.catalog_snapshot, &inner.catalog, async {
+        self.single(&inner.catalog_snapshot, &inner.catalog, || async {
             let providers = store::providers::all(db).await?;
             let models = store::models::all(db).await?;
             Ok(Arc::new(Catalog::new(models, providers)))
@@ -463,7 +478,7 @@ impl Caches {
         config: &crate::config::Config,
     ) -> Result<RuntimeDefaults, DbErr> {
         let inner = &self.inner;
-        self.single(&inner.defaults_snapshot, &inner.defaults, async {
+        self.single(&inner.defaults_snapshot, &inner.defaults, || async {
             Ok(RuntimeDefaults {
                 user_rpm: crate::settings::default_user_rpm(db, config).await?,
                 key_rpm: crate::settings::default_key_rpm(db, config).await?,

@@ -240,7 +240,8 @@ impl Limiters {
             Refusal { error, rate }
         };
         let shared = match &self.shared {
-            Some(s) => s.take(scope.label(), id, limit, n.get()).await,
+            // Boxed: the Redis round trip's state would otherwise be in every request's future.
+            Some(s) => Box::pin(s.take(scope.label(), id, limit, n.get())).await,
             None => None,
         };
         match shared {

@@ -213,6 +213,20 @@ impl Leases {
         if slot.try_take(n) {
             return Ok(true);
         }
+        // The refill's database round trips are kilobytes of future state: boxed, only the
+        // requests that refill carry them, not every request's future.
+        Box::pin(self.refill(db, holder, id, n, slot)).await
+    }
+
+    /// `take`'s slow path: the lease has no room for `n`.
+    async fn refill(
+        &self,
+        db: &DatabaseConnection,
+        holder: Holder,
+        id: &str,
+        n: i64,
+        slot: Arc<Slot>,
+    ) -> Result<bool, sea_orm::DbErr> {
         let _refill = slot.refill.lock().await;
         if slot.try_take(n) {
             return Ok(true);
