@@ -47,12 +47,15 @@ impl<'de> de::Deserialize<'de> for Fields<'de> {
 
 impl<'a> RequestView<'a> {
     pub fn parse(body: &'a [u8]) -> Result<Self, ApiError> {
-        let Fields(fields) = serde_json::from_slice(body).map_err(|e| {
+        let invalid = |e: &dyn fmt::Display| {
             ApiError::bad_request(
                 "invalid_json",
                 format!("We could not parse the JSON body of your request: {e}"),
             )
-        })?;
+        };
+        // UTF-8 checked once over the whole body, so the raw values are not checked again.
+        let text = std::str::from_utf8(body).map_err(|e| invalid(&e))?;
+        let Fields(fields) = serde_json::from_str(text).map_err(|e| invalid(&e))?;
         let get = |name: &str| fields.iter().find(|(k, _)| k == name).map(|(_, v)| *v);
         let model = match get("model") {
             Some(raw) => serde_json::from_str::<String>(raw.get())
@@ -218,5 +221,6 @@ mod tests {
         assert!(RequestView::parse(br#"{"messages":[]}"#).is_err());
         assert!(RequestView::parse(br#"{"model":3}"#).is_err());
         assert!(RequestView::parse(br#"{"model":"m","stream":"yes"}"#).is_err());
+        assert!(RequestView::parse(b"{\"model\":\"m\xff\"}").is_err());
     }
 }
