@@ -412,16 +412,25 @@ pub async fn admit(
 
 /// `6s`, `1m30s`: OpenAI's format for the reset headers.
 pub fn reset_string(d: Duration) -> String {
+    let mut out = Vec::new();
+    write_reset(&mut out, d);
+    String::from_utf8(out).unwrap_or_default()
+}
+
+fn write_reset(out: &mut impl bytes::BufMut, d: Duration) {
     let secs = d.as_secs_f64().ceil() as u64;
+    let mut n = itoa::Buffer::new();
     if secs >= 60 {
-        format!("{}m{}s", secs / 60, secs % 60)
-    } else {
-        format!("{secs}s")
+        out.put_slice(n.format(secs / 60).as_bytes());
+        out.put_u8(b'm');
     }
+    out.put_slice(n.format(secs % 60).as_bytes());
+    out.put_u8(b's');
 }
 
 /// Adds the `x-ratelimit-*` headers for the limits that applied.
 pub fn rate_headers(headers: &mut HeaderMap, info: &RateInfo) {
+    use bytes::{BufMut, BytesMut};
     use http::HeaderName;
     const NAMES: [[HeaderName; 3]; 2] = [
         [
@@ -435,17 +444,39 @@ pub fn rate_headers(headers: &mut HeaderMap, info: &RateInfo) {
             HeaderName::from_static("x-ratelimit-reset-tokens"),
         ],
     ];
-    if info.requests.is_some() || info.tokens.is_some() {
-        // Room for these and the few headers added after, so the map grows once.
-        headers.reserve(12);
+    if info.requests.is_none() && info.tokens.is_none() {
+        return;
     }
-    for (names, w) in NAMES.into_iter().zip([info.requests, info.tokens]) {
+    // Room for these and the few headers added after, so the map grows once.
+    headers.reserve(12);
+    // All values are written into one buffer and shared from it: one allocation, not six.
+    let mut buf = BytesMut::with_capacity(96);
+    let mut ends = [[0usize; 3]; 2];
+    for (ends, w) in ends.iter_mut().zip([info.requests, info.tokens]) {
         let Some(w) = w else { continue };
-        let [limit, remaining, reset] = names;
-        headers.insert(limit, HeaderValue::from(w.limit));
-        headers.insert(remaining, HeaderValue::from(w.remaining));
-        if let Ok(v) = HeaderValue::try_from(reset_string(w.reset)) {
-            headers.insert(reset, v);
+        let mut n = itoa::Buffer::new();
+        buf.put_slice(n.format(w.limit).as_bytes());
+        ends[0] = buf.len();
+        buf.put_slice(n.format(w.remaining).as_bytes());
+        ends[1] = buf.len();
+        write_reset(&mut buf, w.reset);
+        ends[2] = buf.len();
+    }
+    let buf = buf.freeze();
+    let mut start = 0;
+    for ((names, ends), w) in NAMES
+        .into_iter()
+        .zip(ends)
+        .zip([info.requests, info.tokens])
+    {
+        if w.is_none() {
+            continue;
+        }
+        for (name, end) in names.into_iter().zip(ends) {
+            if let Ok(v) = HeaderValue::from_maybe_shared(buf.slice(start..end)) {
+                headers.insert(name, v);
+            }
+            start = end;
         }
     }
 }
@@ -455,9 +486,52 @@ mod tests {
     use super::*;
 
     #[test]
+    fn rate_headers_carry_each_window() {
+        let mut h = HeaderMap::new();
+        let window = |limit, remaining, secs| Window {
+            limit,
+            remaining,
+            reset: Duration::from_secs(secs),
+        };
+        rate_headers(
+            &mut h,
+            &RateInfo {
+                requests: Some(window(60, 59, 1)),
+                tokens: Some(window(4_000_000_000, 1234, 125)),
+            },
+        );
+        let got = |n: &str| h.get(n).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        assert_eq!(got("x-ratelimit-limit-requests").as_deref(), Some("60"));
+        assert_eq!(got("x-ratelimit-remaining-requests").as_deref(), Some("59"));
+        assert_eq!(got("x-ratelimit-reset-requests").as_deref(), Some("1s"));
+        assert_eq!(
+            got("x-ratelimit-limit-tokens").as_deref(),
+            Some("4000000000")
+        );
+        assert_eq!(got("x-ratelimit-remaining-tokens").as_deref(), Some("1234"));
+        assert_eq!(got("x-ratelimit-reset-tokens").as_deref(), Some("2m5s"));
+
+        let mut h = HeaderMap::new();
+        rate_headers(
+            &mut h,
+            &RateInfo {
+                requests: None,
+                tokens: Some(window(10, 0, 3)),
+            },
+        );
+        assert_eq!(h.len(), 3);
+        assert_eq!(h["x-ratelimit-remaining-tokens"], "0");
+        assert_eq!(h["x-ratelimit-reset-tokens"], "3s");
+        rate_headers(&mut h, &RateInfo::default());
+        assert_eq!(h.len(), 3);
+    }
+
+    #[test]
     fn reset_format() {
         assert_eq!(reset_string(Duration::from_millis(5200)), "6s");
         assert_eq!(reset_string(Duration::from_secs(90)), "1m30s");
+        assert_eq!(reset_string(Duration::from_secs(60)), "1m0s");
+        assert_eq!(reset_string(Duration::ZERO), "0s");
     }
 
     #[tokio::test]
