@@ -4,7 +4,6 @@
 //! it, model renamed), and the meter fires when the body ends, fails, or is dropped because the
 //! client left.
 
-use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -138,6 +137,9 @@ fn data_of(raw: &Bytes) -> Option<Bytes> {
 /// Mapped events are sent once this much is gathered, even while the upstream has more at hand.
 const FLUSH_AT: usize = 16 * 1024;
 
+/// The room a frame's buffer starts with.
+const OUT_CHUNK: usize = 2048;
+
 /// What a stream is allowed to wait for the next chunk.
 pub struct StreamLimits {
     pub idle_timeout: Duration,
@@ -159,7 +161,9 @@ pub struct MeteredStream<B> {
     /// `map.client_model` as a JSON string.
     client_model_json: Vec<u8>,
     scanner: SseScanner,
-    out: VecDeque<Bytes>,
+    /// Mapped events waiting to be sent, framed, back to back: one buffer, so a frame of several
+    /// events is neither a list of pieces nor a second copy.
+    out: BytesMut,
     usage: Option<Usage>,
     /// Payloads kept for estimation until the upstream reports usage.
     kept: Vec<Bytes>,
@@ -189,7 +193,7 @@ impl<B> MeteredStream<B> {
             client_model_json: crate::providers::model_json(&map.client_model),
             map,
             scanner: SseScanner::default(),
-            out: VecDeque::new(),
+            out: BytesMut::new(),
             usage: None,
             kept: Vec::new(),
             meter: Some(meter),
@@ -204,28 +208,22 @@ impl<B> MeteredStream<B> {
 
     /// The stream ended, or [`FLUSH_AT`] bytes wait to be sent.
     fn ready_to_send(&self) -> bool {
-        self.ended || self.out.iter().map(Bytes::len).sum::<usize>() >= FLUSH_AT
+        self.ended || self.out.len() >= FLUSH_AT
     }
 
     /// Everything mapped so far as one frame (one write to the client instead of one per event).
     fn take_out(&mut self) -> Option<Bytes> {
-        match self.out.len() {
-            0 => None,
-            1 => self.out.pop_front(),
-            _ => {
-                let len = self.out.iter().map(Bytes::len).sum();
-                let mut b = BytesMut::with_capacity(len);
-                for part in self.out.drain(..) {
-                    b.extend_from_slice(&part);
-                }
-                Some(b.freeze())
-            }
-        }
+        (!self.out.is_empty()).then(|| self.out.split().freeze())
     }
 
     fn handle_event(&mut self, ev: SseEvent) {
+        if self.out.is_empty() {
+            // A frame starts: room for a typical frame's events at once, rather than growing
+            // the buffer event by event (it keeps what the last frame left unused).
+            self.out.reserve(OUT_CHUNK);
+        }
         let Some(data) = ev.data else {
-            self.out.push_back(ev.raw);
+            self.out.extend_from_slice(&ev.raw);
             return;
         };
         let ctx = EventCtx {
@@ -243,13 +241,12 @@ impl<B> MeteredStream<B> {
             self.kept.push(data);
         }
         match mapped.out {
-            EventOut::Unchanged => self.out.push_back(ev.raw),
+            EventOut::Unchanged => self.out.extend_from_slice(&ev.raw),
             EventOut::Replace(payload) => {
-                let mut b = BytesMut::with_capacity(payload.len() + 8);
-                b.extend_from_slice(b"data: ");
-                b.extend_from_slice(&payload);
-                b.extend_from_slice(b"\n\n");
-                self.out.push_back(b.freeze());
+                self.out.reserve(payload.len() + 8);
+                self.out.extend_from_slice(b"data: ");
+                self.out.extend_from_slice(&payload);
+                self.out.extend_from_slice(b"\n\n");
             }
             EventOut::Drop => {}
         }
@@ -261,11 +258,9 @@ impl<B> MeteredStream<B> {
             self.handle_event(ev);
         }
         let body = serde_json::to_vec(&err.body()).unwrap_or_default();
-        let mut b = BytesMut::with_capacity(body.len() + 8);
-        b.extend_from_slice(b"data: ");
-        b.extend_from_slice(&body);
-        b.extend_from_slice(b"\n\n");
-        self.out.push_back(b.freeze());
+        self.out.extend_from_slice(b"data: ");
+        self.out.extend_from_slice(&body);
+        self.out.extend_from_slice(b"\n\n");
         self.ended = true;
         self.finish_meter(status, Some(reason));
     }
