@@ -449,34 +449,24 @@ pub fn rate_headers(headers: &mut HeaderMap, info: &RateInfo) {
     }
     // Room for these and the few headers added after, so the map grows once.
     headers.reserve(12);
-    // All values are written into one buffer and shared from it: one allocation, not six.
+    // The values are written into one buffer and each split off it, sharing its allocation.
     let mut buf = BytesMut::with_capacity(96);
-    let mut ends = [[0usize; 3]; 2];
-    for (ends, w) in ends.iter_mut().zip([info.requests, info.tokens]) {
+    let split = |buf: &mut BytesMut| HeaderValue::from_maybe_shared(buf.split().freeze());
+    for (names, w) in NAMES.into_iter().zip([info.requests, info.tokens]) {
         let Some(w) = w else { continue };
+        let [limit, remaining, reset] = names;
         let mut n = itoa::Buffer::new();
         buf.put_slice(n.format(w.limit).as_bytes());
-        ends[0] = buf.len();
-        buf.put_slice(n.format(w.remaining).as_bytes());
-        ends[1] = buf.len();
-        write_reset(&mut buf, w.reset);
-        ends[2] = buf.len();
-    }
-    let buf = buf.freeze();
-    let mut start = 0;
-    for ((names, ends), w) in NAMES
-        .into_iter()
-        .zip(ends)
-        .zip([info.requests, info.tokens])
-    {
-        if w.is_none() {
-            continue;
+        if let Ok(v) = split(&mut buf) {
+            headers.insert(limit, v);
         }
-        for (name, end) in names.into_iter().zip(ends) {
-            if let Ok(v) = HeaderValue::from_maybe_shared(buf.slice(start..end)) {
-                headers.insert(name, v);
-            }
-            start = end;
+        buf.put_slice(n.format(w.remaining).as_bytes());
+        if let Ok(v) = split(&mut buf) {
+            headers.insert(remaining, v);
+        }
+        write_reset(&mut buf, w.reset);
+        if let Ok(v) = split(&mut buf) {
+            headers.insert(reset, v);
         }
     }
 }
