@@ -410,13 +410,7 @@ pub async fn admit(
     Ok((model.clone(), info))
 }
 
-/// `6s`, `1m30s`: OpenAI's format for the reset headers.
-pub fn reset_string(d: Duration) -> String {
-    let mut out = Vec::new();
-    write_reset(&mut out, d);
-    String::from_utf8(out).unwrap_or_default()
-}
-
+/// Writes `6s`, `1m30s`: OpenAI's format for the reset headers.
 fn write_reset(out: &mut impl bytes::BufMut, d: Duration) {
     let secs = d.as_secs_f64().ceil() as u64;
     let mut n = itoa::Buffer::new();
@@ -514,6 +508,12 @@ mod tests {
         assert_eq!(h["x-ratelimit-reset-tokens"], "3s");
         rate_headers(&mut h, &RateInfo::default());
         assert_eq!(h.len(), 3);
+    }
+
+    fn reset_string(d: Duration) -> String {
+        let mut out = Vec::new();
+        write_reset(&mut out, d);
+        String::from_utf8(out).expect("ASCII")
     }
 
     #[test]
