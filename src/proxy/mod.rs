@@ -321,7 +321,7 @@ async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
 
 /// Reads a complete upstream body with an idle timeout between chunks.
 async fn collect(
-    mut body: hyper::body::Incoming,
+    mut body: upstream::UpstreamBody,
     idle: Duration,
     meter: &mut Meter,
 ) -> Result<Bytes, ApiError> {

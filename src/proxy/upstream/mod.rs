@@ -1,4 +1,4 @@
-//! ④ upstream: pooled hyper clients (rustls for https, plain http for local upstreams;
+//! ④ upstream: per-worker connection pools (rustls for https, plain http for local upstreams;
 //! HTTP/1.1 and HTTP/2 by ALPN), with connect and first-byte timeouts.
 //!
 //! Each server worker has its own pools (`crate::server::worker`), so a request, its upstream
@@ -8,12 +8,13 @@
 //! a user's own `base_url` goes through a resolver that refuses private, loopback and link-local
 //! addresses at connect time too — the check at save time alone would let DNS rebinding through.
 
+mod pool;
+
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, header};
 use http_body_util::Full;
-use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -22,15 +23,16 @@ use std::task::{Context, Poll};
 
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::connect::dns::{GaiResolver, Name};
-use hyper_util::client::legacy::{Client, ResponseFuture};
-use hyper_util::rt::TokioExecutor;
 use secrecy::ExposeSecret;
 
 use crate::config::UpstreamConfig;
 use crate::error::ApiError;
 use crate::proxy::route::Route;
 
-type Pool<R> = Client<HttpsConnector<HttpConnector<R>>, Full<Bytes>>;
+pub use pool::UpstreamBody;
+use pool::{Limits, Pool, SendError};
+
+type Pooled<R> = Pool<HttpsConnector<HttpConnector<R>>>;
 
 /// The upstream clients, one pair per server worker.
 #[derive(Clone)]
@@ -39,17 +41,21 @@ pub struct HttpClient {
 }
 
 struct Pools {
-    trusted: Pool<GaiResolver>,
-    guarded: Pool<GuardedResolver>,
+    trusted: Pooled<GaiResolver>,
+    guarded: Pooled<GuardedResolver>,
 }
 
 impl HttpClient {
-    fn request(&self, req: Request<Full<Bytes>>, guarded: bool) -> ResponseFuture {
+    async fn request(
+        &self,
+        req: Request<Full<Bytes>>,
+        guarded: bool,
+    ) -> Result<Response<UpstreamBody>, SendError> {
         let pools = &self.workers[crate::server::worker() % self.workers.len()];
         if guarded {
-            pools.guarded.request(req)
+            pools.guarded.send(req).await
         } else {
-            pools.trusted.request(req)
+            pools.trusted.send(req).await
         }
     }
 }
@@ -107,7 +113,7 @@ pub fn client(
     })
 }
 
-fn pool<R>(cfg: &UpstreamConfig, resolver: R) -> anyhow::Result<Pool<R>>
+fn pool<R>(cfg: &UpstreamConfig, resolver: R) -> anyhow::Result<Pooled<R>>
 where
     R: tower::Service<Name> + Clone + Send + Sync + 'static,
     R::Response: Iterator<Item = SocketAddr>,
@@ -125,10 +131,13 @@ where
         .enable_http1()
         .enable_http2()
         .wrap_connector(http);
-    Ok(Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(cfg.pool_idle_timeout_secs))
-        .pool_max_idle_per_host(cfg.pool_max_idle_per_host)
-        .build(https))
+    Ok(Pool::new(
+        https,
+        Limits {
+            idle_timeout: Duration::from_secs(cfg.pool_idle_timeout_secs),
+            max_idle_per_origin: cfg.pool_max_idle_per_host,
+        },
+    ))
 }
 
 /// Sends `body` along `route`; resolves when the upstream's response headers arrive.
@@ -139,7 +148,7 @@ pub async fn send(
     stream: bool,
     request_id: Option<&HeaderValue>,
     first_byte_timeout: Duration,
-) -> Result<Response<Incoming>, ApiError> {
+) -> Result<Response<UpstreamBody>, ApiError> {
     let mut req = Request::post(&route.url)
         .header(header::CONTENT_TYPE, "application/json")
         .header(
