@@ -486,9 +486,19 @@ impl Row {
     }
 }
 
+/// The performance issue's targets, tollgate ÷ reference in one run: throughput at least this…
+const TARGET_THROUGHPUT: f64 = 0.5;
+/// …and the single-request p50 at most this.
+const TARGET_SINGLE_P50: f64 = 1.5;
+
 /// tollgate ÷ reference p50 at one connection: the median of the per-round ratios, each taken
 /// from two runs seconds apart.
 fn single_ratio(t: &Row, n: &Row) -> String {
+    single_ratio_value(t, n).map_or_else(|| "-".into(), |r| format!("{r:.2}"))
+}
+
+/// [`single_ratio`] as a number.
+fn single_ratio_value(t: &Row, n: &Row) -> Option<f64> {
     let per_round: Vec<f64> = t
         .singles
         .iter()
@@ -496,10 +506,15 @@ fn single_ratio(t: &Row, n: &Row) -> String {
         .filter(|(a, b)| a.p50_us > 0.0 && b.p50_us > 0.0)
         .map(|(a, b)| a.p50_us / b.p50_us)
         .collect();
-    if per_round.is_empty() {
-        "-".into()
-    } else {
-        format!("{:.2}", median(per_round))
+    (!per_round.is_empty()).then(|| median(per_round))
+}
+
+/// `value` to three decimals and whether it meets its target, so a near miss cannot read as met.
+fn verdict(value: Option<f64>, met: impl Fn(f64) -> bool) -> String {
+    match value {
+        Some(v) if met(v) => format!("{v:.3} met"),
+        Some(v) => format!("{v:.3} NOT met"),
+        None => "- (not measured)".into(),
     }
 }
 
@@ -645,6 +660,13 @@ fn table(log: &mut Log, rows: &[Row]) {
             "",
             n.single_p50() - d.single_p50(),
             t.single_p50() - d.single_p50()
+        ));
+        let throughput = (n.load.rps() > 0.0).then(|| t.load.rps() / n.load.rps());
+        log.say(format!(
+            "{:<11} targets: throughput ≥ {TARGET_THROUGHPUT}: {}; p50@1 ≤ {TARGET_SINGLE_P50}: {}",
+            "",
+            verdict(throughput, |r| r >= TARGET_THROUGHPUT),
+            verdict(single_ratio_value(t, n), |r| r <= TARGET_SINGLE_P50),
         ));
         let rounds: Vec<String> = (0..t.singles.len())
             .map(|i| {
