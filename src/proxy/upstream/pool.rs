@@ -396,9 +396,13 @@ mod tests {
 
     use super::*;
 
-    /// An upstream on 127.0.0.1 that counts the connections it accepts and answers every request
-    /// with `body`.
-    async fn upstream(body: &'static [u8]) -> (String, Arc<AtomicUsize>) {
+    /// A listener on 127.0.0.1 that counts the connections it accepts and serves each with
+    /// `serve` on a task of its own; the URL of a chat completion on it.
+    async fn listen<F, Fut>(serve: F) -> (String, Arc<AtomicUsize>)
+    where
+        F: Fn(tokio::net::TcpStream) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let accepted = Arc::new(AtomicUsize::new(0));
@@ -407,19 +411,24 @@ mod tests {
             loop {
                 let (tcp, _) = listener.accept().await.unwrap();
                 count.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(async move {
-                    let svc =
-                        hyper::service::service_fn(move |req: Request<Incoming>| async move {
-                            let _ = req.into_body().collect().await;
-                            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(body))))
-                        });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(tcp), svc)
-                        .await;
-                });
+                tokio::spawn(serve(tcp));
             }
         });
         (format!("http://{addr}/v1/chat/completions"), accepted)
+    }
+
+    /// An HTTP/1.1 upstream that answers every request with `body`.
+    async fn upstream(body: &'static [u8]) -> (String, Arc<AtomicUsize>) {
+        listen(move |tcp| async move {
+            let svc = hyper::service::service_fn(move |req: Request<Incoming>| async move {
+                let _ = req.into_body().collect().await;
+                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(body))))
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(tcp), svc)
+                .await;
+        })
+        .await
     }
 
     /// An upstream that answers one request per connection as if it would keep the connection
@@ -427,29 +436,20 @@ mod tests {
     /// times out while it sits in our pool.
     async fn upstream_closing_silently() -> (String, Arc<AtomicUsize>) {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let count = accepted.clone();
-        tokio::spawn(async move {
-            loop {
-                let (mut tcp, _) = listener.accept().await.unwrap();
-                count.fetch_add(1, Ordering::SeqCst);
-                let mut seen = Vec::new();
-                let mut buf = [0u8; 1024];
-                // The request: head, then the 2-byte body.
-                while !seen.windows(6).any(|w| w == b"\r\n\r\n{}") {
-                    let n = tcp.read(&mut buf).await.unwrap();
-                    assert!(n > 0, "request cut short");
-                    seen.extend_from_slice(&buf[..n]);
-                }
-                tcp.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello")
-                    .await
-                    .unwrap();
-                drop(tcp);
+        listen(|mut tcp| async move {
+            let mut seen = Vec::new();
+            let mut buf = [0u8; 1024];
+            // The request: head, then the 2-byte body.
+            while !seen.windows(6).any(|w| w == b"\r\n\r\n{}") {
+                let n = tcp.read(&mut buf).await.unwrap();
+                assert!(n > 0, "request cut short");
+                seen.extend_from_slice(&buf[..n]);
             }
-        });
-        (format!("http://{addr}/v1/chat/completions"), accepted)
+            tcp.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello")
+                .await
+                .unwrap();
+        })
+        .await
     }
 
     fn pool(max: usize, idle_timeout: Duration) -> Pool<HttpConnector> {
@@ -592,30 +592,21 @@ mod tests {
 
     #[tokio::test]
     async fn an_http2_upstream_carries_concurrent_requests_on_one_connection() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let count = accepted.clone();
-        tokio::spawn(async move {
-            loop {
-                let (tcp, _) = listener.accept().await.unwrap();
-                count.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
-                        // HTTP/2 carries the origin in the URI, not in a Host header.
-                        let answer = format!(
-                            "{} {}",
-                            req.uri().path(),
-                            req.headers().contains_key(header::HOST)
-                        );
-                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(answer))))
-                    });
-                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(tcp), svc)
-                        .await;
-                });
-            }
-        });
+        let (url, accepted) = listen(|tcp| async move {
+            let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
+                // HTTP/2 carries the origin in the URI, not in a Host header.
+                let answer = format!(
+                    "{} {}",
+                    req.uri().path(),
+                    req.headers().contains_key(header::HOST)
+                );
+                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(answer))))
+            });
+            let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(tcp), svc)
+                .await;
+        })
+        .await;
         let connector = tower::service_fn(|uri: Uri| async move {
             let host = uri.authority().expect("authority").as_str().to_owned();
             Ok::<_, std::io::Error>(H2Tcp(TokioIo::new(
@@ -629,7 +620,6 @@ mod tests {
                 max_idle_per_origin: 8,
             },
         );
-        let url = format!("http://{addr}/v1/chat/completions");
         let a = pool.send(post(&url)).await.unwrap();
         let b = pool.send(post(&url)).await.unwrap();
         assert_eq!(a.version(), http::Version::HTTP_2);
