@@ -140,6 +140,14 @@ const FLUSH_AT: usize = 16 * 1024;
 /// The room a frame's buffer starts with.
 const OUT_CHUNK: usize = 2048;
 
+/// Appends `payload` to `out` as one SSE event.
+fn push_data(out: &mut BytesMut, payload: &[u8]) {
+    out.reserve(payload.len() + 8);
+    out.extend_from_slice(b"data: ");
+    out.extend_from_slice(payload);
+    out.extend_from_slice(b"\n\n");
+}
+
 /// What a stream is allowed to wait for the next chunk.
 pub struct StreamLimits {
     pub idle_timeout: Duration,
@@ -242,12 +250,7 @@ impl<B> MeteredStream<B> {
         }
         match mapped.out {
             EventOut::Unchanged => self.out.extend_from_slice(&ev.raw),
-            EventOut::Replace(payload) => {
-                self.out.reserve(payload.len() + 8);
-                self.out.extend_from_slice(b"data: ");
-                self.out.extend_from_slice(&payload);
-                self.out.extend_from_slice(b"\n\n");
-            }
+            EventOut::Replace(payload) => push_data(&mut self.out, &payload),
             EventOut::Drop => {}
         }
     }
@@ -258,9 +261,7 @@ impl<B> MeteredStream<B> {
             self.handle_event(ev);
         }
         let body = serde_json::to_vec(&err.body()).unwrap_or_default();
-        self.out.extend_from_slice(b"data: ");
-        self.out.extend_from_slice(&body);
-        self.out.extend_from_slice(b"\n\n");
+        push_data(&mut self.out, &body);
         self.ended = true;
         self.finish_meter(status, Some(reason));
     }
