@@ -22,13 +22,14 @@ use tokio::runtime::Runtime;
 use tollgate::app::App;
 use tollgate::cache::KeyCtx;
 use tollgate::crypto::generate_master_key;
+use tollgate::metering::event::{Prices, Reservation, UsageEvent};
+use tollgate::metering::writer::Settled;
 use tollgate::providers::openai::OpenAi;
 use tollgate::providers::{Adapter, Endpoint, EventCtx, EventOut, Usage};
-use tollgate::proxy::meter::{Prices, Reservation, UsageEvent};
 use tollgate::proxy::request::RequestView;
 use tollgate::proxy::stream::SseScanner;
 use tollgate::proxy::{admit, auth, route};
-use tollgate::store::usage_writer::{Settled, write_batch};
+use tollgate::store::usage_batch::write_batch;
 
 use common::{Fixture, MODEL, PROVIDER, UPSTREAM_MODEL};
 

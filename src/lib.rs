@@ -12,6 +12,7 @@ pub mod config;
 pub mod crypto;
 pub mod edge;
 pub mod error;
+pub mod metering;
 pub mod providers;
 pub mod proxy;
 pub mod routes;

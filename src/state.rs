@@ -10,11 +10,11 @@ use crate::cache::Caches;
 use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::crypto::KeyRing;
+use crate::metering::leases::Leases;
+use crate::metering::writer::UsageQueue;
 use crate::proxy::admit::Limiters;
-use crate::proxy::reserve::Leases;
 use crate::proxy::upstream::HttpClient;
 use crate::store::DbKind;
-use crate::store::usage_writer::UsageQueue;
 use crate::telemetry::Metrics;
 
 #[derive(Clone)]

@@ -230,12 +230,12 @@ async fn key_budget_is_enforced_without_balance_enforcement() {
 /// to exactly what is missing when the balance is short, and gives its spare back.
 #[tokio::test]
 async fn leases_reserve_in_chunks_and_give_back_the_spare() {
-    use tollgate::proxy::reserve::Holder;
+    use tollgate::metering::leases::Holder;
     let app = TestApp::spawn_with(|c| c.billing.enforce_balance = true).await;
     setup(&app).await;
     let alice = user_id(&app, "alice").await;
     let db = &app.state.db;
-    let leases = tollgate::proxy::reserve::Leases::default();
+    let leases = tollgate::metering::leases::Leases::default();
     let n = 1_000_000;
     let grant = |amount| {
         tollgate::store::ledger::apply(

@@ -5,7 +5,6 @@
 
 pub mod admit;
 pub mod auth;
-pub mod estimate;
 pub mod meter;
 pub mod request;
 pub mod reserve;
@@ -23,9 +22,10 @@ use http::{HeaderValue, Request, StatusCode, header};
 use http_body_util::BodyExt;
 
 use crate::error::ApiError;
+use crate::metering::event::Prices;
 use crate::providers::{Endpoint, Usage};
 use crate::proxy::admit::{RateInfo, rate_headers};
-use crate::proxy::meter::{Meter, Prices, RequestFacts};
+use crate::proxy::meter::{Meter, RequestFacts};
 use crate::proxy::request::RequestView;
 use crate::proxy::stream::{MeteredStream, StreamLimits, StreamMapping};
 use crate::state::AppState;

@@ -1,7 +1,7 @@
 //! Reservations against a user's balance and a gateway key's budget: atomic conditional SQL, so
 //! several replicas on one database cannot overdraw by more than what is in flight.
 //!
-//! Admission reserves a request's maximum cost from a lease (`proxy::reserve::Leases`), which
+//! Admission reserves a request's maximum cost from a lease (`metering::leases::Leases`), which
 //! reserves here in chunks; the usage writer takes what the request cost out of
 //! `reserved_nanos` in the same transaction that debits it and writes the usage record.
 

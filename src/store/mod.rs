@@ -17,7 +17,7 @@ pub mod sessions;
 pub mod settings;
 pub mod stats;
 pub mod usage;
-pub mod usage_writer;
+pub mod usage_batch;
 pub mod users;
 
 use std::time::Duration;

@@ -1,4 +1,4 @@
-//! Reading usage records (the writer is `usage_writer`): the record list, the grouped reports
+//! Reading usage records (the writer is `metering::writer`): the record list, the grouped reports
 //! (aggregated in SQL on every backend) and retention pruning.
 
 use chrono::{DateTime, Utc};
