@@ -287,6 +287,11 @@ pub struct MetricsInner {
     pub redis_errors_total: IntCounterVec,
     pub http_requests_total: IntCounterVec,
     pub management_duration: Histogram,
+    /// Upstream-reported (or estimated) token counts cut to the request's bounds, by field
+    /// (prompt, completion, cached).
+    pub usage_clamped_total: IntCounterVec,
+    /// Bytes the token estimator ran the tokenizer over (bounded per request).
+    pub usage_estimate_tokenized_bytes_total: IntCounter,
     /// Handles of the series every proxied request touches, looked up once: a labelled lookup
     /// hashes its labels and takes a lock.
     hot: HotSeries,
@@ -434,6 +439,15 @@ impl Metrics {
                 )
                 .unwrap_or_else(|e| panic!("mgmt: {e}")),
             ),
+            usage_clamped_total: counter_vec(
+                "tollgate_usage_clamped_total",
+                "Token counts cut to the request's bounds (context window, max output), by field.",
+                &["field"],
+            ),
+            usage_estimate_tokenized_bytes_total: counter(
+                "tollgate_usage_estimate_tokenized_bytes_total",
+                "Bytes of text the token estimator tokenized (upstreams that reported no usage).",
+            ),
             registry: r,
             hot: HotSeries::default(),
         }))
@@ -445,6 +459,9 @@ impl Metrics {
     fn with_known_series(self) -> Self {
         for scope in ["key_rpm", "key_tpm", "user_rpm", "user_tpm", "login"] {
             self.rate_limited_total.with_label_values(&[scope]);
+        }
+        for field in ["prompt", "completion", "cached"] {
+            self.usage_clamped_total.with_label_values(&[field]);
         }
         self
     }

@@ -1,19 +1,33 @@
 //! Token counts the gateway computes itself when an upstream reports no usage (o200k_base, the
 //! tokenizer of current OpenAI models; embedded in the binary, no download).
+//!
+//! Bounded in time and memory whatever the sizes: the tokenizer runs over at most
+//! [`ESTIMATE_KEEP_BYTES`] of request and of response each. A request body above that is counted
+//! at 4 bytes a token (as admission reserves it); response payloads beyond what was kept are
+//! counted at the token-per-byte rate of the kept ones (4 bytes a token when none was kept).
 
 use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::Value;
 
+use crate::metering::event::{ESTIMATE_KEEP_BYTES, EstimateInput};
 use crate::providers::{Endpoint, Usage};
 
-fn count(text: &str) -> i64 {
+/// Tokens of `text`, which is at most [`ESTIMATE_KEEP_BYTES`] (the callers' inputs are): `tokenized`
+/// counts the bytes.
+fn count(text: &str, tokenized: &mut usize) -> i64 {
     if text.is_empty() {
         return 0;
     }
+    *tokenized += text.len();
     tiktoken_rs::o200k_base_singleton()
         .encode_with_special_tokens(text)
         .len() as i64
+}
+
+/// Bytes at 4 per token, rounded up (admission's prompt estimate).
+fn by_bytes(n: usize) -> i64 {
+    i64::try_from(n.div_ceil(4)).unwrap_or(i64::MAX)
 }
 
 /// Collects every string under `v` (message contents, prompts, inputs, tool arguments), each
@@ -33,6 +47,10 @@ fn strings(v: &Value, out: &mut String, sep: &str) {
 /// Prompt tokens of a request body: the text of `messages` (plus ~4 tokens of framing per
 /// message, as OpenAI counts), `prompt`, or `input`.
 pub fn prompt_tokens(endpoint: Endpoint, body: &[u8]) -> i64 {
+    prompt_tokens_counted(endpoint, body, &mut 0)
+}
+
+fn prompt_tokens_counted(endpoint: Endpoint, body: &[u8], tokenized: &mut usize) -> i64 {
     #[derive(Deserialize)]
     struct Req {
         #[serde(default)]
@@ -58,11 +76,16 @@ pub fn prompt_tokens(endpoint: Endpoint, body: &[u8]) -> i64 {
         Endpoint::Completions => req.prompt.iter().for_each(|p| strings(p, &mut text, "\n")),
         Endpoint::Embeddings => req.input.iter().for_each(|p| strings(p, &mut text, "\n")),
     }
-    count(&text) + framing
+    // The strings of a body are never longer than it.
+    count(&text, tokenized) + framing
 }
 
 /// Completion tokens of a response: streamed `data:` payloads or one complete body.
 pub fn completion_tokens(endpoint: Endpoint, payloads: &[Bytes]) -> i64 {
+    completion_tokens_counted(endpoint, payloads, &mut 0)
+}
+
+fn completion_tokens_counted(endpoint: Endpoint, payloads: &[Bytes], tokenized: &mut usize) -> i64 {
     if endpoint == Endpoint::Embeddings {
         return 0;
     }
@@ -92,14 +115,43 @@ pub fn completion_tokens(endpoint: Endpoint, payloads: &[Bytes]) -> i64 {
             }
         }
     }
-    count(&text)
+    count(&text, tokenized)
 }
 
-pub fn estimate(endpoint: Endpoint, request: &[u8], response: &[Bytes]) -> Usage {
-    Usage {
-        prompt: prompt_tokens(endpoint, request),
-        completion: completion_tokens(endpoint, response),
-        cached: 0,
+/// An estimate and the bytes the tokenizer ran over to make it (at most
+/// 2 × [`ESTIMATE_KEEP_BYTES`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Estimate {
+    pub usage: Usage,
+    pub tokenized_bytes: usize,
+}
+
+pub fn estimate(endpoint: Endpoint, input: &EstimateInput) -> Estimate {
+    let mut tokenized = 0;
+    let prompt =
+        if input.request_len <= ESTIMATE_KEEP_BYTES && input.request.len() == input.request_len {
+            prompt_tokens_counted(endpoint, &input.request, &mut tokenized)
+        } else {
+            by_bytes(input.request_len)
+        };
+    let r = &input.response;
+    let completion = if endpoint == Endpoint::Embeddings || r.total_bytes == 0 {
+        0
+    } else if r.kept_bytes == 0 {
+        by_bytes(r.total_bytes)
+    } else {
+        let kept = completion_tokens_counted(endpoint, &r.payloads, &mut tokenized);
+        // The rest at the kept payloads' rate (exact when everything was kept).
+        let scaled = i128::from(kept) * r.total_bytes as i128 / r.kept_bytes as i128;
+        i64::try_from(scaled).unwrap_or(i64::MAX)
+    };
+    Estimate {
+        usage: Usage {
+            prompt,
+            completion,
+            cached: 0,
+        },
+        tokenized_bytes: tokenized,
     }
 }
 
@@ -125,5 +177,72 @@ mod tests {
             br#"{"model":"e","input":["a b c","d"]}"#,
         );
         assert!(e >= 2);
+    }
+
+    /// Whatever the sizes, the tokenizer sees at most the kept bytes, and the estimate grows
+    /// with the size.
+    #[test]
+    fn large_inputs_are_estimated_by_bytes_beyond_the_kept_prefix() {
+        use crate::metering::event::KeptPayloads;
+        let text = "lorem ipsum dolor sit amet ".repeat(16 * 1024 * 1024 / 27);
+        let body = serde_json::to_vec(&serde_json::json!({
+            "model": "m", "messages": [{"role": "user", "content": text}]
+        }))
+        .expect("json");
+        assert!(body.len() > 16_000_000);
+        // A 16 MiB prompt: by bytes, nothing tokenized.
+        let big = EstimateInput {
+            request: Bytes::new(),
+            request_len: body.len(),
+            response: KeptPayloads::default(),
+        };
+        let e = estimate(Endpoint::ChatCompletions, &big);
+        assert_eq!(e.usage.prompt, body.len().div_ceil(4) as i64);
+        assert_eq!(e.tokenized_bytes, 0);
+        // A 60 MB complete body: kept nothing, by bytes.
+        let huge = EstimateInput {
+            response: KeptPayloads::one(Bytes::from(vec![b' '; 60_000_000])),
+            ..Default::default()
+        };
+        let e = estimate(Endpoint::ChatCompletions, &huge);
+        assert_eq!(e.usage.completion, 15_000_000);
+        assert_eq!(e.tokenized_bytes, 0);
+        // 60 MB of stream chunks: the first 256 KiB tokenized, the rest at their rate.
+        let chunk = Bytes::from_static(br#"{"choices":[{"delta":{"content":" word"}}]}"#);
+        let mut kept = KeptPayloads::default();
+        let n = 60_000_000 / chunk.len();
+        for _ in 0..n {
+            kept.push(chunk.clone());
+        }
+        assert!(kept.kept_bytes <= ESTIMATE_KEEP_BYTES);
+        let e = estimate(
+            Endpoint::ChatCompletions,
+            &EstimateInput {
+                response: kept,
+                ..Default::default()
+            },
+        );
+        assert!(
+            e.tokenized_bytes <= ESTIMATE_KEEP_BYTES,
+            "{}",
+            e.tokenized_bytes
+        );
+        let per_chunk = e.usage.completion as f64 / n as f64;
+        assert!((0.99..=1.01).contains(&per_chunk), "{per_chunk}");
+        // A small request is still counted exactly.
+        let small = br#"{"model":"m","messages":[{"role":"user","content":"Hello there"}]}"#;
+        let e = estimate(
+            Endpoint::ChatCompletions,
+            &EstimateInput {
+                request: Bytes::from_static(small),
+                request_len: small.len(),
+                response: KeptPayloads::default(),
+            },
+        );
+        assert_eq!(
+            e.usage.prompt,
+            prompt_tokens(Endpoint::ChatCompletions, small)
+        );
+        assert!(e.tokenized_bytes > 0 && e.tokenized_bytes < small.len());
     }
 }

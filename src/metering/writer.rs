@@ -13,10 +13,9 @@ use std::time::Duration;
 use sea_orm::DatabaseConnection;
 use tokio::sync::{Notify, mpsc};
 
-use crate::metering::estimate;
 use crate::metering::event::{Reservation, UsageEvent, cost_nanos};
 use crate::metering::leases::{Holder, Leases};
-use crate::store::usage_batch::write_batch;
+use crate::store::usage_batch::{KeyCharge, RecordRow, UserCharge, write_batch};
 use crate::telemetry::Metrics;
 
 /// The sending side, held in `AppState`.
@@ -133,7 +132,7 @@ async fn run(
             }
         }
         metrics.usage_queue_depth.set(rx.len() as i64);
-        let rows = prepare(std::mem::take(&mut batch)).await;
+        let rows = prepare(std::mem::take(&mut batch));
         write_with_retry(&db, &metrics, &rows).await;
         // Only now is the debit in the database: the rest of each reservation is spare again.
         for r in &rows {
@@ -160,7 +159,6 @@ async fn run(
 pub struct Settled {
     pub event: UsageEvent,
     pub cost_nanos: i64,
-    pub tokens_estimated: bool,
 }
 
 impl Settled {
@@ -173,41 +171,99 @@ impl Settled {
             key_nanos: Ord::clamp(self.cost_nanos, 0, Ord::max(r.key_nanos, 0)),
         }
     }
+
+    /// The record's row.
+    pub fn record(&self) -> RecordRow<'_> {
+        let e = &self.event;
+        RecordRow {
+            at: e.at,
+            user_id: &e.user_id,
+            key_id: &e.key_id,
+            model: &e.model,
+            provider: &e.provider,
+            endpoint: e.endpoint.as_str(),
+            stream: e.stream,
+            status: e.status,
+            prompt_tokens: e.usage.prompt,
+            completion_tokens: e.usage.completion,
+            cached_tokens: e.usage.cached,
+            cost_nanos: self.cost_nanos,
+            latency_ms: e.latency_ms,
+            ttft_ms: e.ttft_ms,
+            tokens_estimated: e.tokens_estimated,
+            request_id: &e.request_id,
+            shared_key: e.shared_key,
+            error: e.error.as_deref(),
+        }
+    }
 }
 
-/// Counts tokens where the upstream did not (on the blocking pool) and prices every event.
-async fn prepare(batch: Vec<UsageEvent>) -> Vec<Settled> {
-    let needs_counting = batch.iter().any(|e| e.estimate.is_some());
-    let settle = |mut e: UsageEvent| {
-        let tokens_estimated = match e.estimate.take() {
-            Some(input) => {
-                e.usage = estimate::estimate(e.endpoint, &input.request, &input.response);
-                true
-            }
-            None => false,
-        };
-        Settled {
+/// Prices every event (the meter already bounded and, where needed, estimated its tokens).
+fn prepare(batch: Vec<UsageEvent>) -> Vec<Settled> {
+    batch
+        .into_iter()
+        .map(|e| Settled {
             cost_nanos: cost_nanos(e.usage, e.prices),
             event: e,
-            tokens_estimated,
+        })
+        .collect()
+}
+
+/// What a batch adds to each key and takes from each user, summed saturating: each amount is
+/// ≥ 0 and at most `i64::MAX`, whatever the batch holds. Keys and users come in first-seen order.
+pub fn charges(rows: &[Settled]) -> (Vec<KeyCharge<'_>>, Vec<UserCharge<'_>>) {
+    let mut keys: Vec<KeyCharge<'_>> = Vec::new();
+    let mut key_at: HashMap<&str, usize> = HashMap::new();
+    let mut users: Vec<UserCharge<'_>> = Vec::new();
+    let mut user_at: HashMap<&str, usize> = HashMap::new();
+    for r in rows {
+        let e = &r.event;
+        let cost = r.cost_nanos.max(0);
+        let used = r.consumed();
+        let i = *key_at.entry(e.key_id.as_str()).or_insert_with(|| {
+            keys.push(KeyCharge {
+                key_id: &e.key_id,
+                spent: 0,
+                released: 0,
+                last_used: e.at,
+            });
+            keys.len() - 1
+        });
+        let k = &mut keys[i];
+        k.spent = k.spent.saturating_add(cost);
+        k.released = k.released.saturating_add(used.key_nanos);
+        k.last_used = k.last_used.max(e.at);
+        // Users: debit what charged requests cost; that much leaves the reservation too.
+        if e.charged || e.reservation.user_nanos != 0 {
+            let i = *user_at.entry(e.user_id.as_str()).or_insert_with(|| {
+                users.push(UserCharge {
+                    user_id: &e.user_id,
+                    cost: 0,
+                    released: 0,
+                    requests: 0,
+                });
+                users.len() - 1
+            });
+            let u = &mut users[i];
+            if e.charged {
+                u.cost = u.cost.saturating_add(cost);
+                u.requests += 1;
+            }
+            u.released = u.released.saturating_add(used.user_nanos);
         }
-    };
-    if needs_counting {
-        tokio::task::spawn_blocking(move || batch.into_iter().map(settle).collect())
-            .await
-            .unwrap_or_default()
-    } else {
-        batch.into_iter().map(settle).collect()
     }
+    (keys, users)
 }
 
 async fn write_with_retry(db: &DatabaseConnection, metrics: &Metrics, rows: &[Settled]) {
     if rows.is_empty() {
         return;
     }
+    let records: Vec<RecordRow<'_>> = rows.iter().map(Settled::record).collect();
+    let (keys, users) = charges(rows);
     let mut backoff = Duration::from_millis(100);
     loop {
-        match write_batch(db, rows).await {
+        match write_batch(db, &records, &keys, &users).await {
             Ok(()) => {
                 metrics
                     .usage_records_written_total

@@ -4,6 +4,11 @@
 //! The usage queue slot is reserved at admission ([`Meter::new`] takes an `OwnedPermit`), so
 //! sending the event can never fail or block: back-pressure is applied before forwarding, and no
 //! record is ever dropped.
+//!
+//! Token counts are untrusted: what the upstream reports (or the estimate counts) is cut to the
+//! request's [`TokenBounds`] here, before the event exists. An estimate runs on the blocking pool
+//! and the event is sent when it is done, so counting one request's tokens never delays anyone
+//! else's record.
 
 use std::time::Instant;
 
@@ -11,7 +16,11 @@ use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use tokio::sync::mpsc::OwnedPermit;
 
-use crate::metering::event::{EstimateInput, Prices, Reservation, UsageEvent};
+use crate::metering::estimate;
+use crate::metering::event::{
+    ESTIMATE_KEEP_BYTES, EstimateInput, KeptPayloads, Prices, Reservation, TokenBounds, UsageEvent,
+    clamp,
+};
 use crate::providers::{Endpoint, Usage};
 
 /// The facts of a request the meter needs at the end.
@@ -28,7 +37,26 @@ pub struct RequestFacts {
     pub shared_key: bool,
     pub reservation: Reservation,
     pub charged: bool,
+    /// The most tokens this request can have used.
+    pub bounds: TokenBounds,
+    /// The client's body, kept for an estimate only when at most [`ESTIMATE_KEEP_BYTES`] (use
+    /// [`RequestFacts::keep_body`]).
     pub request_body: Bytes,
+    pub request_len: usize,
+}
+
+impl RequestFacts {
+    /// Keeps `body` for an estimate when it is small enough to be tokenized; a larger one is
+    /// estimated from its length (holding it would hold up to `server.max_body_bytes` per
+    /// request until the request ends).
+    pub fn keep_body(&mut self, body: &Bytes) {
+        self.request_len = body.len();
+        self.request_body = if body.len() <= ESTIMATE_KEEP_BYTES {
+            body.clone()
+        } else {
+            Bytes::new()
+        };
+    }
 }
 
 /// Carried by a request from admission to its end; turns into one [`UsageEvent`].
@@ -70,17 +98,20 @@ impl Meter {
         }
     }
 
-    /// Sends the record. `usage = None` makes the writer estimate from `response`.
+    /// Sends the record. `usage = None`: the tokens are estimated from the request and
+    /// `response` (see [`estimate`]).
     pub fn finish(
         mut self,
         status: u16,
         usage: Option<Usage>,
-        response: Vec<Bytes>,
+        response: KeptPayloads,
         error: Option<&str>,
     ) {
         let Some(permit) = self.permit.take() else {
             return;
         };
+        let bounds = self.facts.bounds;
+        let usage = usage.map(|u| self.bounded(u, "upstream"));
         if let (Some(u), Some(f)) = (usage, self.on_usage.take()) {
             f(u);
         }
@@ -107,13 +138,14 @@ impl Meter {
         {
             Some(EstimateInput {
                 request: std::mem::take(&mut self.facts.request_body),
+                request_len: self.facts.request_len,
                 response,
             })
         } else {
             None
         };
         let f = &mut self.facts;
-        permit.send(UsageEvent {
+        let mut event = UsageEvent {
             at: self.at,
             user_id: std::mem::take(&mut f.user_id),
             key_id: std::mem::take(&mut f.key_id),
@@ -123,17 +155,83 @@ impl Meter {
             stream: f.stream,
             status,
             usage: usage.unwrap_or_default(),
+            tokens_estimated: estimate.is_some(),
             prices: f.prices,
             latency_ms: latency.as_millis() as i64,
             ttft_ms: ttft.map(|t| t.as_millis() as i64),
-            estimate,
             request_id: std::mem::take(&mut f.request_id),
             shared_key: f.shared_key,
             error: error.map(str::to_owned),
             reservation: f.reservation,
             charged: f.charged,
-        });
+        };
+        let Some(input) = estimate else {
+            permit.send(event);
+            return;
+        };
+        let metrics = self.metrics.clone();
+        let count = move || {
+            let e = estimate::estimate(event.endpoint, &input);
+            drop(input);
+            metrics
+                .usage_estimate_tokenized_bytes_total
+                .inc_by(e.tokenized_bytes as u64);
+            event.usage = bounded(&metrics, &event.request_id, e.usage, bounds, "estimate");
+            permit.send(event);
+        };
+        // Off this task and off the writer's: the slot is held until the event is sent, so
+        // shutdown still waits for it.
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => drop(rt.spawn_blocking(count)),
+            Err(_) => count(),
+        }
     }
+
+    fn bounded(&self, u: Usage, source: &str) -> Usage {
+        bounded(
+            &self.metrics,
+            &self.facts.request_id,
+            u,
+            self.facts.bounds,
+            source,
+        )
+    }
+}
+
+/// `u` cut to `bounds`, counted in `tollgate_usage_clamped_total` and logged when cut.
+fn bounded(
+    metrics: &crate::telemetry::Metrics,
+    request_id: &str,
+    u: Usage,
+    bounds: TokenBounds,
+    source: &str,
+) -> Usage {
+    let (out, clamped) = clamp(u, bounds);
+    if clamped.any() {
+        for (field, cut) in [
+            ("prompt", clamped.prompt),
+            ("completion", clamped.completion),
+            ("cached", clamped.cached),
+        ] {
+            if cut {
+                metrics
+                    .usage_clamped_total
+                    .with_label_values(&[field])
+                    .inc();
+            }
+        }
+        tracing::warn!(
+            request_id,
+            source,
+            reported_prompt = u.prompt,
+            reported_completion = u.completion,
+            reported_cached = u.cached,
+            bound_prompt = bounds.prompt,
+            bound_completion = bounds.completion,
+            "token counts above what the request can have used; metered at the bounds"
+        );
+    }
+    out
 }
 
 impl Drop for Meter {
@@ -150,7 +248,12 @@ impl Drop for Meter {
                 metrics: self.metrics.clone(),
                 on_usage: None,
             };
-            this.finish(499, None, Vec::new(), Some("client_disconnected"));
+            this.finish(
+                499,
+                None,
+                KeptPayloads::default(),
+                Some("client_disconnected"),
+            );
         }
     }
 }

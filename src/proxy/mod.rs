@@ -22,7 +22,7 @@ use http::{HeaderValue, Request, StatusCode, header};
 use http_body_util::BodyExt;
 
 use crate::error::ApiError;
-use crate::metering::event::Prices;
+use crate::metering::event::{KeptPayloads, Prices};
 use crate::providers::{Endpoint, Usage};
 use crate::proxy::admit::{RateInfo, rate_headers};
 use crate::proxy::meter::{Meter, RequestFacts};
@@ -163,10 +163,13 @@ async fn run(
             shared_key: route.shared_key,
             reservation,
             charged,
-            request_body: bytes.clone(),
+            bounds: reserve::token_bounds(&view, bytes.len(), &model, endpoint),
+            request_body: Bytes::new(),
+            request_len: 0,
         },
         state.metrics.clone(),
     );
+    meter.facts.keep_body(&bytes);
     {
         let limiters = state.limiters.clone();
         let key = key.clone();
@@ -207,7 +210,12 @@ async fn run(
                 .upstream_errors_total
                 .with_label_values(&[kind])
                 .inc();
-            meter.finish(e.parts().0.as_u16(), None, Vec::new(), e.parts().2);
+            meter.finish(
+                e.parts().0.as_u16(),
+                None,
+                KeptPayloads::default(),
+                e.parts().2,
+            );
             return with_rate(e.into_response(), &rate);
         }
     };
@@ -258,7 +266,7 @@ async fn run(
             meter.finish(
                 e.parts().0.as_u16(),
                 None,
-                Vec::new(),
+                KeptPayloads::default(),
                 Some("upstream_body"),
             );
             return with_rate(e.into_response(), &rate);
@@ -270,9 +278,9 @@ async fn run(
                 .adapter
                 .map_response(body.clone(), &view.model, &m.upstream_model);
         let kept = if usage.is_none() {
-            vec![body]
+            KeptPayloads::one(body)
         } else {
-            Vec::new()
+            KeptPayloads::default()
         };
         meter.finish(status.as_u16(), usage, kept, None);
         mapped
@@ -287,7 +295,12 @@ async fn run(
             .upstream_errors_total
             .with_label_values(&[kind])
             .inc();
-        meter.finish(status.as_u16(), None, Vec::new(), Some("upstream_status"));
+        meter.finish(
+            status.as_u16(),
+            None,
+            KeptPayloads::default(),
+            Some("upstream_status"),
+        );
         body
     };
     let mut out = Response::new(Body::from(out_body));

@@ -8,7 +8,7 @@
 
 use crate::cache::{CatalogModel, KeyCtx};
 use crate::error::ApiError;
-use crate::metering::event::{Prices, Reservation, cost_nanos};
+use crate::metering::event::{Prices, RequestSize, Reservation, TokenBounds, bounds, cost_nanos};
 use crate::metering::leases::Holder;
 use crate::providers::{Endpoint, Usage};
 use crate::proxy::request::RequestView;
@@ -17,25 +17,47 @@ use crate::state::AppState;
 /// Completion tokens assumed when neither the request nor the model bounds them.
 pub const DEFAULT_MAX_OUTPUT_TOKENS: i64 = 4096;
 
+/// Completions the request asks for: `n` (chat, completions) or `best_of` (completions),
+/// whichever is larger; each may run to `max_tokens`. At least 1.
+fn choices(view: &RequestView<'_>) -> u64 {
+    ["n", "best_of"]
+        .iter()
+        .filter_map(|k| view.get(k))
+        .filter_map(|raw| serde_json::from_str::<u64>(raw.get()).ok())
+        .fold(1, u64::max)
+}
+
+/// The most a request can cost, with what it was computed from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MaxCost {
+    pub nanos: i64,
+    /// Prompt tokens assumed: the body at 4 bytes a token, rounded up.
+    pub prompt: i64,
+    /// Completion tokens assumed: `max_tokens` (else the model's `max_output_tokens`, else
+    /// [`DEFAULT_MAX_OUTPUT_TOKENS`]) × `n`.
+    pub completion: i64,
+}
+
 /// The most a request can cost: prompt estimated at 4 bytes a token (rounded up) plus
-/// `max_tokens`, else the model's `max_output_tokens`, at the model's prices.
+/// `max_tokens`, else the model's `max_output_tokens`, times `n`, at the model's prices.
 pub fn max_cost(
     view: &RequestView<'_>,
     body_len: usize,
     model: &CatalogModel,
     endpoint: Endpoint,
-) -> i64 {
+) -> MaxCost {
     let m = &model.model;
-    let prompt = body_len.div_ceil(4) as i64;
+    let prompt = i64::try_from(body_len.div_ceil(4)).unwrap_or(i64::MAX);
     let completion = match endpoint {
         Endpoint::Embeddings => 0,
         _ => view
             .max_tokens
-            .map(|t| t.min(i64::MAX as u64) as i64)
+            .map(|t| i64::try_from(t).unwrap_or(i64::MAX))
             .or(m.max_output_tokens.map(i64::from))
-            .unwrap_or(DEFAULT_MAX_OUTPUT_TOKENS),
+            .unwrap_or(DEFAULT_MAX_OUTPUT_TOKENS)
+            .saturating_mul(i64::try_from(choices(view)).unwrap_or(i64::MAX)),
     };
-    cost_nanos(
+    let nanos = cost_nanos(
         Usage {
             prompt,
             completion,
@@ -46,6 +68,46 @@ pub fn max_cost(
             output: m.output_price_nanos,
             cached_input: m.cached_input_price_nanos,
         },
+    );
+    MaxCost {
+        nanos,
+        prompt,
+        completion,
+    }
+}
+
+/// The most tokens the request can have used: what the upstream reports above them is cut
+/// (`metering::event::bounds`).
+pub fn token_bounds(
+    view: &RequestView<'_>,
+    body_len: usize,
+    model: &CatalogModel,
+    endpoint: Endpoint,
+) -> TokenBounds {
+    let m = &model.model;
+    bounds(RequestSize {
+        body_len,
+        max_tokens: view.max_tokens,
+        choices: choices(view),
+        context_window: m.context_window,
+        max_output_tokens: m.max_output_tokens,
+        vision: m.supports_vision,
+        embeddings: endpoint == Endpoint::Embeddings,
+    })
+}
+
+fn usd(nanos: i64) -> String {
+    format!("${:.6}", crate::store::nanos_to_usd(nanos))
+}
+
+/// What a refusal says the request may cost.
+fn may_cost(c: MaxCost) -> String {
+    format!(
+        "This request may cost up to {} (a prompt estimate of {} tokens + {} completion tokens \
+         (max_tokens, else the model's maximum output) at the model's prices)",
+        usd(c.nanos),
+        c.prompt,
+        c.completion
     )
 }
 
@@ -54,8 +116,9 @@ pub async fn reserve(
     state: &AppState,
     key: &KeyCtx,
     charged: bool,
-    max_cost: i64,
+    cost: MaxCost,
 ) -> Result<Reservation, ApiError> {
+    let max_cost = cost.nanos;
     let mut r = Reservation::default();
     if key.budget_nanos.is_some() {
         if !state
@@ -63,9 +126,7 @@ pub async fn reserve(
             .take(&state.db, Holder::Key, &key.key_id, max_cost)
             .await?
         {
-            return Err(ApiError::quota(
-                "This API key has reached its budget (budget_usd).",
-            ));
+            return Err(budget_refusal(state, key, cost).await);
         }
         r.key_nanos = max_cost;
     }
@@ -77,13 +138,60 @@ pub async fn reserve(
         if !matches!(taken, Ok(true)) {
             release(state, key, r);
             taken?;
-            return Err(ApiError::quota(
-                "You exceeded your current quota: your balance does not cover this request. Add credit and retry.",
-            ));
+            return Err(balance_refusal(state, key, cost).await);
         }
         r.user_nanos = max_cost;
     }
     Ok(r)
+}
+
+/// What this replica's lease holds spare for `id`: free for the next request, though the
+/// database counts it reserved.
+fn spare(state: &AppState, holder: Holder, id: &str) -> i64 {
+    let (held, in_use) = state.leases.held(holder, id);
+    held.saturating_sub(in_use).max(0)
+}
+
+/// The key's budget cannot cover `cost`: what it may cost, what is left, what to do. (A refusal
+/// only: one query, off the hot path.)
+async fn budget_refusal(state: &AppState, key: &KeyCtx, cost: MaxCost) -> ApiError {
+    let left = match crate::store::billing::key_headroom(&state.db, &key.key_id).await {
+        Ok(Some(h)) => format!(
+            "this API key's remaining budget is {} (budget {}, spent {}, {} reserved by \
+             requests in flight)",
+            usd(h
+                .available()
+                .saturating_add(spare(state, Holder::Key, &key.key_id))),
+            usd(h.limit),
+            usd(h.used),
+            usd(h.reserved),
+        ),
+        _ => "this API key's remaining budget does not cover it".to_owned(),
+    };
+    ApiError::quota(format!(
+        "{}; {left}. Lower max_tokens (or the prompt), or raise the key's budget (budget_usd).",
+        may_cost(cost)
+    ))
+}
+
+/// The balance cannot cover `cost`.
+async fn balance_refusal(state: &AppState, key: &KeyCtx, cost: MaxCost) -> ApiError {
+    let left = match crate::store::billing::balance_headroom(&state.db, &key.user_id).await {
+        Ok(Some(h)) => format!(
+            "your balance has {} available (balance {}, {} reserved by requests in flight)",
+            usd(h
+                .available()
+                .saturating_add(spare(state, Holder::User, &key.user_id))),
+            usd(h.limit),
+            usd(h.reserved),
+        ),
+        _ => "your balance does not cover it".to_owned(),
+    };
+    ApiError::quota(format!(
+        "You exceeded your current quota. {}; {left}. Lower max_tokens (or the prompt), or add \
+         credit and retry.",
+        may_cost(cost)
+    ))
 }
 
 /// Gives a reservation back (the request was refused after reserving).

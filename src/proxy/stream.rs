@@ -14,6 +14,7 @@ use http_body::{Body, Frame, SizeHint};
 use tokio::time::Sleep;
 
 use crate::error::ApiError;
+use crate::metering::event::KeptPayloads;
 use crate::providers::{Adapter, EventCtx, EventOut, Usage};
 use crate::proxy::meter::Meter;
 
@@ -173,8 +174,8 @@ pub struct MeteredStream<B> {
     /// events is neither a list of pieces nor a second copy.
     out: BytesMut,
     usage: Option<Usage>,
-    /// Payloads kept for estimation until the upstream reports usage.
-    kept: Vec<Bytes>,
+    /// Payloads kept for estimation until the upstream reports usage (bounded).
+    kept: KeptPayloads,
     meter: Option<Meter>,
     /// Fires at the earliest moment the stream could be idle too long; re-armed from
     /// `last_data` only when it fires, so chunks do not touch the timer wheel.
@@ -203,7 +204,7 @@ impl<B> MeteredStream<B> {
             scanner: SseScanner::default(),
             out: BytesMut::new(),
             usage: None,
-            kept: Vec::new(),
+            kept: KeptPayloads::default(),
             meter: Some(meter),
             idle: Box::pin(tokio::time::sleep(limits.idle_timeout)),
             idle_timeout: limits.idle_timeout,

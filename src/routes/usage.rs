@@ -298,7 +298,10 @@ async fn my_balance(
         ..Default::default()
     };
     let groups = store::usage::report(&state.db, &filter, GroupBy::Provider).await?;
-    let spent: i64 = groups.iter().map(|g| g.cost_nanos).sum();
+    // Saturating: each group already is (`store::usage::saturating_sum`).
+    let spent = groups
+        .iter()
+        .fold(0i64, |acc, g| acc.saturating_add(g.cost_nanos));
     Ok(Json(BalanceView {
         balance_usd: nanos_to_usd(user.user.balance_nanos),
         spent_usd_30d: nanos_to_usd(spent),

@@ -7,7 +7,20 @@
 
 use entity::{gateway_keys, users};
 use sea_orm::sea_query::{Expr, ExprTrait};
-use sea_orm::{ColumnTrait, Condition, ConnectionTrait, EntityTrait, QueryFilter};
+use sea_orm::{
+    ColumnTrait, Condition, ConnectionTrait, DbBackend, EntityTrait, QueryFilter, QuerySelect,
+};
+
+/// A 64-bit column in a wider type, so sums over it cannot overflow in SQL: a spend that
+/// saturated at the top of the range must refuse a reservation, not fail the statement.
+/// (SQLite turns an overflowing integer into a float by itself.)
+fn wide(backend: DbBackend, column: &str) -> Expr {
+    Expr::cust(match backend {
+        DbBackend::Postgres => format!("CAST({column} AS NUMERIC)"),
+        DbBackend::MySql => format!("CAST({column} AS DECIMAL(65, 0))"),
+        _ => column.to_owned(),
+    })
+}
 
 /// Reserves `nanos` against the key's budget: false when the budget cannot cover it
 /// (spent + in flight + this > budget) or the key is gone. A key without a budget (removed since
@@ -27,8 +40,8 @@ pub async fn reserve_key(
             Condition::any()
                 .add(gateway_keys::Column::BudgetNanos.is_null())
                 .add(
-                    Expr::col(gateway_keys::Column::SpentNanos)
-                        .add(Expr::col(gateway_keys::Column::ReservedNanos))
+                    wide(db.get_database_backend(), "spent_nanos")
+                        .add(wide(db.get_database_backend(), "reserved_nanos"))
                         .add(nanos)
                         .lte(Expr::col(gateway_keys::Column::BudgetNanos)),
                 ),
@@ -51,8 +64,8 @@ pub async fn reserve_balance(
         )
         .filter(users::Column::Id.eq(user_id))
         .filter(
-            Expr::col(users::Column::BalanceNanos)
-                .sub(Expr::col(users::Column::ReservedNanos))
+            wide(db.get_database_backend(), "balance_nanos")
+                .sub(wide(db.get_database_backend(), "reserved_nanos"))
                 .gte(nanos),
         )
         .exec(db)
@@ -92,4 +105,68 @@ pub async fn release_key(
         .exec(db)
         .await?;
     Ok(())
+}
+
+/// A budget or balance and what is taken from it, for a refusal's message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Headroom {
+    /// The key's budget, or the user's balance.
+    pub limit: i64,
+    /// The key's spend (0 for a balance: spending lowers it).
+    pub used: i64,
+    /// Reserved by requests in flight (and replicas' lease spare).
+    pub reserved: i64,
+}
+
+impl Headroom {
+    /// What is left: limit − used − reserved, never below 0.
+    pub fn available(&self) -> i64 {
+        Ord::max(
+            self.limit
+                .saturating_sub(self.used)
+                .saturating_sub(self.reserved),
+            0,
+        )
+    }
+}
+
+/// The key's budget, spend and reservations (`None`: no such key, or no budget).
+pub async fn key_headroom(
+    db: &impl ConnectionTrait,
+    key_id: &str,
+) -> Result<Option<Headroom>, sea_orm::DbErr> {
+    let row: Option<(Option<i64>, i64, i64)> = gateway_keys::Entity::find_by_id(key_id.to_owned())
+        .select_only()
+        .column(gateway_keys::Column::BudgetNanos)
+        .column(gateway_keys::Column::SpentNanos)
+        .column(gateway_keys::Column::ReservedNanos)
+        .into_tuple()
+        .one(db)
+        .await?;
+    Ok(row.and_then(|(budget, spent, reserved)| {
+        budget.map(|limit| Headroom {
+            limit,
+            used: spent,
+            reserved,
+        })
+    }))
+}
+
+/// The user's balance and reservations (`None`: no such user).
+pub async fn balance_headroom(
+    db: &impl ConnectionTrait,
+    user_id: &str,
+) -> Result<Option<Headroom>, sea_orm::DbErr> {
+    let row: Option<(i64, i64)> = users::Entity::find_by_id(user_id.to_owned())
+        .select_only()
+        .column(users::Column::BalanceNanos)
+        .column(users::Column::ReservedNanos)
+        .into_tuple()
+        .one(db)
+        .await?;
+    Ok(row.map(|(balance, reserved)| Headroom {
+        limit: balance,
+        used: 0,
+        reserved,
+    }))
 }

@@ -68,18 +68,26 @@ pub async fn apply(
     change: Change<'_>,
 ) -> Result<balance_ledger::Model, LedgerError> {
     let txn = db.begin().await?;
+    let amount = change.amount_nanos;
+    let balance = || Expr::col(users::Column::BalanceNanos);
+    // Saturating at the ends of the column's range rather than failing the statement (an error
+    // would fail, and retry, the whole usage batch it is part of).
+    let (at_limit, limit) = if amount < 0 {
+        (balance().lt(i64::MIN - amount), i64::MIN)
+    } else {
+        (balance().gt(i64::MAX - amount), i64::MAX)
+    };
     let mut update = users::Entity::update_many()
         .col_expr(
             users::Column::BalanceNanos,
-            Expr::col(users::Column::BalanceNanos).add(change.amount_nanos),
+            Expr::case(at_limit, Expr::val(limit))
+                .finally(balance().add(amount))
+                .into(),
         )
         .filter(users::Column::Id.eq(change.user_id));
-    if change.refuse_negative && change.amount_nanos < 0 {
-        update = update.filter(
-            Expr::col(users::Column::BalanceNanos)
-                .add(change.amount_nanos)
-                .gte(0i64),
-        );
+    if change.refuse_negative && amount < 0 {
+        // balance + amount ≥ 0, written so it cannot overflow.
+        update = update.filter(balance().gte(amount.saturating_neg()));
     }
     let updated = update.exec(&txn).await?.rows_affected;
     if updated == 0 {

@@ -160,15 +160,41 @@ impl UsageGroup {
     }
 }
 
-/// The aggregate columns over the filtered records. Sums are cast to a 64-bit integer so they
-/// decode alike everywhere (PostgreSQL's `SUM(bigint)` is `numeric`, MySQL's is `DECIMAL`).
+/// `SUM(e)` as a 64-bit integer that saturates at the ends of the range instead of failing, so
+/// no record (an upstream's absurd counts written before they were bounded) can make a report
+/// answer 500. PostgreSQL's `SUM(bigint)` is `numeric` and MySQL's `DECIMAL`: exact, clamped,
+/// then cast. SQLite's `SUM` raises "integer overflow", so it sums the quotient and remainder by
+/// 10⁹ separately (neither can overflow below 10⁹ rows) and joins them: exact in range, and an
+/// out-of-range join becomes a float, which `CAST … AS INTEGER` saturates.
+pub fn saturating_sum(backend: DbBackend, e: &str) -> String {
+    match backend {
+        DbBackend::Sqlite => format!(
+            "CAST(COALESCE(SUM(({e}) / 1000000000), 0) * 1000000000 \
+             + COALESCE(SUM(({e}) % 1000000000), 0) AS INTEGER)"
+        ),
+        _ => {
+            let int = if backend == DbBackend::MySql {
+                "SIGNED"
+            } else {
+                "BIGINT"
+            };
+            format!(
+                "CAST(LEAST(GREATEST(COALESCE(SUM({e}), 0), -9223372036854775808), \
+                 9223372036854775807) AS {int})"
+            )
+        }
+    }
+}
+
+/// The aggregate columns over the filtered records, as 64-bit integers that decode alike
+/// everywhere ([`saturating_sum`]).
 fn aggregate(backend: DbBackend, filter: &UsageFilter) -> Select<usage_records::Entity> {
     let int = if backend == DbBackend::MySql {
         "SIGNED"
     } else {
         "BIGINT"
     };
-    let sum = |e: &str| Expr::cust(format!("CAST(COALESCE(SUM({e}), 0) AS {int})"));
+    let sum = |e: &str| Expr::cust(saturating_sum(backend, e));
     filter
         .apply(usage_records::Entity::find())
         .select_only()

@@ -1,7 +1,9 @@
 //! The usage writer's queries: one transaction per batch inserts the usage records, adds each
-//! key's spend and debits each charged user's balance (the metering layer computes the amounts).
+//! key's spend and debits each charged user's balance. The metering layer computes the amounts
+//! (saturating) and hands them over as the plain rows below; the SQL saturates too, so no value
+//! already in the database can make a batch fail (a failing batch is retried, holding up every
+//! record behind it).
 
-use std::collections::HashMap;
 use std::sync::OnceLock;
 
 use chrono::{DateTime, Utc};
@@ -12,8 +14,53 @@ use sea_orm::{
     Statement, TransactionTrait, Value,
 };
 
-use crate::metering::writer::Settled;
 use crate::store::ledger;
+
+/// One usage record to insert.
+#[derive(Debug, Clone, Copy)]
+pub struct RecordRow<'a> {
+    pub at: DateTime<Utc>,
+    pub user_id: &'a str,
+    pub key_id: &'a str,
+    pub model: &'a str,
+    pub provider: &'a str,
+    pub endpoint: &'static str,
+    pub stream: bool,
+    pub status: u16,
+    pub prompt_tokens: i64,
+    pub completion_tokens: i64,
+    pub cached_tokens: i64,
+    pub cost_nanos: i64,
+    pub latency_ms: i64,
+    pub ttft_ms: Option<i64>,
+    pub tokens_estimated: bool,
+    pub request_id: &'a str,
+    pub shared_key: bool,
+    pub error: Option<&'a str>,
+}
+
+/// What one batch adds to a gateway key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyCharge<'a> {
+    pub key_id: &'a str,
+    /// Added to `spent_nanos` (≥ 0).
+    pub spent: i64,
+    /// Taken out of `reserved_nanos` (≥ 0).
+    pub released: i64,
+    pub last_used: DateTime<Utc>,
+}
+
+/// What one batch takes from a user.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UserCharge<'a> {
+    pub user_id: &'a str,
+    /// Debited from the balance (≥ 0), one `usage` ledger entry.
+    pub cost: i64,
+    /// Taken out of `reserved_nanos` (≥ 0).
+    pub released: i64,
+    /// Charged requests in `cost`.
+    pub requests: usize,
+}
 
 /// The most rows one INSERT statement carries (18 parameters each, well under every driver's
 /// limit); see [`write_batch`].
@@ -45,33 +92,49 @@ const RECORD_COLUMNS: [usage_records::Column; 18] = {
 };
 
 /// One record's values, in [`RECORD_COLUMNS`] order (the same conversions its `ActiveModel` uses).
-fn record_values(r: &Settled, out: &mut Vec<Value>) {
-    let e = &r.event;
+fn record_values(r: &RecordRow<'_>, out: &mut Vec<Value>) {
     out.extend([
-        e.at.into(),
-        e.user_id.clone().into(),
-        e.key_id.clone().into(),
-        e.model.clone().into(),
-        e.provider.clone().into(),
-        e.endpoint.as_str().into(),
-        e.stream.into(),
-        (e.status as i32).into(),
-        e.usage.prompt.into(),
-        e.usage.completion.into(),
-        e.usage.cached.into(),
+        r.at.into(),
+        r.user_id.to_owned().into(),
+        r.key_id.to_owned().into(),
+        r.model.to_owned().into(),
+        r.provider.to_owned().into(),
+        r.endpoint.into(),
+        r.stream.into(),
+        (r.status as i32).into(),
+        r.prompt_tokens.into(),
+        r.completion_tokens.into(),
+        r.cached_tokens.into(),
         r.cost_nanos.into(),
-        e.latency_ms.into(),
-        e.ttft_ms.into(),
+        r.latency_ms.into(),
+        r.ttft_ms.into(),
         r.tokens_estimated.into(),
         // At most 128 characters; the usual id is shorter in bytes and is copied as is.
-        if e.request_id.len() <= 128 {
-            e.request_id.clone().into()
+        if r.request_id.len() <= 128 {
+            r.request_id.to_owned().into()
         } else {
-            e.request_id.chars().take(128).collect::<String>().into()
+            r.request_id.chars().take(128).collect::<String>().into()
         },
-        e.shared_key.into(),
-        e.error.clone().into(),
+        r.shared_key.into(),
+        r.error.map(str::to_owned).into(),
     ]);
+}
+
+/// `col + n` (n ≥ 0) that stops at `i64::MAX` instead of failing (PostgreSQL and MySQL raise an
+/// error on overflow, SQLite turns the value into a float).
+fn saturating_add(col: impl sea_orm::sea_query::IntoColumnRef + Copy, n: i64) -> Expr {
+    let n = Ord::max(n, 0);
+    Expr::case(Expr::col(col).gt(i64::MAX - n), Expr::val(i64::MAX))
+        .finally(Expr::col(col).add(n))
+        .into()
+}
+
+/// `col - n` (n ≥ 0) that stops at 0: a reservation is never below zero.
+fn release(col: impl sea_orm::sea_query::IntoColumnRef + Copy, n: i64) -> Expr {
+    let n = Ord::max(n, 0);
+    Expr::case(Expr::col(col).lt(n), Expr::val(0i64))
+        .finally(Expr::col(col).sub(n))
+        .into()
 }
 
 /// The text of an INSERT of 2^`exp` usage records (`exp` ≤ log2 [`MAX_ROWS_PER_INSERT`]),
@@ -100,7 +163,12 @@ fn insert_sql(backend: DbBackend, exp: u32) -> String {
 
 /// One transaction: the records, each key's spend and last use, and each charged user's balance
 /// (one `usage` ledger entry per user per batch), releasing what admission reserved.
-pub async fn write_batch(db: &DatabaseConnection, rows: &[Settled]) -> Result<(), sea_orm::DbErr> {
+pub async fn write_batch(
+    db: &DatabaseConnection,
+    rows: &[RecordRow<'_>],
+    keys: &[KeyCharge<'_>],
+    users: &[UserCharge<'_>],
+) -> Result<(), sea_orm::DbErr> {
     let txn = db.begin().await?;
     // Rows go in as statements of 256, 128, …, 1 rows: a batch of any size then uses at most nine
     // distinct statements, which the driver's prepared-statement cache keeps. One statement per
@@ -122,44 +190,30 @@ pub async fn write_batch(db: &DatabaseConnection, rows: &[Settled]) -> Result<()
         .await?;
     }
 
-    let mut per_key: HashMap<&str, (i64, i64, DateTime<Utc>)> = HashMap::new();
-    for r in rows {
-        let e = &r.event;
-        let entry = per_key.entry(e.key_id.as_str()).or_insert((0, 0, e.at));
-        entry.0 += r.cost_nanos;
-        entry.1 += r.consumed().key_nanos;
-        entry.2 = std::cmp::max(entry.2, e.at);
-    }
-    // Users: debit what charged requests cost; that much leaves the reservation too.
-    let mut per_user: HashMap<&str, (i64, i64, usize)> = HashMap::new();
-    for r in rows {
-        let e = &r.event;
-        if e.charged || e.reservation.user_nanos != 0 {
-            let entry = per_user.entry(e.user_id.as_str()).or_insert((0, 0, 0));
-            if e.charged {
-                entry.0 += r.cost_nanos;
-                entry.2 += 1;
-            }
-            entry.1 += r.consumed().user_nanos;
-        }
-    }
-    for (user_id, (cost, released, n)) in per_user {
-        if released != 0 {
+    for &UserCharge {
+        user_id,
+        cost,
+        released,
+        requests: n,
+    } in users
+    {
+        if released > 0 {
             users::Entity::update_many()
                 .col_expr(
                     users::Column::ReservedNanos,
-                    Expr::col(users::Column::ReservedNanos).sub(released),
+                    release(users::Column::ReservedNanos, released),
                 )
                 .filter(users::Column::Id.eq(user_id))
                 .exec(&txn)
                 .await?;
         }
-        if cost != 0 {
+        if cost > 0 {
             let note = format!("{n} request{}", if n == 1 { "" } else { "s" });
             match ledger::apply(
                 &txn,
                 ledger::Change {
                     user_id,
+                    // cost ≥ 0, so its negation is in range.
                     amount_nanos: -cost,
                     kind: ledger::Kind::Usage,
                     note: Some(&note),
@@ -179,15 +233,21 @@ pub async fn write_batch(db: &DatabaseConnection, rows: &[Settled]) -> Result<()
             }
         }
     }
-    for (key_id, (spent, released, last)) in per_key {
+    for &KeyCharge {
+        key_id,
+        spent,
+        released,
+        last_used: last,
+    } in keys
+    {
         gateway_keys::Entity::update_many()
             .col_expr(
                 gateway_keys::Column::SpentNanos,
-                Expr::col(gateway_keys::Column::SpentNanos).add(spent),
+                saturating_add(gateway_keys::Column::SpentNanos, spent),
             )
             .col_expr(
                 gateway_keys::Column::ReservedNanos,
-                Expr::col(gateway_keys::Column::ReservedNanos).sub(released),
+                release(gateway_keys::Column::ReservedNanos, released),
             )
             .col_expr(gateway_keys::Column::LastUsedAt, Expr::value(last))
             .filter(gateway_keys::Column::Id.eq(key_id))
