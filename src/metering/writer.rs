@@ -308,3 +308,176 @@ async fn write_with_retry(db: &DatabaseConnection, metrics: &Metrics, rows: &[Se
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use chrono::{TimeZone, Utc};
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::metering::event::{Prices, TokenBounds, bounds, clamp};
+    use crate::providers::{Endpoint, Usage};
+
+    fn event(
+        key: u8,
+        user: u8,
+        usage: Usage,
+        prices: Prices,
+        r: (i64, i64),
+        charged: bool,
+    ) -> UsageEvent {
+        UsageEvent {
+            at: Utc
+                .timestamp_opt(1_700_000_000 + i64::from(key), 0)
+                .unwrap(),
+            user_id: format!("u{user}"),
+            key_id: format!("k{key}"),
+            model: "m".into(),
+            provider: "p".into(),
+            endpoint: Endpoint::ChatCompletions,
+            stream: false,
+            status: 200,
+            usage,
+            prices,
+            latency_ms: 1,
+            ttft_ms: None,
+            tokens_estimated: false,
+            request_id: "r".into(),
+            shared_key: false,
+            error: None,
+            reservation: Reservation {
+                user_nanos: r.0,
+                key_nanos: r.1,
+            },
+            charged,
+        }
+    }
+
+    fn arb_event() -> impl Strategy<Value = UsageEvent> {
+        (
+            0u8..3,
+            0u8..3,
+            (any::<i64>(), any::<i64>(), any::<i64>()),
+            (
+                0i64..=i64::MAX,
+                0i64..=i64::MAX,
+                proptest::option::of(0i64..=i64::MAX),
+            ),
+            (0i64..=i64::MAX, 0i64..=i64::MAX),
+            any::<bool>(),
+        )
+            .prop_map(|(k, u, (p, c, ca), (i, o, cached), r, charged)| {
+                let usage = Usage {
+                    prompt: p,
+                    completion: c,
+                    cached: ca,
+                };
+                let prices = Prices {
+                    input: i,
+                    output: o,
+                    cached_input: cached,
+                };
+                event(k, u, usage, prices, r, charged)
+            })
+    }
+
+    fn sat(xs: impl Iterator<Item = i64>) -> i64 {
+        xs.map(i128::from).sum::<i128>().min(i128::from(i64::MAX)) as i64
+    }
+
+    proptest! {
+        /// Whatever the upstream reported and the catalog charges, a batch's per-key and per-user
+        /// amounts are the exact sums, saturated at `i64::MAX`, never negative, never wrapped.
+        #[test]
+        fn batch_amounts_are_exact_or_saturated(events in proptest::collection::vec(arb_event(), 0..40)) {
+            let rows = prepare(events);
+            for r in &rows {
+                prop_assert!(r.cost_nanos >= 0);
+            }
+            let (keys, users) = charges(&rows);
+            let mut seen_keys = HashMap::new();
+            for k in &keys {
+                prop_assert!(seen_keys.insert(k.key_id, ()).is_none(), "one entry per key");
+                let mine = || rows.iter().filter(|r| r.event.key_id == k.key_id);
+                prop_assert_eq!(k.spent, sat(mine().map(|r| r.cost_nanos)));
+                prop_assert_eq!(k.released, sat(mine().map(|r| r.consumed().key_nanos)));
+                prop_assert_eq!(Some(k.last_used), mine().map(|r| r.event.at).max());
+                prop_assert!(k.spent >= 0 && k.released >= 0);
+            }
+            prop_assert_eq!(keys.len(), rows.iter().map(|r| &r.event.key_id).collect::<std::collections::HashSet<_>>().len());
+            for u in &users {
+                let mine = || rows.iter().filter(|r| r.event.user_id == u.user_id);
+                prop_assert_eq!(u.cost, sat(mine().filter(|r| r.event.charged).map(|r| r.cost_nanos)));
+                prop_assert_eq!(u.requests, mine().filter(|r| r.event.charged).count());
+                prop_assert_eq!(u.released, sat(mine().map(|r| r.consumed().user_nanos)));
+                prop_assert!(u.cost >= 0 && u.released >= 0);
+            }
+        }
+
+        /// Clamped usage is within its bounds, and costs no more than the bounds at the same
+        /// prices (cached tokens at the dearer of the two input prices).
+        #[test]
+        fn clamped_usage_stays_within_bounds(
+            p in any::<i64>(), c in any::<i64>(), ca in any::<i64>(),
+            bp in 0i64..=20_000_000, bc in 0i64..=20_000_000,
+            i in 0i64..=1_000_000_000_000, o in 0i64..=1_000_000_000_000,
+        ) {
+            let b = TokenBounds { prompt: bp, completion: bc };
+            let (u, _) = clamp(Usage { prompt: p, completion: c, cached: ca }, b);
+            prop_assert!((0..=bp).contains(&u.prompt));
+            prop_assert!((0..=bc).contains(&u.completion));
+            prop_assert!((0..=u.prompt).contains(&u.cached));
+            let prices = Prices { input: i, output: o, cached_input: Some(i / 2) };
+            let most = cost_nanos(Usage { prompt: bp, completion: bc, cached: 0 }, prices);
+            prop_assert!(cost_nanos(u, prices) <= most);
+        }
+
+        /// The bounds never exceed the absolute cap, the window, or (without vision) the body.
+        #[test]
+        fn bounds_respect_window_body_and_cap(
+            body_len in 0usize..100_000_000, max_tokens in proptest::option::of(any::<u64>()),
+            choices in 0u64..1000, window in proptest::option::of(any::<i32>()),
+            max_out in proptest::option::of(any::<i32>()), vision in any::<bool>(),
+        ) {
+            let b = bounds(crate::metering::event::RequestSize {
+                body_len, max_tokens, choices, context_window: window,
+                max_output_tokens: max_out, vision, embeddings: false,
+            });
+            let cap = crate::metering::event::TOKEN_CAP;
+            prop_assert!((0..=cap).contains(&b.prompt) && (0..=cap).contains(&b.completion));
+            if let Some(w) = window.filter(|&w| w > 0) {
+                prop_assert!(b.prompt <= i64::from(w));
+            }
+            if !vision {
+                prop_assert!(b.prompt <= body_len as i64);
+            }
+            if let Some(t) = max_tokens {
+                prop_assert!(b.completion as u128 <= u128::from(t) * u128::from(choices.max(1)));
+            }
+        }
+    }
+
+    /// The issue's case: two records of 9e15 completion tokens each in one batch.
+    #[test]
+    fn two_absurd_records_in_one_batch_saturate() {
+        let u = Usage {
+            prompt: 0,
+            completion: 9_000_000_000_000_000,
+            cached: 0,
+        };
+        let p = Prices {
+            input: 0,
+            output: 10_000_000_000,
+            cached_input: None,
+        };
+        let rows = prepare(vec![
+            event(0, 0, u, p, (0, 0), true),
+            event(0, 0, u, p, (0, 0), true),
+        ]);
+        let (keys, users) = charges(&rows);
+        assert_eq!(keys[0].spent, i64::MAX);
+        assert_eq!(users[0].cost, i64::MAX);
+    }
+}
