@@ -136,7 +136,10 @@ async fn stats(State(state): State<AppState>, _admin: AdminUser) -> ApiResult<Js
         users: o.users,
         active_keys: o.active_keys,
         requests_24h: o.usage.requests,
-        tokens_24h: o.usage.prompt_tokens + o.usage.completion_tokens,
+        tokens_24h: o
+            .usage
+            .prompt_tokens
+            .saturating_add(o.usage.completion_tokens),
         cost_usd_24h: nanos_to_usd(o.usage.cost_nanos),
     }))
 }
