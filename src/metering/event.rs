@@ -134,6 +134,43 @@ pub fn clamp(u: Usage, b: TokenBounds) -> (Usage, Clamped) {
     )
 }
 
+/// `u` cut to `bounds` ([`clamp`]), counted in `tollgate_usage_clamped_total{field}` and logged
+/// (request id and numbers, nothing secret) when cut. `source`: `upstream` or `estimate`.
+pub fn bound_usage(
+    metrics: &crate::telemetry::Metrics,
+    request_id: &str,
+    u: Usage,
+    bounds: TokenBounds,
+    source: &str,
+) -> Usage {
+    let (out, clamped) = clamp(u, bounds);
+    if clamped.any() {
+        for (field, cut) in [
+            ("prompt", clamped.prompt),
+            ("completion", clamped.completion),
+            ("cached", clamped.cached),
+        ] {
+            if cut {
+                metrics
+                    .usage_clamped_total
+                    .with_label_values(&[field])
+                    .inc();
+            }
+        }
+        tracing::warn!(
+            request_id,
+            source,
+            reported_prompt = u.prompt,
+            reported_completion = u.completion,
+            reported_cached = u.cached,
+            bound_prompt = bounds.prompt,
+            bound_completion = bounds.completion,
+            "token counts above what the request can have used; metered at the bounds"
+        );
+    }
+    out
+}
+
 /// Bytes of a request body, or of response payloads, kept for an estimate; beyond them tokens
 /// are estimated from byte counts (see `metering::estimate`).
 pub const ESTIMATE_KEEP_BYTES: usize = 256 * 1024;

@@ -19,7 +19,7 @@ use tokio::sync::mpsc::OwnedPermit;
 use crate::metering::estimate;
 use crate::metering::event::{
     ESTIMATE_KEEP_BYTES, EstimateInput, KeptPayloads, Prices, Reservation, TokenBounds, UsageEvent,
-    clamp,
+    bound_usage,
 };
 use crate::providers::{Endpoint, Usage};
 
@@ -176,7 +176,7 @@ impl Meter {
             metrics
                 .usage_estimate_tokenized_bytes_total
                 .inc_by(e.tokenized_bytes as u64);
-            event.usage = bounded(&metrics, &event.request_id, e.usage, bounds, "estimate");
+            event.usage = bound_usage(&metrics, &event.request_id, e.usage, bounds, "estimate");
             permit.send(event);
         };
         // Off this task and off the writer's: the slot is held until the event is sent, so
@@ -188,7 +188,7 @@ impl Meter {
     }
 
     fn bounded(&self, u: Usage, source: &str) -> Usage {
-        bounded(
+        bound_usage(
             &self.metrics,
             &self.facts.request_id,
             u,
@@ -196,42 +196,6 @@ impl Meter {
             source,
         )
     }
-}
-
-/// `u` cut to `bounds`, counted in `tollgate_usage_clamped_total` and logged when cut.
-fn bounded(
-    metrics: &crate::telemetry::Metrics,
-    request_id: &str,
-    u: Usage,
-    bounds: TokenBounds,
-    source: &str,
-) -> Usage {
-    let (out, clamped) = clamp(u, bounds);
-    if clamped.any() {
-        for (field, cut) in [
-            ("prompt", clamped.prompt),
-            ("completion", clamped.completion),
-            ("cached", clamped.cached),
-        ] {
-            if cut {
-                metrics
-                    .usage_clamped_total
-                    .with_label_values(&[field])
-                    .inc();
-            }
-        }
-        tracing::warn!(
-            request_id,
-            source,
-            reported_prompt = u.prompt,
-            reported_completion = u.completion,
-            reported_cached = u.cached,
-            bound_prompt = bounds.prompt,
-            bound_completion = bounds.completion,
-            "token counts above what the request can have used; metered at the bounds"
-        );
-    }
-    out
 }
 
 impl Drop for Meter {
