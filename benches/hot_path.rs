@@ -23,7 +23,7 @@ use tollgate::app::App;
 use tollgate::cache::KeyCtx;
 use tollgate::crypto::generate_master_key;
 use tollgate::metering::event::{Prices, Reservation, UsageEvent};
-use tollgate::metering::writer::Settled;
+use tollgate::metering::writer::{Settled, charges};
 use tollgate::providers::openai::OpenAi;
 use tollgate::providers::{Adapter, Endpoint, EventCtx, EventOut, Usage};
 use tollgate::proxy::request::RequestView;
@@ -327,7 +327,7 @@ fn usage_rows(fx: &Fixture) -> Vec<Settled> {
                 },
                 latency_ms: 840,
                 ttft_ms: Some(210),
-                estimate: None,
+                tokens_estimated: false,
                 request_id: uuid::Uuid::new_v4().to_string(),
                 shared_key: false,
                 error: None,
@@ -335,15 +335,17 @@ fn usage_rows(fx: &Fixture) -> Vec<Settled> {
                 charged: true,
             },
             cost_nanos: 1_745_000,
-            tokens_estimated: false,
         })
         .collect()
 }
 
 fn stage_usage_writer(c: &mut Criterion, e: &Env) {
     let db = e.app.state.db.clone();
-    let rows = usage_rows(&e.fx);
-    e.rt.block_on(write_batch(&db, &rows))
+    let settled = usage_rows(&e.fx);
+    // What the writer hands the store: the rows and the per-key and per-user amounts.
+    let rows: Vec<_> = settled.iter().map(Settled::record).collect();
+    let (keys, users) = charges(&settled);
+    e.rt.block_on(write_batch(&db, &rows, &keys, &users))
         .expect("a batch lands");
 
     let mut g = c.benchmark_group("usage_writer");
@@ -351,8 +353,11 @@ fn stage_usage_writer(c: &mut Criterion, e: &Env) {
     g.measurement_time(Duration::from_secs(8));
     g.throughput(Throughput::Elements(BATCH as u64));
     g.bench_function("write_batch_500_sqlite_file", |b| {
-        b.to_async(&e.rt)
-            .iter(|| async { write_batch(&db, black_box(&rows)).await.expect("write") })
+        b.to_async(&e.rt).iter(|| async {
+            write_batch(&db, black_box(&rows), &keys, &users)
+                .await
+                .expect("write")
+        })
     });
     g.finish();
 }
