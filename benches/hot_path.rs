@@ -23,6 +23,7 @@ use tollgate::app::App;
 use tollgate::cache::KeyCtx;
 use tollgate::crypto::generate_master_key;
 use tollgate::metering::event::{Prices, Reservation, UsageEvent};
+use tollgate::metering::spool::Ticket;
 use tollgate::metering::writer::Settled;
 use tollgate::providers::openai::OpenAi;
 use tollgate::providers::{Adapter, Endpoint, EventCtx, EventOut, Usage};
@@ -333,6 +334,7 @@ fn usage_rows(fx: &Fixture) -> Vec<Settled> {
                 error: None,
                 reservation: Reservation::default(),
                 charged: true,
+                ticket: Ticket::new(),
             },
             cost_nanos: 1_745_000,
             tokens_estimated: false,
@@ -342,8 +344,9 @@ fn usage_rows(fx: &Fixture) -> Vec<Settled> {
 
 fn stage_usage_writer(c: &mut Criterion, e: &Env) {
     let db = e.app.state.db.clone();
+    let replica = e.app.state.leases.replica().to_owned();
     let rows = usage_rows(&e.fx);
-    e.rt.block_on(write_batch(&db, &rows))
+    e.rt.block_on(write_batch(&db, &replica, &rows))
         .expect("a batch lands");
 
     let mut g = c.benchmark_group("usage_writer");
@@ -351,8 +354,19 @@ fn stage_usage_writer(c: &mut Criterion, e: &Env) {
     g.measurement_time(Duration::from_secs(8));
     g.throughput(Throughput::Elements(BATCH as u64));
     g.bench_function("write_batch_500_sqlite_file", |b| {
-        b.to_async(&e.rt)
-            .iter(|| async { write_batch(&db, black_box(&rows)).await.expect("write") })
+        // Fresh rows per batch: `event_id` is unique.
+        b.to_async(&e.rt).iter_batched(
+            || usage_rows(&e.fx),
+            |rows| {
+                let (db, replica) = (&db, &replica);
+                async move {
+                    write_batch(db, replica, black_box(&rows))
+                        .await
+                        .expect("write")
+                }
+            },
+            criterion::BatchSize::SmallInput,
+        )
     });
     g.finish();
 }

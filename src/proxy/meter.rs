@@ -12,6 +12,7 @@ use chrono::{DateTime, Utc};
 use tokio::sync::mpsc::OwnedPermit;
 
 use crate::metering::event::{EstimateInput, Prices, Reservation, UsageEvent};
+use crate::metering::spool::{Spool, Ticket};
 use crate::providers::{Endpoint, Usage};
 
 /// The facts of a request the meter needs at the end.
@@ -41,6 +42,8 @@ pub struct Meter {
     metrics: crate::telemetry::Metrics,
     /// Told the reported usage when the request ends (token-per-minute limiters).
     on_usage: Option<Box<dyn FnOnce(Usage) + Send + Sync>>,
+    /// The record's id, and once [`Meter::spool`] ran, its started line in the usage spool.
+    ticket: Ticket,
 }
 
 impl Meter {
@@ -57,6 +60,16 @@ impl Meter {
             first_byte: None,
             metrics,
             on_usage: None,
+            ticket: Ticket::new(),
+        }
+    }
+
+    /// Appends the request's started line to the usage spool (one `write(2)`), just before it
+    /// goes upstream: a `kill -9` from here on still leaves a record (see `metering::spool`).
+    pub fn spool(&mut self, spool: &Spool) {
+        if let Err(e) = spool.started(&mut self.ticket, &self.facts, self.at) {
+            self.metrics.usage_spool_errors_total.inc();
+            tracing::error!(error = %e, "usage spool: cannot append; this record is not crash-safe");
         }
     }
 
@@ -132,6 +145,7 @@ impl Meter {
             error: error.map(str::to_owned),
             reservation: f.reservation,
             charged: f.charged,
+            ticket: std::mem::take(&mut self.ticket),
         });
     }
 }
@@ -149,6 +163,7 @@ impl Drop for Meter {
                 first_byte: self.first_byte,
                 metrics: self.metrics.clone(),
                 on_usage: None,
+                ticket: std::mem::take(&mut self.ticket),
             };
             this.finish(499, None, Vec::new(), Some("client_disconnected"));
         }

@@ -1,7 +1,7 @@
 //! The usage writer's queries: one transaction per batch inserts the usage records, adds each
 //! key's spend and debits each charged user's balance (the metering layer computes the amounts).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::OnceLock;
 
 use chrono::{DateTime, Utc};
@@ -9,18 +9,19 @@ use entity::{gateway_keys, usage_records, users};
 use sea_orm::sea_query::{Expr, ExprTrait, Query};
 use sea_orm::{
     ColumnTrait, ConnectionTrait, DatabaseConnection, DbBackend, EntityTrait, QueryFilter,
-    Statement, TransactionTrait, Value,
+    QuerySelect, Statement, TransactionTrait, Value,
 };
 
+use crate::metering::leases::Holder;
 use crate::metering::writer::Settled;
-use crate::store::ledger;
+use crate::store::{leases, ledger};
 
-/// The most rows one INSERT statement carries (18 parameters each, well under every driver's
+/// The most rows one INSERT statement carries (19 parameters each, well under every driver's
 /// limit); see [`write_batch`].
 const MAX_ROWS_PER_INSERT: usize = 256;
 
 /// The columns of a usage record, in the order [`record_values`] gives them.
-const RECORD_COLUMNS: [usage_records::Column; 18] = {
+const RECORD_COLUMNS: [usage_records::Column; 19] = {
     use usage_records::Column as C;
     [
         C::At,
@@ -41,6 +42,7 @@ const RECORD_COLUMNS: [usage_records::Column; 18] = {
         C::RequestId,
         C::SharedKey,
         C::Error,
+        C::EventId,
     ]
 };
 
@@ -71,6 +73,7 @@ fn record_values(r: &Settled, out: &mut Vec<Value>) {
         },
         e.shared_key.into(),
         e.error.clone().into(),
+        Some(e.ticket.id.to_string()).into(),
     ]);
 }
 
@@ -99,8 +102,13 @@ fn insert_sql(backend: DbBackend, exp: u32) -> String {
 }
 
 /// One transaction: the records, each key's spend and last use, and each charged user's balance
-/// (one `usage` ledger entry per user per batch), releasing what admission reserved.
-pub async fn write_batch(db: &DatabaseConnection, rows: &[Settled]) -> Result<(), sea_orm::DbErr> {
+/// (one `usage` ledger entry per user per batch), releasing what admission reserved — from
+/// `reserved_nanos` and from `replica`'s lease rows alike.
+pub async fn write_batch(
+    db: &DatabaseConnection,
+    replica: &str,
+    rows: &[Settled],
+) -> Result<(), sea_orm::DbErr> {
     let txn = db.begin().await?;
     // Rows go in as statements of 256, 128, …, 1 rows: a batch of any size then uses at most nine
     // distinct statements, which the driver's prepared-statement cache keeps. One statement per
@@ -153,6 +161,7 @@ pub async fn write_batch(db: &DatabaseConnection, rows: &[Settled]) -> Result<()
                 .filter(users::Column::Id.eq(user_id))
                 .exec(&txn)
                 .await?;
+            leases::settle(&txn, replica, Holder::User, user_id, released).await?;
         }
         if cost != 0 {
             let note = format!("{n} request{}", if n == 1 { "" } else { "s" });
@@ -193,6 +202,25 @@ pub async fn write_batch(db: &DatabaseConnection, rows: &[Settled]) -> Result<()
             .filter(gateway_keys::Column::Id.eq(key_id))
             .exec(&txn)
             .await?;
+        leases::settle(&txn, replica, Holder::Key, key_id, released).await?;
     }
     txn.commit().await
+}
+
+/// Which of `event_ids` are already recorded (the usage spool's replay skips those).
+pub async fn existing_event_ids(
+    db: &DatabaseConnection,
+    event_ids: &[String],
+) -> Result<HashSet<String>, sea_orm::DbErr> {
+    if event_ids.is_empty() {
+        return Ok(HashSet::new());
+    }
+    let found: Vec<Option<String>> = usage_records::Entity::find()
+        .select_only()
+        .column(usage_records::Column::EventId)
+        .filter(usage_records::Column::EventId.is_in(event_ids.iter().cloned()))
+        .into_tuple()
+        .all(db)
+        .await?;
+    Ok(found.into_iter().flatten().collect())
 }
