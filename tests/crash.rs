@@ -79,7 +79,10 @@ async fn until<F: std::future::Future<Output = bool>>(what: &str, mut f: impl Fn
 }
 
 async fn records(db: &DatabaseConnection) -> Vec<usage_records::Model> {
-    usage_records::Entity::find().all(db).await.expect("records")
+    usage_records::Entity::find()
+        .all(db)
+        .await
+        .expect("records")
 }
 
 async fn reserved(db: &DatabaseConnection, user_id: &str, key_id: &str) -> (i64, i64) {
@@ -150,13 +153,22 @@ async fn kill_9_loses_no_record_and_leaks_no_reservation() {
     .await;
     let (u, k) = reserved(&db, &user_id, &key_id).await;
     assert!(u > 0 && k > 0, "requests in flight reserve: {u} {k}");
-    assert!(records(&db).await.is_empty(), "nothing written before the kill");
+    assert!(
+        records(&db).await.is_empty(),
+        "nothing written before the kill"
+    );
     kill9(&mut first);
     for h in hanging {
-        assert!(h.await.expect("join").is_err(), "the killed gateway answered");
+        assert!(
+            h.await.expect("join").is_err(),
+            "the killed gateway answered"
+        );
     }
     let (u, k) = reserved(&db, &user_id, &key_id).await;
-    assert!(u > 0 && k > 0, "the dead replica's leases are still reserved");
+    assert!(
+        u > 0 && k > 0,
+        "the dead replica's leases are still reserved"
+    );
 
     // A live replica holding a lease of its own for the same user and key.
     let live = TestApp::spawn_on(test_db.clone(), |c| {
@@ -165,12 +177,18 @@ async fn kill_9_loses_no_record_and_leaks_no_reservation() {
     })
     .await;
     let live_req = {
-        let (client, key, url) = (client.clone(), key.clone(), live.url("/v1/chat/completions"));
+        let (client, key, url) = (
+            client.clone(),
+            key.clone(),
+            live.url("/v1/chat/completions"),
+        );
         tokio::spawn(async move {
             client
                 .post(url)
                 .bearer_auth(key)
-                .json(&json!({"model": "gpt-hang", "messages": [{"role": "user", "content": "hi"}]}))
+                .json(
+                    &json!({"model": "gpt-hang", "messages": [{"role": "user", "content": "hi"}]}),
+                )
                 .send()
                 .await
                 .map(|r| r.status().as_u16())
@@ -185,7 +203,11 @@ async fn kill_9_loses_no_record_and_leaks_no_reservation() {
     // Restart: the spool is replayed before serving; the dead leases are reclaimed after the TTL.
     let (mut second, _) = serve(cwd.path(), &test_db.url, &spool);
     let recs = records(&db).await;
-    assert_eq!(recs.len(), QUEUED + IN_FLIGHT, "one record per request upstream");
+    assert_eq!(
+        recs.len(),
+        QUEUED + IN_FLIGHT,
+        "one record per request upstream"
+    );
     // Completed records still queued in memory are billed like the cut-off ones (README: the
     // exact guarantee): by body size, as `gateway_restarted`.
     for (model, n) in [("gpt-test", QUEUED), ("gpt-hang", IN_FLIGHT)] {
@@ -195,12 +217,17 @@ async fn kill_9_loses_no_record_and_leaks_no_reservation() {
             assert_eq!(mine.len(), 1, "{id}: exactly one record");
             assert_eq!(mine[0].status, 499, "{id}");
             assert_eq!(mine[0].error.as_deref(), Some("gateway_restarted"), "{id}");
-            assert!(mine[0].tokens_estimated && mine[0].cost_nanos > 0, "{id} is billed");
+            assert!(
+                mine[0].tokens_estimated && mine[0].cost_nanos > 0,
+                "{id} is billed"
+            );
         }
     }
     let dead_gone = || async {
         let leases = reservation_leases::Entity::find().all(&db).await.unwrap();
-        leases.iter().all(|l| l.replica_id == live_replica || l.held_nanos == 0)
+        leases
+            .iter()
+            .all(|l| l.replica_id == live_replica || l.held_nanos == 0)
     };
     until("the dead replica's leases reclaimed", dead_gone).await;
     let leases = reservation_leases::Entity::find().all(&db).await.unwrap();

@@ -175,7 +175,10 @@ fn endpoint_of(s: &str) -> Endpoint {
 }
 
 fn segment_name(seq: u64) -> String {
-    format!("{:016}-{seq:08}.spool", Utc::now().timestamp_millis().max(0))
+    format!(
+        "{:016}-{seq:08}.spool",
+        Utc::now().timestamp_millis().max(0)
+    )
 }
 
 impl Spool {
