@@ -23,6 +23,7 @@ use tollgate::app::App;
 use tollgate::cache::KeyCtx;
 use tollgate::crypto::generate_master_key;
 use tollgate::metering::event::{Prices, Reservation, UsageEvent};
+use tollgate::metering::spool::Ticket;
 use tollgate::metering::writer::{Settled, charges};
 use tollgate::providers::openai::OpenAi;
 use tollgate::providers::{Adapter, Endpoint, EventCtx, EventOut, Usage};
@@ -333,6 +334,7 @@ fn usage_rows(fx: &Fixture) -> Vec<Settled> {
                 error: None,
                 reservation: Reservation::default(),
                 charged: true,
+                ticket: Ticket::new(),
             },
             cost_nanos: 1_745_000,
         })
@@ -341,11 +343,17 @@ fn usage_rows(fx: &Fixture) -> Vec<Settled> {
 
 fn stage_usage_writer(c: &mut Criterion, e: &Env) {
     let db = e.app.state.db.clone();
-    let settled = usage_rows(&e.fx);
+    let replica = e.app.state.leases.replica().to_owned();
     // What the writer hands the store: the rows and the per-key and per-user amounts.
-    let rows: Vec<_> = settled.iter().map(Settled::record).collect();
-    let (keys, users) = charges(&settled);
-    e.rt.block_on(write_batch(&db, &rows, &keys, &users))
+    let write = |settled: Vec<Settled>| {
+        let (db, replica) = (&db, &replica);
+        async move {
+            let rows: Vec<_> = settled.iter().map(Settled::record).collect();
+            let (keys, users) = charges(&settled);
+            write_batch(db, replica, black_box(&rows), &keys, &users).await
+        }
+    };
+    e.rt.block_on(write(usage_rows(&e.fx)))
         .expect("a batch lands");
 
     let mut g = c.benchmark_group("usage_writer");
@@ -353,11 +361,12 @@ fn stage_usage_writer(c: &mut Criterion, e: &Env) {
     g.measurement_time(Duration::from_secs(8));
     g.throughput(Throughput::Elements(BATCH as u64));
     g.bench_function("write_batch_500_sqlite_file", |b| {
-        b.to_async(&e.rt).iter(|| async {
-            write_batch(&db, black_box(&rows), &keys, &users)
-                .await
-                .expect("write")
-        })
+        // Fresh rows per batch: `event_id` is unique.
+        b.to_async(&e.rt).iter_batched(
+            || usage_rows(&e.fx),
+            |rows| async { write(rows).await.expect("write") },
+            criterion::BatchSize::SmallInput,
+        )
     });
     g.finish();
 }

@@ -21,6 +21,7 @@ use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::error::ApiError;
 use crate::metering::leases::Leases;
+use crate::metering::spool::{self, Spool};
 use crate::metering::writer::{self as usage_writer, UsageWriter, WriterConfig};
 use crate::proxy::admit::Limiters;
 use crate::proxy::upstream;
@@ -112,14 +113,23 @@ impl App {
         let caches = Caches::with_bus(cluster.bus.clone());
         cluster.listen(&caches).await;
         let leases = Leases::default();
+        let lease_ttl = Duration::from_secs(config.billing.lease_ttl_secs);
+        // Leases of replicas (this one before a restart included) silent for the TTL.
+        leases.reclaim(&db, lease_ttl).await;
+        // Before serving: the records a killed predecessor left in the spool.
+        let (spool, left) = Spool::open(&config.spool_dir())?;
+        spool::replay(&db, leases.replica(), &left).await?;
+        let spool = std::sync::Arc::new(spool);
         let (usage, usage_writer) = usage_writer::start(
             db.clone(),
             metrics.clone(),
             leases.clone(),
+            spool.clone(),
             WriterConfig {
                 capacity: config.usage.queue_capacity,
                 batch_size: config.usage.batch_size,
                 flush_interval: Duration::from_millis(config.usage.flush_interval_ms),
+                lease_ttl,
             },
         );
         let state = AppState(std::sync::Arc::new(Inner {
@@ -138,6 +148,7 @@ impl App {
             cluster,
             usage,
             leases,
+            spool,
             started_at: Instant::now(),
             config,
         }));

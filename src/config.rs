@@ -136,11 +136,24 @@ pub struct SecurityConfig {
     pub secrets_file: Option<PathBuf>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct BillingConfig {
     pub enforce_balance: bool,
     pub initial_balance_usd: f64,
+    /// A replica's reservation leases are reclaimed by the others once its heartbeat (every
+    /// second) is this many seconds old: what a crashed replica held is free again after it.
+    pub lease_ttl_secs: u64,
+}
+
+impl Default for BillingConfig {
+    fn default() -> Self {
+        Self {
+            enforce_balance: false,
+            initial_balance_usd: 0.0,
+            lease_ttl_secs: 30,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -185,6 +198,9 @@ pub struct UsageConfig {
     pub flush_interval_ms: u64,
     /// Delete usage records older than this many days, daily; 0 = keep forever.
     pub retention_days: u32,
+    /// The usage spool's directory (records survive `kill -9`); one per process, never shared.
+    /// Default: `<sqlite file>.spool` beside a SQLite database, else `./tollgate-spool`.
+    pub spool_dir: Option<PathBuf>,
 }
 
 impl Default for UsageConfig {
@@ -194,6 +210,7 @@ impl Default for UsageConfig {
             batch_size: 500,
             flush_interval_ms: 50,
             retention_days: 0,
+            spool_dir: None,
         }
     }
 }
@@ -350,6 +367,20 @@ impl Config {
                 "must be at least 32 characters",
             ));
         }
+        if !(3..=86_400).contains(&self.billing.lease_ttl_secs) {
+            return Err(invalid(
+                "billing.lease_ttl_secs",
+                "must be 3–86400 (leases heartbeat every second)",
+            ));
+        }
+        if self
+            .usage
+            .spool_dir
+            .as_ref()
+            .is_some_and(|d| d.as_os_str().is_empty())
+        {
+            return Err(invalid("usage.spool_dir", "must not be empty"));
+        }
         if !self.billing.initial_balance_usd.is_finite() || self.billing.initial_balance_usd < 0.0 {
             return Err(invalid(
                 "billing.initial_balance_usd",
@@ -413,6 +444,22 @@ impl Config {
 
     pub fn metrics_token(&self) -> Option<&str> {
         non_empty(&self.server.metrics_token)
+    }
+
+    /// The usage spool's directory: `usage.spool_dir`, else beside a SQLite file, else
+    /// `./tollgate-spool`.
+    pub fn spool_dir(&self) -> PathBuf {
+        if let Some(d) = &self.usage.spool_dir {
+            return d.clone();
+        }
+        if let Some(rest) = self.database_url().strip_prefix("sqlite:") {
+            let path = rest.trim_start_matches("//");
+            let path = path.split('?').next().unwrap_or_default();
+            if !path.is_empty() && path != ":memory:" && !rest.contains("mode=memory") {
+                return PathBuf::from(format!("{path}.spool"));
+            }
+        }
+        PathBuf::from("tollgate-spool")
     }
 
     /// The file generated secrets go to: beside a SQLite file, else the working directory.

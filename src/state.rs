@@ -11,6 +11,7 @@ use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::crypto::KeyRing;
 use crate::metering::leases::Leases;
+use crate::metering::spool::Spool;
 use crate::metering::writer::UsageQueue;
 use crate::proxy::admit::Limiters;
 use crate::proxy::upstream::HttpClient;
@@ -40,6 +41,8 @@ pub struct Inner {
     pub usage: UsageQueue,
     /// Balance and budget this replica has reserved in the database, handed to requests.
     pub leases: Leases,
+    /// The usage spool: started lines of requests going upstream (`metering::spool`).
+    pub spool: Arc<Spool>,
     pub started_at: Instant,
 }
 

@@ -279,6 +279,8 @@ pub struct MetricsInner {
     pub usage_queue_depth: IntGauge,
     pub usage_write_errors_total: IntCounter,
     pub usage_records_written_total: IntCounter,
+    /// Failed appends to the usage spool (those records are not crash-safe).
+    pub usage_spool_errors_total: IntCounter,
     pub auth_cache_hits_total: IntCounter,
     pub auth_cache_misses_total: IntCounter,
     pub upstream_errors_total: IntCounterVec,
@@ -404,6 +406,10 @@ impl Metrics {
             usage_records_written_total: counter(
                 "tollgate_usage_records_written_total",
                 "Usage records written to the database.",
+            ),
+            usage_spool_errors_total: counter(
+                "tollgate_usage_spool_errors_total",
+                "Failed appends to the local usage spool (those records would not survive a kill -9).",
             ),
             auth_cache_hits_total: counter(
                 "tollgate_auth_cache_hits_total",

@@ -10,6 +10,7 @@ pub mod login_history;
 pub mod models;
 pub mod provider_keys;
 pub mod providers;
+pub mod reservation_leases;
 pub mod sessions;
 pub mod settings;
 pub mod usage_records;

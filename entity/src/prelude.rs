@@ -8,6 +8,7 @@ pub use super::login_history::Entity as LoginHistory;
 pub use super::models::Entity as Models;
 pub use super::provider_keys::Entity as ProviderKeys;
 pub use super::providers::Entity as Providers;
+pub use super::reservation_leases::Entity as ReservationLeases;
 pub use super::sessions::Entity as Sessions;
 pub use super::settings::Entity as Settings;
 pub use super::usage_records::Entity as UsageRecords;

@@ -29,6 +29,9 @@ pub struct Model {
     /// Which key paid: a shared platform provider key charges the user's balance.
     pub shared_key: bool,
     pub error: Option<String>,
+    /// Unique per record (a UUIDv7 made at admission): the usage spool replays by it after a
+    /// crash without writing a record twice. `None` for records older than the column.
+    pub event_id: Option<String>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -245,6 +245,8 @@ pub struct UsageEvent {
     /// The cost is debited from the user's balance (shared platform key, or
     /// `billing.enforce_balance`).
     pub charged: bool,
+    /// The record's unique id (`usage_records.event_id`) and its place in the usage spool.
+    pub ticket: crate::metering::spool::Ticket,
 }
 
 /// What admission reserved against the balance and the key budget.

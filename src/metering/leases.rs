@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use sea_orm::DatabaseConnection;
 
-use crate::store::billing;
+use crate::store::leases as store;
 
 /// How much more than a request needs a replica reserves in one statement: the lease then serves
 /// the next requests of the same user or key from memory.
@@ -74,16 +74,53 @@ impl Slot {
 /// conditional `UPDATE` keeps replicas from overdrawing together; only the number of statements
 /// changes (one per chunk instead of one per request).
 ///
+/// What this replica holds is also recorded per holder in `reservation_leases` under a replica id
+/// (a fresh UUID per process start), in the same transactions, and heartbeated
+/// ([`Leases::heartbeat`]); when a replica dies without giving its leases back, any other replica
+/// (or itself, restarted) reclaims them once the heartbeat is `billing.lease_ttl_secs` old.
+///
 /// The usage writer settles each request: what it cost comes out of the lease and the row's
 /// `reserved_nanos` in the same transaction that debits it; the rest of its reservation goes back
 /// to the lease. Spare lease is given back to the database once idle for a second (and all of it
 /// at shutdown), so other replicas and the admin views see it free again.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Leases {
     slots: Arc<Mutex<SlotMap>>,
+    replica: Arc<str>,
+}
+
+impl Default for Leases {
+    /// A new replica id.
+    fn default() -> Self {
+        Self {
+            slots: Arc::default(),
+            replica: uuid::Uuid::new_v4().to_string().into(),
+        }
+    }
 }
 
 impl Leases {
+    /// This replica's id in `reservation_leases`.
+    pub fn replica(&self) -> &str {
+        &self.replica
+    }
+
+    /// Marks this replica's lease rows alive and reclaims those of replicas whose heartbeat is
+    /// older than `ttl` (the usage writer calls it every second).
+    pub async fn heartbeat(&self, db: &DatabaseConnection, ttl: Duration) {
+        if let Err(e) = store::heartbeat(db, &self.replica).await {
+            tracing::warn!(error = %e, "reservation lease heartbeat failed");
+        }
+        self.reclaim(db, ttl).await;
+    }
+
+    /// Reclaims the leases of replicas that stopped heartbeating `ttl` ago (never this one's).
+    pub async fn reclaim(&self, db: &DatabaseConnection, ttl: Duration) {
+        if let Err(e) = store::reclaim_stale(db, &self.replica, ttl).await {
+            tracing::warn!(error = %e, "reclaiming stale reservation leases failed");
+        }
+    }
+
     fn slot(&self, holder: Holder, id: &str) -> Arc<Slot> {
         let mut slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(s) = slots.get(&(holder, id.to_owned())) {
@@ -156,10 +193,7 @@ impl Leases {
                 .saturating_add(in_use);
             let mut got = None;
             for want in [chunk, need] {
-                let ok = match holder {
-                    Holder::User => billing::reserve_balance(db, id, want).await?,
-                    Holder::Key => billing::reserve_key(db, id, want).await?,
-                };
+                let ok = store::reserve(db, &self.replica, holder, id, want).await?;
                 if ok {
                     got = Some(want);
                     break;
@@ -206,6 +240,7 @@ impl Leases {
             let slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
             slots.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
         };
+        let mut forgot = false;
         for ((holder, id), slot) in slots {
             // A refill in progress: leave this one for the next round.
             let Ok(_refill) = slot.refill.try_lock() else {
@@ -231,10 +266,7 @@ impl Leases {
                 }
             };
             if amount > 0 {
-                let given = match holder {
-                    Holder::User => billing::release_balance(db, &id, amount).await,
-                    Holder::Key => billing::release_key(db, &id, amount).await,
-                };
+                let given = store::release(db, &self.replica, holder, &id, amount).await;
                 if let Err(e) = given {
                     tracing::warn!(error = %e, "giving back a reservation lease failed; retrying later");
                     slot.lease().held += amount;
@@ -251,8 +283,12 @@ impl Leases {
                 // only references).
                 if Arc::strong_count(&slot) == 2 {
                     slots.remove(&(holder, id));
+                    forgot = true;
                 }
             }
+        }
+        if forgot && let Err(e) = store::forget_empty(db, &self.replica).await {
+            tracing::warn!(error = %e, "deleting empty reservation lease rows failed");
         }
     }
 

@@ -5,4 +5,5 @@
 pub mod estimate;
 pub mod event;
 pub mod leases;
+pub mod spool;
 pub mod writer;

@@ -15,6 +15,7 @@ use tokio::sync::{Notify, mpsc};
 
 use crate::metering::event::{Reservation, UsageEvent, cost_nanos};
 use crate::metering::leases::{Holder, Leases};
+use crate::metering::spool::Spool;
 use crate::store::usage_batch::{KeyCharge, RecordRow, UserCharge, write_batch};
 use crate::telemetry::Metrics;
 
@@ -50,6 +51,8 @@ pub struct WriterConfig {
     pub capacity: usize,
     pub batch_size: usize,
     pub flush_interval: Duration,
+    /// `billing.lease_ttl_secs`: leases of a replica silent this long are reclaimed.
+    pub lease_ttl: Duration,
 }
 
 /// How long a reservation lease may sit unused before its spare goes back to the database.
@@ -59,11 +62,12 @@ pub fn start(
     db: DatabaseConnection,
     metrics: Metrics,
     leases: Leases,
+    spool: Arc<Spool>,
     cfg: WriterConfig,
 ) -> (UsageQueue, UsageWriter) {
     let (tx, rx) = mpsc::channel(cfg.capacity.max(1));
     let stop = Arc::new(Notify::new());
-    let handle = tokio::spawn(run(db, metrics, leases, cfg, rx, stop.clone()));
+    let handle = tokio::spawn(run(db, metrics, leases, spool, cfg, rx, stop.clone()));
     (UsageQueue { tx }, UsageWriter { stop, handle })
 }
 
@@ -86,10 +90,24 @@ async fn run(
     db: DatabaseConnection,
     metrics: Metrics,
     leases: Leases,
+    spool: Arc<Spool>,
     cfg: WriterConfig,
     mut rx: mpsc::Receiver<UsageEvent>,
     stop: Arc<Notify>,
 ) {
+    // The leases' heartbeat runs on its own, so a batch retrying against a slow database does
+    // not make other replicas take this one for dead.
+    let heartbeat = AbortOnDrop(tokio::spawn({
+        let (db, leases) = (db.clone(), leases.clone());
+        async move {
+            let mut tick = tokio::time::interval(LEASE_IDLE);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                leases.heartbeat(&db, cfg.lease_ttl).await;
+            }
+        }
+    }));
     let mut stopping = false;
     let mut batch: Vec<UsageEvent> = Vec::with_capacity(cfg.batch_size);
     let mut tick = tokio::time::interval(LEASE_IDLE);
@@ -103,6 +121,7 @@ async fn run(
                 ev = rx.recv() => ev,
                 _ = tick.tick() => {
                     leases.give_back(&db, LEASE_IDLE).await;
+                    spool.maintain();
                     continue;
                 }
                 _ = stop.notified() => {
@@ -133,7 +152,13 @@ async fn run(
         }
         metrics.usage_queue_depth.set(rx.len() as i64);
         let rows = prepare(std::mem::take(&mut batch));
-        write_with_retry(&db, &metrics, &rows).await;
+        // The finished lines first: a kill from here until the commit replays them at start.
+        if let Err(e) = spool.finished(&rows) {
+            metrics.usage_spool_errors_total.inc();
+            tracing::error!(error = %e, "usage spool: cannot append a batch");
+        }
+        write_with_retry(&db, &metrics, leases.replica(), &rows).await;
+        spool.committed(&rows);
         // Only now is the debit in the database: the rest of each reservation is spare again.
         for r in &rows {
             let (e, used) = (&r.event, r.consumed());
@@ -150,9 +175,21 @@ async fn run(
                 used.key_nanos,
             );
         }
+        spool.maintain();
     }
     leases.give_back(&db, Duration::ZERO).await;
+    drop(heartbeat);
+    spool.close();
     metrics.usage_queue_depth.set(0);
+}
+
+/// Aborts the task when dropped (also when the writer itself is aborted).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// A usage record ready to insert, with its settled cost.
@@ -194,6 +231,7 @@ impl Settled {
             request_id: &e.request_id,
             shared_key: e.shared_key,
             error: e.error.as_deref(),
+            event_id: e.ticket.id.to_string(),
         }
     }
 }
@@ -255,15 +293,30 @@ pub fn charges(rows: &[Settled]) -> (Vec<KeyCharge<'_>>, Vec<UserCharge<'_>>) {
     (keys, users)
 }
 
-async fn write_with_retry(db: &DatabaseConnection, metrics: &Metrics, rows: &[Settled]) {
+/// One batch in one transaction: its records and what it adds to each key and takes from each
+/// user, settled against `replica`'s leases.
+pub async fn write_settled(
+    db: &DatabaseConnection,
+    replica: &str,
+    rows: &[Settled],
+) -> Result<(), sea_orm::DbErr> {
+    let records: Vec<RecordRow<'_>> = rows.iter().map(Settled::record).collect();
+    let (keys, users) = charges(rows);
+    write_batch(db, replica, &records, &keys, &users).await
+}
+
+async fn write_with_retry(
+    db: &DatabaseConnection,
+    metrics: &Metrics,
+    replica: &str,
+    rows: &[Settled],
+) {
     if rows.is_empty() {
         return;
     }
-    let records: Vec<RecordRow<'_>> = rows.iter().map(Settled::record).collect();
-    let (keys, users) = charges(rows);
     let mut backoff = Duration::from_millis(100);
     loop {
-        match write_batch(db, &records, &keys, &users).await {
+        match write_settled(db, replica, rows).await {
             Ok(()) => {
                 metrics
                     .usage_records_written_total
@@ -352,6 +405,7 @@ mod tests {
                 key_nanos: r.1,
             },
             charged,
+            ticket: crate::metering::spool::Ticket::new(),
         }
     }
 

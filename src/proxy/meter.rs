@@ -21,6 +21,7 @@ use crate::metering::event::{
     ESTIMATE_KEEP_BYTES, EstimateInput, KeptPayloads, Prices, Reservation, TokenBounds, UsageEvent,
     bound_usage,
 };
+use crate::metering::spool::{Spool, Ticket};
 use crate::providers::{Endpoint, Usage};
 
 /// The facts of a request the meter needs at the end.
@@ -69,6 +70,8 @@ pub struct Meter {
     metrics: crate::telemetry::Metrics,
     /// Told the reported usage when the request ends (token-per-minute limiters).
     on_usage: Option<Box<dyn FnOnce(Usage) + Send + Sync>>,
+    /// The record's id, and once [`Meter::spool`] ran, its started line in the usage spool.
+    ticket: Ticket,
 }
 
 impl Meter {
@@ -85,6 +88,16 @@ impl Meter {
             first_byte: None,
             metrics,
             on_usage: None,
+            ticket: Ticket::new(),
+        }
+    }
+
+    /// Appends the request's started line to the usage spool (one `write(2)`), just before it
+    /// goes upstream: a `kill -9` from here on still leaves a record (see `metering::spool`).
+    pub fn spool(&mut self, spool: &Spool) {
+        if let Err(e) = spool.started(&mut self.ticket, &self.facts, self.at) {
+            self.metrics.usage_spool_errors_total.inc();
+            tracing::error!(error = %e, "usage spool: cannot append; this record is not crash-safe");
         }
     }
 
@@ -164,6 +177,7 @@ impl Meter {
             error: error.map(str::to_owned),
             reservation: f.reservation,
             charged: f.charged,
+            ticket: std::mem::take(&mut self.ticket),
         };
         let Some(input) = estimate else {
             permit.send(event);
@@ -211,6 +225,7 @@ impl Drop for Meter {
                 first_byte: self.first_byte,
                 metrics: self.metrics.clone(),
                 on_usage: None,
+                ticket: std::mem::take(&mut self.ticket),
             };
             this.finish(
                 499,

@@ -185,7 +185,8 @@ async fn run(
         });
     }
 
-    // ④ upstream
+    // ④ upstream — from here the request is billed even if the process is killed.
+    meter.spool(&state.spool);
     let upstream_body = route.adapter.map_request(&view, &m.upstream_model);
     let cfg = &state.config.upstream;
     let resp = match upstream::send(

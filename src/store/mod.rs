@@ -4,6 +4,7 @@ pub mod audit;
 pub mod billing;
 pub mod gateway_keys;
 pub mod ip_records;
+pub mod leases;
 pub mod ledger;
 pub mod login_history;
 pub mod models;

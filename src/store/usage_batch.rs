@@ -4,6 +4,7 @@
 //! already in the database can make a batch fail (a failing batch is retried, holding up every
 //! record behind it).
 
+use std::collections::HashSet;
 use std::sync::OnceLock;
 
 use chrono::{DateTime, Utc};
@@ -11,13 +12,14 @@ use entity::{gateway_keys, usage_records, users};
 use sea_orm::sea_query::{Expr, ExprTrait, Query};
 use sea_orm::{
     ColumnTrait, ConnectionTrait, DatabaseConnection, DbBackend, EntityTrait, QueryFilter,
-    Statement, TransactionTrait, Value,
+    QuerySelect, Statement, TransactionTrait, Value,
 };
 
-use crate::store::ledger;
+use crate::metering::leases::Holder;
+use crate::store::{leases, ledger};
 
 /// One usage record to insert.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct RecordRow<'a> {
     pub at: DateTime<Utc>,
     pub user_id: &'a str,
@@ -37,6 +39,8 @@ pub struct RecordRow<'a> {
     pub request_id: &'a str,
     pub shared_key: bool,
     pub error: Option<&'a str>,
+    /// Unique per usage record (made at admission): the usage spool's replay skips recorded ones.
+    pub event_id: String,
 }
 
 /// What one batch adds to a gateway key.
@@ -62,12 +66,12 @@ pub struct UserCharge<'a> {
     pub requests: usize,
 }
 
-/// The most rows one INSERT statement carries (18 parameters each, well under every driver's
+/// The most rows one INSERT statement carries (19 parameters each, well under every driver's
 /// limit); see [`write_batch`].
 const MAX_ROWS_PER_INSERT: usize = 256;
 
 /// The columns of a usage record, in the order [`record_values`] gives them.
-const RECORD_COLUMNS: [usage_records::Column; 18] = {
+const RECORD_COLUMNS: [usage_records::Column; 19] = {
     use usage_records::Column as C;
     [
         C::At,
@@ -88,6 +92,7 @@ const RECORD_COLUMNS: [usage_records::Column; 18] = {
         C::RequestId,
         C::SharedKey,
         C::Error,
+        C::EventId,
     ]
 };
 
@@ -117,6 +122,7 @@ fn record_values(r: &RecordRow<'_>, out: &mut Vec<Value>) {
         },
         r.shared_key.into(),
         r.error.map(str::to_owned).into(),
+        Some(r.event_id.clone()).into(),
     ]);
 }
 
@@ -165,6 +171,7 @@ fn insert_sql(backend: DbBackend, exp: u32) -> String {
 /// (one `usage` ledger entry per user per batch), releasing what admission reserved.
 pub async fn write_batch(
     db: &DatabaseConnection,
+    replica: &str,
     rows: &[RecordRow<'_>],
     keys: &[KeyCharge<'_>],
     users: &[UserCharge<'_>],
@@ -206,6 +213,7 @@ pub async fn write_batch(
                 .filter(users::Column::Id.eq(user_id))
                 .exec(&txn)
                 .await?;
+            leases::settle(&txn, replica, Holder::User, user_id, released).await?;
         }
         if cost > 0 {
             let note = format!("{n} request{}", if n == 1 { "" } else { "s" });
@@ -253,6 +261,27 @@ pub async fn write_batch(
             .filter(gateway_keys::Column::Id.eq(key_id))
             .exec(&txn)
             .await?;
+        if released > 0 {
+            leases::settle(&txn, replica, Holder::Key, key_id, released).await?;
+        }
     }
     txn.commit().await
+}
+
+/// Which of `event_ids` are already recorded (the usage spool's replay skips those).
+pub async fn existing_event_ids(
+    db: &DatabaseConnection,
+    event_ids: &[String],
+) -> Result<HashSet<String>, sea_orm::DbErr> {
+    if event_ids.is_empty() {
+        return Ok(HashSet::new());
+    }
+    let found: Vec<Option<String>> = usage_records::Entity::find()
+        .select_only()
+        .column(usage_records::Column::EventId)
+        .filter(usage_records::Column::EventId.is_in(event_ids.iter().cloned()))
+        .into_tuple()
+        .all(db)
+        .await?;
+    Ok(found.into_iter().flatten().collect())
 }

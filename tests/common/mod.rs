@@ -142,6 +142,8 @@ pub fn test_config(db_url: &str) -> Config {
     // Fixed, so an app restarted on the same database opens what the first one sealed.
     cfg.security.master_key = Some(SecretString::from(TEST_MASTER_KEY.to_owned()));
     cfg.security.jwt_secret = Some(SecretString::from("t".repeat(48)));
+    // One spool per app: replicas and restarts in one test must not share one (it is locked).
+    cfg.usage.spool_dir = Some(tempfile::tempdir().expect("spool dir").keep());
     cfg
 }
 
