@@ -18,7 +18,8 @@ use crate::state::AppState;
 pub const DEFAULT_MAX_OUTPUT_TOKENS: i64 = 4096;
 
 /// The most a request can cost: prompt estimated at 4 bytes a token (rounded up) plus
-/// `max_tokens`, else the model's `max_output_tokens`, at the model's prices.
+/// `max_tokens`, else the model's `max_output_tokens`, for each of the `n` choices, at the
+/// model's prices.
 pub fn max_cost(
     view: &RequestView<'_>,
     body_len: usize,
@@ -33,7 +34,9 @@ pub fn max_cost(
             .max_tokens
             .map(|t| t.min(i64::MAX as u64) as i64)
             .or(m.max_output_tokens.map(i64::from))
-            .unwrap_or(DEFAULT_MAX_OUTPUT_TOKENS),
+            .unwrap_or(DEFAULT_MAX_OUTPUT_TOKENS)
+            // Each of the `n` choices may use the bound.
+            .saturating_mul(i64::try_from(view.n).unwrap_or(i64::MAX)),
     };
     cost_nanos(
         Usage {
