@@ -103,10 +103,18 @@ async fn rogue(State(seen): State<Arc<Seen>>, headers: HeaderMap, body: Bytes) -
                 .body(Body::from(gzip(&plain)))
                 .expect("response")
         }
-        // 65 MiB once decoded, about 65 KiB on the wire: 65 gzip members of 1 MiB of spaces.
+        // 65 MiB once decoded, about 65 KiB on the wire, in 4 KiB writes.
         "bomb" => {
-            let member = Bytes::from(gzip(&vec![b' '; MIB]));
-            let parts = std::iter::repeat_n(member, 65).map(Ok::<_, std::io::Error>);
+            let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            let spaces = vec![b' '; MIB];
+            for _ in 0..65 {
+                e.write_all(&spaces).expect("gzip");
+            }
+            let packed = Bytes::from(e.finish().expect("gzip"));
+            let parts: Vec<_> = (0..packed.len())
+                .step_by(4096)
+                .map(|i| Ok::<_, std::io::Error>(packed.slice(i..(i + 4096).min(packed.len()))))
+                .collect();
             Response::builder()
                 .header(header::CONTENT_TYPE, "application/json")
                 .header(header::CONTENT_ENCODING, "gzip")
@@ -386,6 +394,7 @@ async fn an_upstream_answer_over_64_mib_is_refused_plain_or_decoded() {
         .await;
         let status = r.status().as_u16();
         let b: Value = r.json().await.expect("json");
+        assert_eq!(b["error"]["code"], "upstream_error", "{model}: {b}");
         assert_error(status, &b, 502, "upstream_error");
         assert!(
             b["error"]["message"]
@@ -447,3 +456,4 @@ async fn rate_limit_reset_means_full_again_on_successes_and_429s_alike() {
     );
     assert_eq!(r.headers()["x-ratelimit-remaining-requests"], "0");
 }
+
