@@ -456,4 +456,3 @@ async fn rate_limit_reset_means_full_again_on_successes_and_429s_alike() {
     );
     assert_eq!(r.headers()["x-ratelimit-remaining-requests"], "0");
 }
-
