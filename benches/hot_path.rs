@@ -251,7 +251,7 @@ fn stage_stream(c: &mut Criterion) {
     // One event through the scanner and the adapter, as `MeteredStream` does per upstream read.
     fn one(scanner: &mut SseScanner, chunk: &[u8], ctx: &EventCtx<'_>) -> (Bytes, EventOut) {
         scanner.push(chunk);
-        let ev = scanner.next_event().expect("a whole event");
+        let ev = scanner.next_event().ok().flatten().expect("a whole event");
         let data = ev.data.expect("a data event");
         (ev.raw, OpenAi.map_event(&data, ctx).out)
     }
@@ -287,7 +287,7 @@ fn stage_stream(c: &mut Criterion) {
             |s| {
                 s.push(black_box(&whole));
                 let mut usage = None;
-                while let Some(ev) = s.next_event() {
+                while let Ok(Some(ev)) = s.next_event() {
                     if let Some(d) = ev.data {
                         let m = OpenAi.map_event(&d, &renamed);
                         usage = usage.or(m.usage);

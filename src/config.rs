@@ -175,6 +175,9 @@ pub struct UpstreamConfig {
     pub idle_timeout_secs: u64,
     pub pool_idle_timeout_secs: u64,
     pub pool_max_idle_per_host: usize,
+    /// Largest single server-sent event accepted from a streaming upstream: what the gateway
+    /// buffers for one event, so an upstream that never ends a line cannot grow it without bound.
+    pub max_sse_event_bytes: usize,
 }
 
 impl Default for UpstreamConfig {
@@ -185,6 +188,7 @@ impl Default for UpstreamConfig {
             idle_timeout_secs: 300,
             pool_idle_timeout_secs: 90,
             pool_max_idle_per_host: 256,
+            max_sse_event_bytes: crate::proxy::stream::DEFAULT_MAX_EVENT_BYTES,
         }
     }
 }
@@ -343,6 +347,12 @@ impl Config {
             return Err(invalid(
                 "redis.url",
                 "must start with redis:// (e.g. redis://127.0.0.1:6379)",
+            ));
+        }
+        if !(1024..=256 * 1024 * 1024).contains(&self.upstream.max_sse_event_bytes) {
+            return Err(invalid(
+                "upstream.max_sse_event_bytes",
+                "must be between 1024 and 268435456",
             ));
         }
         if self.database.max_connections == 0 {

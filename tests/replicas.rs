@@ -405,11 +405,16 @@ async fn gcra_script_counts_like_the_local_buckets() {
         }
     }
     match limits.take("key_rpm", "k", 3, 1).await {
-        Some(Verdict::Refused { wait }) => {
+        Some(Verdict::Refused { wait, full }) => {
             assert!(
                 wait > Duration::from_secs(18) && wait <= Duration::from_secs(20),
                 "{wait:?}"
-            )
+            );
+            // Full again once all three refilled: what the allowed request before said.
+            assert!(
+                full > Duration::from_secs(58) && full <= Duration::from_secs(60),
+                "{full:?}"
+            );
         }
         other => panic!("want refused, got {other:?}"),
     }

@@ -42,8 +42,8 @@ return {1, remaining, 0, new_tat - now}
 pub enum Verdict {
     /// Taken; `remaining` left, full again after `reset`.
     Allowed { remaining: u32, reset: Duration },
-    /// Not enough left: retry after `wait`.
-    Refused { wait: Duration },
+    /// Not enough left: retry after `wait`; full again after `full`.
+    Refused { wait: Duration, full: Duration },
 }
 
 /// The shared buckets.
@@ -98,6 +98,7 @@ impl SharedLimits {
         } else {
             Verdict::Refused {
                 wait: micros(wait_us),
+                full: micros(reset_us),
             }
         })
     }

@@ -198,7 +198,9 @@ impl Limiters {
             return Ok(None);
         };
         let n = NonZeroU32::new(n.clamp(1, limit)).unwrap_or(NonZeroU32::MIN);
-        let refused = |wait: Duration| {
+        // `wait`: until the `n` asked for are free (`retry-after`); `full`: until the bucket is
+        // full again (`x-ratelimit-reset-*`, the same meaning as on an allowed request).
+        let refused = |wait: Duration, full: Duration| {
             metrics
                 .rate_limited_total
                 .with_label_values(&[scope.label()])
@@ -224,7 +226,7 @@ impl Limiters {
             let window = Some(Window {
                 limit,
                 remaining: 0,
-                reset: wait,
+                reset: full,
             });
             let rate = if scope.is_tokens() {
                 RateInfo {
@@ -252,16 +254,19 @@ impl Limiters {
                     reset,
                 }));
             }
-            Some(Verdict::Refused { wait }) => return Err(refused(wait)),
+            Some(Verdict::Refused { wait, full }) => return Err(refused(wait, full)),
             None => {}
         }
         let bucket = self.bucket(scope, id, per_minute);
         match bucket.check_n(n) {
             Ok(Ok(snap)) => Ok(Some(window(limit, &snap))),
-            Ok(Err(not_until)) => Err(refused(
-                not_until.wait_time_from(DefaultClock::default().now()),
-            )),
-            Err(_) => Err(refused(Duration::from_secs(60))),
+            Ok(Err(not_until)) => {
+                let wait = not_until.wait_time_from(DefaultClock::default().now());
+                // Once the `n` are free, the other `limit - n` refill one interval each.
+                let per = Duration::from_secs(60) / limit;
+                Err(refused(wait, wait + per * (limit - n.get())))
+            }
+            Err(_) => Err(refused(Duration::from_secs(60), Duration::from_secs(60))),
         }
     }
 
@@ -303,6 +308,9 @@ impl Limiters {
     }
 }
 
+/// An allowed request's window: `reset` is the time until the bucket is full again (each used
+/// request or token refills after 60/limit seconds) — OpenAI's meaning, and the one a refusal
+/// reports too.
 fn window(limit: u32, snap: &StateSnapshot) -> Window {
     let remaining = snap.remaining_burst_capacity().min(limit);
     let per = Duration::from_secs(60) / limit.max(1);
@@ -540,12 +548,21 @@ mod tests {
             .take(Scope::KeyRpm, "k", 3, 1, &m)
             .await
             .expect_err("refused");
+        let ApiError::RateLimited {
+            retry_after_secs, ..
+        } = r.error
+        else {
+            panic!("{:?}", r.error)
+        };
+        // `retry-after`: the next request's interval (20 s), less the moments the test took.
+        assert!((19..=20).contains(&retry_after_secs), "{retry_after_secs}");
+        let w = r.rate.requests.expect("a window");
+        assert_eq!((w.limit, w.remaining), (3, 0));
+        // The reset keeps the allowed responses' meaning: until all three are back (60 s).
         assert!(
-            matches!(r.error, ApiError::RateLimited { retry_after_secs, .. } if retry_after_secs >= 1)
-        );
-        assert_eq!(
-            r.rate.requests.map(|w| (w.limit, w.remaining)),
-            Some((3, 0))
+            w.reset > Duration::from_secs(59) && w.reset <= Duration::from_secs(60),
+            "{:?}",
+            w.reset
         );
         // No limit configured: nothing applies.
         assert!(

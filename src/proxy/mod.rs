@@ -239,7 +239,10 @@ async fn run(
                 client_wants_usage: view.include_usage,
             },
             meter,
-            StreamLimits { idle_timeout: idle },
+            StreamLimits {
+                idle_timeout: idle,
+                max_event_bytes: cfg.max_sse_event_bytes,
+            },
             state.metrics.active_streams.clone(),
         );
         body.prime(STREAM_HEAD_WAIT).await;
@@ -335,7 +338,7 @@ async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
 
 /// Reads a complete upstream body with an idle timeout between chunks.
 async fn collect(
-    mut body: upstream::UpstreamBody,
+    mut body: upstream::ResponseBody,
     idle: Duration,
     meter: &mut Meter,
 ) -> Result<Bytes, ApiError> {

@@ -18,13 +18,24 @@ use crate::metering::event::KeptPayloads;
 use crate::providers::{Adapter, EventCtx, EventOut, Usage};
 use crate::proxy::meter::Meter;
 
-/// Splits a byte stream into SSE events.
-#[derive(Default)]
+/// Splits a byte stream into SSE events, holding at most one event's bytes (bounded by `max`)
+/// beyond the chunk just pushed, and examining each byte once however the events are split.
 pub struct SseScanner {
     buf: BytesMut,
-    /// Where scanning resumes (bytes before it are known to hold no complete event end).
+    /// Where the line being scanned starts (an event ends at a line that is empty).
+    line_start: usize,
+    /// Where the search for the next line end resumes: every byte before it has been examined.
     scanned: usize,
+    /// The largest event accepted, terminator included.
+    max: usize,
+    /// Bytes the search has examined (for the tests: each byte once).
+    #[cfg(test)]
+    examined: usize,
 }
+
+/// An event, or the part of one received so far, is larger than the scanner accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EventTooLarge;
 
 /// One complete event: its raw bytes (terminator included) and its joined `data` payload.
 #[derive(Debug, PartialEq, Eq)]
@@ -33,28 +44,66 @@ pub struct SseEvent {
     pub data: Option<Bytes>,
 }
 
+/// `upstream.max_sse_event_bytes`' default.
+pub const DEFAULT_MAX_EVENT_BYTES: usize = 1024 * 1024;
+
+impl Default for SseScanner {
+    fn default() -> Self {
+        Self::new(DEFAULT_MAX_EVENT_BYTES)
+    }
+}
+
 impl SseScanner {
+    /// A scanner that refuses an event larger than `max` bytes.
+    pub fn new(max: usize) -> Self {
+        Self {
+            buf: BytesMut::new(),
+            line_start: 0,
+            scanned: 0,
+            max,
+            #[cfg(test)]
+            examined: 0,
+        }
+    }
+
     pub fn push(&mut self, chunk: &[u8]) {
         self.buf.extend_from_slice(chunk);
     }
 
-    /// The next complete event, if the buffer holds one.
-    pub fn next_event(&mut self) -> Option<SseEvent> {
-        let end = self.find_event_end()?;
+    /// Bytes held: the incomplete event, and complete ones not yet taken.
+    pub fn buffered(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// The next complete event, if the buffer holds one; `Err` once the next event is larger
+    /// than the limit, complete or not (the scanner is then of no further use).
+    pub fn next_event(&mut self) -> Result<Option<SseEvent>, EventTooLarge> {
+        let Some(end) = self.find_event_end() else {
+            return if self.buf.len() > self.max {
+                Err(EventTooLarge)
+            } else {
+                Ok(None)
+            };
+        };
+        if end > self.max {
+            return Err(EventTooLarge);
+        }
         let raw = self.buf.split_to(end).freeze();
+        self.line_start = 0;
         self.scanned = 0;
-        Some(SseEvent {
+        Ok(Some(SseEvent {
             data: data_of(&raw),
             raw,
-        })
+        }))
     }
 
     /// Whatever is left when the stream ends (an event without its blank line).
     pub fn finish(&mut self) -> Option<SseEvent> {
-        if self.buf.is_empty() {
+        if self.buf.is_empty() || self.buf.len() > self.max {
             return None;
         }
         let raw = self.buf.split().freeze();
+        self.line_start = 0;
         self.scanned = 0;
         Some(SseEvent {
             data: data_of(&raw),
@@ -62,18 +111,30 @@ impl SseScanner {
         })
     }
 
+    /// Drops what is held (an event that was too large).
+    pub fn discard(&mut self) {
+        self.buf = BytesMut::new();
+        self.line_start = 0;
+        self.scanned = 0;
+    }
+
     /// End offset (exclusive) of the first event: the end of its first empty line. A blank line
-    /// at the very start is an event of its own (forwarded as is).
+    /// at the very start is an event of its own (forwarded as is). Resumes where the last call
+    /// stopped, so a long line arriving in many chunks is searched once, not once per chunk.
     fn find_event_end(&mut self) -> Option<usize> {
         let b = &self.buf[..];
-        let mut line_start = self.scanned;
-        let mut i = line_start;
-        while let Some(at) = memchr::memchr2(b'\n', b'\r', &b[i..]) {
+        let mut line_start = self.line_start;
+        let mut i = self.scanned;
+        let found = loop {
+            let Some(at) = memchr::memchr2(b'\n', b'\r', &b[i..]) else {
+                i = b.len();
+                break None;
+            };
             i += at;
             let term = if b[i] == b'\r' {
                 match b.get(i + 1) {
                     // A lone '\r' at the end may be the first half of "\r\n": wait for more.
-                    None => break,
+                    None => break None,
                     Some(b'\n') => 2,
                     Some(_) => 1,
                 }
@@ -82,13 +143,20 @@ impl SseScanner {
             };
             let next = i + term;
             if i == line_start {
-                return Some(next);
+                break Some(next);
             }
             line_start = next;
             i = next;
+        };
+        #[cfg(test)]
+        {
+            self.examined += i.min(b.len()) - self.scanned;
         }
-        self.scanned = line_start;
-        None
+        if found.is_none() {
+            self.line_start = line_start;
+            self.scanned = i;
+        }
+        found
     }
 }
 
@@ -152,6 +220,8 @@ fn push_data(out: &mut BytesMut, payload: &[u8]) {
 /// What a stream is allowed to wait for the next chunk.
 pub struct StreamLimits {
     pub idle_timeout: Duration,
+    /// The largest single event taken from the upstream (`upstream.max_sse_event_bytes`).
+    pub max_event_bytes: usize,
 }
 
 /// How a stream's events are mapped for the client.
@@ -201,7 +271,7 @@ impl<B> MeteredStream<B> {
             upstream: Box::pin(upstream),
             client_model_json: crate::providers::model_json(&map.client_model),
             map,
-            scanner: SseScanner::default(),
+            scanner: SseScanner::new(limits.max_event_bytes),
             out: BytesMut::new(),
             usage: None,
             kept: KeptPayloads::default(),
@@ -267,6 +337,28 @@ impl<B> MeteredStream<B> {
         self.finish_meter(status, Some(reason));
     }
 
+    /// The upstream sent an event over the limit: it is dropped unseen, the client gets an error
+    /// event, and what was relayed before it is metered.
+    fn event_too_large(&mut self) {
+        let limit = self.scanner.max;
+        self.scanner.discard();
+        tracing::warn!(
+            limit,
+            "upstream sent a server-sent event larger than upstream.max_sse_event_bytes"
+        );
+        self.fail(
+            502,
+            ApiError::Upstream {
+                status: http::StatusCode::BAD_GATEWAY,
+                message: format!(
+                    "The upstream sent an event larger than this gateway accepts ({limit} bytes); the stream was ended."
+                ),
+                code: "upstream_event_too_large",
+            },
+            "upstream_event_too_large",
+        );
+    }
+
     fn finish_meter(&mut self, status: u16, error: Option<&str>) {
         if let Some(m) = self.meter.take() {
             m.finish(status, self.usage, std::mem::take(&mut self.kept), error);
@@ -298,8 +390,15 @@ where
                     self.last_data = tokio::time::Instant::now();
                     self.received += 1;
                     self.scanner.push(&data);
-                    while let Some(ev) = self.scanner.next_event() {
-                        self.handle_event(ev);
+                    loop {
+                        match self.scanner.next_event() {
+                            Ok(Some(ev)) => self.handle_event(ev),
+                            Ok(None) => break,
+                            Err(EventTooLarge) => {
+                                self.event_too_large();
+                                break;
+                            }
+                        }
                     }
                 }
                 Poll::Ready(Some(Err(e))) => {
@@ -445,7 +544,7 @@ mod tests {
         let mut out = Vec::new();
         for c in chunks {
             s.push(c);
-            while let Some(e) = s.next_event() {
+            while let Some(e) = s.next_event().expect("within the limit") {
                 out.push(e);
             }
         }
@@ -506,6 +605,72 @@ mod tests {
     fn unterminated_last_event_is_flushed() {
         let got = events(&[b"data: a\n\ndata: tail"]);
         assert_eq!(got[1].1.as_deref(), Some("tail"));
+    }
+
+    #[test]
+    fn a_line_that_never_ends_is_refused_at_the_limit_with_bounded_memory() {
+        const MAX: usize = 1024 * 1024;
+        const CHUNK: usize = 64 * 1024;
+        let mut s = SseScanner::new(MAX);
+        let chunk = vec![b'x'; CHUNK];
+        s.push(b"data: ");
+        // An upstream offering 100 MB without a newline: refused once the event passes the
+        // limit, having held at most the limit plus the chunk that crossed it.
+        let mut pushed = 6;
+        let refused = loop {
+            assert!(pushed < 100 * 1024 * 1024, "never refused");
+            s.push(&chunk);
+            pushed += CHUNK;
+            assert!(s.buffered() <= MAX + CHUNK, "{} held", s.buffered());
+            match s.next_event() {
+                Ok(None) => {}
+                Ok(Some(_)) => panic!("no event ends here"),
+                Err(e) => break e,
+            }
+        };
+        assert_eq!(refused, EventTooLarge);
+        assert!(pushed > MAX && pushed <= MAX + CHUNK);
+        // Nothing of it is handed on at the end.
+        assert_eq!(s.finish(), None);
+        s.discard();
+        assert_eq!(s.buffered(), 0);
+
+        // A complete event over the limit, arriving in one read, is refused too; the events
+        // before it come through.
+        let mut s = SseScanner::new(1024);
+        s.push(b"data: small\n\n");
+        s.push(&[b"data: ".as_slice(), &[b'y'; 2000], b"\n\n"].concat());
+        assert!(
+            matches!(s.next_event(), Ok(Some(e)) if e.data.as_deref() == Some(b"small".as_slice()))
+        );
+        assert_eq!(s.next_event(), Err(EventTooLarge));
+    }
+
+    #[test]
+    fn each_byte_is_examined_once_however_a_line_is_split() {
+        // One 1 MiB line in 1 KiB reads (rescanning the line on each read would examine about
+        // 512 MiB), then several small events split at every byte.
+        let mut s = SseScanner::new(2 * 1024 * 1024);
+        let line = [b"data: ".as_slice(), &[b'z'; 1024 * 1024]].concat();
+        for c in line.chunks(1024) {
+            s.push(c);
+            assert_eq!(s.next_event(), Ok(None));
+        }
+        s.push(b"\n\n");
+        let ev = s.next_event().expect("within").expect("an event");
+        assert_eq!(ev.data.map(|d| d.len()), Some(1024 * 1024));
+        let small = b"data: {\"a\":1}\r\n\r\n: c\n\n".repeat(100);
+        for b in small.chunks(1) {
+            s.push(b);
+            while s.next_event().expect("within").is_some() {}
+        }
+        let total = line.len() + 2 + small.len();
+        // Each byte once; a '\r' at the end of a read is looked at again with the next one.
+        assert!(
+            s.examined <= total + 200,
+            "{} bytes examined for {total}",
+            s.examined
+        );
     }
 
     #[test]

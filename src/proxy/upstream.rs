@@ -4,6 +4,12 @@
 //! Each server worker has its own pools (`crate::server::worker`), so a request, its upstream
 //! connection and that connection's task stay on one thread.
 //!
+//! Upstreams are asked for `accept-encoding: identity`, so what the gateway meters and relays is
+//! the plain body. One that compresses all the same (gzip, deflate, br, zstd) is decoded on the
+//! way in by tower-http's decompression body, and the client gets the plain bytes without the
+//! `content-encoding` header; an encoding none of those is refused as 502 `upstream_bad_encoding`
+//! rather than relayed unreadable.
+//!
 //! Two pools: admins' provider base URLs are trusted (a local Ollama on 127.0.0.1 is fine), while
 //! a user's own `base_url` goes through a resolver that refuses private, loopback and link-local
 //! addresses at connect time too — the check at save time alone would let DNS rebinding through.
@@ -31,6 +37,9 @@ use crate::proxy::route::Route;
 
 pub use pool::UpstreamBody;
 use pool::{Limits, Pool, SendError};
+
+/// An upstream response body, decoded when the upstream compressed it.
+pub type ResponseBody = tower_http::decompression::DecompressionBody<UpstreamBody>;
 
 type Pooled<R> = Pool<HttpsConnector<HttpConnector<R>>>;
 
@@ -148,7 +157,7 @@ pub async fn send(
     stream: bool,
     request_id: Option<&HeaderValue>,
     first_byte_timeout: Duration,
-) -> Result<Response<UpstreamBody>, ApiError> {
+) -> Result<Response<ResponseBody>, ApiError> {
     let mut req = Request::post(&route.url)
         .header(header::CONTENT_TYPE, "application/json")
         .header(
@@ -168,8 +177,31 @@ pub async fn send(
     route
         .adapter
         .auth(req.headers_mut(), route.provider_key.expose_secret());
-    match tokio::time::timeout(first_byte_timeout, client.request(req, route.guarded)).await {
-        Ok(Ok(resp)) => Ok(resp),
+    req.headers_mut().insert(
+        header::ACCEPT_ENCODING,
+        HeaderValue::from_static("identity"),
+    );
+    let decoding = tower_http::decompression::Decompression::new(tower::service_fn(|req| {
+        client.request(req, route.guarded)
+    }));
+    match tokio::time::timeout(
+        first_byte_timeout,
+        tower::ServiceExt::oneshot(decoding, req),
+    )
+    .await
+    {
+        Ok(Ok(resp)) => match resp.headers().get(header::CONTENT_ENCODING) {
+            // Still encoded: one tower-http does not decode (the header is removed when it does).
+            Some(enc) if !enc.as_bytes().eq_ignore_ascii_case(b"identity") => {
+                tracing::warn!(encoding = ?enc, url = %route.url, "upstream answered in an unreadable encoding");
+                Err(ApiError::Upstream {
+                    status: http::StatusCode::BAD_GATEWAY,
+                    message: "The upstream provider answered in a content-encoding the gateway cannot read.".into(),
+                    code: "upstream_bad_encoding",
+                })
+            }
+            _ => Ok(resp),
+        },
         Ok(Err(e)) => {
             tracing::warn!(error = %e, url = %route.url, "upstream request failed");
             Err(ApiError::Upstream {
