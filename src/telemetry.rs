@@ -287,6 +287,10 @@ pub struct MetricsInner {
     pub redis_errors_total: IntCounterVec,
     pub http_requests_total: IntCounterVec,
     pub management_duration: Histogram,
+    /// Client connections open now (bounded by `server.max_connections`).
+    pub connections_open: IntGauge,
+    /// Times the accept loop reached `server.max_connections` and waited for a connection to close.
+    pub connection_limit_reached_total: IntCounter,
     /// Handles of the series every proxied request touches, looked up once: a labelled lookup
     /// hashes its labels and takes a lock.
     hot: HotSeries,
@@ -381,7 +385,7 @@ impl Metrics {
             ),
             rate_limited_total: counter_vec(
                 "tollgate_rate_limited_total",
-                "Requests refused by a rate limit, by scope (key_rpm, key_tpm, user_rpm, login).",
+                "Requests refused by a rate limit, by scope (key_rpm, key_tpm, user_rpm, login, auth_ip).",
                 &["scope"],
             ),
             active_streams: gauge(
@@ -434,6 +438,14 @@ impl Metrics {
                 )
                 .unwrap_or_else(|e| panic!("mgmt: {e}")),
             ),
+            connections_open: gauge(
+                "tollgate_connections_open",
+                "Client connections open now (at most server.max_connections).",
+            ),
+            connection_limit_reached_total: counter(
+                "tollgate_connection_limit_reached_total",
+                "Times the listener reached server.max_connections and waited for a connection to close.",
+            ),
             registry: r,
             hot: HotSeries::default(),
         }))
@@ -443,7 +455,9 @@ impl Metrics {
     /// Series that exist from the start at 0, so dashboards and `rate()` see them before the
     /// first event.
     fn with_known_series(self) -> Self {
-        for scope in ["key_rpm", "key_tpm", "user_rpm", "user_tpm", "login"] {
+        for scope in [
+            "key_rpm", "key_tpm", "user_rpm", "user_tpm", "login", "auth_ip",
+        ] {
             self.rate_limited_total.with_label_values(&[scope]);
         }
         self
