@@ -325,7 +325,10 @@ impl Config {
             ));
         }
         if self.server.body_read_timeout_secs == 0 {
-            return Err(invalid("server.body_read_timeout_secs", "must be at least 1"));
+            return Err(invalid(
+                "server.body_read_timeout_secs",
+                "must be at least 1",
+            ));
         }
         if !(1..=1_000_000).contains(&self.server.max_connections) {
             return Err(invalid("server.max_connections", "must be 1–1000000"));

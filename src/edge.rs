@@ -124,11 +124,8 @@ fn throttle_auth(state: &AppState, path: &str, req: &Request) -> Option<Response
         .extensions()
         .get::<axum::extract::ConnectInfo<SocketAddr>>()
         .map(|c| c.0);
-    let ip = crate::routes::client_ip_of(
-        req.headers(),
-        peer,
-        state.config.server.trust_forwarded_for,
-    );
+    let ip =
+        crate::routes::client_ip_of(req.headers(), peer, state.config.server.trust_forwarded_for);
     let retry_after_secs = state.auth_throttle.check(ip).err()?;
     state
         .metrics

@@ -49,7 +49,10 @@ pub fn locked_until(failures: &[DateTime<Utc>], max: usize) -> Option<DateTime<U
 /// Failure times after the latest success (`clear_on_success`) or all of them.
 fn failures(attempts: &[Counted], clear_on_success: bool) -> Vec<DateTime<Utc>> {
     let from = if clear_on_success {
-        attempts.iter().rposition(|a| a.success).map_or(0, |i| i + 1)
+        attempts
+            .iter()
+            .rposition(|a| a.success)
+            .map_or(0, |i| i + 1)
     } else {
         0
     };
@@ -162,6 +165,9 @@ mod tests {
         let attempts = [bad(0), bad(1), ok(2), bad(3), bad(4)];
         assert_eq!(failures(&attempts, true), vec![at(3), at(4)]);
         assert_eq!(failures(&attempts, false), vec![at(0), at(1), at(3), at(4)]);
-        assert_eq!(failures(&[bad(0), ok(1)], true), Vec::<DateTime<Utc>>::new());
+        assert_eq!(
+            failures(&[bad(0), ok(1)], true),
+            Vec::<DateTime<Utc>>::new()
+        );
     }
 }

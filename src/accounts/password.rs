@@ -169,6 +169,10 @@ mod tests {
             }
         }
         assert_eq!((checked, busy), (g.limit, n - g.limit));
-        assert_eq!(g.admitted.load(Ordering::Acquire), 0, "every slot given back");
+        assert_eq!(
+            g.admitted.load(Ordering::Acquire),
+            0,
+            "every slot given back"
+        );
     }
 }

@@ -29,8 +29,7 @@ impl AuthThrottle {
     /// `per_minute` = 0: no limit.
     pub fn new(per_minute: u32) -> Self {
         Self {
-            limiter: NonZeroU32::new(per_minute)
-                .map(|n| RateLimiter::keyed(Quota::per_minute(n))),
+            limiter: NonZeroU32::new(per_minute).map(|n| RateLimiter::keyed(Quota::per_minute(n))),
             last_prune: Mutex::new(Instant::now()),
         }
     }
@@ -73,9 +72,7 @@ fn bucket_of(ip: Option<IpAddr>) -> IpAddr {
         Some(IpAddr::V4(v4)) => IpAddr::V4(v4),
         Some(IpAddr::V6(v6)) => match v6.to_ipv4_mapped() {
             Some(v4) => IpAddr::V4(v4),
-            None => IpAddr::V6(Ipv6Addr::from_bits(
-                v6.to_bits() & !((1u128 << 64) - 1),
-            )),
+            None => IpAddr::V6(Ipv6Addr::from_bits(v6.to_bits() & !((1u128 << 64) - 1))),
         },
     }
 }
@@ -114,6 +111,9 @@ mod tests {
         assert!(t.check(Some(one)).is_err());
         assert_eq!(t.check(Some(other)), Ok(()));
         let mapped: IpAddr = "::ffff:192.0.2.7".parse().unwrap();
-        assert_eq!(bucket_of(Some(mapped)), "192.0.2.7".parse::<IpAddr>().unwrap());
+        assert_eq!(
+            bucket_of(Some(mapped)),
+            "192.0.2.7".parse::<IpAddr>().unwrap()
+        );
     }
 }
