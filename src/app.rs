@@ -145,6 +145,7 @@ impl App {
                 config.workers(),
             )?,
             limiters: Limiters::new().with_shared(cluster.shared_limits()),
+            auth_throttle: accounts::throttle::AuthThrottle::new(config.auth.ip_rpm),
             cluster,
             usage,
             leases,

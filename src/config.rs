@@ -60,6 +60,11 @@ pub struct ServerConfig {
     pub log_format: String,
     /// Threads that serve connections, each with its own event loop; 0 = one per CPU.
     pub workers: usize,
+    /// Time allowed to receive a request's whole body once its head arrived (408 past it).
+    pub body_read_timeout_secs: u64,
+    /// Client connections open at once; at the cap the listener stops accepting (new ones wait
+    /// in the kernel's backlog) until one closes.
+    pub max_connections: usize,
 }
 
 impl Default for ServerConfig {
@@ -74,6 +79,8 @@ impl Default for ServerConfig {
             trust_forwarded_for: false,
             log_format: "json".into(),
             workers: 0,
+            body_read_timeout_secs: 30,
+            max_connections: 10_000,
         }
     }
 }
@@ -108,6 +115,9 @@ pub struct AuthConfig {
     /// Default for the runtime setting `registration` (an admin can change it live).
     pub registration: Registration,
     pub access_token_ttl_secs: u64,
+    /// Requests per minute one client address may make to `/api/auth/*` (a burst of as many);
+    /// 0 = no limit.
+    pub ip_rpm: u32,
 }
 
 impl Default for AuthConfig {
@@ -115,6 +125,7 @@ impl Default for AuthConfig {
         Self {
             registration: Registration::Open,
             access_token_ttl_secs: 3600,
+            ip_rpm: 60,
         }
     }
 }
@@ -333,6 +344,15 @@ impl Config {
                 "server.workers",
                 "must be at most 1024 (0 = one per CPU)",
             ));
+        }
+        if self.server.body_read_timeout_secs == 0 {
+            return Err(invalid(
+                "server.body_read_timeout_secs",
+                "must be at least 1",
+            ));
+        }
+        if !(1..=1_000_000).contains(&self.server.max_connections) {
+            return Err(invalid("server.max_connections", "must be 1–1000000"));
         }
         let url = self.database.url.expose_secret();
         if crate::store::DbKind::from_url(url).is_none() {

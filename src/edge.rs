@@ -92,7 +92,9 @@ pub async fn edge(State(state): State<AppState>, req: Request, next: Next) -> Re
         .to_owned();
 
     // `/v1` streams may legitimately run for minutes; their bounds are the upstream timeouts.
-    let resp = if surface == Surface::OpenAi {
+    let resp = if let Some(refusal) = throttle_auth(&state, &path, &req) {
+        refusal
+    } else if surface == Surface::OpenAi {
         next.run(req).await
     } else {
         let limit = Duration::from_secs(state.config.server.request_timeout_secs.max(1));
@@ -111,6 +113,35 @@ pub async fn edge(State(state): State<AppState>, req: Request, next: Next) -> Re
         &resp,
     );
     resp
+}
+
+/// The 429 of an `/api/auth/*` request past its address's `auth.ip_rpm`, if it is one.
+fn throttle_auth(state: &AppState, path: &str, req: &Request) -> Option<Response> {
+    if !path.starts_with("/api/auth/") {
+        return None;
+    }
+    let peer = req
+        .extensions()
+        .get::<axum::extract::ConnectInfo<SocketAddr>>()
+        .map(|c| c.0);
+    let ip =
+        crate::routes::client_ip_of(req.headers(), peer, state.config.server.trust_forwarded_for);
+    let retry_after_secs = state.auth_throttle.check(ip).err()?;
+    state
+        .metrics
+        .rate_limited_total
+        .with_label_values(&["auth_ip"])
+        .inc();
+    Some(
+        ApiError::RateLimited {
+            message: format!(
+                "Too many requests to /api/auth from this address; retry in {retry_after_secs} seconds."
+            ),
+            code: "rate_limit_exceeded",
+            retry_after_secs,
+        }
+        .into_response(),
+    )
 }
 
 /// Counts the answer and logs its line (with the internal error detail, if any).

@@ -60,6 +60,15 @@ pub enum ApiError {
     /// 503 `server_error`.
     #[error("{message}")]
     Unavailable { message: String },
+    /// 503 `server_error` with `retry-after`: a bounded resource (password hashing) is full.
+    #[error("{message}")]
+    Busy {
+        message: String,
+        retry_after_secs: u64,
+    },
+    /// 408: the request body did not arrive within `server.body_read_timeout_secs`.
+    #[error("The request body did not arrive within {0} seconds (server.body_read_timeout_secs).")]
+    RequestTimeout(u64),
     /// 504 for a management call that ran past `server.request_timeout_secs`.
     #[error("request timed out")]
     Timeout,
@@ -167,6 +176,16 @@ impl ApiError {
                 "server_error",
                 Some("unavailable"),
             ),
+            Busy { .. } => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                Some("unavailable"),
+            ),
+            RequestTimeout(_) => (
+                StatusCode::REQUEST_TIMEOUT,
+                "invalid_request_error",
+                Some("request_timeout"),
+            ),
             Timeout => (StatusCode::GATEWAY_TIMEOUT, "server_error", Some("timeout")),
             Internal(_) => (
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -228,6 +247,9 @@ impl IntoResponse for ApiError {
         match &self {
             ApiError::RateLimited {
                 retry_after_secs, ..
+            }
+            | ApiError::Busy {
+                retry_after_secs, ..
             } => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
             }
@@ -246,6 +268,20 @@ impl IntoResponse for ApiError {
 impl From<sea_orm::DbErr> for ApiError {
     fn from(e: sea_orm::DbErr) -> Self {
         ApiError::Internal(e.into())
+    }
+}
+
+impl From<crate::accounts::password::HashError> for ApiError {
+    fn from(e: crate::accounts::password::HashError) -> Self {
+        use crate::accounts::password::{BUSY_RETRY_AFTER_SECS, HashError};
+        match e {
+            HashError::Busy => ApiError::Busy {
+                message: "The server is checking too many passwords at once; retry in a moment."
+                    .into(),
+                retry_after_secs: BUSY_RETRY_AFTER_SECS,
+            },
+            HashError::Failed(_) => ApiError::internal(anyhow::anyhow!(e)),
+        }
     }
 }
 
@@ -356,12 +392,21 @@ where
             .await
             .map(|q| Query(q.0))
             .map_err(|e: QueryRejection| {
-                ApiError::bad_request(
-                    "invalid_value",
-                    format!("Invalid query string: {}", e.body_text()),
-                )
+                let text = e.body_text();
+                ApiError::BadRequest {
+                    param: query_param(&text),
+                    message: format!("Invalid query string: {text}"),
+                    code: "invalid_value",
+                }
             })
     }
+}
+
+/// The parameter a query rejection names: axum says "…query string: page: invalid digit…".
+fn query_param(text: &str) -> Option<String> {
+    let (_, rest) = text.split_once("query string: ")?;
+    let (param, _) = rest.split_once(": ")?;
+    (!param.is_empty() && !param.contains(' ')).then(|| param.to_owned())
 }
 
 /// `axum::extract::Path` with OpenAI-shaped rejections.

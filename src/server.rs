@@ -1,5 +1,10 @@
 //! `serve(listener, app, shutdown)`: the seam `main` and the tests share.
 //!
+//! At most `server.max_connections` connections are open at once: at the cap the accept loop
+//! waits for one to close (new ones queue in the kernel's backlog), logs that at most every
+//! [`LIMIT_WARN_EVERY`] and counts each time in `tollgate_connection_limit_reached_total`;
+//! `tollgate_connections_open` is the gauge.
+//!
 //! Connections are served by `server.workers` threads, each running its own single-threaded
 //! runtime; the accept loop hands each new connection to the next worker in turn. A request, its
 //! upstream connection (each worker has its own pool) and that connection's task then live on one
@@ -14,7 +19,8 @@
 use std::cell::Cell;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use axum::extract::ConnectInfo;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -22,7 +28,7 @@ use hyper_util::server::conn::auto::Builder;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::runtime::Handle;
-use tokio::sync::oneshot;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 use tokio::task::JoinSet;
 use tower::ServiceExt;
 
@@ -30,6 +36,32 @@ use crate::app::App;
 
 /// See `Workers::start`.
 const WORKER_TICK: Duration = Duration::from_secs(1);
+
+/// At most one "connection limit reached" warning per this interval.
+const LIMIT_WARN_EVERY: Duration = Duration::from_secs(10);
+
+/// An open connection: holds its slot of `server.max_connections` and its place in the gauge
+/// until the connection's task ends (or is dropped).
+struct OpenConnection {
+    _slot: OwnedSemaphorePermit,
+    gauge: prometheus::IntGauge,
+}
+
+impl OpenConnection {
+    fn new(slot: OwnedSemaphorePermit, gauge: &prometheus::IntGauge) -> Self {
+        gauge.inc();
+        Self {
+            _slot: slot,
+            gauge: gauge.clone(),
+        }
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.gauge.dec();
+    }
+}
 
 /// How long the usage writer may take to flush after the drain.
 const FLUSH_LIMIT: Duration = Duration::from_secs(60);
@@ -63,8 +95,31 @@ pub async fn serve(
         .is_empty()
         .then(|| state.clone());
     let mut shutdown = std::pin::pin!(shutdown);
+    let max_connections = state.config.server.max_connections;
+    let slots = Arc::new(Semaphore::new(max_connections));
+    let mut last_limit_warning: Option<Instant> = None;
 
     loop {
+        let slot = match slots.clone().try_acquire_owned() {
+            Ok(slot) => slot,
+            Err(_) => {
+                state.metrics.connection_limit_reached_total.inc();
+                if last_limit_warning.is_none_or(|t| t.elapsed() >= LIMIT_WARN_EVERY) {
+                    last_limit_warning = Some(Instant::now());
+                    tracing::warn!(
+                        max_connections,
+                        "connection limit reached (server.max_connections): not accepting until a connection closes"
+                    );
+                }
+                tokio::select! {
+                    slot = slots.clone().acquire_owned() => match slot {
+                        Ok(slot) => slot,
+                        Err(_) => break,
+                    },
+                    _ = &mut shutdown => break,
+                }
+            }
+        };
         tokio::select! {
             accepted = listener.accept() => {
                 let (stream, peer) = match accepted {
@@ -101,8 +156,10 @@ pub async fn serve(
                     }
                 });
                 let (builder, watcher) = (builder.clone(), graceful.watcher());
+                let open = OpenConnection::new(slot, &state.metrics.connections_open);
                 connections.spawn_on(
                     async move {
+                        let _open = open;
                         let Ok(stream) = TcpStream::from_std(stream) else {
                             return;
                         };

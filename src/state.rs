@@ -5,6 +5,7 @@ use std::time::Instant;
 
 use sea_orm::DatabaseConnection;
 
+use crate::accounts::throttle::AuthThrottle;
 use crate::accounts::tokens::JwtKeys;
 use crate::cache::Caches;
 use crate::cluster::Cluster;
@@ -35,6 +36,8 @@ pub struct Inner {
     pub http: HttpClient,
     /// Per-key and per-user rate limiters.
     pub limiters: Limiters,
+    /// The per-client-address limit of `/api/auth/*` (`auth.ip_rpm`).
+    pub auth_throttle: AuthThrottle,
     /// What this replica shares with the others (Redis, the invalidation bus and its listener).
     pub cluster: Cluster,
     /// The queue to the usage writer.

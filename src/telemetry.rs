@@ -294,6 +294,10 @@ pub struct MetricsInner {
     pub usage_clamped_total: IntCounterVec,
     /// Bytes the token estimator ran the tokenizer over (bounded per request).
     pub usage_estimate_tokenized_bytes_total: IntCounter,
+    /// Client connections open now (bounded by `server.max_connections`).
+    pub connections_open: IntGauge,
+    /// Times the accept loop reached `server.max_connections` and waited for a connection to close.
+    pub connection_limit_reached_total: IntCounter,
     /// Handles of the series every proxied request touches, looked up once: a labelled lookup
     /// hashes its labels and takes a lock.
     hot: HotSeries,
@@ -388,7 +392,7 @@ impl Metrics {
             ),
             rate_limited_total: counter_vec(
                 "tollgate_rate_limited_total",
-                "Requests refused by a rate limit, by scope (key_rpm, key_tpm, user_rpm, login).",
+                "Requests refused by a rate limit, by scope (key_rpm, key_tpm, user_rpm, login, auth_ip).",
                 &["scope"],
             ),
             active_streams: gauge(
@@ -454,6 +458,14 @@ impl Metrics {
                 "tollgate_usage_estimate_tokenized_bytes_total",
                 "Bytes of text the token estimator tokenized (upstreams that reported no usage).",
             ),
+            connections_open: gauge(
+                "tollgate_connections_open",
+                "Client connections open now (at most server.max_connections).",
+            ),
+            connection_limit_reached_total: counter(
+                "tollgate_connection_limit_reached_total",
+                "Times the listener reached server.max_connections and waited for a connection to close.",
+            ),
             registry: r,
             hot: HotSeries::default(),
         }))
@@ -463,7 +475,9 @@ impl Metrics {
     /// Series that exist from the start at 0, so dashboards and `rate()` see them before the
     /// first event.
     fn with_known_series(self) -> Self {
-        for scope in ["key_rpm", "key_tpm", "user_rpm", "user_tpm", "login"] {
+        for scope in [
+            "key_rpm", "key_tpm", "user_rpm", "user_tpm", "login", "auth_ip",
+        ] {
             self.rate_limited_total.with_label_values(&[scope]);
         }
         for field in ["prompt", "completion", "cached"] {

@@ -1,5 +1,6 @@
 //! Checking credentials: the one path shared by login, enrolment confirmation and the
-//! self-service password reset — lockout first, then password and TOTP, each attempt recorded.
+//! self-service password reset — the attempt recorded and counted by the lockout first, then
+//! password and TOTP, then the attempt's outcome recorded.
 //!
 //! Whatever part is wrong, the caller gets the same `invalid_credentials`; an unknown username is
 //! still verified against a dummy hash so timing does not tell whether an account exists. A
@@ -60,7 +61,7 @@ pub fn invalid_credentials() -> ApiError {
 }
 
 /// A locked username's refusal.
-pub fn locked(retry_after_secs: u64) -> ApiError {
+pub fn locked_error(retry_after_secs: u64) -> ApiError {
     ApiError::RateLimited {
         message: format!(
             "Too many failed sign-in attempts for this account; try again in {retry_after_secs} seconds."
@@ -89,83 +90,87 @@ pub async fn consume_code(
     Ok(Ok(()))
 }
 
-async fn record(
-    state: &AppState,
-    c: &Credentials<'_>,
-    user_id: Option<&str>,
-    success: bool,
-    reason: Option<&str>,
-) -> Result<(), ApiError> {
-    login_history::record(
-        &state.db,
-        Attempt {
-            user_id,
-            username: c.username,
-            ip: c.ip,
-            user_agent: c.user_agent,
-            success,
-            reason,
-        },
-    )
-    .await?;
-    Ok(())
-}
-
 /// Checks `c` for `purpose`; returns the account when every factor is right (the TOTP step is
 /// then used up). Refusals: 429 `account_locked`, 401 `invalid_credentials`, 403
-/// `account_disabled`; for `ConfirmEnrolment` of an account that is already active, 409.
+/// `account_disabled`, 503 when password hashing is at capacity; for `ConfirmEnrolment` of an
+/// account that is already active, 409.
+///
+/// The attempt is recorded before anything is checked and counted by the lockout (see
+/// `lockout`), then finished with its outcome.
 pub async fn check(
     state: &AppState,
     purpose: Purpose,
     c: Credentials<'_>,
 ) -> Result<users::Model, ApiError> {
     let user = store::users::find_by_username(&state.db, c.username).await?;
-    if let Some(secs) = lockout::retry_after(&state.db, c.username).await? {
-        let user_id = user.as_ref().map(|u| u.id.as_str());
-        record(
-            state,
-            &c,
-            user_id,
-            false,
-            Some(login_history::REASON_LOCKED),
-        )
-        .await?;
+    let attempt = login_history::begin(
+        &state.db,
+        Attempt {
+            user_id: user.as_ref().map(|u| u.id.as_str()),
+            username: c.username,
+            ip: c.ip,
+            user_agent: c.user_agent,
+            success: false,
+            reason: Some(login_history::REASON_PENDING),
+        },
+    )
+    .await?;
+    let finish = |success: bool, reason: Option<&'static str>| {
+        login_history::finish(&state.db, attempt, success, reason)
+    };
+    let locked = lockout::retry_after(
+        &state.db,
+        lockout::Attempt {
+            username: c.username,
+            user_id: user.as_ref().map(|u| u.id.as_str()),
+            ip: c.ip,
+            attempt,
+        },
+    )
+    .await?;
+    if let Some(secs) = locked {
+        finish(false, Some(login_history::REASON_LOCKED)).await?;
         state
             .metrics
             .rate_limited_total
             .with_label_values(&["login"])
             .inc();
-        return Err(locked(secs));
+        return Err(locked_error(secs));
     }
     let password_ok = match c.password {
         Some(pw) => {
-            let hash = user
-                .as_ref()
-                .map_or(password::dummy_hash(), |u| u.password_hash.as_str());
-            password::verify(pw, hash).await
+            let hash = user.as_ref().map(|u| u.password_hash.as_str());
+            match password::verify(pw, hash).await {
+                Ok(ok) => ok,
+                Err(e) => {
+                    finish(false, Some(login_history::REASON_BUSY)).await?;
+                    return Err(e.into());
+                }
+            }
         }
         None => true,
     };
-    let fail = |user_id: Option<String>, reason: &'static str| async move {
-        record(state, &c, user_id.as_deref(), false, Some(reason)).await?;
+    let fail = |reason: &'static str| async move {
+        finish(false, Some(reason)).await?;
         Err::<users::Model, _>(invalid_credentials())
     };
     let Some(user) = user else {
-        return fail(None, "unknown_user").await;
+        return fail("unknown_user").await;
     };
     if !password_ok {
-        return fail(Some(user.id.clone()), "bad_password").await;
+        return fail("bad_password").await;
     }
     let pending = user.status == "pending_totp";
     if pending != (purpose == Purpose::ConfirmEnrolment) && user.status != "disabled" {
         if pending {
             // A login or reset before the enrolment was confirmed.
-            return fail(Some(user.id.clone()), "pending_totp").await;
+            return fail("pending_totp").await;
         }
         // Confirming an enrolment that is already confirmed: the code is still checked first.
         if let Err(reason) = consume_code(state, &user, c.totp_code.unwrap_or_default()).await? {
-            return fail(Some(user.id.clone()), reason).await;
+            return fail(reason).await;
         }
+        finish(false, Some(login_history::REASON_ALREADY_CONFIRMED)).await?;
         return Err(ApiError::conflict(
             "This account's TOTP enrolment is already confirmed.",
         ));
@@ -174,22 +179,15 @@ pub async fn check(
     if code_required
         && let Err(reason) = consume_code(state, &user, c.totp_code.unwrap_or_default()).await?
     {
-        return fail(Some(user.id.clone()), reason).await;
+        return fail(reason).await;
     }
     if user.status == "disabled" {
-        record(
-            state,
-            &c,
-            Some(&user.id),
-            false,
-            Some(login_history::REASON_DISABLED),
-        )
-        .await?;
+        finish(false, Some(login_history::REASON_DISABLED)).await?;
         return Err(ApiError::forbidden(
             "account_disabled",
             "This account is disabled.",
         ));
     }
-    record(state, &c, Some(&user.id), true, purpose.success_reason()).await?;
+    finish(true, purpose.success_reason()).await?;
     Ok(user)
 }

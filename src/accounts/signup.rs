@@ -67,17 +67,21 @@ pub enum SignupError {
     #[error("username `{0}` is already taken")]
     Duplicate(String),
     #[error(transparent)]
+    Hash(#[from] password::HashError),
+    #[error(transparent)]
     Internal(#[from] anyhow::Error),
 }
 
 impl From<SignupError> for ApiError {
     fn from(e: SignupError) -> Self {
-        match &e {
-            SignupError::InvalidUsername => ApiError::invalid_param("username", e.to_string()),
-            SignupError::InvalidPassword => ApiError::invalid_param("password", e.to_string()),
-            SignupError::InvalidEmail => ApiError::invalid_param("email", e.to_string()),
-            SignupError::Duplicate(_) => ApiError::conflict(e.to_string()),
-            SignupError::Internal(_) => ApiError::internal(e),
+        let message = e.to_string();
+        match e {
+            SignupError::InvalidUsername => ApiError::invalid_param("username", message),
+            SignupError::InvalidPassword => ApiError::invalid_param("password", message),
+            SignupError::InvalidEmail => ApiError::invalid_param("email", message),
+            SignupError::Duplicate(_) => ApiError::conflict(message),
+            SignupError::Hash(h) => h.into(),
+            SignupError::Internal(e) => ApiError::internal(e),
         }
     }
 }

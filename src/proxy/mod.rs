@@ -78,7 +78,13 @@ async fn run(
         Ok(k) => k,
         Err(e) => return e.into_response(),
     };
-    let bytes = match read_body(body, state.config.server.max_body_bytes).await {
+    let bytes = match read_body(
+        body,
+        state.config.server.max_body_bytes,
+        state.config.server.body_read_timeout_secs,
+    )
+    .await
+    {
         Ok(b) => b,
         Err(e) => return e.into_response(),
     };
@@ -316,11 +322,15 @@ async fn run(
     with_rate(out, &rate)
 }
 
-/// The client's body, at most `limit` bytes.
-async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
-    match axum::body::to_bytes(body, limit).await {
-        Ok(b) => Ok(b),
-        Err(e) => {
+/// The client's body, at most `limit` bytes, all of it within `timeout_secs` (408 past it: a
+/// client dribbling its body would otherwise hold the connection and its buffer forever).
+/// A body that has already arrived completes on the first poll, before the timer is registered.
+async fn read_body(body: Body, limit: usize, timeout_secs: u64) -> Result<Bytes, ApiError> {
+    let read = axum::body::to_bytes(body, limit);
+    match tokio::time::timeout(Duration::from_secs(timeout_secs), read).await {
+        Err(_) => Err(ApiError::RequestTimeout(timeout_secs)),
+        Ok(Ok(b)) => Ok(b),
+        Ok(Err(e)) => {
             let too_large = std::error::Error::source(&e)
                 .is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
                 || e.to_string().contains("length limit");

@@ -77,7 +77,7 @@ async fn list_users(
             "status must be \"pending_totp\", \"active\" or \"disabled\"",
         ));
     }
-    let req = store::PageReq::new(q.page, q.per_page);
+    let req = crate::routes::page_req(q.page, q.per_page)?;
     let page = store::users::list(
         &state.db,
         store::users::UserFilter {
@@ -368,9 +368,7 @@ async fn reset_password(
             "new_password must be 8–128 characters",
         ));
     }
-    let hash = password::hash(&body.new_password)
-        .await
-        .map_err(ApiError::internal)?;
+    let hash = password::hash(&body.new_password).await?;
     store::users::update(
         &state.db,
         &user.id,
@@ -575,7 +573,7 @@ async fn audit_log(
     _admin: AdminUser,
     Query(q): Query<AdminAuditQuery>,
 ) -> ApiResult<Json<Paginated<AuditEntryView>>> {
-    let req = store::PageReq::new(q.page, q.per_page);
+    let req = crate::routes::page_req(q.page, q.per_page)?;
     let page = store::audit::list(
         &state.db,
         q.actor_id.as_deref().filter(|a| !a.is_empty()),

@@ -13,7 +13,7 @@ use crate::routes::usage::{
     UsageRecordView, UsageReport, build_report, parse_group_by, usage_filter,
 };
 use crate::state::AppState;
-use crate::store::{self, PageReq, nanos_to_usd};
+use crate::store::{self, nanos_to_usd};
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -99,7 +99,7 @@ async fn usage_records(
     _admin: AdminUser,
     Query(q): Query<AdminRecordsQuery>,
 ) -> ApiResult<Json<Paginated<AdminUsageRecordView>>> {
-    let req = PageReq::new(q.page, q.per_page);
+    let req = crate::routes::page_req(q.page, q.per_page)?;
     let filter = usage_filter(
         q.from.as_deref(),
         q.to.as_deref(),

@@ -320,9 +320,7 @@ async fn reset_password(
         },
     )
     .await?;
-    let hash = password::hash(&body.new_password)
-        .await
-        .map_err(ApiError::internal)?;
+    let hash = password::hash(&body.new_password).await?;
     store::users::update(
         &state.db,
         &user.id,

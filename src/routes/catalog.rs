@@ -87,7 +87,7 @@ async fn list_providers(
     Query(p): Query<ProviderListParams>,
 ) -> ApiResult<Json<Paginated<ProviderView>>> {
     let active_only = !(me.is_admin() && p.include_inactive.unwrap_or(false));
-    let req = page.req();
+    let req = page.req()?;
     let rows = store::providers::list(&state.db, active_only, req).await?;
     Ok(Json(Paginated::new(rows, req, ProviderView::from)))
 }
@@ -383,7 +383,7 @@ async fn list_models(
         provider_key: p.provider,
         model_type: p.model_type.as_deref().map(check_model_type).transpose()?,
     };
-    let req = page.req();
+    let req = page.req()?;
     let rows = store::models::list(&state.db, &filter, req).await?;
     Ok(Json(Paginated::new(rows, req, ModelView::from)))
 }

@@ -141,7 +141,7 @@ async fn list_provider_keys(
     me: CurrentUser,
     Query(page): Query<PageParams>,
 ) -> ApiResult<Json<Paginated<ProviderKeyView>>> {
-    let req = page.req();
+    let req = page.req()?;
     let rows = store::provider_keys::list_owned(&state.db, me.id(), req).await?;
     Ok(Json(Paginated::new(rows, req, ProviderKeyView::from)))
 }
@@ -548,7 +548,7 @@ async fn list_keys(
     me: CurrentUser,
     Query(page): Query<PageParams>,
 ) -> ApiResult<Json<Paginated<GatewayKeyView>>> {
-    let req = page.req();
+    let req = page.req()?;
     let rows = store::gateway_keys::list_owned(&state.db, me.id(), req).await?;
     Ok(Json(Paginated::new(rows, req, GatewayKeyView::from)))
 }

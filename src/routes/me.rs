@@ -191,9 +191,7 @@ async fn change_password(
         },
     )
     .await?;
-    let hash = password::hash(&body.new_password)
-        .await
-        .map_err(ApiError::internal)?;
+    let hash = password::hash(&body.new_password).await?;
     store::users::update(
         &state.db,
         me.id(),
@@ -343,7 +341,7 @@ async fn login_history(
     me: CurrentUser,
     Query(p): Query<PageParams>,
 ) -> ApiResult<Json<Paginated<LoginHistoryEntry>>> {
-    let req = p.req();
+    let req = p.req()?;
     let page = store::login_history::list_for_user(&state.db, me.id(), req).await?;
     Ok(Json(Paginated::new(page, req, |r| LoginHistoryEntry {
         at: rfc3339(r.at),
@@ -371,7 +369,7 @@ async fn ip_records(
     me: CurrentUser,
     Query(p): Query<PageParams>,
 ) -> ApiResult<Json<Paginated<IpRecordView>>> {
-    let req = p.req();
+    let req = p.req()?;
     let page = store::ip_records::list_for_user(&state.db, me.id(), req).await?;
     Ok(Json(Paginated::new(page, req, |r| IpRecordView {
         ip: r.ip,
@@ -415,7 +413,7 @@ async fn audit_log(
     me: CurrentUser,
     Query(q): Query<AuditQuery>,
 ) -> ApiResult<Json<Paginated<MyAuditEntry>>> {
-    let req = store::PageReq::new(q.page, q.per_page);
+    let req = crate::routes::page_req(q.page, q.per_page)?;
     let action = q.action.as_deref().filter(|a| !a.is_empty());
     let page = store::audit::list(&state.db, Some(me.id()), action, req).await?;
     Ok(Json(Paginated::new(page, req, |e| MyAuditEntry {

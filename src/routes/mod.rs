@@ -90,16 +90,26 @@ impl<S: Send + Sync> FromRequestParts<S> for UserAgent {
 #[derive(Debug, Clone, Copy, Default, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct PageParams {
-    /// 1-based page number (default 1).
+    /// 1-based page number (default 1, at most 1,000,000,000); out of range is 400.
     pub page: Option<u64>,
-    /// Rows per page (default 20, at most 100).
+    /// Rows per page (default 20, 1–100); out of range is 400.
     pub per_page: Option<u64>,
 }
 
 impl PageParams {
-    pub fn req(&self) -> crate::store::PageReq {
-        crate::store::PageReq::new(self.page, self.per_page)
+    pub fn req(&self) -> Result<crate::store::PageReq, ApiError> {
+        page_req(self.page, self.per_page)
     }
+}
+
+/// A list route's `page` and `per_page`, checked once here for every list: out of range is 400
+/// `invalid_value` naming the parameter.
+pub fn page_req(
+    page: Option<u64>,
+    per_page: Option<u64>,
+) -> Result<crate::store::PageReq, ApiError> {
+    crate::store::PageReq::parse(page, per_page)
+        .map_err(|e| ApiError::invalid_param(e.param, e.to_string()))
 }
 
 /// `{"data": [...], "page", "per_page", "total"}`.

@@ -13,7 +13,7 @@ use crate::routes::admin::LedgerEntryView;
 use crate::routes::{PageParams, Paginated, rfc3339};
 use crate::state::AppState;
 use crate::store::usage::{GroupBy, UsageFilter, UsageGroup, UsageTotals};
-use crate::store::{self, PageReq, nanos_to_usd};
+use crate::store::{self, nanos_to_usd};
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -140,7 +140,7 @@ async fn my_records(
     Query(q): Query<RecordsQuery>,
 ) -> ApiResult<Json<Paginated<UsageRecordView>>> {
     let filter = q.filter(Some(user.id().to_owned()))?;
-    let req = PageReq::new(q.page, q.per_page);
+    let req = crate::routes::page_req(q.page, q.per_page)?;
     let page = store::usage::records(&state.db, &filter, req).await?;
     Ok(Json(Paginated::new(page, req, UsageRecordView::from)))
 }
@@ -326,7 +326,7 @@ async fn my_transactions(
     user: CurrentUser,
     Query(p): Query<PageParams>,
 ) -> ApiResult<Json<Paginated<LedgerEntryView>>> {
-    let req = p.req();
+    let req = p.req()?;
     let page = store::ledger::list_for_user(&state.db, user.id(), req).await?;
     Ok(Json(Paginated::new(page, req, LedgerEntryView::from)))
 }

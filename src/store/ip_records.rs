@@ -61,6 +61,20 @@ async fn bump(
     Ok(res.rows_affected > 0)
 }
 
+/// Has `user_id` signed in from `ip` before?
+pub async fn is_known(
+    db: &impl ConnectionTrait,
+    user_id: &str,
+    ip: &str,
+) -> Result<bool, sea_orm::DbErr> {
+    Ok(ip_records::Entity::find()
+        .filter(ip_records::Column::UserId.eq(user_id))
+        .filter(ip_records::Column::Ip.eq(ip))
+        .count(db)
+        .await?
+        > 0)
+}
+
 /// A user's addresses, most recently seen first.
 pub async fn list_for_user(
     db: &impl ConnectionTrait,

@@ -183,23 +183,57 @@ fn sqlite_lock_path(url: &str) -> Option<std::path::PathBuf> {
     Some(std::path::PathBuf::from(format!("{path}.migrate-lock")))
 }
 
-/// `?page=&per_page=` after clamping: page ≥ 1, 1 ≤ per_page ≤ 100.
+/// `?page=&per_page=` resolved: 1 ≤ page ≤ [`MAX_PAGE`], 1 ≤ per_page ≤ [`MAX_PER_PAGE`].
 #[derive(Debug, Clone, Copy)]
 pub struct PageReq {
     pub page: u64,
     pub per_page: u64,
 }
 
+/// Largest page number a list accepts: `(page - 1) * per_page` then stays far inside the signed
+/// 64-bit `OFFSET` every database takes (10^11 rows at 100 per page).
+pub const MAX_PAGE: u64 = 1_000_000_000;
+/// Largest page size a list accepts (API.md §1).
+pub const MAX_PER_PAGE: u64 = 100;
+
+/// A `page` or `per_page` outside its range; names the parameter.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{param} must be between 1 and {max}")]
+pub struct PageError {
+    pub param: &'static str,
+    pub max: u64,
+}
+
 impl PageReq {
+    /// Defaults for what is absent, clamped into range for what is not: for callers inside the
+    /// process. A client's values go through [`PageReq::parse`].
     pub fn new(page: Option<u64>, per_page: Option<u64>) -> Self {
         Self {
-            page: page.unwrap_or(1).max(1),
-            per_page: per_page.unwrap_or(20).clamp(1, 100),
+            page: page.unwrap_or(1).clamp(1, MAX_PAGE),
+            per_page: per_page.unwrap_or(20).clamp(1, MAX_PER_PAGE),
         }
     }
 
+    /// A client's `?page=&per_page=`: defaults for what is absent, an error for what is out of
+    /// range (never clamped silently, never an overflow).
+    pub fn parse(page: Option<u64>, per_page: Option<u64>) -> Result<Self, PageError> {
+        if page.is_some_and(|p| !(1..=MAX_PAGE).contains(&p)) {
+            return Err(PageError {
+                param: "page",
+                max: MAX_PAGE,
+            });
+        }
+        if per_page.is_some_and(|n| !(1..=MAX_PER_PAGE).contains(&n)) {
+            return Err(PageError {
+                param: "per_page",
+                max: MAX_PER_PAGE,
+            });
+        }
+        Ok(Self::new(page, per_page))
+    }
+
     pub fn offset(&self) -> u64 {
-        (self.page - 1) * self.per_page
+        self.page.saturating_sub(1).saturating_mul(self.per_page)
     }
 }
 
