@@ -787,3 +787,53 @@ async fn request_id_on_v1_with_and_without_the_router() {
         assert!(r.headers().contains_key("x-request-id"));
     }
 }
+
+#[tokio::test]
+async fn a_private_literal_base_url_saved_while_allowed_is_refused_once_the_switch_is_off() {
+    let app = TestApp::spawn_with(|c| c.security.allow_private_base_urls = true).await;
+    let gw = setup(&app).await;
+    // The user's own base URL: a second upstream on an IP literal (127.0.0.1:port).
+    let own = common::mock::Mock::start().await;
+    let (_, list) = app.get("/api/provider-keys", Some(&gw.user)).await;
+    let id = list["data"][0]["id"].as_str().expect("provider key id");
+    let (s, b) = app
+        .patch(
+            &format!("/api/provider-keys/{id}"),
+            Some(&gw.user),
+            json!({"base_url": own.base_url()}),
+        )
+        .await;
+    assert_eq!(s, 200, "{b}");
+    let body = json!({"model": "gpt-test", "messages": [{"role": "user", "content": "hi"}]});
+    let r = chat(&app, &gw.key, body.clone()).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        own.requests().len(),
+        1,
+        "allowed: the user's upstream is used"
+    );
+    let db = app.db.clone();
+    app.stop().await;
+
+    // The same database, the switch now off: the literal is refused at connect time.
+    let app = TestApp::spawn_on(db, |_| {}).await;
+    for _ in 0..2 {
+        let r = chat(&app, &gw.key, body.clone()).await;
+        let s = r.status().as_u16();
+        assert_error(
+            s,
+            &r.json().await.expect("json"),
+            502,
+            "upstream_unreachable",
+        );
+    }
+    assert_eq!(
+        own.requests().len(),
+        1,
+        "nothing more reached the private upstream"
+    );
+    assert!(
+        gw.mock.requests().is_empty(),
+        "nor the provider's own base URL"
+    );
+}
