@@ -837,3 +837,63 @@ async fn a_private_literal_base_url_saved_while_allowed_is_refused_once_the_swit
         "nor the provider's own base URL"
     );
 }
+
+/// A client's `x-request-id` longer than 128 characters or with anything but visible ASCII is
+/// never echoed, forwarded or recorded: a new id takes its place, with and without the router.
+#[tokio::test]
+async fn an_oversized_or_invisible_request_id_is_replaced() {
+    for cors in [false, true] {
+        let app = TestApp::spawn_with(|c| {
+            if cors {
+                c.server.cors_origins = vec!["https://app.example".into()];
+            }
+        })
+        .await;
+        let gw = setup(&app).await;
+        let body = json!({"model": "gpt-cached", "messages": [{"role": "user", "content": "hi"}]});
+        let huge = "x".repeat(60 * 1024);
+        let mut sent = 0;
+        for bad in [huge.as_str(), &"y".repeat(129), "has space", ""] {
+            let r = app
+                .client
+                .post(app.url("/v1/chat/completions"))
+                .bearer_auth(&gw.key)
+                .header("x-request-id", bad)
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            sent += 1;
+            assert_eq!(r.status(), 200, "cors={cors}");
+            let id = r.headers()["x-request-id"].to_str().unwrap().to_owned();
+            let uuid = uuid::Uuid::parse_str(&id).expect("a generated UUID");
+            assert_eq!(uuid.get_version_num(), 7, "cors={cors}");
+            assert_eq!(gw.mock.last().headers["x-request-id"], id.as_str());
+            let recs = wait_records(&app, &gw.user, sent).await;
+            assert!(
+                recs.iter()
+                    .all(|r| r["request_id"].as_str().unwrap().len() <= 128),
+                "cors={cors}"
+            );
+        }
+        // Exactly 128 visible characters are kept.
+        let max = "z".repeat(128);
+        let r = app
+            .client
+            .get(app.url("/health"))
+            .header("x-request-id", &max)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.headers()["x-request-id"], max.as_str());
+        let r = app
+            .client
+            .get(app.url("/health"))
+            .header("x-request-id", &huge)
+            .send()
+            .await
+            .unwrap();
+        let id = r.headers()["x-request-id"].to_str().unwrap();
+        assert!(uuid::Uuid::parse_str(id).is_ok(), "cors={cors}");
+    }
+}

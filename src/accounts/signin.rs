@@ -96,11 +96,13 @@ async fn record(
     success: bool,
     reason: Option<&str>,
 ) -> Result<(), ApiError> {
+    // Lower-cased, as lockout counts it: `Alice` and `ALICE` are one account's attempts.
+    let username = c.username.to_ascii_lowercase();
     login_history::record(
         &state.db,
         Attempt {
             user_id,
-            username: c.username,
+            username: &username,
             ip: c.ip,
             user_agent: c.user_agent,
             success,
@@ -120,7 +122,7 @@ pub async fn check(
     c: Credentials<'_>,
 ) -> Result<users::Model, ApiError> {
     let user = store::users::find_by_username(&state.db, c.username).await?;
-    if let Some(secs) = lockout::retry_after(&state.db, c.username).await? {
+    if let Some(secs) = lockout::retry_after(&state.db, &c.username.to_ascii_lowercase()).await? {
         let user_id = user.as_ref().map(|u| u.id.as_str());
         record(
             state,
