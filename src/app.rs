@@ -164,7 +164,8 @@ impl App {
         })
     }
 
-    /// The routes and the layer stack, outermost first: request id → propagate it → access log,
+    /// The routes and the layer stack, outermost first: drop a bad client request id → request id
+    /// → propagate it → access log,
     /// metrics and timeout → CORS → body limit → routes.
     pub fn router(state: AppState) -> Router {
         let (routes, api) = api_router().split_for_parts();
@@ -177,6 +178,7 @@ impl App {
         routes
             .layer(
                 ServiceBuilder::new()
+                    .map_request(crate::edge::drop_bad_request_id)
                     .layer(SetRequestIdLayer::new(
                         x_request_id.clone(),
                         TimeOrderedRequestId,

@@ -146,7 +146,9 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
                 report.already_current
             );
             if file_managed {
-                eprintln!("restart every running tollgate so it loads the new key");
+                eprintln!(
+                    "running servers load the new key when they first meet a value sealed under it"
+                );
             }
             anyhow::ensure!(
                 report.failed.is_empty(),

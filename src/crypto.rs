@@ -42,25 +42,29 @@ pub fn key_id(key: &[u8; 32]) -> String {
     hex::encode(&Sha256::digest(key)[..4])
 }
 
-/// The master keys this process can use: the newest seals, all of them open.
+/// Where a running server finds its master keys again (the config and the secrets file), so a
+/// value sealed by `tollgate master-key rotate` in another process opens without a restart.
+pub type KeySource = Arc<dyn Fn() -> anyhow::Result<Vec<[u8; 32]>> + Send + Sync>;
+
+/// How soon after one reload of the key ring an unknown key id may trigger another: a value
+/// sealed under a key this process cannot find costs one file read per interval, not per use.
+const RELOAD_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The master keys this process can use: the newest seals, all of them open. Clones share one
+/// ring; [`KeyRing::with_source`] lets it pick up keys added after the start.
 #[derive(Clone)]
 pub struct KeyRing {
+    ring: Arc<std::sync::RwLock<Arc<Ring>>>,
+    source: Option<(KeySource, Arc<std::sync::Mutex<Option<std::time::Instant>>>)>,
+}
+
+struct Ring {
     current: String,
-    ciphers: Arc<HashMap<String, Aes256Gcm>>,
+    ciphers: HashMap<String, Aes256Gcm>,
 }
 
-impl std::fmt::Debug for KeyRing {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("KeyRing")
-            .field("current", &self.current)
-            .field("keys", &self.ciphers.len())
-            .finish()
-    }
-}
-
-impl KeyRing {
-    /// `keys[0]` is the newest (sealing) key.
-    pub fn new(keys: &[[u8; 32]]) -> Result<Self, CryptoError> {
+impl Ring {
+    fn new(keys: &[[u8; 32]]) -> Result<Self, CryptoError> {
         let first = keys.first().ok_or(CryptoError::BadMasterKey)?;
         let ciphers = keys
             .iter()
@@ -68,16 +72,86 @@ impl KeyRing {
             .collect();
         Ok(Self {
             current: key_id(first),
-            ciphers: Arc::new(ciphers),
+            ciphers,
+        })
+    }
+}
+
+impl std::fmt::Debug for KeyRing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ring = self.ring();
+        f.debug_struct("KeyRing")
+            .field("current", &ring.current)
+            .field("keys", &ring.ciphers.len())
+            .finish()
+    }
+}
+
+impl KeyRing {
+    /// `keys[0]` is the newest (sealing) key.
+    pub fn new(keys: &[[u8; 32]]) -> Result<Self, CryptoError> {
+        Ok(Self {
+            ring: Arc::new(std::sync::RwLock::new(Arc::new(Ring::new(keys)?))),
+            source: None,
         })
     }
 
-    pub fn current_id(&self) -> &str {
-        &self.current
+    /// The same ring, which re-reads `source` when asked to open a value sealed under a key id it
+    /// does not know (at most once per [`RELOAD_EVERY`]); the reloaded newest key then seals.
+    pub fn with_source(mut self, source: KeySource) -> Self {
+        self.source = Some((source, Arc::default()));
+        self
+    }
+
+    fn ring(&self) -> Arc<Ring> {
+        self.ring
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Re-reads the keys after `id` was not found. True when the ring now knows `id`.
+    fn reload_for(&self, id: &str) -> bool {
+        let Some((source, last)) = &self.source else {
+            return false;
+        };
+        {
+            let mut last = last
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if last.is_some_and(|t| t.elapsed() < RELOAD_EVERY) {
+                return false;
+            }
+            *last = Some(std::time::Instant::now());
+        }
+        let ring = match source()
+            .map_err(|e| e.to_string())
+            .and_then(|keys| Ring::new(&keys).map_err(|e| e.to_string()))
+        {
+            Ok(r) => r,
+            Err(error) => {
+                tracing::warn!(%error, "reloading the master keys failed");
+                return false;
+            }
+        };
+        let known = ring.ciphers.contains_key(id);
+        if known {
+            tracing::info!(current = %ring.current, keys = ring.ciphers.len(), "reloaded the master keys");
+            *self
+                .ring
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(ring);
+        }
+        known
+    }
+
+    pub fn current_id(&self) -> String {
+        self.ring().current.clone()
     }
 
     pub fn seal(&self, plaintext: &[u8], aad: &str) -> String {
-        let cipher = &self.ciphers[&self.current];
+        let ring = self.ring();
+        let cipher = &ring.ciphers[&ring.current];
         let nonce = Nonce::generate();
         let ct = cipher
             .encrypt(
@@ -88,7 +162,7 @@ impl KeyRing {
                 },
             )
             .unwrap_or_default(); // AES-GCM encryption cannot fail for inputs under 64 GiB
-        format!("{}:{}:{}", self.current, B64.encode(nonce), B64.encode(ct))
+        format!("{}:{}:{}", ring.current, B64.encode(nonce), B64.encode(ct))
     }
 
     pub fn open(&self, sealed: &str, aad: &str) -> Result<Vec<u8>, CryptoError> {
@@ -96,7 +170,14 @@ impl KeyRing {
         let (Some(id), Some(nonce), Some(ct)) = (parts.next(), parts.next(), parts.next()) else {
             return Err(CryptoError::Malformed);
         };
-        let cipher = self
+        let mut ring = self.ring();
+        if !ring.ciphers.contains_key(id) {
+            if !self.reload_for(id) {
+                return Err(CryptoError::UnknownKey(id.to_owned()));
+            }
+            ring = self.ring();
+        }
+        let cipher = ring
             .ciphers
             .get(id)
             .ok_or_else(|| CryptoError::UnknownKey(id.to_owned()))?;
@@ -176,11 +257,43 @@ mod tests {
         assert_eq!(rotated.open(&sealed, "a").expect("open"), b"x");
         assert_eq!(
             KeyRing::sealed_key_id(&rotated.seal(b"x", "a")),
-            Some(rotated.current_id())
+            Some(rotated.current_id().as_str())
         );
         let only_new = KeyRing::new(&[key(2)]).expect("ring");
         assert!(matches!(
             only_new.open(&sealed, "a"),
+            Err(CryptoError::UnknownKey(_))
+        ));
+    }
+
+    #[test]
+    fn an_unknown_key_id_reloads_the_ring_from_its_source() {
+        let keys = Arc::new(std::sync::Mutex::new(vec![key(1)]));
+        let source: KeySource = {
+            let keys = keys.clone();
+            Arc::new(move || Ok(keys.lock().expect("lock").clone()))
+        };
+        let running = KeyRing::new(&[key(1)]).expect("ring").with_source(source);
+        // Another process rotates: key 2 is newest and seals.
+        let rotated = KeyRing::new(&[key(2), key(1)]).expect("ring");
+        let sealed = rotated.seal(b"sk-new", "row");
+        *keys.lock().expect("lock") = vec![key(2), key(1)];
+        assert_eq!(running.open(&sealed, "row").expect("reloaded"), b"sk-new");
+        assert_eq!(running.current_id(), rotated.current_id());
+        // A clone shares the reloaded ring.
+        assert_eq!(
+            running.clone().open(&sealed, "row").expect("open"),
+            b"sk-new"
+        );
+        // A key nobody has stays unknown, and does not reload again at once.
+        let stranger = KeyRing::new(&[key(3)]).expect("ring").seal(b"x", "row");
+        assert!(matches!(
+            running.open(&stranger, "row"),
+            Err(CryptoError::UnknownKey(_))
+        ));
+        // Without a source nothing reloads.
+        assert!(matches!(
+            KeyRing::new(&[key(1)]).expect("ring").open(&sealed, "row"),
             Err(CryptoError::UnknownKey(_))
         ));
     }

@@ -31,6 +31,45 @@ pub fn new_request_id() -> HeaderValue {
     HeaderValue::from_str(id).expect("a UUID is a valid header value")
 }
 
+/// The longest client-sent `x-request-id` kept; a longer one is replaced by a new id.
+pub const MAX_REQUEST_ID_LEN: usize = 128;
+
+/// Is this client-sent `x-request-id` fit to echo, forward upstream and log? 1 to
+/// [`MAX_REQUEST_ID_LEN`] visible ASCII characters (0x21–0x7E); anything else is replaced.
+pub fn valid_request_id(v: &HeaderValue) -> bool {
+    let b = v.as_bytes();
+    (1..=MAX_REQUEST_ID_LEN).contains(&b.len()) && b.iter().all(|c| (0x21..=0x7e).contains(c))
+}
+
+/// The request's id: the client's single valid `x-request-id`, else a new one (written into the
+/// request in place of whatever the client sent).
+fn request_id_of(headers: &mut http::HeaderMap) -> HeaderValue {
+    let mut sent = headers.get_all(X_REQUEST_ID).iter();
+    if let (Some(v), None) = (sent.next(), sent.next())
+        && valid_request_id(v)
+    {
+        return v.clone();
+    }
+    let v = new_request_id();
+    headers.insert(X_REQUEST_ID, v.clone());
+    v
+}
+
+/// For the router: drops a client's `x-request-id` that [`valid_request_id`] refuses (or one sent
+/// twice), so the request-id layer after it makes a new one.
+pub fn drop_bad_request_id<B>(mut req: http::Request<B>) -> http::Request<B> {
+    let mut sent = req.headers().get_all(X_REQUEST_ID).iter();
+    let keep = match (sent.next(), sent.next()) {
+        (None, _) => true,
+        (Some(v), None) => valid_request_id(v),
+        _ => false,
+    };
+    if !keep {
+        req.headers_mut().remove(X_REQUEST_ID);
+    }
+    req
+}
+
 /// The proxied route a request takes without the router, if any.
 pub fn proxied(req: &http::Request<hyper::body::Incoming>) -> Option<Endpoint> {
     if req.method() != Method::POST {
@@ -49,14 +88,7 @@ pub async fn proxy(
 ) -> Response {
     let start = Instant::now();
     let mut req = req.map(axum::body::Body::new);
-    let request_id = match req.headers().get(X_REQUEST_ID) {
-        Some(v) => v.clone(),
-        None => {
-            let v = new_request_id();
-            req.headers_mut().insert(X_REQUEST_ID, v.clone());
-            v
-        }
-    };
+    let request_id = request_id_of(req.headers_mut());
     let ip = crate::routes::client_ip_of(
         req.headers(),
         Some(peer),
@@ -170,5 +202,35 @@ fn record(
         && !crate::telemetry::access_line(method, path, status.as_u16(), latency_ms, request_id)
     {
         tracing::info!(%method, %path, status = status.as_u16(), latency_ms, request_id, "request");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids_are_bounded_visible_ascii() {
+        for ok in ["a", "req-1", &"x".repeat(MAX_REQUEST_ID_LEN), "!~{}"] {
+            assert!(
+                valid_request_id(&HeaderValue::from_str(ok).expect("hv")),
+                "{ok}"
+            );
+        }
+        for bad in ["", "a b", "tab\there", &"x".repeat(MAX_REQUEST_ID_LEN + 1)] {
+            assert!(
+                !valid_request_id(&HeaderValue::from_str(bad).expect("hv")),
+                "{bad}"
+            );
+        }
+        assert!(!valid_request_id(
+            &HeaderValue::from_bytes(b"caf\xc3\xa9").expect("hv")
+        ));
+        let mut h = http::HeaderMap::new();
+        h.append(X_REQUEST_ID, HeaderValue::from_static("one"));
+        h.append(X_REQUEST_ID, HeaderValue::from_static("two"));
+        let id = request_id_of(&mut h);
+        assert_ne!(id, "one");
+        assert_eq!(h.get_all(X_REQUEST_ID).iter().count(), 1);
     }
 }

@@ -142,23 +142,18 @@ impl Secrets {
                     .unwrap_or_default(),
             ),
         };
-        let mut keys = Vec::new();
-        if let Some(k) = non_empty(&cfg.security.master_key) {
-            keys.push(crypto::parse_master_key(k)?);
-        }
-        for k in &cfg.security.previous_master_keys {
-            keys.push(crypto::parse_master_key(k.expose_secret())?);
-        }
-        if let Some(f) = &file {
-            for k in &f.master_keys {
-                let k = crypto::parse_master_key(k)?;
-                if !keys.contains(&k) {
-                    keys.push(k);
-                }
-            }
+        let keys = master_keys(cfg, file.as_ref())?;
+        let mut keyring = KeyRing::new(&keys)?;
+        if let Some(path) = path {
+            // `master-key rotate` in another process adds a key to the file (or the operator
+            // redeploys the config): a value sealed under it makes this ring read both again.
+            let cfg = cfg.clone();
+            keyring = keyring.with_source(std::sync::Arc::new(move || {
+                master_keys(&cfg, SecretsFile::read(&path)?.as_ref())
+            }));
         }
         Ok(Self {
-            keyring: KeyRing::new(&keys)?,
+            keyring,
             jwt_secret,
         })
     }
@@ -176,4 +171,25 @@ impl Secrets {
         f.write(&path)?;
         Ok(path)
     }
+}
+
+/// The master keys, newest first: the configured key, the configured previous keys, then the
+/// secrets file's keys not already listed.
+fn master_keys(cfg: &Config, file: Option<&SecretsFile>) -> anyhow::Result<Vec<[u8; 32]>> {
+    let mut keys = Vec::new();
+    if let Some(k) = non_empty(&cfg.security.master_key) {
+        keys.push(crypto::parse_master_key(k)?);
+    }
+    for k in &cfg.security.previous_master_keys {
+        keys.push(crypto::parse_master_key(k.expose_secret())?);
+    }
+    if let Some(f) = file {
+        for k in &f.master_keys {
+            let k = crypto::parse_master_key(k)?;
+            if !keys.contains(&k) {
+                keys.push(k);
+            }
+        }
+    }
+    Ok(keys)
 }

@@ -4,8 +4,10 @@
 //! other service on the gateway's own network and read the answer back through `/v1`. So a base
 //! URL whose host is, or resolves to, a loopback, private, link-local, unique-local, CGNAT,
 //! unspecified, multicast, documentation or otherwise non-public address is refused unless
-//! `security.allow_private_base_urls` is set. The check runs when the URL is stored; the upstream
-//! connector can call [`is_forbidden`] on the address it actually connects to (DNS rebinding).
+//! `security.allow_private_base_urls` is set. The check runs when the URL is stored and again on
+//! every upstream connect (`proxy::upstream::GuardedConnector`), literal or resolved, under the
+//! setting the server runs with now. IPv6 forms that carry an IPv4 address (mapped, SIIT, NAT64,
+//! 6to4) are judged by the IPv4 rules; Teredo and the rest of `::/8` are refused outright.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::Duration;
@@ -135,12 +137,13 @@ fn v4_forbidden(ip: Ipv4Addr) -> bool {
 }
 
 fn v6_forbidden(ip: Ipv6Addr) -> bool {
-    if let Some(v4) = ip.to_ipv4_mapped() {
-        return v4_forbidden(v4); // ::ffff:0:0/96
-    }
     let s = ip.segments();
-    if s[..6] == [0; 6] {
-        return true; // ::/96: unspecified, loopback, deprecated IPv4-compatible
+    // Addresses that carry an IPv4 address are judged by the IPv4 rules.
+    if let Some(v4) = ip.to_ipv4_mapped() {
+        return v4_forbidden(v4); // ::ffff:0:0/96 IPv4-mapped
+    }
+    if s[..6] == [0, 0, 0, 0, 0xffff, 0] {
+        return v4_forbidden(embedded_v4(s[6], s[7])); // ::ffff:0:0:0/96 SIIT IPv4-translated
     }
     if s[0] == 0x64 && s[1] == 0xff9b {
         if s[2..6] == [0; 4] {
@@ -152,12 +155,15 @@ fn v6_forbidden(ip: Ipv6Addr) -> bool {
     if s[0] == 0x2002 {
         return v4_forbidden(embedded_v4(s[1], s[2])); // 6to4
     }
-    ip.is_multicast() // ff00::/8
+    s[0] < 0x0100 // ::/8 reserved: unspecified, loopback, IPv4-compatible, everything unassigned
+        || ip.is_multicast() // ff00::/8
         || ip.is_unique_local() // fc00::/7
         || ip.is_unicast_link_local() // fe80::/10
         || (s[0] & 0xffc0) == 0xfec0 // fec0::/10 deprecated site-local
         || (s[0] == 0x2001 && s[1] == 0) // 2001::/32 Teredo (hides an IPv4 address)
+        || (s[0] == 0x2001 && s[1] == 2 && s[2] == 0) // 2001:2::/48 benchmarking
         || (s[0] == 0x2001 && s[1] == 0x0db8) // 2001:db8::/32 documentation
+        || (s[0] == 0x3fff && (s[1] & 0xf000) == 0) // 3fff::/20 documentation
         || (s[0] == 0x0100 && s[1..4] == [0; 3]) // 100::/64 discard-only
 }
 
@@ -233,6 +239,20 @@ mod tests {
             "2001::1",
             "2001:db8::1",
             "100::1",
+            // SIIT (IPv4-translated) and other ::/8 forms of private IPv4 addresses.
+            "::ffff:0:7f00:1",
+            "::ffff:0:a00:1",
+            "::ffff:0:a9fe:a9fe",
+            "::ffff:0:0:0",
+            "::ffff:0:6440:1",
+            "::1:7f00:1",
+            "64:ff9b::a9fe:a9fe",
+            "64:ff9b::6440:1",
+            "2002:a00:1::1",
+            "2002:0:1::1",
+            "2001:0:4136:e378::1",
+            "2001:2::1",
+            "3fff::1",
         ] {
             assert!(forbidden(ip), "{ip} should be forbidden");
         }
@@ -242,6 +262,8 @@ mod tests {
             "::ffff:8.8.8.8",
             "64:ff9b::808:808",
             "2002:808:808::1",
+            "::ffff:0:808:808",
+            "2001:4860:4860::8888",
         ] {
             assert!(!forbidden(ip), "{ip} should be allowed");
         }

@@ -12,6 +12,9 @@ use std::time::Duration;
 
 use tracing_subscriber::EnvFilter;
 
+#[cfg(target_os = "linux")]
+mod process;
+
 /// Installs the global subscriber. `RUST_LOG` overrides the default `info` level.
 ///
 /// Lines are formatted on the thread that logs and collected in memory; a background thread
@@ -328,9 +331,7 @@ impl Metrics {
         let r = Registry::new();
         #[cfg(target_os = "linux")]
         {
-            let _ = r.register(Box::new(
-                prometheus::process_collector::ProcessCollector::for_self(),
-            ));
+            let _ = r.register(Box::new(process::ProcessMetrics::for_self()));
         }
         let counter_vec = |name: &str, help: &str, labels: &[&str]| {
             reg(

@@ -1147,3 +1147,119 @@ fn openapi_documents_every_account_route() {
     assert!(doc["paths"]["/api/auth/login"]["post"]["security"].is_null());
     assert!(doc["components"]["schemas"]["UserView"].is_object());
 }
+
+/// Usernames are one account whatever their case, on every database: a second `ALICE` is refused,
+/// `Alice` signs in as `alice`, and failures in any case count towards one lockout.
+#[tokio::test]
+async fn usernames_are_unique_and_sign_in_regardless_of_case() {
+    let app = TestApp::spawn().await;
+    let alice = create_user(&app, "alice", Role::User).await;
+    for other in ["ALICE", "Alice", "aLiCe"] {
+        let err = tollgate::accounts::signup::create(
+            &app.state.db,
+            &app.state.keyring,
+            &app.state.config,
+            tollgate::accounts::signup::NewUser {
+                username: other,
+                password: PASSWORD,
+                email: None,
+                role: Role::User,
+                active: true,
+            },
+        )
+        .await
+        .expect_err("taken in another case");
+        assert!(
+            matches!(err, tollgate::accounts::signup::SignupError::Duplicate(_)),
+            "{other}: {err}"
+        );
+    }
+    let found = store::users::find_by_username(&app.state.db, "ALICE")
+        .await
+        .unwrap()
+        .expect("found in any case");
+    assert_eq!(
+        (found.id.as_str(), found.username.as_str()),
+        (alice.id.as_str(), "alice")
+    );
+
+    let code = fresh_code(&app, &alice.id, &alice.totp_secret).await;
+    let (s, b) = login_with(&app, "Alice", PASSWORD, &code).await;
+    assert_eq!(s, 200, "{b}");
+
+    // Five failures spread over spellings lock the one account.
+    for name in ["ALICE", "Alice", "alice", "aLICE", "alicE"] {
+        let (s, e) = login_with(&app, name, "wrong-password", "000000").await;
+        assert_error(s, &e, 401, "invalid_credentials");
+    }
+    let (s, e) = login_with(&app, "alice", PASSWORD, "000000").await;
+    assert_error(s, &e, 429, "account_locked");
+}
+
+/// The migration to case-insensitive usernames keeps every account: in a group equal but for
+/// case the oldest keeps its name, later ones get a free `-N` suffix (on MySQL/MariaDB such
+/// groups cannot exist; its collation already compared without case).
+#[tokio::test]
+async fn the_username_migration_renames_case_duplicates_and_drops_none() {
+    use migration::{Migrator, MigratorTrait};
+    use sea_orm::ConnectionTrait;
+    let db = common::TestDb::new().await;
+    let conn = store::connect(&db.url, 2).await.unwrap();
+    Migrator::up(&conn, Some(1)).await.unwrap();
+    let backend = conn.get_database_backend();
+    let mysql = backend == sea_orm::DbBackend::MySql;
+    let names: &[&str] = if mysql {
+        &["alice", "bob"]
+    } else {
+        &["alice", "ALICE", "bob", "Alice", "alice-2"]
+    };
+    for (i, name) in names.iter().enumerate() {
+        let created = format!("2026-01-0{} 00:00:00", i + 1);
+        conn.execute_unprepared(&format!(
+            "INSERT INTO users (id, username, password_hash, role, status, totp_secret_enc, \
+             balance_nanos, reserved_nanos, created_at, updated_at) \
+             VALUES ('u{i}', '{name}', 'x', 'user', 'active', 'x', 0, 0, '{created}', '{created}')"
+        ))
+        .await
+        .unwrap();
+    }
+    Migrator::up(&conn, None).await.unwrap();
+    let mut got: Vec<(String, String)> = conn
+        .query_all_raw(sea_orm::Statement::from_string(
+            backend,
+            "SELECT id, username FROM users",
+        ))
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r.try_get_by_index(0).unwrap(),
+                r.try_get_by_index(1).unwrap(),
+            )
+        })
+        .collect();
+    got.sort();
+    let want: Vec<(String, String)> = if mysql {
+        vec![("u0".into(), "alice".into()), ("u1".into(), "bob".into())]
+    } else {
+        vec![
+            ("u0".into(), "alice".into()),
+            ("u1".into(), "ALICE-3".into()),
+            ("u2".into(), "bob".into()),
+            ("u3".into(), "Alice-4".into()),
+            ("u4".into(), "alice-2".into()),
+        ]
+    };
+    assert_eq!(got, want);
+    // And from now on the database itself refuses a name taken in another case.
+    let dup = conn
+        .execute_unprepared(
+            "INSERT INTO users (id, username, password_hash, role, status, totp_secret_enc, \
+             balance_nanos, reserved_nanos, created_at, updated_at) \
+             VALUES ('u9', 'BOB', 'x', 'user', 'active', 'x', 0, 0, \
+             '2026-02-01 00:00:00', '2026-02-01 00:00:00')",
+        )
+        .await;
+    assert!(dup.is_err(), "BOB next to bob must be refused");
+}

@@ -1301,3 +1301,99 @@ async fn master_key_rotate_command() {
     // The restarted app seals with and opens under the new key.
     assert_eq!(app.state.keyring.current_id(), only_new.current_id());
 }
+
+/// `tollgate master-key rotate` while a server runs: the server opens what was re-sealed under the
+/// new key without a restart (it reloads its key ring on meeting the unknown key id), and then
+/// seals under the new key too.
+#[tokio::test]
+async fn a_running_server_opens_keys_rotated_by_the_cli_without_a_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let secrets_path = dir.path().join("tollgate.secrets");
+    let db = Arc::new(TestDb::new().await);
+    let sp = secrets_path.clone();
+    let app = TestApp::spawn_on(db.clone(), move |c| {
+        seeds(c);
+        c.security.master_key = None;
+        c.security.secrets_file = Some(sp);
+    })
+    .await;
+    let (alice_id, alice) = user(&app, "alice", "user").await;
+    let (s, b) = app
+        .post(
+            "/api/provider-keys",
+            Some(&alice),
+            json!({"provider": "openai", "api_key": UPSTREAM_SECRET}),
+        )
+        .await;
+    assert_eq!(s, 201, "{b}");
+    let id = b["id"].as_str().expect("id").to_owned();
+    let old_id = app.state.keyring.current_id();
+
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[database]\nurl = {:?}\n\n[security]\nsecrets_file = {:?}\njwt_secret = {:?}\n",
+            db.url,
+            secrets_path.display().to_string(),
+            "t".repeat(48)
+        ),
+    )
+    .expect("config");
+    let out = common::tollgate_command(dir.path())
+        .args(["master-key", "rotate", "--config"])
+        .arg(&config)
+        .output()
+        .expect("run tollgate");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // The row is sealed under a key the running server did not start with.
+    let row = entity::provider_keys::Entity::find_by_id(id.clone())
+        .one(&app.state.db)
+        .await
+        .expect("db")
+        .expect("row");
+    assert_ne!(row.master_key_id, old_id);
+    assert_eq!(
+        app.state
+            .keyring
+            .open_string(&row.secret_enc, &id)
+            .expect("the running server opens it"),
+        UPSTREAM_SECRET
+    );
+    assert_eq!(app.state.keyring.current_id(), row.master_key_id);
+    let u = store::users::find(&app.state.db, &alice_id)
+        .await
+        .expect("db")
+        .expect("user");
+    assert_eq!(
+        app.state
+            .keyring
+            .open_string(&u.totp_secret_enc, &alice_id)
+            .expect("open"),
+        TOTP
+    );
+    // A key saved now is sealed under the new key.
+    let (s, b) = app
+        .post(
+            "/api/provider-keys",
+            Some(&alice),
+            json!({"provider": "groq", "api_key": "sk-another-secret-0000"}),
+        )
+        .await;
+    assert_eq!(s, 201, "{b}");
+    let row = entity::provider_keys::Entity::find_by_id(b["id"].as_str().expect("id").to_owned())
+        .one(&app.state.db)
+        .await
+        .expect("db")
+        .expect("row");
+    assert_eq!(
+        Some(row.master_key_id.as_str()),
+        KeyRing::sealed_key_id(&row.secret_enc)
+    );
+    assert_ne!(row.master_key_id, old_id);
+}

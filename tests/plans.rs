@@ -342,3 +342,84 @@ async fn a_plans_limits_apply_at_once_and_end_with_it() {
         r.text().await.unwrap();
     }
 }
+
+/// An admin setting a plan sets its expiry the way a one-month renewal would (without the debit):
+/// a paid plan runs 30 days, extending the same unexpired plan; a free plan or none never expires.
+#[tokio::test]
+async fn an_admin_setting_a_plan_sets_its_expiry_as_a_renewal_does() {
+    let app = TestApp::spawn_with(|c| {
+        plans(c);
+        c.plans.push(PlanConfig {
+            name: "free".into(),
+            rpm_limit: 5,
+            tpm_limit: 0,
+            price_usd_per_month: 0.0,
+        });
+    })
+    .await;
+    let admin = admin_token(&app).await;
+    let token = user_token(&app, "alice").await;
+    let id = user_id(&app, "alice").await;
+    let path = format!("/api/admin/users/{id}");
+    let expiry = |me: &Value| me["plan_expires_at"].clone();
+
+    let before = Utc::now();
+    let (s, b) = app.patch(&path, Some(&admin), json!({"plan": "pro"})).await;
+    assert_eq!(s, 200, "{b}");
+    let (_, me) = app.get("/api/me", Some(&token)).await;
+    assert_eq!(me["plan"], "pro");
+    let first = at(&expiry(&me));
+    // Stored to the second: `before` may carry a fraction the stored expiry does not.
+    assert!(
+        first >= before + Duration::days(30) - Duration::seconds(1)
+            && first <= Utc::now() + Duration::days(30),
+        "{first} vs {before}"
+    );
+
+    // The same unexpired plan again: a month more on top.
+    let (s, _) = app.patch(&path, Some(&admin), json!({"plan": "pro"})).await;
+    assert_eq!(s, 200);
+    let (_, me) = app.get("/api/me", Some(&token)).await;
+    assert_eq!(at(&expiry(&me)), first + Duration::days(30));
+
+    // Another paid plan starts from now.
+    let before = Utc::now();
+    let (s, _) = app
+        .patch(&path, Some(&admin), json!({"plan": "team"}))
+        .await;
+    assert_eq!(s, 200);
+    let (_, me) = app.get("/api/me", Some(&token)).await;
+    let team = at(&expiry(&me));
+    assert!(
+        team >= before + Duration::days(30) - Duration::seconds(1)
+            && team <= Utc::now() + Duration::days(30)
+    );
+
+    // A free plan, then none: no expiry.
+    let (s, _) = app
+        .patch(&path, Some(&admin), json!({"plan": "free"}))
+        .await;
+    assert_eq!(s, 200);
+    let (_, me) = app.get("/api/me", Some(&token)).await;
+    assert_eq!(
+        (me["plan"].as_str(), expiry(&me)),
+        (Some("free"), Value::Null)
+    );
+    let (s, _) = app.patch(&path, Some(&admin), json!({"plan": "pro"})).await;
+    assert_eq!(s, 200);
+    let (s, _) = app.patch(&path, Some(&admin), json!({"plan": null})).await;
+    assert_eq!(s, 200);
+    let (_, me) = app.get("/api/me", Some(&token)).await;
+    assert_eq!(
+        (me["plan"].clone(), expiry(&me)),
+        (Value::Null, Value::Null)
+    );
+
+    // An unknown plan changes nothing.
+    let (s, b) = app
+        .patch(&path, Some(&admin), json!({"plan": "gold"}))
+        .await;
+    assert_error(s, &b, 400, "invalid_value");
+    let (_, me) = app.get("/api/me", Some(&token)).await;
+    assert_eq!(me["plan"], Value::Null);
+}

@@ -183,6 +183,16 @@ async fn serve_answers_then_exits_0_on_sigterm_and_restarts_with_the_same_secret
     assert!(dir.path().join("tollgate.db").exists());
     #[cfg(unix)]
     assert_eq!(mode(&secrets), 0o600);
+    // The database and SQLite's WAL files beside it are the gateway user's alone (umask 022 or not).
+    #[cfg(unix)]
+    for f in [
+        "tollgate.db",
+        "tollgate.db-wal",
+        "tollgate.db-shm",
+        "tollgate.db.migrate-lock",
+    ] {
+        assert_eq!(mode(&dir.path().join(f)), 0o600, "{f}");
+    }
     assert!(
         server.logged("WARN", "path", "tollgate.db.secrets"),
         "generating the secrets is logged with the file's path:\n{}",

@@ -787,3 +787,113 @@ async fn request_id_on_v1_with_and_without_the_router() {
         assert!(r.headers().contains_key("x-request-id"));
     }
 }
+
+#[tokio::test]
+async fn a_private_literal_base_url_saved_while_allowed_is_refused_once_the_switch_is_off() {
+    let app = TestApp::spawn_with(|c| c.security.allow_private_base_urls = true).await;
+    let gw = setup(&app).await;
+    // The user's own base URL: a second upstream on an IP literal (127.0.0.1:port).
+    let own = common::mock::Mock::start().await;
+    let (_, list) = app.get("/api/provider-keys", Some(&gw.user)).await;
+    let id = list["data"][0]["id"].as_str().expect("provider key id");
+    let (s, b) = app
+        .patch(
+            &format!("/api/provider-keys/{id}"),
+            Some(&gw.user),
+            json!({"base_url": own.base_url()}),
+        )
+        .await;
+    assert_eq!(s, 200, "{b}");
+    let body = json!({"model": "gpt-test", "messages": [{"role": "user", "content": "hi"}]});
+    let r = chat(&app, &gw.key, body.clone()).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        own.requests().len(),
+        1,
+        "allowed: the user's upstream is used"
+    );
+    let db = app.db.clone();
+    app.stop().await;
+
+    // The same database, the switch now off: the literal is refused at connect time.
+    let app = TestApp::spawn_on(db, |_| {}).await;
+    for _ in 0..2 {
+        let r = chat(&app, &gw.key, body.clone()).await;
+        let s = r.status().as_u16();
+        assert_error(
+            s,
+            &r.json().await.expect("json"),
+            502,
+            "upstream_unreachable",
+        );
+    }
+    assert_eq!(
+        own.requests().len(),
+        1,
+        "nothing more reached the private upstream"
+    );
+    assert!(
+        gw.mock.requests().is_empty(),
+        "nor the provider's own base URL"
+    );
+}
+
+/// A client's `x-request-id` longer than 128 characters or with anything but visible ASCII is
+/// never echoed, forwarded or recorded: a new id takes its place, with and without the router.
+#[tokio::test]
+async fn an_oversized_or_invisible_request_id_is_replaced() {
+    for cors in [false, true] {
+        let app = TestApp::spawn_with(|c| {
+            if cors {
+                c.server.cors_origins = vec!["https://app.example".into()];
+            }
+        })
+        .await;
+        let gw = setup(&app).await;
+        let body = json!({"model": "gpt-cached", "messages": [{"role": "user", "content": "hi"}]});
+        let huge = "x".repeat(60 * 1024);
+        let mut sent = 0;
+        for bad in [huge.as_str(), &"y".repeat(129), "has space", ""] {
+            let r = app
+                .client
+                .post(app.url("/v1/chat/completions"))
+                .bearer_auth(&gw.key)
+                .header("x-request-id", bad)
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            sent += 1;
+            assert_eq!(r.status(), 200, "cors={cors}");
+            let id = r.headers()["x-request-id"].to_str().unwrap().to_owned();
+            let uuid = uuid::Uuid::parse_str(&id).expect("a generated UUID");
+            assert_eq!(uuid.get_version_num(), 7, "cors={cors}");
+            assert_eq!(gw.mock.last().headers["x-request-id"], id.as_str());
+            let recs = wait_records(&app, &gw.user, sent).await;
+            assert!(
+                recs.iter()
+                    .all(|r| r["request_id"].as_str().unwrap().len() <= 128),
+                "cors={cors}"
+            );
+        }
+        // Exactly 128 visible characters are kept.
+        let max = "z".repeat(128);
+        let r = app
+            .client
+            .get(app.url("/health"))
+            .header("x-request-id", &max)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.headers()["x-request-id"], max.as_str());
+        let r = app
+            .client
+            .get(app.url("/health"))
+            .header("x-request-id", &huge)
+            .send()
+            .await
+            .unwrap();
+        let id = r.headers()["x-request-id"].to_str().unwrap();
+        assert!(uuid::Uuid::parse_str(id).is_ok(), "cors={cors}");
+    }
+}

@@ -5,6 +5,7 @@ pub use sea_orm_migration::prelude::*;
 mod columns;
 mod m20261121_000001_initial;
 mod m20261203_000001_durability;
+mod m20261203_000001_username_case;
 
 pub struct Migrator;
 
@@ -14,6 +15,7 @@ impl MigratorTrait for Migrator {
         vec![
             Box::new(m20261121_000001_initial::Migration),
             Box::new(m20261203_000001_durability::Migration),
+            Box::new(m20261203_000001_username_case::Migration),
         ]
     }
 }

@@ -103,11 +103,14 @@ pub async fn check(
     c: Credentials<'_>,
 ) -> Result<users::Model, ApiError> {
     let user = store::users::find_by_username(&state.db, c.username).await?;
+    // Lower-cased, as usernames are unique regardless of case: `Alice` and `ALICE` are one
+    // account's attempts.
+    let username = c.username.to_ascii_lowercase();
     let attempt = login_history::begin(
         &state.db,
         Attempt {
             user_id: user.as_ref().map(|u| u.id.as_str()),
-            username: c.username,
+            username: &username,
             ip: c.ip,
             user_agent: c.user_agent,
             success: false,
@@ -121,7 +124,7 @@ pub async fn check(
     let locked = lockout::retry_after(
         &state.db,
         lockout::Attempt {
-            username: c.username,
+            username: &username,
             user_id: user.as_ref().map(|u| u.id.as_str()),
             ip: c.ip,
             attempt,

@@ -11,8 +11,11 @@
 //! rather than relayed unreadable.
 //!
 //! Two pools: admins' provider base URLs are trusted (a local Ollama on 127.0.0.1 is fine), while
-//! a user's own `base_url` goes through a resolver that refuses private, loopback and link-local
-//! addresses at connect time too — the check at save time alone would let DNS rebinding through.
+//! a user's own `base_url` goes through a connector that refuses private, loopback and link-local
+//! addresses at connect time too — the check at save time alone would let DNS rebinding through,
+//! and a URL saved while `security.allow_private_base_urls` was on would keep its reach after the
+//! switch went off. Names are checked by [`GuardedResolver`], IP literals (which never reach a
+//! resolver) by [`GuardedConnector`], before any packet leaves.
 
 mod pool;
 
@@ -41,7 +44,7 @@ use pool::{Limits, Pool, SendError};
 /// An upstream response body, decoded when the upstream compressed it.
 pub type ResponseBody = tower_http::decompression::DecompressionBody<UpstreamBody>;
 
-type Pooled<R> = Pool<HttpsConnector<HttpConnector<R>>>;
+type Pooled<C> = Pool<HttpsConnector<C>>;
 
 /// The upstream clients, one pair per server worker.
 #[derive(Clone)]
@@ -50,8 +53,8 @@ pub struct HttpClient {
 }
 
 struct Pools {
-    trusted: Pooled<GaiResolver>,
-    guarded: Pooled<GuardedResolver>,
+    trusted: Pooled<HttpConnector<GaiResolver>>,
+    guarded: Pooled<GuardedConnector>,
 }
 
 impl HttpClient {
@@ -103,6 +106,51 @@ impl tower::Service<Name> for GuardedResolver {
     }
 }
 
+/// The TCP connector for users' own base URLs: an IP-literal host is judged by
+/// `ssrf::is_forbidden` before connecting (hyper's connector skips the resolver for literals);
+/// a name goes through [`GuardedResolver`]. Runs once per new connection, not per request.
+#[derive(Clone)]
+pub struct GuardedConnector {
+    http: HttpConnector<GuardedResolver>,
+    allow_private: bool,
+}
+
+impl GuardedConnector {
+    /// Is `uri`'s host an IP literal the gateway must not connect to? Parsed the way hyper's
+    /// `HttpConnector` reads it (brackets trimmed, then an IPv4 or IPv6 address).
+    fn refuses(&self, uri: &http::Uri) -> bool {
+        if self.allow_private {
+            return false;
+        }
+        let host = uri.host().unwrap_or_default();
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        host.parse::<std::net::IpAddr>()
+            .is_ok_and(crate::ssrf::is_forbidden)
+    }
+}
+
+impl tower::Service<http::Uri> for GuardedConnector {
+    type Response = <HttpConnector<GuardedResolver> as tower::Service<http::Uri>>::Response;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.http.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, dst: http::Uri) -> Self::Future {
+        if self.refuses(&dst) {
+            return Box::pin(std::future::ready(Err(std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                "the base URL is a private address",
+            )
+            .into())));
+        }
+        let connecting = self.http.call(dst);
+        Box::pin(async move { connecting.await.map_err(Into::into) })
+    }
+}
+
 /// Pools for `workers` server workers (at least one).
 pub fn client(
     cfg: &UpstreamConfig,
@@ -112,8 +160,14 @@ pub fn client(
     let workers = (0..workers.max(1))
         .map(|_| {
             Ok(Pools {
-                trusted: pool(cfg, GaiResolver::new())?,
-                guarded: pool(cfg, GuardedResolver { allow_private })?,
+                trusted: pool(cfg, http_connector(cfg, GaiResolver::new()))?,
+                guarded: pool(
+                    cfg,
+                    GuardedConnector {
+                        http: http_connector(cfg, GuardedResolver { allow_private }),
+                        allow_private,
+                    },
+                )?,
             })
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
@@ -122,18 +176,27 @@ pub fn client(
     })
 }
 
-fn pool<R>(cfg: &UpstreamConfig, resolver: R) -> anyhow::Result<Pooled<R>>
-where
-    R: tower::Service<Name> + Clone + Send + Sync + 'static,
-    R::Response: Iterator<Item = SocketAddr>,
-    R::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    R::Future: Send,
-{
+fn http_connector<R>(cfg: &UpstreamConfig, resolver: R) -> HttpConnector<R> {
     let mut http = HttpConnector::new_with_resolver(resolver);
     http.enforce_http(false);
     http.set_nodelay(true);
     http.set_connect_timeout(Some(Duration::from_secs(cfg.connect_timeout_secs)));
     http.set_keepalive(Some(Duration::from_secs(60)));
+    http
+}
+
+fn pool<C>(cfg: &UpstreamConfig, http: C) -> anyhow::Result<Pooled<C>>
+where
+    C: tower::Service<http::Uri> + Clone + Send + Sync + 'static,
+    C::Response: hyper::rt::Read
+        + hyper::rt::Write
+        + hyper_util::client::legacy::connect::Connection
+        + Unpin
+        + Send
+        + 'static,
+    C::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    C::Future: Send + Unpin + 'static,
+{
     let https = hyper_rustls::HttpsConnectorBuilder::new()
         .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())?
         .https_or_http()
@@ -244,5 +307,36 @@ mod tests {
         .expect("allowed")
         .collect();
         assert!(addrs.iter().all(|a| a.ip().is_loopback()) && !addrs.is_empty());
+    }
+
+    #[tokio::test]
+    async fn guarded_connector_refuses_private_literals_before_connecting() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let cfg = UpstreamConfig::default();
+        let connector = |allow_private| GuardedConnector {
+            http: http_connector(&cfg, GuardedResolver { allow_private }),
+            allow_private,
+        };
+        for host in [
+            format!("127.0.0.1:{port}"),
+            format!("[::ffff:127.0.0.1]:{port}"),
+            format!("[::ffff:0:7f00:1]:{port}"),
+            format!("[::1]:{port}"),
+        ] {
+            let uri: http::Uri = format!("http://{host}/").parse().expect("uri");
+            let err = connector(false).call(uri).await.expect_err("refused");
+            let io = err.downcast_ref::<std::io::Error>().expect("io error");
+            assert_eq!(io.kind(), std::io::ErrorKind::PermissionDenied, "{host}");
+        }
+        // Nothing reached the listener; with the switch on, the same literal connects.
+        let uri: http::Uri = format!("http://127.0.0.1:{port}/").parse().expect("uri");
+        let _conn = connector(true).call(uri).await.expect("allowed");
+        let (_, peer) = listener.accept().await.expect("accept");
+        assert!(peer.ip().is_loopback());
+        let accepted_more = tokio::time::timeout(Duration::ZERO, listener.accept()).await;
+        assert!(accepted_more.is_err(), "the refused connects never arrived");
     }
 }

@@ -170,7 +170,8 @@ pub struct PatchUser {
     pub role: Option<String>,
     /// `active` | `disabled` (a `pending_totp` account becomes active by confirming its TOTP).
     pub status: Option<String>,
-    /// A configured plan's name; `null` removes the plan.
+    /// A configured plan's name; `null` removes the plan. A paid plan then expires one month on
+    /// (extending the same unexpired plan, as a renewal does); a free plan or none never expires.
     #[serde(default, deserialize_with = "double_option")]
     #[schema(value_type = Option<String>)]
     pub plan: Option<Option<String>>,
@@ -240,18 +241,37 @@ async fn patch_user(
         detail.insert("status".into(), new_status.into());
     }
     if let Some(plan) = body.plan {
-        if let Some(name) = plan.as_deref()
-            && !state.config.plans.iter().any(|p| p.name == name)
-        {
-            return Err(ApiError::invalid_param(
-                "plan",
-                format!("no plan named {name:?} is configured (see GET /api/plans)"),
-            ));
-        }
-        if plan.is_none() {
-            changes.plan_expires_at = Some(None);
-        }
+        // The expiry moves with the plan, as a renewal moves it: a paid plan runs one month
+        // (`store::plans::new_expiry`: from the current expiry when it is the same unexpired
+        // plan, else from now), a free plan and no plan never expire.
+        let expires = match plan.as_deref() {
+            None => None,
+            Some(name) => {
+                let cfg = state
+                    .config
+                    .plans
+                    .iter()
+                    .find(|p| p.name == name)
+                    .ok_or_else(|| {
+                        ApiError::invalid_param(
+                            "plan",
+                            format!("no plan named {name:?} is configured (see GET /api/plans)"),
+                        )
+                    })?;
+                (cfg.price_usd_per_month > 0.0).then(|| {
+                    store::plans::new_expiry(
+                        user.plan.as_deref(),
+                        user.plan_expires_at,
+                        name,
+                        1,
+                        chrono::Utc::now(),
+                    )
+                })
+            }
+        };
+        changes.plan_expires_at = Some(expires);
         detail.insert("plan".into(), serde_json::json!(plan));
+        detail.insert("plan_expires_at".into(), serde_json::json!(expires));
         changes.plan = Some(plan);
     }
     if let Some(rpm) = body.rpm_limit {

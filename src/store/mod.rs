@@ -92,6 +92,9 @@ pub async fn connect(url: &str, max_connections: u32) -> anyhow::Result<Database
     // process opening the same fresh file at that instant gets SQLITE_BUSY from the pragma
     // (the busy timeout does not cover it). Retry briefly instead of failing the start.
     let sqlite = url.starts_with("sqlite:");
+    if let Some(path) = sqlite_file_path(&url) {
+        private_sqlite_files(&path)?;
+    }
     let mut attempts = 0;
     loop {
         match Database::connect(opts.clone()).await {
@@ -148,12 +151,15 @@ pub async fn migrate(db: &DatabaseConnection, url: &str) -> anyhow::Result<()> {
             let lock = sqlite_lock_path(url);
             let file = match &lock {
                 Some(p) => Some(
-                    std::fs::OpenOptions::new()
-                        .create(true)
-                        .truncate(false)
-                        .write(true)
-                        .open(p)
-                        .with_context(|| format!("opening {}", p.display()))?,
+                    {
+                        let mut o = std::fs::OpenOptions::new();
+                        o.create(true).truncate(false).write(true);
+                        #[cfg(unix)]
+                        std::os::unix::fs::OpenOptionsExt::mode(&mut o, 0o600);
+                        o
+                    }
+                    .open(p)
+                    .with_context(|| format!("opening {}", p.display()))?,
                 ),
                 None => None,
             };
@@ -175,12 +181,63 @@ pub async fn migrate(db: &DatabaseConnection, url: &str) -> anyhow::Result<()> {
 }
 
 fn sqlite_lock_path(url: &str) -> Option<std::path::PathBuf> {
+    let path = sqlite_file_path(url)?;
+    Some(suffixed(&path, ".migrate-lock"))
+}
+
+/// The file a `sqlite:` URL names, if it names one (not `:memory:`).
+fn sqlite_file_path(url: &str) -> Option<std::path::PathBuf> {
     let path = url.strip_prefix("sqlite:")?.trim_start_matches("//");
     let path = path.split('?').next()?;
     if path.is_empty() || path.contains(":memory:") || url.contains("mode=memory") {
         return None;
     }
-    Some(std::path::PathBuf::from(format!("{path}.migrate-lock")))
+    Some(std::path::PathBuf::from(path))
+}
+
+fn suffixed(path: &std::path::Path, suffix: &str) -> std::path::PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(suffix);
+    s.into()
+}
+
+/// The database holds password hashes, sealed provider keys and everyone's usage: readable by the
+/// gateway's user only. A missing database file is created 0600 before SQLite opens it (SQLite
+/// then gives its `-wal` and `-shm` files the database file's mode); files an older version left
+/// readable by others are narrowed to 0600.
+fn private_sqlite_files(path: &std::path::Path) -> anyhow::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+        {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            // A directory that does not exist yet: let SQLite report it as it always has.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e).with_context(|| format!("creating {}", path.display())),
+        }
+        for f in [
+            path.to_path_buf(),
+            suffixed(path, "-wal"),
+            suffixed(path, "-shm"),
+            suffixed(path, ".migrate-lock"),
+        ] {
+            if let Ok(meta) = std::fs::metadata(&f)
+                && meta.permissions().mode() & 0o077 != 0
+            {
+                std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600))
+                    .with_context(|| format!("making {} private", f.display()))?;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = path;
+    Ok(())
 }
 
 /// `?page=&per_page=` resolved: 1 ≤ page ≤ [`MAX_PAGE`], 1 ≤ per_page ≤ [`MAX_PER_PAGE`].

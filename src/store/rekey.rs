@@ -30,7 +30,7 @@ pub struct RekeyReport {
 
 /// Re-seals one value under the ring's newest key; `Ok(None)` when it is already current.
 fn reseal(ring: &KeyRing, sealed: &str, aad: &str) -> Result<Option<String>, ()> {
-    if KeyRing::sealed_key_id(sealed) == Some(ring.current_id()) {
+    if KeyRing::sealed_key_id(sealed) == Some(ring.current_id().as_str()) {
         return Ok(None);
     }
     let plain = ring.open(sealed, aad).map_err(|_| ())?;

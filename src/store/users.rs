@@ -18,14 +18,24 @@ pub async fn find(
     users::Entity::find_by_id(id.to_owned()).one(db).await
 }
 
+/// The account whose username equals `username` ignoring case (usernames are unique that way on
+/// every database). MySQL/MariaDB's collation already compares without case, through the plain
+/// unique index; PostgreSQL and SQLite match `LOWER(username)`, which their unique expression
+/// index (migration `m20261203_000001_username_case`) serves.
 pub async fn find_by_username(
     db: &impl ConnectionTrait,
     username: &str,
 ) -> Result<Option<users::Model>, sea_orm::DbErr> {
-    users::Entity::find()
-        .filter(users::Column::Username.eq(username))
-        .one(db)
-        .await
+    let q = users::Entity::find();
+    let q = if db.get_database_backend() == sea_orm::DbBackend::MySql {
+        q.filter(users::Column::Username.eq(username))
+    } else {
+        q.filter(
+            Expr::expr(Func::lower(Expr::col(users::Column::Username)))
+                .eq(username.to_ascii_lowercase()),
+        )
+    };
+    q.one(db).await
 }
 
 /// Records `step` as the last accepted TOTP step, only if it is newer than the one stored.
