@@ -936,6 +936,9 @@ const V6_RANGES: &[&str] = &[
     "2001:db8::/32",
     "2002::/16",
     "2606:4700::/32",
+    "2001:40::/26",
+    "4000::/3",
+    "::/8",
     "3fff::/20",
     "5f00::/16",
     "fc00::/7",
@@ -1075,4 +1078,27 @@ fn ssrf_classifier() {
         }
     }
     fuzz("ssrf_classifier", ips(), |ip| check_ssrf(ip, &rt));
+}
+
+/// The sub-case of `ssrf_classifier` that fails until the classifier refuses IPv6 forms of
+/// internal addresses it let through (issue 18 item 12): SIIT embeddings of private IPv4
+/// addresses, and the registry's internal-use ranges (benchmarking, the 2024 documentation
+/// prefix, SRv6 SIDs). The addresses are `corpus/ssrf_classifier/siit_and_new_ranges.txt`.
+#[test]
+fn ssrf_classifier_refuses_siit_and_internal_ranges() {
+    let text = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fuzz/corpus/ssrf_classifier/siit_and_new_ranges.txt"),
+    )
+    .expect("corpus file");
+    let allowed: Vec<&str> = text
+        .lines()
+        .map(|l| l.split('#').next().unwrap_or("").trim())
+        .filter(|l| !l.is_empty())
+        .filter(|l| !tollgate::ssrf::is_forbidden(l.parse().expect("address")))
+        .collect();
+    assert!(
+        allowed.is_empty(),
+        "allowed as upstream addresses, must be refused: {allowed:?}"
+    );
 }

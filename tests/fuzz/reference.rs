@@ -304,7 +304,7 @@ pub fn v6_verdict(ip: Ipv6Addr) -> Verdict {
     if ip.is_unicast_link_local() {
         return Forbidden("fe80::/10 link-local");
     }
-    let table: [(&str, Verdict); 16] = [
+    let table: [(&str, Verdict); 17] = [
         (
             "64:ff9b:1::/48",
             Forbidden("64:ff9b:1::/48 local-use NAT64"),
@@ -322,19 +322,29 @@ pub fn v6_verdict(ip: Ipv6Addr) -> Verdict {
             "2001::/32",
             Forbidden("2001::/32 Teredo (hides IPv4 addresses)"),
         ),
+        ("2001:2::/48", Forbidden("2001:2::/48 benchmarking")),
+        // The rest of the IETF protocol assignments block: unassigned, routed nowhere.
         (
             "2001::/23",
-            Forbidden("2001::/23 IETF protocol assignments (incl. 2001:2::/48 benchmarking)"),
+            Either("2001::/23 unassigned IETF protocol assignments"),
         ),
         ("2001:db8::/32", Forbidden("2001:db8::/32 documentation")),
         ("3fff::/20", Forbidden("3fff::/20 documentation (RFC 9637)")),
-        ("5f00::/16", Forbidden("5f00::/16 SRv6 SIDs (RFC 9602)")),
+        (
+            "5f00::/16",
+            Forbidden("5f00::/16 SRv6 SIDs, internal to an operator (RFC 9602)"),
+        ),
         ("fec0::/10", Forbidden("fec0::/10 deprecated site-local")),
     ];
-    table
-        .iter()
-        .find(|(net, _)| v6net(net).contains(&ip))
-        .map_or(Public, |(_, v)| *v)
+    if let Some((_, v)) = table.iter().find(|(net, _)| v6net(net).contains(&ip)) {
+        return *v;
+    }
+    if v6net("2000::/3").contains(&ip) {
+        Public
+    } else {
+        // Outside global unicast: reserved by the IETF, routed nowhere (refusing is as good).
+        Either("outside 2000::/3, reserved")
+    }
 }
 
 pub fn verdict(ip: IpAddr) -> Verdict {
