@@ -164,6 +164,7 @@ fn v6_forbidden(ip: Ipv6Addr) -> bool {
         || (s[0] == 0x2001 && s[1] == 2 && s[2] == 0) // 2001:2::/48 benchmarking
         || (s[0] == 0x2001 && s[1] == 0x0db8) // 2001:db8::/32 documentation
         || (s[0] == 0x3fff && (s[1] & 0xf000) == 0) // 3fff::/20 documentation
+        || s[0] == 0x5f00 // 5f00::/16 SRv6 SIDs, internal to an operator (RFC 9602)
         || (s[0] == 0x0100 && s[1..4] == [0; 3]) // 100::/64 discard-only
 }
 
