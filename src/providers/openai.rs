@@ -49,8 +49,12 @@ fn is_empty_or_null(value: &[u8]) -> bool {
     }
 }
 
-/// A usage object (`null` or unreadable: none).
+/// A usage object (`null`, not an object, or unreadable: none, so the gateway counts itself).
 fn usage_in(value: &[u8]) -> Option<Usage> {
+    // serde reads a struct from an array too: `"usage": []` must not count as zero tokens.
+    if value.trim_ascii_start().first() != Some(&b'{') {
+        return None;
+    }
     serde_json::from_slice::<Option<WireUsage>>(value)
         .ok()
         .flatten()
@@ -183,6 +187,15 @@ mod tests {
         assert_eq!(v["model"], "mine");
         assert!(v.get("usage").is_none());
         assert_eq!(v["choices"][0]["delta"]["content"], "hi");
+    }
+
+    #[test]
+    fn usage_that_is_not_an_object_is_no_usage() {
+        for usage in ["[]", "[1,2,3]", "0", "\"x\""] {
+            let data = format!(r#"{{"model":"mine","choices":[],"usage":{usage}}}"#);
+            let m = OpenAi.map_event(data.as_bytes(), &ctx(false, false));
+            assert!(m.usage.is_none(), "{usage}");
+        }
     }
 
     #[test]

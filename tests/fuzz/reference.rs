@@ -248,6 +248,7 @@ fn embedded(hi: u16, lo: u16) -> Ipv4Addr {
 fn judge_embedded(v4: Ipv4Addr, what: &'static str, public: Verdict) -> Verdict {
     match v4_verdict(v4) {
         Verdict::Forbidden(_) => Verdict::Forbidden(what),
+        Verdict::Either(why) => Verdict::Either(why),
         _ => public,
     }
 }
