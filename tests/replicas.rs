@@ -712,9 +712,12 @@ impl Replica {
     fn start(dir: &Path, name: &str, db_url: &str, redis: Option<(&str, &str)>) -> Self {
         let mut toml = format!(
             "[server]\nlisten = \"127.0.0.1:0\"\n\n[database]\nurl = {db}\nmax_connections = 8\n\n\
-             [security]\nmaster_key = \"{TEST_MASTER_KEY}\"\njwt_secret = \"{jwt}\"\n",
+             [security]\nmaster_key = \"{TEST_MASTER_KEY}\"\njwt_secret = \"{jwt}\"\n\n\
+             [usage]\nspool_dir = {spool}\n",
             db = toml_string(db_url),
             jwt = "t".repeat(48),
+            // One usage spool per replica (a second process on a spool refuses to start).
+            spool = toml_string(&dir.join(format!("{name}.spool")).to_string_lossy()),
         );
         if let Some((url, prefix)) = redis {
             toml.push_str(&format!(
