@@ -320,6 +320,7 @@ fn usage_rows(fx: &Fixture) -> Vec<Settled> {
                     prompt: 412,
                     completion: 38 + i as i64 % 50,
                     cached: 128,
+                    ..Default::default()
                 },
                 prices: Prices {
                     input: 2_500_000_000,

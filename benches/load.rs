@@ -7,7 +7,8 @@
 //! `wrk`, `nginx-light`). Loopback only; the output also goes to `benches/results/latest.txt`.
 //! Environment: `LOAD_SECS` (per run, default 10), `LOAD_CONNECTIONS` (default 32),
 //! `LOAD_NGINX` (an nginx binary; `none` for the hyper pass-through), `LOAD_WRK` (a wrk binary),
-//! `LOAD_TOLLGATE_BIN` (another tollgate binary to measure), `LOAD_BILLING=0` (no key budget,
+//! `LOAD_TOLLGATE_BIN` (another tollgate binary to measure), `LOAD_BASELINE_BIN` (a second build
+//! measured in the same run, e.g. the previous commit's), `LOAD_BILLING=0` (no key budget,
 //! balance enforcement off: no reservations), `LOAD_MODES` (`non-stream`, `stream`, or both,
 //! comma-separated; the default is both).
 //! `--soak` (or `LOAD_SOAK_SECS`) instead runs tollgate alone at a fixed rate
@@ -154,6 +155,28 @@ fn run() -> anyhow::Result<()> {
     )?;
     let tg_url = format!("http://{}/v1/chat/completions", tg.addr);
 
+    // (d) optionally, another build of tollgate with an upstream of its own (so each upstream
+    // counts one gateway's requests), measured in the same run.
+    let baseline = match std::env::var_os("LOAD_BASELINE_BIN") {
+        Some(bin) if !soak => {
+            let up = Upstream::start()?;
+            let base = Tollgate::start_bin(
+                &ctl,
+                tmp.path(),
+                "baseline",
+                PathBuf::from(bin),
+                true,
+                &format!("http://{}/v1", up.addr),
+                billing,
+            )?;
+            Some((up, base))
+        }
+        _ => None,
+    };
+    let base_url = baseline
+        .as_ref()
+        .map(|(_, b)| format!("http://{}/v1/chat/completions", b.addr));
+
     let plain = tmp.path().join("body-plain.json");
     let stream = tmp.path().join("body-stream.json");
     std::fs::write(&plain, common::chat_body(false))?;
@@ -162,6 +185,10 @@ fn run() -> anyhow::Result<()> {
     let client = reqwest::Client::new();
     ctl.block_on(sanity(&client, &tg_url, &key, true))
         .context("tollgate does not answer as expected")?;
+    if let (Some((_, b)), Some(url)) = (&baseline, &base_url) {
+        ctl.block_on(sanity(&client, url, &b.fixture.key_secret, true))
+            .context("the baseline tollgate does not answer as expected")?;
+    }
     // The two sanity requests above went through tollgate too.
     let sanity_requests = 2u64;
 
@@ -190,11 +217,14 @@ fn run() -> anyhow::Result<()> {
     let rss_idle = vm_kb(tg.pid(), "VmRSS");
     describe_setup(&mut log, &wrk, secs, conns, &reference, &tg);
 
-    let targets = [
+    let mut targets = vec![
         (Target::Direct, up_url.as_str()),
         (Target::Reference, ref_url.as_str()),
         (Target::Tollgate, tg_url.as_str()),
     ];
+    if let Some(url) = &base_url {
+        targets.push((Target::Baseline, url.as_str()));
+    }
     let mut rows: Vec<Row> = Vec::new();
     let mut tollgate_answered = 0u64;
     let mut rss_peak_load = 0u64;
@@ -203,14 +233,31 @@ fn run() -> anyhow::Result<()> {
             continue;
         }
         let script = write_script(tmp.path(), mode.name(), body, &key)?;
-        for (target, url) in targets {
+        let base_script = match &baseline {
+            Some((_, b)) => Some(write_script(
+                tmp.path(),
+                &format!("{}-baseline", mode.name()),
+                body,
+                &b.fixture.key_secret,
+            )?),
+            None => None,
+        };
+        for &(target, url) in &targets {
+            let script = match (target, &base_script) {
+                (Target::Baseline, Some(s)) => s,
+                _ => &script,
+            };
             let cpu = || match target {
                 Target::Direct => upstream.cpu_ticks(),
                 Target::Reference => reference.cpu_ticks(),
                 Target::Tollgate => proc_cpu_ticks(tg.pid()).unwrap_or(0),
+                Target::Baseline => baseline
+                    .as_ref()
+                    .and_then(|(_, b)| proc_cpu_ticks(b.pid()))
+                    .unwrap_or(0),
             };
             eprintln!("load: {} / {} …", mode.name(), target.name());
-            let warm = wrk_run(&wrk, url, &script, conns.min(2), conns, WARMUP_SECS)?;
+            let warm = wrk_run(&wrk, url, script, conns.min(2), conns, WARMUP_SECS)?;
             log.raw(
                 &format!("{} {} warm-up", mode.name(), target.name()),
                 &warm.raw,
@@ -218,7 +265,7 @@ fn run() -> anyhow::Result<()> {
 
             let (up0, cpu0) = (upstream.cpu_ticks(), cpu());
             let sampler = (target == Target::Tollgate).then(|| RssSampler::start(tg.pid()));
-            let load = wrk_run(&wrk, url, &script, conns.min(2), conns, secs)?;
+            let load = wrk_run(&wrk, url, script, conns.min(2), conns, secs)?;
             if let Some(s) = sampler {
                 rss_peak_load = rss_peak_load.max(s.stop());
             }
@@ -248,13 +295,17 @@ fn run() -> anyhow::Result<()> {
         // burst lands on all three instead of on whichever target ran at that moment.
         let round_secs = single_round_secs(secs);
         for round in 1..=SINGLE_ROUNDS {
-            for (target, url) in targets {
+            for &(target, url) in &targets {
+                let script = match (target, &base_script) {
+                    (Target::Baseline, Some(s)) => s,
+                    _ => &script,
+                };
                 eprintln!(
                     "load: {} / {} 1 connection, round {round}/{SINGLE_ROUNDS} …",
                     mode.name(),
                     target.name()
                 );
-                let single = wrk_run(&wrk, url, &script, 1, 1, round_secs)?;
+                let single = wrk_run(&wrk, url, script, 1, 1, round_secs)?;
                 log.raw(
                     &format!(
                         "{} {} 1 connection, round {round}/{SINGLE_ROUNDS}",
@@ -324,6 +375,9 @@ fn run() -> anyhow::Result<()> {
     log.say(format!("load average at end: {}", loadavg()));
     drop(reference);
     tg.stop();
+    if let Some((_, b)) = baseline {
+        b.stop();
+    }
     let path = log.save()?;
     println!("\nwritten to {}", path.display());
     ensure!(
@@ -405,6 +459,8 @@ writes it, with every raw wrk report, to benches/results/latest.txt.
                         the hyper pass-through as the reference instead
   LOAD_WRK=PATH         wrk binary (default: wrk on PATH)
   LOAD_TOLLGATE_BIN=P   tollgate binary to measure (default: the one cargo built)
+  LOAD_BASELINE_BIN=P   another tollgate build (e.g. the previous commit's) measured in the same
+                        run, on its own database and upstream: adds tollgate ÷ baseline ratios
   LOAD_BILLING=0        no key budget, balance enforcement off (no reservations)
   LOAD_MODES=stream     only these modes (comma-separated: non-stream, stream; default both)
   --soak, LOAD_SOAK_SECS=300, LOAD_SOAK_RPS=200
@@ -450,6 +506,8 @@ enum Target {
     Direct,
     Reference,
     Tollgate,
+    /// `LOAD_BASELINE_BIN`: another tollgate build (e.g. the previous commit's), in the same run.
+    Baseline,
 }
 
 impl Target {
@@ -458,6 +516,7 @@ impl Target {
             Target::Direct => "direct",
             Target::Reference => "reference",
             Target::Tollgate => "tollgate",
+            Target::Baseline => "baseline",
         }
     }
 }
@@ -668,6 +727,20 @@ fn table(log: &mut Log, rows: &[Row]) {
             verdict(throughput, |r| r >= TARGET_THROUGHPUT),
             verdict(single_ratio_value(t, n), |r| r <= TARGET_SINGLE_P50),
         ));
+        if let Some(b) = get(Target::Baseline) {
+            log.say(format!(
+                "{:<11} tollgate ÷ baseline (LOAD_BASELINE_BIN, same run): throughput {}, p50@1 {}, CPU/req {}; baseline ÷ reference: throughput {}, p50@1 {}",
+                "",
+                ratio(t.load.rps(), b.load.rps()),
+                single_ratio(t, b),
+                match (t.cpu_us, b.cpu_us) {
+                    (Some(x), Some(y)) => ratio(x, y),
+                    _ => "-".into(),
+                },
+                ratio(b.load.rps(), n.load.rps()),
+                single_ratio(b, n),
+            ));
+        }
         let rounds: Vec<String> = (0..t.singles.len())
             .map(|i| {
                 let p = |r: &Row| r.singles.get(i).map_or(0.0, |s| s.p50_us / 1000.0);
@@ -1219,25 +1292,57 @@ impl Tollgate {
             Some(p) => PathBuf::from(p),
             None => PathBuf::from(env!("CARGO_BIN_EXE_tollgate")),
         };
+        Self::start_bin(ctl, tmp, "tollgate", bin, false, upstream_base, billing)
+    }
+
+    /// Runs `bin` on a database of its own in `tmp/name`. With `own_schema` the binary migrates
+    /// the database itself (an older build does not know this build's migrations), and the
+    /// fixture goes in through this build's store modules afterwards.
+    fn start_bin(
+        ctl: &Runtime,
+        tmp: &Path,
+        name: &str,
+        bin: PathBuf,
+        own_schema: bool,
+        upstream_base: &str,
+        billing: bool,
+    ) -> anyhow::Result<Self> {
         ensure!(bin.exists(), "no tollgate binary at {}", bin.display());
-        let dir = tmp.join("tollgate");
+        let dir = tmp.join(name);
         std::fs::create_dir_all(&dir)?;
         let db_url = format!("sqlite://{}?mode=rwc", dir.join("tollgate.db").display());
         let master_key = generate_master_key();
         let cfg = common::bench_config(&db_url, &master_key, billing);
         let ring = KeyRing::new(&[parse_master_key(&master_key)?])?;
-        let fixture = ctl.block_on(async {
-            let db = store::connect(&db_url, 2).await?;
-            store::migrate(&db, &db_url).await?;
-            let fx = common::create_fixture(&db, &ring, &cfg, upstream_base).await?;
-            db.close().await?;
-            anyhow::Ok(fx)
-        })?;
         let config_path = dir.join("config.toml");
         std::fs::write(
             &config_path,
             common::bench_config_toml(&db_url, &master_key, billing),
         )?;
+        if own_schema {
+            let out = Command::new(&bin)
+                .arg("--config")
+                .arg(&config_path)
+                .arg("migrate")
+                .current_dir(&dir)
+                .output()
+                .with_context(|| format!("{} migrate", bin.display()))?;
+            ensure!(
+                out.status.success(),
+                "{} migrate failed: {}",
+                bin.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let fixture = ctl.block_on(async {
+            let db = store::connect(&db_url, 2).await?;
+            if !own_schema {
+                store::migrate(&db, &db_url).await?;
+            }
+            let fx = common::create_fixture(&db, &ring, &cfg, upstream_base).await?;
+            db.close().await?;
+            anyhow::Ok(fx)
+        })?;
 
         let log_path = dir.join("tollgate.log");
         let log = std::fs::File::create(&log_path)?;

@@ -195,7 +195,7 @@ impl ApiError {
         }
     }
 
-    fn public_message(&self) -> String {
+    pub fn public_message(&self) -> String {
         match self {
             ApiError::Internal(_) => {
                 "The server had an error while processing your request.".into()

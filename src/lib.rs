@@ -13,6 +13,8 @@ pub mod crypto;
 pub mod edge;
 pub mod error;
 pub mod metering;
+pub mod pivot;
+pub mod protocols;
 pub mod providers;
 pub mod proxy;
 pub mod routes;

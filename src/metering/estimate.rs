@@ -150,6 +150,7 @@ pub fn estimate(endpoint: Endpoint, input: &EstimateInput) -> Estimate {
             prompt,
             completion,
             cached: 0,
+            ..Default::default()
         },
         tokenized_bytes: tokenized,
     }

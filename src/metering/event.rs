@@ -124,6 +124,7 @@ pub fn clamp(u: Usage, b: TokenBounds) -> (Usage, Clamped) {
             prompt: out_prompt,
             completion: out_completion,
             cached: out_cached,
+            ..Default::default()
         },
         Clamped {
             prompt: out_prompt < prompt,
@@ -272,6 +273,7 @@ mod tests {
             prompt: 1000,
             completion: 500,
             cached: 200,
+            ..Default::default()
         };
         // 800 × 2.5e9 + 200 × 1.25e9 + 500 × 10e9 = 2e12 + 0.25e12 + 5e12 = 7.25e12 → / 1e6 = 7_250_000 nanos
         assert_eq!(cost_nanos(u, p), 7_250_000);
@@ -287,7 +289,8 @@ mod tests {
                 Usage {
                     prompt: 1,
                     completion: 0,
-                    cached: 0
+                    cached: 0,
+                    ..Default::default()
                 },
                 Prices {
                     input: 1_500,
@@ -301,7 +304,8 @@ mod tests {
                 Usage {
                     prompt: 1,
                     completion: 0,
-                    cached: 0
+                    cached: 0,
+                    ..Default::default()
                 },
                 Prices {
                     input: 1_500_000,

@@ -488,6 +488,7 @@ fn settled(line: Line<'_>) -> Settled {
                 prompt: f.prompt,
                 completion: f.completion,
                 cached: f.cached,
+                ..Default::default()
             };
             e.latency_ms = f.latency_ms;
             e.ttft_ms = f.ttft_ms;
@@ -507,6 +508,7 @@ fn settled(line: Line<'_>) -> Settled {
                 prompt: s.body_len.div_ceil(4).min(i64::MAX as u64) as i64,
                 completion: 0,
                 cached: 0,
+                ..Default::default()
             };
             e.tokens_estimated = true;
             Settled {

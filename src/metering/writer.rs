@@ -427,6 +427,7 @@ mod tests {
                     prompt: p,
                     completion: c,
                     cached: ca,
+                    ..Default::default()
                 };
                 let prices = Prices {
                     input: i,
@@ -479,12 +480,12 @@ mod tests {
             i in 0i64..=1_000_000_000_000, o in 0i64..=1_000_000_000_000,
         ) {
             let b = TokenBounds { prompt: bp, completion: bc };
-            let (u, _) = clamp(Usage { prompt: p, completion: c, cached: ca }, b);
+            let (u, _) = clamp(Usage { prompt: p, completion: c, cached: ca, ..Default::default() }, b);
             prop_assert!((0..=bp).contains(&u.prompt));
             prop_assert!((0..=bc).contains(&u.completion));
             prop_assert!((0..=u.prompt).contains(&u.cached));
             let prices = Prices { input: i, output: o, cached_input: Some(i / 2) };
-            let most = cost_nanos(Usage { prompt: bp, completion: bc, cached: 0 }, prices);
+            let most = cost_nanos(Usage { prompt: bp, completion: bc, cached: 0, ..Default::default() }, prices);
             prop_assert!(cost_nanos(u, prices) <= most);
         }
 
@@ -520,6 +521,7 @@ mod tests {
             prompt: 0,
             completion: 9_000_000_000_000_000,
             cached: 0,
+            ..Default::default()
         };
         let p = Prices {
             input: 0,

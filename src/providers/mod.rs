@@ -78,12 +78,16 @@ impl Endpoint {
     }
 }
 
-/// Token counts as an upstream reports them (`prompt` includes `cached`).
+/// Token counts as an upstream reports them, one struct for every provider: `prompt` includes
+/// `cached` (read from the provider's cache) and `cache_write` (written to it); `completion`
+/// includes `reasoning`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Usage {
     pub prompt: i64,
     pub completion: i64,
     pub cached: i64,
+    pub cache_write: i64,
+    pub reasoning: i64,
 }
 
 /// What an adapter must do for the hot path.
@@ -147,6 +151,124 @@ pub enum EventOut {
 
 /// The adapter for a provider `kind`.
 pub fn adapter(kind: &str) -> Option<&'static dyn Adapter> {
+    match kind {
+        "openai" => Some(&openai::OpenAi),
+        _ => None,
+    }
+}
+
+/// What a translating provider needs to know beyond the pivot request.
+#[derive(Debug, Clone, Copy)]
+pub struct Target<'a> {
+    /// The provider's `base_url` (or the user's own), ending at the API's version path.
+    pub base_url: &'a str,
+    /// The model name the upstream knows (Azure: the deployment).
+    pub upstream_model: &'a str,
+    /// Azure's `api-version` (the `/openai/v1/` API when unset).
+    pub api_version: Option<&'a str>,
+    /// Bedrock's AWS region.
+    pub region: Option<&'a str>,
+    /// Sent where the upstream requires an output bound and the client gave none (Anthropic's
+    /// `max_tokens`): the model's `max_output_tokens`, else 4096.
+    pub default_max_tokens: u64,
+}
+
+/// An operation a translating provider may serve.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Operation {
+    Chat,
+    Embeddings,
+    /// Anthropic's `/v1/messages/count_tokens`.
+    CountTokens,
+}
+
+/// Something went wrong inside an upstream stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StreamFault {
+    /// One event (or frame) is larger than `upstream.max_sse_event_bytes`.
+    TooLarge,
+    /// The upstream reported an error in the stream (Anthropic's `event: error`, a Bedrock
+    /// exception frame, …).
+    Upstream(crate::pivot::UpstreamError),
+    /// The upstream sent something that is not its protocol.
+    Malformed(String),
+}
+
+/// A provider reached through the pivot (`providers/<kind>.rs`): it encodes the OpenAI chat
+/// request into its own and decodes its answers, streams, usage and errors back.
+pub trait Translator: Send + Sync + 'static {
+    /// The full upstream URL of `op`.
+    fn url(
+        &self,
+        t: &Target<'_>,
+        op: Operation,
+        stream: bool,
+    ) -> Result<String, crate::error::ApiError>;
+    /// Auth and protocol headers (`content-type` is set by the caller). `url` and `body` are the
+    /// exact request, for providers that sign it (Bedrock, SigV4).
+    fn headers(
+        &self,
+        headers: &mut HeaderMap,
+        provider_key: &str,
+        t: &Target<'_>,
+        url: &str,
+        body: &[u8],
+    ) -> Result<(), crate::error::ApiError>;
+    /// The upstream body of a chat request. A feature the upstream cannot serve is a 400 that
+    /// names it (`unsupported_tool`, `n` above 1, …).
+    fn encode_chat(
+        &self,
+        req: &crate::pivot::ChatRequest,
+        t: &Target<'_>,
+    ) -> Result<Vec<u8>, crate::error::ApiError>;
+    /// A complete chat answer, usage included (`usage` `None` only when the upstream gave none).
+    fn decode_chat(
+        &self,
+        body: &[u8],
+        t: &Target<'_>,
+    ) -> Result<crate::pivot::ChatResponse, crate::error::ApiError>;
+    /// A decoder for one chat stream.
+    fn chat_stream(&self, t: &Target<'_>, max_event_bytes: usize) -> Box<dyn ChunkDecoder>;
+    /// An upstream error answer in neutral terms (status mapped for OpenAI routes).
+    fn decode_error(&self, status: u16, body: &[u8]) -> crate::pivot::UpstreamError;
+    /// The upstream body of an OpenAI embeddings request (`None`: this kind has no embeddings).
+    fn encode_embeddings(
+        &self,
+        _req: &serde_json::Value,
+        _t: &Target<'_>,
+    ) -> Option<Result<Vec<u8>, crate::error::ApiError>> {
+        None
+    }
+    /// An OpenAI embeddings response (`{object: "list", data, model, usage}`) from the upstream's.
+    fn decode_embeddings(
+        &self,
+        _body: &[u8],
+        _t: &Target<'_>,
+    ) -> Result<(serde_json::Value, Option<Usage>), crate::error::ApiError> {
+        Err(crate::error::ApiError::internal(anyhow::anyhow!(
+            "this provider has no embeddings"
+        )))
+    }
+}
+
+/// Turns one upstream stream into pivot chunks. Fed the raw bytes as they arrive (it does its
+/// own framing: SSE, or AWS event-stream frames), bounded by the limit it was made with.
+pub trait ChunkDecoder: Send {
+    /// Bytes in; the chunks they complete appended to `out`.
+    fn push(
+        &mut self,
+        bytes: &[u8],
+        out: &mut Vec<crate::pivot::ChatChunk>,
+    ) -> Result<(), StreamFault>;
+    /// The upstream ended: whatever is left. `Err` when it ended before its protocol's end
+    /// (the client is then told the answer is incomplete).
+    fn finish(&mut self, out: &mut Vec<crate::pivot::ChatChunk>) -> Result<(), StreamFault>;
+    /// The usage the stream reported so far (cumulative where the protocol is).
+    fn usage(&self) -> Option<Usage>;
+}
+
+/// The translator for a provider `kind`, when it has one.
+pub fn translator(kind: &str) -> Option<&'static dyn Translator> {
     match kind {
         "openai" => Some(&openai::OpenAi),
         _ => None,

@@ -4,8 +4,16 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, header};
 use serde::Deserialize;
 
-use super::{Adapter, Endpoint, EventCtx, EventOut, MappedEvent, Usage, model_json, scan};
+use super::{
+    Adapter, ChunkDecoder, Endpoint, EventCtx, EventOut, MappedEvent, Operation, StreamFault,
+    Target, Translator, Usage, model_json, scan,
+};
+use crate::error::ApiError;
+use crate::pivot::{
+    ChatChunk, ChatRequest, ChatResponse, Content, UpstreamError, WireUsage as WireUsageOut,
+};
 use crate::proxy::request::RequestView;
+use crate::proxy::stream::{EventTooLarge, SseScanner};
 
 pub struct OpenAi;
 
@@ -17,6 +25,14 @@ struct WireUsage {
     completion_tokens: i64,
     #[serde(default)]
     prompt_tokens_details: Option<PromptDetails>,
+    #[serde(default)]
+    completion_tokens_details: Option<CompletionDetails>,
+}
+
+#[derive(Deserialize)]
+struct CompletionDetails {
+    #[serde(default)]
+    reasoning_tokens: Option<i64>,
 }
 
 #[derive(Deserialize)]
@@ -35,6 +51,12 @@ impl From<WireUsage> for Usage {
                 .and_then(|d| d.cached_tokens)
                 .unwrap_or(0)
                 .clamp(0, u.prompt_tokens.max(0)),
+            cache_write: 0,
+            reasoning: u
+                .completion_tokens_details
+                .and_then(|d| d.reasoning_tokens)
+                .unwrap_or(0)
+                .clamp(0, u.completion_tokens.max(0)),
         }
     }
 }
@@ -145,6 +167,233 @@ impl Adapter for OpenAi {
     }
 }
 
+// ---- through the pivot: another client protocol (Anthropic, Responses) to an OpenAI upstream ----
+
+/// Removes the pivot's extensions an OpenAI-compatible API does not take (strict servers answer
+/// 400 to unknown fields).
+fn strip_extensions(req: &mut ChatRequest) {
+    req.thinking = None;
+    req.store = None;
+    req.metadata = None;
+    for m in &mut req.messages {
+        m.reasoning_blocks.clear();
+        m.reasoning_content = None;
+        if let Some(Content::Parts(parts)) = &mut m.content {
+            for p in parts {
+                p.cache_control = None;
+            }
+        }
+    }
+    for t in &mut req.tools {
+        t.cache_control = None;
+    }
+}
+
+/// OpenAI's error body: `{"error": {"message", "type", "code"}}`.
+pub fn decode_openai_error(status: u16, body: &[u8]) -> UpstreamError {
+    #[derive(Deserialize)]
+    struct Body {
+        error: Obj,
+    }
+    #[derive(Deserialize)]
+    struct Obj {
+        #[serde(default)]
+        message: Option<String>,
+        #[serde(default, rename = "type")]
+        kind: Option<String>,
+        #[serde(default)]
+        code: Option<serde_json::Value>,
+    }
+    let parsed = serde_json::from_slice::<Body>(body).ok();
+    let status = if status == 529 { 503 } else { status };
+    let (message, kind, code) = match parsed {
+        Some(b) => (
+            b.error.message,
+            b.error.kind,
+            b.error.code.and_then(|c| match c {
+                serde_json::Value::String(s) => Some(s),
+                serde_json::Value::Number(n) => Some(n.to_string()),
+                _ => None,
+            }),
+        ),
+        None => (None, None, None),
+    };
+    UpstreamError {
+        status,
+        kind: kind.unwrap_or_else(|| UpstreamError::kind_for_status(status).to_owned()),
+        message: message.unwrap_or_else(|| format!("The upstream answered {status}.")),
+        code,
+    }
+}
+
+impl Translator for OpenAi {
+    fn url(&self, t: &Target<'_>, op: Operation, _stream: bool) -> Result<String, ApiError> {
+        let path = match op {
+            Operation::Chat => "/chat/completions",
+            Operation::Embeddings => "/embeddings",
+            Operation::CountTokens => {
+                return Err(ApiError::internal(anyhow::anyhow!(
+                    "an OpenAI upstream cannot count tokens"
+                )));
+            }
+        };
+        Ok(format!("{}{path}", t.base_url.trim_end_matches('/')))
+    }
+
+    fn headers(
+        &self,
+        headers: &mut HeaderMap,
+        provider_key: &str,
+        _t: &Target<'_>,
+        _url: &str,
+        _body: &[u8],
+    ) -> Result<(), ApiError> {
+        Adapter::auth(self, headers, provider_key);
+        Ok(())
+    }
+
+    fn encode_chat(&self, req: &ChatRequest, t: &Target<'_>) -> Result<Vec<u8>, ApiError> {
+        let mut req = req.clone();
+        req.model = t.upstream_model.to_owned();
+        strip_extensions(&mut req);
+        if req.stream {
+            req.stream_options = Some(serde_json::json!({"include_usage": true}));
+        } else {
+            req.stream_options = None;
+        }
+        serde_json::to_vec(&req).map_err(ApiError::internal)
+    }
+
+    fn decode_chat(&self, body: &[u8], _t: &Target<'_>) -> Result<ChatResponse, ApiError> {
+        let mut resp: ChatResponse =
+            serde_json::from_slice(body).map_err(|e| ApiError::Upstream {
+                status: http::StatusCode::BAD_GATEWAY,
+                message: format!("The upstream's answer is not a chat completion: {e}"),
+                code: "upstream_error",
+            })?;
+        resp.usage = resp.usage.map(bounded_wire);
+        Ok(resp)
+    }
+
+    fn chat_stream(&self, _t: &Target<'_>, max_event_bytes: usize) -> Box<dyn ChunkDecoder> {
+        Box::new(ChunkStream {
+            scanner: SseScanner::new(max_event_bytes),
+            usage: None,
+            done: false,
+        })
+    }
+
+    fn decode_error(&self, status: u16, body: &[u8]) -> UpstreamError {
+        decode_openai_error(status, body)
+    }
+
+    fn encode_embeddings(
+        &self,
+        req: &serde_json::Value,
+        t: &Target<'_>,
+    ) -> Option<Result<Vec<u8>, ApiError>> {
+        let mut req = req.clone();
+        if let Some(o) = req.as_object_mut() {
+            o.insert("model".into(), t.upstream_model.into());
+        }
+        Some(serde_json::to_vec(&req).map_err(ApiError::internal))
+    }
+
+    fn decode_embeddings(
+        &self,
+        body: &[u8],
+        _t: &Target<'_>,
+    ) -> Result<(serde_json::Value, Option<Usage>), ApiError> {
+        let v: serde_json::Value =
+            serde_json::from_slice(body).map_err(|e| ApiError::Upstream {
+                status: http::StatusCode::BAD_GATEWAY,
+                message: format!("The upstream's answer is not JSON: {e}"),
+                code: "upstream_error",
+            })?;
+        let usage = v
+            .get("usage")
+            .and_then(|u| serde_json::to_vec(u).ok())
+            .and_then(|u| usage_in(&u));
+        Ok((v, usage))
+    }
+}
+
+/// Negative counts are no counts (the meter bounds the rest).
+fn bounded_wire(mut w: WireUsageOut) -> WireUsageOut {
+    w.prompt_tokens = w.prompt_tokens.max(0);
+    w.completion_tokens = w.completion_tokens.max(0);
+    w.total_tokens = w.prompt_tokens.saturating_add(w.completion_tokens);
+    w
+}
+
+/// An OpenAI chat stream, decoded into pivot chunks.
+struct ChunkStream {
+    scanner: SseScanner,
+    usage: Option<Usage>,
+    done: bool,
+}
+
+impl ChunkStream {
+    fn event(&mut self, data: &[u8], out: &mut Vec<ChatChunk>) -> Result<(), StreamFault> {
+        if data == b"[DONE]" {
+            self.done = true;
+            return Ok(());
+        }
+        if let Ok(v) = serde_json::from_slice::<serde_json::Value>(data)
+            && v.get("error").is_some()
+            && v.get("choices").is_none()
+        {
+            return Err(StreamFault::Upstream(decode_openai_error(502, data)));
+        }
+        let mut chunk: ChatChunk = serde_json::from_slice(data).map_err(|e| {
+            StreamFault::Malformed(format!("a chunk that is not a chat chunk: {e}"))
+        })?;
+        if let Some(u) = chunk.usage.take() {
+            let u = bounded_wire(u);
+            self.usage = Some(Usage::from(u));
+            chunk.usage = Some(u);
+        }
+        out.push(chunk);
+        Ok(())
+    }
+}
+
+impl ChunkDecoder for ChunkStream {
+    fn push(&mut self, bytes: &[u8], out: &mut Vec<ChatChunk>) -> Result<(), StreamFault> {
+        self.scanner.push(bytes);
+        loop {
+            match self.scanner.next_event() {
+                Ok(Some(ev)) => {
+                    if let Some(data) = ev.data {
+                        self.event(&data, out)?;
+                    }
+                }
+                Ok(None) => return Ok(()),
+                Err(EventTooLarge) => return Err(StreamFault::TooLarge),
+            }
+        }
+    }
+
+    fn finish(&mut self, out: &mut Vec<ChatChunk>) -> Result<(), StreamFault> {
+        if let Some(ev) = self.scanner.finish()
+            && let Some(data) = ev.data
+        {
+            self.event(&data, out)?;
+        }
+        if self.done || self.usage.is_some() {
+            Ok(())
+        } else {
+            Err(StreamFault::Malformed(
+                "the upstream ended the stream before [DONE]".into(),
+            ))
+        }
+    }
+
+    fn usage(&self) -> Option<Usage> {
+        self.usage
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -167,7 +416,8 @@ mod tests {
             Some(Usage {
                 prompt: 9,
                 completion: 3,
-                cached: 4
+                cached: 4,
+                ..Default::default()
             })
         );
         assert_eq!(m.out, EventOut::Drop);
@@ -219,7 +469,8 @@ mod tests {
             Some(Usage {
                 prompt: 5,
                 completion: 2,
-                cached: 0
+                cached: 0,
+                ..Default::default()
             })
         );
         let v: serde_json::Value = serde_json::from_slice(&out).expect("json");

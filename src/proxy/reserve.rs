@@ -62,6 +62,7 @@ pub fn max_cost(
             prompt,
             completion,
             cached: 0,
+            ..Default::default()
         },
         Prices {
             input: m.input_price_nanos,

@@ -1,0 +1,530 @@
+//! The pivot: OpenAI chat completions, typed.
+//!
+//! Every translated exchange goes client protocol → pivot → provider and back (ARCHITECTURE.md,
+//! "Part two"). A client protocol (`protocols/`) decodes its request into a [`ChatRequest`] and
+//! encodes [`ChatResponse`]s and [`ChatChunk`]s back; a provider (`providers/`) encodes the
+//! [`ChatRequest`] into its own request and decodes its answer, stream and usage into the pivot.
+//! When client and provider speak the same protocol nothing here is used: the body passes
+//! through.
+//!
+//! The types follow OpenAI's chat completion objects field by field, so the OpenAI chat protocol
+//! is `serde_json` in and out. Two extensions carry what other protocols have and OpenAI's chat
+//! objects lack, so it survives a round trip instead of being dropped:
+//! - `reasoning_content` (text, as DeepSeek, vLLM and OpenRouter name it) and `reasoning_blocks`
+//!   (signed or opaque reasoning: Anthropic thinking with its signature, redacted thinking,
+//!   OpenAI encrypted reasoning) on assistant messages and deltas;
+//! - `cache_control` on content parts, tools and system text (Anthropic prompt caching);
+//!   `thinking` on the request (Anthropic's extended thinking settings).
+//!
+//! Unknown fields are kept in `extra` maps, so an OpenAI client's field the gateway does not
+//! know still reaches an OpenAI-compatible upstream through a translated protocol.
+
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::{Map, Value};
+
+use crate::providers::Usage;
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+/// `POST /v1/chat/completions`' body.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ChatRequest {
+    pub model: String,
+    pub messages: Vec<Message>,
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub stream: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream_options: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_tokens: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_completion_tokens: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_p: Option<f64>,
+    /// `stop`: a string or an array of strings; always an array here.
+    #[serde(
+        default,
+        deserialize_with = "string_or_seq",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub stop: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub n: Option<u64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tools: Vec<Tool>,
+    /// `"none" | "auto" | "required" | {"type": "function", "function": {"name"}}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_choice: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parallel_tool_calls: Option<bool>,
+    /// `{"type": "text" | "json_object"}` or `{"type": "json_schema", "json_schema": {name, schema, strict}}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response_format: Option<Value>,
+    /// `"minimal" | "low" | "medium" | "high"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reasoning_effort: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store: Option<bool>,
+    /// Extension: Anthropic's `thinking` (`{"type": "enabled", "budget_tokens": n}`), carried from
+    /// an Anthropic client to an Anthropic-shaped upstream.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thinking: Option<Value>,
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+impl ChatRequest {
+    /// The output bound the client set, whichever field it used.
+    pub fn max_output(&self) -> Option<u64> {
+        self.max_completion_tokens.or(self.max_tokens)
+    }
+
+    /// The client asked for usage on the stream.
+    pub fn include_usage(&self) -> bool {
+        self.stream_options
+            .as_ref()
+            .and_then(|o| o.get("include_usage"))
+            .and_then(Value::as_bool)
+            .unwrap_or(false)
+    }
+}
+
+fn string_or_seq<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match Option::<OneOrMany>::deserialize(d)? {
+        None => Vec::new(),
+        Some(OneOrMany::One(s)) => vec![s],
+        Some(OneOrMany::Many(v)) => v,
+    })
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    System,
+    Developer,
+    #[default]
+    User,
+    Assistant,
+    Tool,
+    /// The legacy `function` role's result (treated as a tool result).
+    Function,
+}
+
+/// One message of the conversation.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Message {
+    pub role: Role,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content: Option<Content>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCall>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refusal: Option<String>,
+    /// Extension: the assistant's reasoning as plain text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reasoning_content: Option<String>,
+    /// Extension: reasoning that must go back to its provider exactly (signatures, opaque data).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reasoning_blocks: Vec<ReasoningBlock>,
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+impl Message {
+    /// A message of `role` with text content.
+    pub fn text(role: Role, text: impl Into<String>) -> Self {
+        Self {
+            role,
+            content: Some(Content::Text(text.into())),
+            ..Self::default()
+        }
+    }
+
+    /// All text parts joined (images and other parts skipped).
+    pub fn text_content(&self) -> String {
+        match &self.content {
+            None => String::new(),
+            Some(Content::Text(t)) => t.clone(),
+            Some(Content::Parts(parts)) => parts
+                .iter()
+                .filter_map(|p| p.text.as_deref())
+                .collect::<Vec<_>>()
+                .join(""),
+        }
+    }
+}
+
+/// A message's content: a string, or an array of parts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Content {
+    Text(String),
+    Parts(Vec<Part>),
+}
+
+/// One content part. A flat struct rather than an enum, so a part type the gateway does not
+/// know (`input_audio`, `file`, …) survives with its fields in `extra`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Part {
+    /// `text`, `image_url`, `input_audio`, `file`, `refusal`, …
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_url: Option<ImageUrl>,
+    /// Extension: Anthropic's `{"type": "ephemeral", "ttl"?}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_control: Option<Value>,
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+impl Part {
+    pub fn text(text: impl Into<String>) -> Self {
+        Self {
+            kind: "text".into(),
+            text: Some(text.into()),
+            ..Self::default()
+        }
+    }
+
+    pub fn image(url: impl Into<String>) -> Self {
+        Self {
+            kind: "image_url".into(),
+            image_url: Some(ImageUrl {
+                url: url.into(),
+                detail: None,
+            }),
+            ..Self::default()
+        }
+    }
+}
+
+/// An image by URL, or inline as `data:<media type>;base64,<data>`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ImageUrl {
+    pub url: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+impl ImageUrl {
+    /// `(media type, base64 data)` when the URL is a base64 `data:` URL.
+    pub fn as_data(&self) -> Option<(&str, &str)> {
+        let rest = self.url.strip_prefix("data:")?;
+        let (media, data) = rest.split_once(',')?;
+        let media = media.strip_suffix(";base64")?;
+        Some((media, data))
+    }
+}
+
+/// An assistant's call of a function tool.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ToolCall {
+    pub id: String,
+    #[serde(rename = "type", default = "function_type")]
+    pub kind: String,
+    pub function: FunctionCall,
+}
+
+fn function_type() -> String {
+    "function".into()
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct FunctionCall {
+    pub name: String,
+    /// JSON text, as OpenAI sends it.
+    #[serde(default)]
+    pub arguments: String,
+}
+
+/// A tool the model may call. `kind` other than `function` (OpenAI's built-in tools) is kept
+/// in `extra`; a provider that cannot serve it refuses with 400 `unsupported_tool`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Tool {
+    #[serde(rename = "type", default = "function_type")]
+    pub kind: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub function: Option<FunctionDef>,
+    /// Extension: Anthropic prompt caching on the tool list.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_control: Option<Value>,
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct FunctionDef {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// JSON Schema of the arguments.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parameters: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strict: Option<bool>,
+}
+
+/// Reasoning a provider needs back verbatim on the next turn.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ReasoningBlock {
+    /// `thinking` (Anthropic, text + signature), `redacted_thinking` (Anthropic, opaque `data`),
+    /// `encrypted` (OpenAI Responses `encrypted_content` in `data`, with its item `id`),
+    /// `thought_signature` (Gemini, in `signature`).
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+}
+
+/// A complete chat completion.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ChatResponse {
+    pub id: String,
+    #[serde(default = "completion_object")]
+    pub object: String,
+    #[serde(default)]
+    pub created: i64,
+    pub model: String,
+    pub choices: Vec<Choice>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<WireUsage>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system_fingerprint: Option<String>,
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+fn completion_object() -> String {
+    "chat.completion".into()
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Choice {
+    #[serde(default)]
+    pub index: u32,
+    pub message: Message,
+    /// `stop`, `length`, `tool_calls`, `content_filter`.
+    #[serde(default)]
+    pub finish_reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logprobs: Option<Value>,
+}
+
+/// One streamed chunk.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ChatChunk {
+    #[serde(default)]
+    pub id: String,
+    #[serde(default = "chunk_object")]
+    pub object: String,
+    #[serde(default)]
+    pub created: i64,
+    #[serde(default)]
+    pub model: String,
+    #[serde(default)]
+    pub choices: Vec<ChunkChoice>,
+    /// Only on the last chunk (`stream_options.include_usage`), with `choices` empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<WireUsage>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system_fingerprint: Option<String>,
+}
+
+fn chunk_object() -> String {
+    "chat.completion.chunk".into()
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ChunkChoice {
+    #[serde(default)]
+    pub index: u32,
+    #[serde(default)]
+    pub delta: Delta,
+    #[serde(default)]
+    pub finish_reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logprobs: Option<Value>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Delta {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<Role>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refusal: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reasoning_content: Option<String>,
+    /// A reasoning block, complete, or its signature arriving after its text.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reasoning_blocks: Vec<ReasoningBlock>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCallDelta>,
+}
+
+/// A piece of a tool call: the first piece of a call has `id` and the function's `name`, later
+/// ones add to `arguments`; `index` says which call.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ToolCallDelta {
+    pub index: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(rename = "type", default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    #[serde(default)]
+    pub function: FunctionDelta,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct FunctionDelta {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub arguments: Option<String>,
+}
+
+/// OpenAI's `usage` object, with the details tollgate meters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireUsage {
+    #[serde(default)]
+    pub prompt_tokens: i64,
+    #[serde(default)]
+    pub completion_tokens: i64,
+    #[serde(default)]
+    pub total_tokens: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_tokens_details: Option<PromptDetails>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completion_tokens_details: Option<CompletionDetails>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PromptDetails {
+    #[serde(default)]
+    pub cached_tokens: i64,
+    /// Extension: prompt tokens written to the provider's cache (Anthropic cache creation).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub cache_write_tokens: i64,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CompletionDetails {
+    #[serde(default)]
+    pub reasoning_tokens: i64,
+}
+
+fn is_zero(n: &i64) -> bool {
+    *n == 0
+}
+
+impl From<Usage> for WireUsage {
+    fn from(u: Usage) -> Self {
+        Self {
+            prompt_tokens: u.prompt,
+            completion_tokens: u.completion,
+            total_tokens: u.prompt.saturating_add(u.completion),
+            prompt_tokens_details: Some(PromptDetails {
+                cached_tokens: u.cached,
+                cache_write_tokens: u.cache_write,
+            }),
+            completion_tokens_details: Some(CompletionDetails {
+                reasoning_tokens: u.reasoning,
+            }),
+        }
+    }
+}
+
+impl From<WireUsage> for Usage {
+    fn from(w: WireUsage) -> Self {
+        let p = w.prompt_tokens_details.unwrap_or_default();
+        Self {
+            prompt: w.prompt_tokens,
+            completion: w.completion_tokens,
+            cached: p.cached_tokens,
+            cache_write: p.cache_write_tokens,
+            reasoning: w
+                .completion_tokens_details
+                .unwrap_or_default()
+                .reasoning_tokens,
+        }
+    }
+}
+
+/// An error an upstream answered with, in protocol-neutral terms, for the client protocol to
+/// render in its own shape.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamError {
+    /// The HTTP status the client gets (an upstream's 529 is 503 on OpenAI routes).
+    pub status: u16,
+    /// OpenAI-style `type`: `invalid_request_error`, `authentication_error`,
+    /// `permission_error`, `not_found_error`, `rate_limit_error`, `api_error`,
+    /// `overloaded_error`.
+    pub kind: String,
+    pub message: String,
+    /// OpenAI-style `code` when the upstream gave one (`context_length_exceeded`, …).
+    pub code: Option<String>,
+}
+
+impl From<&crate::error::ApiError> for UpstreamError {
+    fn from(e: &crate::error::ApiError) -> Self {
+        let (status, kind, code) = e.parts();
+        Self {
+            status: status.as_u16(),
+            kind: kind.to_owned(),
+            message: e.public_message(),
+            code: code.map(str::to_owned),
+        }
+    }
+}
+
+impl UpstreamError {
+    /// An upstream answer that is not its protocol.
+    pub fn malformed(what: impl Into<String>) -> Self {
+        Self {
+            status: 502,
+            kind: "api_error".into(),
+            message: what.into(),
+            code: Some("upstream_error".into()),
+        }
+    }
+
+    /// The OpenAI error `type` that goes with an HTTP status, for upstreams that give none.
+    pub fn kind_for_status(status: u16) -> &'static str {
+        match status {
+            400 | 404 | 409 | 413 | 415 | 422 => "invalid_request_error",
+            401 => "authentication_error",
+            403 => "permission_error",
+            429 => "rate_limit_error",
+            503 | 529 => "overloaded_error",
+            _ => "api_error",
+        }
+    }
+}
