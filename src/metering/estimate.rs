@@ -66,7 +66,13 @@ fn prompt_tokens_counted(endpoint: Endpoint, body: &[u8], tokenized: &mut usize)
     let mut text = String::new();
     let mut framing = 0;
     match endpoint {
-        Endpoint::ChatCompletions => {
+        // Translated protocols keep the pivot (an OpenAI chat body); pass-through Responses
+        // bodies carry `input`, Anthropic ones `messages`.
+        Endpoint::ChatCompletions
+        | Endpoint::Responses
+        | Endpoint::Messages
+        | Endpoint::CountTokens => {
+            req.input.iter().for_each(|p| strings(p, &mut text, "\n"));
             for m in req.messages.iter().flatten() {
                 framing += 4;
                 strings(m, &mut text, "\n");
@@ -86,7 +92,7 @@ pub fn completion_tokens(endpoint: Endpoint, payloads: &[Bytes]) -> i64 {
 }
 
 fn completion_tokens_counted(endpoint: Endpoint, payloads: &[Bytes], tokenized: &mut usize) -> i64 {
-    if endpoint == Endpoint::Embeddings {
+    if matches!(endpoint, Endpoint::Embeddings | Endpoint::CountTokens) {
         return 0;
     }
     let mut text = String::new();

@@ -52,3 +52,12 @@ pub trait ChunkEncoder: Send {
         None
     }
 }
+
+/// The client protocol of a `/v1` endpoint, when requests to it can be translated.
+pub fn for_endpoint(endpoint: crate::providers::Endpoint) -> Option<&'static dyn ClientProtocol> {
+    use crate::providers::Endpoint;
+    match endpoint {
+        Endpoint::ChatCompletions => Some(&openai_chat::OpenAiChat),
+        _ => None,
+    }
+}

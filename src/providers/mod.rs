@@ -9,32 +9,46 @@ pub mod scan;
 use bytes::Bytes;
 use http::HeaderMap;
 
-/// Which OpenAI operation a request is.
+/// Which `/v1` operation a request is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Endpoint {
     ChatCompletions,
     Completions,
     Embeddings,
+    /// OpenAI's Responses API.
+    Responses,
+    /// Anthropic's Messages API.
+    Messages,
+    /// Anthropic's `/v1/messages/count_tokens`.
+    CountTokens,
 }
 
 impl Endpoint {
+    /// Every endpoint, in [`Endpoint::index`] order.
+    pub const ALL: [Endpoint; 6] = [
+        Self::ChatCompletions,
+        Self::Completions,
+        Self::Embeddings,
+        Self::Responses,
+        Self::Messages,
+        Self::CountTokens,
+    ];
+
     /// Name used in usage records and metrics.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::ChatCompletions => "chat.completions",
             Self::Completions => "completions",
             Self::Embeddings => "embeddings",
+            Self::Responses => "responses",
+            Self::Messages => "messages",
+            Self::CountTokens => "messages.count_tokens",
         }
     }
 
     /// The endpoint served at `path` (`/v1/…`), if any.
     pub fn from_v1_path(path: &str) -> Option<Self> {
-        match path {
-            "/v1/chat/completions" => Some(Self::ChatCompletions),
-            "/v1/completions" => Some(Self::Completions),
-            "/v1/embeddings" => Some(Self::Embeddings),
-            _ => None,
-        }
+        Self::ALL.into_iter().find(|e| e.v1_path() == path)
     }
 
     /// The full route, `/v1` included.
@@ -43,38 +57,45 @@ impl Endpoint {
             Self::ChatCompletions => "/v1/chat/completions",
             Self::Completions => "/v1/completions",
             Self::Embeddings => "/v1/embeddings",
+            Self::Responses => "/v1/responses",
+            Self::Messages => "/v1/messages",
+            Self::CountTokens => "/v1/messages/count_tokens",
         }
     }
 
-    /// 0, 1, 2: for per-endpoint arrays.
+    /// Position in [`Endpoint::ALL`]: for per-endpoint arrays.
     pub fn index(self) -> usize {
-        match self {
-            Self::ChatCompletions => 0,
-            Self::Completions => 1,
-            Self::Embeddings => 2,
-        }
+        self as usize
     }
 
-    /// Path below the provider's base URL.
+    /// Path below an OpenAI-compatible provider's base URL.
     pub fn path(self) -> &'static str {
         match self {
             Self::ChatCompletions => "/chat/completions",
             Self::Completions => "/completions",
             Self::Embeddings => "/embeddings",
+            Self::Responses => "/responses",
+            Self::Messages => "/messages",
+            Self::CountTokens => "/messages/count_tokens",
         }
     }
 
     /// The catalog model type that serves this endpoint.
     pub fn model_type(self) -> &'static str {
         match self {
-            Self::ChatCompletions => "chat",
+            Self::ChatCompletions | Self::Responses | Self::Messages | Self::CountTokens => "chat",
             Self::Completions => "completion",
             Self::Embeddings => "embedding",
         }
     }
 
     pub fn can_stream(self) -> bool {
-        !matches!(self, Self::Embeddings)
+        !matches!(self, Self::Embeddings | Self::CountTokens)
+    }
+
+    /// Errors on this route have Anthropic's shape.
+    pub fn anthropic_errors(self) -> bool {
+        matches!(self, Self::Messages | Self::CountTokens)
     }
 }
 

@@ -1,4 +1,4 @@
-//! ① auth: the gateway key from `Authorization: Bearer` or `api-key` → its [`KeyCtx`], from the
+//! ① auth: the gateway key from `Authorization: Bearer`, `api-key` or `x-api-key` → its [`KeyCtx`], from the
 //! cache (a hit never touches the database), looked up by SHA-256 of the secret.
 
 use std::sync::Arc;
@@ -21,11 +21,14 @@ pub fn presented_key(headers: &HeaderMap) -> Option<&str> {
             return Some(token.trim()).filter(|t| !t.is_empty());
         }
     }
-    headers
-        .get("api-key")
-        .and_then(|v| v.to_str().ok())
-        .map(str::trim)
-        .filter(|t| !t.is_empty())
+    // `api-key` (Azure-style clients), `x-api-key` (Anthropic's SDKs and Claude Code).
+    ["api-key", "x-api-key"].into_iter().find_map(|h| {
+        headers
+            .get(h)
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+    })
 }
 
 fn invalid(message: String) -> ApiError {

@@ -6,10 +6,12 @@
 pub mod admit;
 pub mod auth;
 pub mod meter;
+pub mod passthrough;
 pub mod request;
 pub mod reserve;
 pub mod route;
 pub mod stream;
+pub mod translate;
 pub mod upstream;
 
 use std::net::IpAddr;
@@ -193,7 +195,23 @@ async fn run(
 
     // ④ upstream — from here the request is billed even if the process is killed.
     meter.spool(&state.spool);
-    let upstream_body = route.adapter.map_request(&view, &m.upstream_model);
+    let adapter = match route.adapter {
+        Some(a) if route.passes_through(endpoint) => a,
+        _ => {
+            let resp = translated(
+                &state,
+                &route,
+                endpoint,
+                &view,
+                &bytes,
+                meter,
+                request_id_header.as_ref(),
+            )
+            .await;
+            return with_rate(resp, &rate);
+        }
+    };
+    let upstream_body = adapter.map_request(&view, &m.upstream_model);
     let cfg = &state.config.upstream;
     let resp = match upstream::send(
         &state.http,
@@ -239,7 +257,8 @@ async fn run(
         let mut body = MeteredStream::new(
             resp.into_body(),
             StreamMapping {
-                adapter: route.adapter,
+                adapter: Some(adapter),
+                reader: None,
                 client_model: view.model.clone(),
                 upstream_model: m.upstream_model.clone(),
                 client_wants_usage: view.include_usage,
@@ -283,10 +302,7 @@ async fn run(
         }
     };
     let out_body = if status.is_success() {
-        let (mapped, usage) =
-            route
-                .adapter
-                .map_response(body.clone(), &view.model, &m.upstream_model);
+        let (mapped, usage) = adapter.map_response(body.clone(), &view.model, &m.upstream_model);
         let kept = if usage.is_none() {
             KeptPayloads::one(body)
         } else {
@@ -322,6 +338,61 @@ async fn run(
     with_rate(out, &rate)
 }
 
+/// A request whose client protocol is not its provider's: through the pivot.
+async fn translated(
+    state: &AppState,
+    route: &route::Route,
+    endpoint: Endpoint,
+    view: &RequestView<'_>,
+    bytes: &Bytes,
+    mut meter: Meter,
+    request_id: Option<&HeaderValue>,
+) -> Response {
+    if endpoint == Endpoint::Embeddings {
+        return translate::embeddings(state, route, bytes, &view.model, meter, request_id).await;
+    }
+    let Some(protocol) = crate::protocols::for_endpoint(endpoint) else {
+        let e = ApiError::invalid_param(
+            "model",
+            format!(
+                "{} is served only by OpenAI-compatible providers; the model `{}` is on a `{}` provider.",
+                endpoint.v1_path(),
+                view.model,
+                route.kind
+            ),
+        );
+        meter.finish(400, None, KeptPayloads::default(), Some("untranslatable"));
+        return e.into_response();
+    };
+    let pivot = match translate::decode(protocol, bytes, &view.model) {
+        Ok(p) => p,
+        Err(e) => {
+            meter.finish(400, None, KeptPayloads::default(), Some("invalid_request"));
+            return translate::api_error_response(protocol, e);
+        }
+    };
+    meter.facts.keep_body(&translate::pivot_body(&pivot));
+    let ctx = crate::protocols::EncodeCtx {
+        client_model: view.model.clone(),
+        include_usage: pivot.include_usage(),
+        created: chrono::Utc::now().timestamp(),
+        id: None,
+    };
+    translate::forward(
+        state,
+        route,
+        translate::Exchange {
+            protocol,
+            pivot,
+            ctx,
+            on_done: None,
+        },
+        meter,
+        request_id,
+    )
+    .await
+}
+
 /// The client's body, at most `limit` bytes, all of it within `timeout_secs` (408 past it: a
 /// client dribbling its body would otherwise hold the connection and its buffer forever).
 /// A body that has already arrived completes on the first poll, before the timer is registered.
@@ -347,7 +418,7 @@ async fn read_body(body: Body, limit: usize, timeout_secs: u64) -> Result<Bytes,
 }
 
 /// Reads a complete upstream body with an idle timeout between chunks.
-async fn collect(
+pub(crate) async fn collect(
     mut body: upstream::ResponseBody,
     idle: Duration,
     meter: &mut Meter,

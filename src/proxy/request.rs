@@ -256,6 +256,17 @@ impl<'a> RequestView<'a> {
     /// Serialises the fields back, replacing `model`, and for streams forcing
     /// `stream_options.include_usage = true` (other stream options kept).
     pub fn rewrite(&self, upstream_model: &str) -> Vec<u8> {
+        self.build(upstream_model, true)
+    }
+
+    /// The body with only `model` replaced: for protocols that have no `stream_options`
+    /// (Anthropic's Messages API, the Responses API).
+    pub fn with_model(&self, upstream_model: &str) -> Vec<u8> {
+        self.build(upstream_model, false)
+    }
+
+    fn build(&self, upstream_model: &str, inject_usage: bool) -> Vec<u8> {
+        let inject = inject_usage && self.stream;
         let cap = self
             .fields
             .iter()
@@ -281,14 +292,14 @@ impl<'a> RequestView<'a> {
                 "model" => {
                     let _ = serde_json::to_writer(&mut out, upstream_model);
                 }
-                "stream_options" if self.stream => {
+                "stream_options" if inject => {
                     saw_options = true;
                     out.extend_from_slice(&with_include_usage(v));
                 }
                 _ => out.extend_from_slice(v.get().as_bytes()),
             }
         }
-        if self.stream && !saw_options {
+        if inject && !saw_options {
             push_key(&mut out, "stream_options");
             out.extend_from_slice(br#"{"include_usage":true}"#);
         }

@@ -7,13 +7,29 @@ use secrecy::SecretString;
 
 use crate::cache::{CatalogModel, KeyCtx};
 use crate::error::ApiError;
-use crate::providers::{self, Adapter, Endpoint};
+use crate::providers::{self, Adapter, Endpoint, Target, Translator};
 use crate::state::AppState;
 
 /// Where and how to send one request.
 pub struct Route {
-    pub adapter: &'static dyn Adapter,
+    /// The zero-copy pass-through, for a client that speaks the provider's protocol (OpenAI
+    /// chat, completions, embeddings to an `openai` provider).
+    pub adapter: Option<&'static dyn Adapter>,
+    /// The pivot translation (every kind but plain pass-through).
+    pub translator: Option<&'static dyn Translator>,
+    /// The provider's `kind`.
+    pub kind: String,
+    /// The pass-through URL (the adapter's), empty without an adapter.
     pub url: String,
+    /// The base URL in use (the user's own `base_url`, else the provider's).
+    pub base_url: String,
+    pub upstream_model: String,
+    pub api_version: Option<String>,
+    pub region: Option<String>,
+    /// The provider serves OpenAI's `/responses` (requests go there untranslated).
+    pub supports_responses: bool,
+    /// The model's `max_output_tokens`, else 4096: sent where an upstream requires a bound.
+    pub default_max_tokens: u64,
     pub provider_key: Arc<SecretString>,
     pub shared_key: bool,
     pub provider_key_id: String,
@@ -27,6 +43,30 @@ impl std::fmt::Debug for Route {
             .field("url", &self.url)
             .field("shared_key", &self.shared_key)
             .finish_non_exhaustive()
+    }
+}
+
+impl Route {
+    /// What a translator needs to know.
+    pub fn target(&self) -> Target<'_> {
+        Target {
+            base_url: &self.base_url,
+            upstream_model: &self.upstream_model,
+            api_version: self.api_version.as_deref(),
+            region: self.region.as_deref(),
+            default_max_tokens: self.default_max_tokens,
+        }
+    }
+
+    /// The client speaks the provider's own protocol: the body passes through.
+    pub fn passes_through(&self, endpoint: Endpoint) -> bool {
+        match endpoint {
+            Endpoint::ChatCompletions | Endpoint::Completions | Endpoint::Embeddings => {
+                self.adapter.is_some()
+            }
+            Endpoint::Messages | Endpoint::CountTokens => self.kind == "anthropic",
+            Endpoint::Responses => self.supports_responses,
+        }
     }
 }
 
@@ -48,13 +88,15 @@ pub async fn route(
         ));
     }
     let provider = &model.provider;
-    let adapter = providers::adapter(&provider.kind).ok_or_else(|| {
-        ApiError::internal(anyhow::anyhow!(
+    let adapter = providers::adapter(&provider.kind);
+    let translator = providers::translator(&provider.kind);
+    if adapter.is_none() && translator.is_none() {
+        return Err(ApiError::internal(anyhow::anyhow!(
             "provider {} has unsupported kind {}",
             provider.key,
             provider.kind
-        ))
-    })?;
+        )));
+    }
     let entry = state
         .caches
         .provider_key(&state.db, &key.user_id, &provider.key)
@@ -79,7 +121,20 @@ pub async fn route(
     let base = entry.base_url.as_deref().unwrap_or(&provider.base_url);
     Ok(Route {
         adapter,
-        url: adapter.url(base, endpoint),
+        translator,
+        kind: provider.kind.clone(),
+        url: adapter.map(|a| a.url(base, endpoint)).unwrap_or_default(),
+        base_url: base.to_owned(),
+        upstream_model: model.model.upstream_model.clone(),
+        api_version: None,
+        region: None,
+        supports_responses: false,
+        default_max_tokens: model
+            .model
+            .max_output_tokens
+            .and_then(|n| u64::try_from(n).ok())
+            .filter(|n| *n > 0)
+            .unwrap_or(4096),
         provider_key: secret,
         shared_key: entry.shared,
         provider_key_id: entry.id.clone(),

@@ -225,8 +225,19 @@ pub struct StreamLimits {
 }
 
 /// How a stream's events are mapped for the client.
+/// Reads the usage of a stream relayed untouched in a protocol other than OpenAI chat
+/// (Anthropic's Messages, the Responses API), whose usage is spread over several events.
+pub trait UsageReader: Send {
+    /// One event's `data` payload.
+    fn on_event(&mut self, data: &[u8]);
+    /// The usage so far.
+    fn usage(&self) -> Option<Usage>;
+}
+
 pub struct StreamMapping {
-    pub adapter: &'static dyn Adapter,
+    /// Maps OpenAI chat events (`None`: events pass untouched and `reader` reads the usage).
+    pub adapter: Option<&'static dyn Adapter>,
+    pub reader: Option<Box<dyn UsageReader>>,
     pub client_model: String,
     pub upstream_model: String,
     /// The client asked for usage; else the usage-only chunk is removed.
@@ -305,13 +316,27 @@ impl<B> MeteredStream<B> {
             self.out.extend_from_slice(&ev.raw);
             return;
         };
+        let Some(adapter) = self.map.adapter else {
+            if let Some(r) = self.map.reader.as_mut() {
+                r.on_event(&data);
+                let usage = r.usage();
+                if usage.is_some() {
+                    self.usage = usage;
+                    self.kept.clear();
+                } else {
+                    self.kept.push(data);
+                }
+            }
+            self.out.extend_from_slice(&ev.raw);
+            return;
+        };
         let ctx = EventCtx {
             client_model: &self.map.client_model,
             client_model_json: &self.client_model_json,
             upstream_model: &self.map.upstream_model,
             client_wants_usage: self.map.client_wants_usage,
         };
-        let mapped = self.map.adapter.map_event(&data, &ctx);
+        let mapped = adapter.map_event(&data, &ctx);
         if let Some(u) = mapped.usage {
             self.usage = Some(u);
             self.kept.clear();

@@ -221,31 +221,68 @@ pub async fn send(
     request_id: Option<&HeaderValue>,
     first_byte_timeout: Duration,
 ) -> Result<Response<ResponseBody>, ApiError> {
-    let mut req = Request::post(&route.url)
+    let mut headers = http::HeaderMap::new();
+    if let Some(adapter) = route.adapter {
+        adapter.auth(&mut headers, route.provider_key.expose_secret());
+    }
+    send_to(
+        client,
+        Outbound {
+            url: &route.url,
+            guarded: route.guarded,
+            headers,
+            body,
+            stream,
+            request_id,
+        },
+        first_byte_timeout,
+    )
+    .await
+}
+
+/// One upstream request, its auth headers already made.
+pub struct Outbound<'a> {
+    pub url: &'a str,
+    /// Connect only to public addresses (a user's own `base_url`).
+    pub guarded: bool,
+    /// Auth and protocol headers (`content-type` and `accept` are set here).
+    pub headers: http::HeaderMap,
+    pub body: Bytes,
+    pub stream: bool,
+    pub request_id: Option<&'a HeaderValue>,
+}
+
+/// Sends `out`; resolves when the upstream's response headers arrive.
+pub async fn send_to(
+    client: &HttpClient,
+    out: Outbound<'_>,
+    first_byte_timeout: Duration,
+) -> Result<Response<ResponseBody>, ApiError> {
+    let url = out.url;
+    let mut req = Request::post(url)
         .header(header::CONTENT_TYPE, "application/json")
         .header(
             header::ACCEPT,
-            if stream {
+            if out.stream {
                 "text/event-stream"
             } else {
                 "application/json"
             },
         )
-        .body(Full::new(body))
+        .body(Full::new(out.body))
         .map_err(|e| ApiError::internal(anyhow::anyhow!("building upstream request: {e}")))?;
-    if let Some(v) = request_id {
+    if let Some(v) = out.request_id {
         req.headers_mut()
             .insert(crate::edge::X_REQUEST_ID, v.clone());
     }
-    route
-        .adapter
-        .auth(req.headers_mut(), route.provider_key.expose_secret());
+    req.headers_mut().extend(out.headers);
     req.headers_mut().insert(
         header::ACCEPT_ENCODING,
         HeaderValue::from_static("identity"),
     );
+    let guarded = out.guarded;
     let decoding = tower_http::decompression::Decompression::new(tower::service_fn(|req| {
-        client.request(req, route.guarded)
+        client.request(req, guarded)
     }));
     match tokio::time::timeout(
         first_byte_timeout,
@@ -256,7 +293,7 @@ pub async fn send(
         Ok(Ok(resp)) => match resp.headers().get(header::CONTENT_ENCODING) {
             // Still encoded: one tower-http does not decode (the header is removed when it does).
             Some(enc) if !enc.as_bytes().eq_ignore_ascii_case(b"identity") => {
-                tracing::warn!(encoding = ?enc, url = %route.url, "upstream answered in an unreadable encoding");
+                tracing::warn!(encoding = ?enc, url = %url, "upstream answered in an unreadable encoding");
                 Err(ApiError::Upstream {
                     status: http::StatusCode::BAD_GATEWAY,
                     message: "The upstream provider answered in a content-encoding the gateway cannot read.".into(),
@@ -266,7 +303,7 @@ pub async fn send(
             _ => Ok(resp),
         },
         Ok(Err(e)) => {
-            tracing::warn!(error = %e, url = %route.url, "upstream request failed");
+            tracing::warn!(error = %e, url = %url, "upstream request failed");
             Err(ApiError::Upstream {
                 status: http::StatusCode::BAD_GATEWAY,
                 message: "Could not reach the upstream provider.".into(),

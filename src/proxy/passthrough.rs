@@ -1,0 +1,232 @@
+//! ④–⑤ for a client that speaks its provider's own protocol other than OpenAI chat: Anthropic's
+//! Messages API to an `anthropic` provider, the Responses API to a Responses-capable one. The body
+//! goes up with only its model replaced (and, for Responses, its history filled in); the answer
+//! and the stream come back untouched, read only for their usage. Errors the upstream answers
+//! are already in the client's shape and pass through too.
+
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::response::Response;
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, StatusCode, header};
+
+use crate::error::ApiError;
+use crate::metering::event::KeptPayloads;
+use crate::protocols::ClientProtocol;
+use crate::providers::Usage;
+use crate::proxy::meter::Meter;
+use crate::proxy::route::Route;
+use crate::proxy::stream::{MeteredStream, StreamLimits, StreamMapping, UsageReader};
+use crate::proxy::translate::api_error_response;
+use crate::proxy::upstream::{self, Outbound};
+use crate::state::AppState;
+
+/// Called with a complete success body (non-stream) once it is metered: the Responses API
+/// stores the response from it.
+pub type OnBody = Box<dyn FnOnce(&Bytes, Option<Usage>) + Send>;
+
+/// One pass-through request.
+pub struct Foreign {
+    pub url: String,
+    /// Auth and protocol headers.
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    pub stream: bool,
+    /// Reads a stream's usage.
+    pub reader: Box<dyn UsageReader>,
+    /// Reads a complete body's usage.
+    pub usage_of_body: fn(&[u8]) -> Option<Usage>,
+    /// Renders the gateway's own errors.
+    pub protocol: &'static dyn ClientProtocol,
+    pub on_body: Option<OnBody>,
+}
+
+/// Request headers a client of these protocols sends that its upstream must see.
+pub const FORWARDED: [&str; 3] = ["anthropic-version", "anthropic-beta", "openai-beta"];
+
+/// Copies the [`FORWARDED`] headers the client sent (they replace the gateway's defaults).
+pub fn forward_headers(from: &HeaderMap, to: &mut HeaderMap) {
+    for name in FORWARDED {
+        let mut values = from.get_all(name).iter().peekable();
+        if values.peek().is_none() {
+            continue;
+        }
+        to.remove(name);
+        for v in values {
+            to.append(name, v.clone());
+        }
+    }
+}
+
+pub async fn forward(
+    state: &AppState,
+    route: &Route,
+    f: Foreign,
+    client_model: &str,
+    mut meter: Meter,
+    request_id: Option<&HeaderValue>,
+) -> Response {
+    let cfg = &state.config.upstream;
+    let sent = upstream::send_to(
+        &state.http,
+        Outbound {
+            url: &f.url,
+            guarded: route.guarded,
+            headers: f.headers,
+            body: f.body,
+            stream: f.stream,
+            request_id,
+        },
+        Duration::from_secs(cfg.first_byte_timeout_secs),
+    )
+    .await;
+    let resp = match sent {
+        Ok(r) => r,
+        Err(e) => {
+            let kind = if e.parts().0 == StatusCode::GATEWAY_TIMEOUT {
+                "timeout"
+            } else {
+                "connect"
+            };
+            state
+                .metrics
+                .upstream_errors_total
+                .with_label_values(&[kind])
+                .inc();
+            meter.finish(
+                e.parts().0.as_u16(),
+                None,
+                KeptPayloads::default(),
+                e.parts().2,
+            );
+            return api_error_response(f.protocol, e);
+        }
+    };
+    let status = resp.status();
+    let idle = Duration::from_secs(cfg.idle_timeout_secs);
+    let is_sse = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"));
+    let passed = passed_headers(resp.headers());
+
+    if status.is_success() && f.stream && is_sse {
+        let body = MeteredStream::new(
+            resp.into_body(),
+            StreamMapping {
+                adapter: None,
+                reader: Some(f.reader),
+                client_model: client_model.to_owned(),
+                upstream_model: route.upstream_model.clone(),
+                client_wants_usage: true,
+            },
+            meter,
+            StreamLimits {
+                idle_timeout: idle,
+                max_event_bytes: cfg.max_sse_event_bytes,
+            },
+            state.metrics.active_streams.clone(),
+        );
+        let mut out = Response::new(Body::new(body));
+        let h = out.headers_mut();
+        h.extend(passed);
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/event-stream; charset=utf-8"),
+        );
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+        h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+        return out;
+    }
+
+    let content_type = resp.headers().get(header::CONTENT_TYPE).cloned();
+    let body = match super::collect(resp.into_body(), idle, &mut meter).await {
+        Ok(b) => b,
+        Err(e) => {
+            state
+                .metrics
+                .upstream_errors_total
+                .with_label_values(&["body"])
+                .inc();
+            meter.finish(
+                e.parts().0.as_u16(),
+                None,
+                KeptPayloads::default(),
+                Some("upstream_body"),
+            );
+            return api_error_response(f.protocol, e);
+        }
+    };
+    if status.is_success() {
+        let usage = (f.usage_of_body)(&body);
+        let kept = if usage.is_none() {
+            KeptPayloads::one(body.clone())
+        } else {
+            KeptPayloads::default()
+        };
+        meter.finish(status.as_u16(), usage, kept, None);
+        if let Some(on_body) = f.on_body {
+            on_body(&body, usage);
+        }
+    } else {
+        let kind = if status.is_client_error() {
+            "status_4xx"
+        } else {
+            "status_5xx"
+        };
+        state
+            .metrics
+            .upstream_errors_total
+            .with_label_values(&[kind])
+            .inc();
+        meter.finish(
+            status.as_u16(),
+            None,
+            KeptPayloads::default(),
+            Some("upstream_status"),
+        );
+    }
+    let mut out = Response::new(Body::from(body));
+    *out.status_mut() = status;
+    let h = out.headers_mut();
+    h.extend(passed);
+    h.insert(
+        header::CONTENT_TYPE,
+        content_type.unwrap_or_else(|| HeaderValue::from_static("application/json")),
+    );
+    out
+}
+
+/// Upstream response headers a client of these protocols reads (rate limits, retry hints,
+/// request ids).
+fn passed_headers(from: &HeaderMap) -> HeaderMap {
+    let mut out = HeaderMap::new();
+    for (name, value) in from {
+        let n = name.as_str();
+        if n == "retry-after"
+            || n == "retry-after-ms"
+            || n == "request-id"
+            || n == "x-should-retry"
+            || n == "openai-processing-ms"
+            || n.starts_with("anthropic-ratelimit-")
+            || n.starts_with("x-ratelimit-")
+        {
+            out.append(name.clone(), value.clone());
+        }
+    }
+    out
+}
+
+/// A Responses or Messages request the gateway cannot send anywhere: the error in the client's
+/// shape, metered.
+pub fn refuse(protocol: &'static dyn ClientProtocol, meter: Meter, e: ApiError) -> Response {
+    meter.finish(
+        e.parts().0.as_u16(),
+        None,
+        KeptPayloads::default(),
+        Some("invalid_request"),
+    );
+    api_error_response(protocol, e)
+}

@@ -1,0 +1,590 @@
+//! ④–⑤ through the pivot: the client's protocol is not the provider's. The client's request,
+//! already decoded into the pivot, is encoded for the provider by its [`Translator`]; the
+//! answer comes back through the pivot into the client's protocol — a complete body at once, a
+//! stream chunk by chunk as it arrives (never buffered whole). Usage is the provider's own
+//! report; the meter estimates only when there is none.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::response::{IntoResponse, Response};
+use bytes::{Bytes, BytesMut};
+use http::{HeaderMap, HeaderValue, StatusCode, header};
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use secrecy::ExposeSecret;
+use tokio::time::Sleep;
+
+use crate::error::ApiError;
+use crate::metering::event::KeptPayloads;
+use crate::pivot::{ChatChunk, ChatRequest, UpstreamError};
+use crate::protocols::{ChunkEncoder, ClientProtocol, EncodeCtx};
+use crate::providers::{ChunkDecoder, Operation, StreamFault, Usage};
+use crate::proxy::meter::Meter;
+use crate::proxy::route::Route;
+use crate::proxy::upstream::{self, Outbound};
+use crate::state::AppState;
+
+/// Called once with the object the client got (a complete body, or what the stream's encoder
+/// built) when the answer is complete: the Responses API stores it.
+pub type OnDone = Box<dyn FnOnce(serde_json::Value, Option<Usage>) + Send>;
+
+/// One translated exchange.
+pub struct Exchange {
+    pub protocol: &'static dyn ClientProtocol,
+    pub pivot: ChatRequest,
+    pub ctx: EncodeCtx,
+    pub on_done: Option<OnDone>,
+}
+
+/// An error answer in the client protocol's shape.
+pub fn error_response(protocol: &dyn ClientProtocol, err: &UpstreamError) -> Response {
+    let status = StatusCode::from_u16(err.status).unwrap_or(StatusCode::BAD_GATEWAY);
+    let mut resp = Response::new(Body::from(protocol.error_body(err.status, err)));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+/// A gateway error in the client protocol's shape, keeping the headers the gateway's own
+/// renderer sets (`retry-after`, …).
+pub fn api_error_response(protocol: &dyn ClientProtocol, err: ApiError) -> Response {
+    let neutral = UpstreamError::from(&err);
+    let mut resp = err.into_response();
+    *resp.body_mut() = Body::from(protocol.error_body(neutral.status, &neutral));
+    resp
+}
+
+fn fault_error(fault: StreamFault, max: usize) -> (UpstreamError, &'static str) {
+    match fault {
+        StreamFault::TooLarge => (
+            UpstreamError {
+                status: 502,
+                kind: "api_error".into(),
+                message: format!(
+                    "The upstream sent an event larger than this gateway accepts ({max} bytes); the stream was ended."
+                ),
+                code: Some("upstream_event_too_large".into()),
+            },
+            "upstream_event_too_large",
+        ),
+        StreamFault::Upstream(e) => (e, "upstream_stream_error"),
+        StreamFault::Malformed(what) => {
+            tracing::warn!(%what, "upstream stream is not its protocol");
+            (
+                UpstreamError::malformed(
+                    "The upstream's stream ended early or was not in its protocol.",
+                ),
+                "upstream_malformed",
+            )
+        }
+    }
+}
+
+/// Sends the exchange along `route` (which has a translator) and answers in the client's
+/// protocol. Every outcome finishes `meter` exactly once.
+pub async fn forward(
+    state: &AppState,
+    route: &Route,
+    x: Exchange,
+    mut meter: Meter,
+    request_id: Option<&HeaderValue>,
+) -> Response {
+    let Some(translator) = route.translator else {
+        let e = ApiError::internal(anyhow::anyhow!("route {} has no translator", route.kind));
+        meter.finish(500, None, KeptPayloads::default(), Some("internal"));
+        return api_error_response(x.protocol, e);
+    };
+    let t = route.target();
+    let stream = x.pivot.stream;
+    let prepared = translator.encode_chat(&x.pivot, &t).and_then(|body| {
+        let url = translator.url(&t, Operation::Chat, stream)?;
+        let mut headers = HeaderMap::new();
+        translator.headers(
+            &mut headers,
+            route.provider_key.expose_secret(),
+            &t,
+            &url,
+            &body,
+        )?;
+        Ok((url, headers, body))
+    });
+    let (url, headers, body) = match prepared {
+        Ok(p) => p,
+        Err(e) => {
+            meter.finish(
+                e.parts().0.as_u16(),
+                None,
+                KeptPayloads::default(),
+                Some("untranslatable"),
+            );
+            return api_error_response(x.protocol, e);
+        }
+    };
+    let cfg = &state.config.upstream;
+    let sent = upstream::send_to(
+        &state.http,
+        Outbound {
+            url: &url,
+            guarded: route.guarded,
+            headers,
+            body: Bytes::from(body),
+            stream,
+            request_id,
+        },
+        Duration::from_secs(cfg.first_byte_timeout_secs),
+    )
+    .await;
+    let resp = match sent {
+        Ok(r) => r,
+        Err(e) => {
+            let kind = if e.parts().0 == StatusCode::GATEWAY_TIMEOUT {
+                "timeout"
+            } else {
+                "connect"
+            };
+            state
+                .metrics
+                .upstream_errors_total
+                .with_label_values(&[kind])
+                .inc();
+            meter.finish(
+                e.parts().0.as_u16(),
+                None,
+                KeptPayloads::default(),
+                e.parts().2,
+            );
+            return api_error_response(x.protocol, e);
+        }
+    };
+    let status = resp.status();
+    let idle = Duration::from_secs(cfg.idle_timeout_secs);
+
+    if status.is_success() && stream {
+        let max = cfg.max_sse_event_bytes;
+        let mut encoder = x.protocol.stream_encoder(&x.ctx);
+        let mut out = BytesMut::new();
+        encoder.start(&mut out);
+        let body = TranslatedStream {
+            upstream: Box::pin(resp.into_body()),
+            decoder: translator.chat_stream(&t, max),
+            encoder,
+            chunks: Vec::new(),
+            out,
+            kept: KeptPayloads::default(),
+            meter: Some(meter),
+            idle: Box::pin(tokio::time::sleep(idle)),
+            idle_timeout: idle,
+            max_event_bytes: max,
+            ended: false,
+            on_done: x.on_done,
+            active_streams: state.metrics.active_streams.clone(),
+        };
+        body.active_streams.inc();
+        let mut out = Response::new(Body::new(body));
+        let h = out.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/event-stream; charset=utf-8"),
+        );
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+        h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+        return out;
+    }
+
+    let body = match super::collect(resp.into_body(), idle, &mut meter).await {
+        Ok(b) => b,
+        Err(e) => {
+            state
+                .metrics
+                .upstream_errors_total
+                .with_label_values(&["body"])
+                .inc();
+            meter.finish(
+                e.parts().0.as_u16(),
+                None,
+                KeptPayloads::default(),
+                Some("upstream_body"),
+            );
+            return api_error_response(x.protocol, e);
+        }
+    };
+    if !status.is_success() {
+        let kind = if status.is_client_error() {
+            "status_4xx"
+        } else {
+            "status_5xx"
+        };
+        state
+            .metrics
+            .upstream_errors_total
+            .with_label_values(&[kind])
+            .inc();
+        let err = translator.decode_error(status.as_u16(), &body);
+        meter.finish(
+            status.as_u16(),
+            None,
+            KeptPayloads::default(),
+            Some("upstream_status"),
+        );
+        return error_response(x.protocol, &err);
+    }
+    let answer = match translator.decode_chat(&body, &t) {
+        Ok(a) => a,
+        Err(e) => {
+            state
+                .metrics
+                .upstream_errors_total
+                .with_label_values(&["body"])
+                .inc();
+            // The upstream did work: the meter estimates from what came back.
+            meter.finish(
+                e.parts().0.as_u16(),
+                None,
+                KeptPayloads::one(body),
+                Some("upstream_malformed"),
+            );
+            return api_error_response(x.protocol, e);
+        }
+    };
+    let usage = answer.usage.map(Usage::from);
+    let out = x.protocol.encode_response(&answer, &x.ctx);
+    let kept = if usage.is_none() {
+        serde_json::to_vec(&answer)
+            .map(|b| KeptPayloads::one(Bytes::from(b)))
+            .unwrap_or_default()
+    } else {
+        KeptPayloads::default()
+    };
+    meter.finish(status.as_u16(), usage, kept, None);
+    if let Some(done) = x.on_done
+        && let Ok(v) = serde_json::from_slice(&out)
+    {
+        done(v, usage);
+    }
+    let mut resp = Response::new(Body::from(out));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+/// A translated stream: upstream bytes → the provider's decoder → pivot chunks → the client
+/// protocol's encoder. Holds at most one upstream event (the decoder's bound) and what one
+/// upstream read produced.
+struct TranslatedStream<B> {
+    upstream: Pin<Box<B>>,
+    decoder: Box<dyn ChunkDecoder>,
+    encoder: Box<dyn ChunkEncoder>,
+    chunks: Vec<ChatChunk>,
+    out: BytesMut,
+    /// The pivot chunks, for the estimate when the upstream reports no usage.
+    kept: KeptPayloads,
+    meter: Option<Meter>,
+    idle: Pin<Box<Sleep>>,
+    idle_timeout: Duration,
+    max_event_bytes: usize,
+    ended: bool,
+    on_done: Option<OnDone>,
+    active_streams: prometheus::IntGauge,
+}
+
+impl<B> TranslatedStream<B> {
+    fn encode_chunks(&mut self) {
+        for c in self.chunks.drain(..) {
+            self.encoder.chunk(&c, &mut self.out);
+            if self.decoder.usage().is_none()
+                && let Ok(json) = serde_json::to_vec(&c)
+            {
+                self.kept.push(Bytes::from(json));
+            }
+        }
+    }
+
+    fn end(&mut self, result: Result<(), StreamFault>) {
+        self.encode_chunks();
+        let usage = self.decoder.usage();
+        let (status, error) = match result {
+            Ok(()) => {
+                self.encoder.finish(usage, &mut self.out);
+                (200, None)
+            }
+            Err(fault) => {
+                let (err, reason) = fault_error(fault, self.max_event_bytes);
+                self.encoder.fail(&err, &mut self.out);
+                (err.status, Some(reason))
+            }
+        };
+        self.ended = true;
+        if let Some(m) = self.meter.take() {
+            let kept = if usage.is_some() {
+                KeptPayloads::default()
+            } else {
+                std::mem::take(&mut self.kept)
+            };
+            m.finish(status, usage, kept, error);
+        }
+        if status == 200
+            && let Some(done) = self.on_done.take()
+            && let Some(obj) = self.encoder.final_object()
+        {
+            done(obj, usage);
+        }
+    }
+
+    fn fail(&mut self, err: UpstreamError, reason: &'static str) {
+        self.encode_chunks();
+        self.encoder.fail(&err, &mut self.out);
+        self.ended = true;
+        if let Some(m) = self.meter.take() {
+            let usage = self.decoder.usage();
+            let kept = std::mem::take(&mut self.kept);
+            m.finish(err.status, usage, kept, Some(reason));
+        }
+    }
+}
+
+impl<B> HttpBody for TranslatedStream<B>
+where
+    B: HttpBody<Data = Bytes>,
+    B::Error: std::fmt::Display,
+{
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        loop {
+            if !this.out.is_empty() {
+                return Poll::Ready(Some(Ok(Frame::data(this.out.split().freeze()))));
+            }
+            if this.ended {
+                return Poll::Ready(None);
+            }
+            match this.upstream.as_mut().poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    let Ok(data) = frame.into_data() else {
+                        continue;
+                    };
+                    if let Some(m) = this.meter.as_mut() {
+                        m.mark_first_byte();
+                    }
+                    let deadline = tokio::time::Instant::now() + this.idle_timeout;
+                    this.idle.as_mut().reset(deadline);
+                    let pushed = this.decoder.push(&data, &mut this.chunks);
+                    match pushed {
+                        Ok(()) => this.encode_chunks(),
+                        Err(fault) => this.end(Err(fault)),
+                    }
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    tracing::warn!(error = %e, "upstream stream broke off");
+                    this.fail(
+                        UpstreamError {
+                            status: 502,
+                            kind: "api_error".into(),
+                            message: "The upstream connection was lost mid-stream.".into(),
+                            code: Some("upstream_disconnected".into()),
+                        },
+                        "upstream_disconnected",
+                    );
+                }
+                Poll::Ready(None) => {
+                    let mut chunks = std::mem::take(&mut this.chunks);
+                    let result = this.decoder.finish(&mut chunks);
+                    this.chunks = chunks;
+                    this.end(result);
+                }
+                Poll::Pending => {
+                    if this.idle.as_mut().poll(cx).is_ready() {
+                        this.fail(
+                            UpstreamError {
+                                status: 504,
+                                kind: "api_error".into(),
+                                message: "The upstream stopped sending data.".into(),
+                                code: Some("upstream_timeout".into()),
+                            },
+                            "upstream_idle_timeout",
+                        );
+                        continue;
+                    }
+                    return Poll::Pending;
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended && self.out.is_empty()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::default()
+    }
+}
+
+impl<B> Drop for TranslatedStream<B> {
+    fn drop(&mut self) {
+        self.active_streams.dec();
+        // The client left before the end: what the upstream reported (or produced) is billed.
+        if let Some(m) = self.meter.take() {
+            let usage = self.decoder.usage();
+            let kept = std::mem::take(&mut self.kept);
+            m.finish(499, usage, kept, Some("client_disconnected"));
+        }
+    }
+}
+
+/// The pivot chat request the client's body decodes to, its model the client's name.
+pub fn decode(
+    protocol: &dyn ClientProtocol,
+    body: &[u8],
+    client_model: &str,
+) -> Result<ChatRequest, ApiError> {
+    let mut pivot = protocol.decode_request(body)?;
+    client_model.clone_into(&mut pivot.model);
+    Ok(pivot)
+}
+
+/// Encodes the pivot as the OpenAI chat JSON the meter keeps for an estimate.
+pub fn pivot_body(pivot: &ChatRequest) -> Bytes {
+    serde_json::to_vec(pivot)
+        .map(Bytes::from)
+        .unwrap_or_default()
+}
+
+/// An OpenAI embeddings request to a provider with its own embeddings API.
+pub async fn embeddings(
+    state: &AppState,
+    route: &Route,
+    body: &[u8],
+    client_model: &str,
+    mut meter: Meter,
+    request_id: Option<&HeaderValue>,
+) -> Response {
+    let openai = &crate::protocols::openai_chat::OpenAiChat;
+    let Some(translator) = route.translator else {
+        meter.finish(500, None, KeptPayloads::default(), Some("internal"));
+        return ApiError::internal(anyhow::anyhow!("route {} has no translator", route.kind))
+            .into_response();
+    };
+    let t = route.target();
+    let prepared = serde_json::from_slice::<serde_json::Value>(body)
+        .map_err(|e| ApiError::bad_request("invalid_json", format!("The body is not JSON: {e}")))
+        .and_then(|req| {
+            translator.encode_embeddings(&req, &t).unwrap_or_else(|| {
+                Err(ApiError::invalid_param(
+                    "model",
+                    format!(
+                        "The model `{client_model}` is served by a `{}` provider, which has no embeddings API.",
+                        route.kind
+                    ),
+                ))
+            })
+        })
+        .and_then(|body| {
+            let url = translator.url(&t, Operation::Embeddings, false)?;
+            let mut headers = HeaderMap::new();
+            translator.headers(
+                &mut headers,
+                route.provider_key.expose_secret(),
+                &t,
+                &url,
+                &body,
+            )?;
+            Ok((url, headers, body))
+        });
+    let (url, headers, body) = match prepared {
+        Ok(p) => p,
+        Err(e) => {
+            meter.finish(
+                e.parts().0.as_u16(),
+                None,
+                KeptPayloads::default(),
+                Some("untranslatable"),
+            );
+            return e.into_response();
+        }
+    };
+    let cfg = &state.config.upstream;
+    let sent = upstream::send_to(
+        &state.http,
+        Outbound {
+            url: &url,
+            guarded: route.guarded,
+            headers,
+            body: Bytes::from(body),
+            stream: false,
+            request_id,
+        },
+        Duration::from_secs(cfg.first_byte_timeout_secs),
+    )
+    .await;
+    let resp = match sent {
+        Ok(r) => r,
+        Err(e) => {
+            meter.finish(
+                e.parts().0.as_u16(),
+                None,
+                KeptPayloads::default(),
+                e.parts().2,
+            );
+            return e.into_response();
+        }
+    };
+    let status = resp.status();
+    let idle = Duration::from_secs(cfg.idle_timeout_secs);
+    let body = match super::collect(resp.into_body(), idle, &mut meter).await {
+        Ok(b) => b,
+        Err(e) => {
+            meter.finish(
+                e.parts().0.as_u16(),
+                None,
+                KeptPayloads::default(),
+                Some("upstream_body"),
+            );
+            return e.into_response();
+        }
+    };
+    if !status.is_success() {
+        let err = translator.decode_error(status.as_u16(), &body);
+        meter.finish(
+            status.as_u16(),
+            None,
+            KeptPayloads::default(),
+            Some("upstream_status"),
+        );
+        return error_response(openai, &err);
+    }
+    match translator.decode_embeddings(&body, &t) {
+        Ok((mut v, usage)) => {
+            if let Some(o) = v.as_object_mut() {
+                o.insert("model".into(), client_model.into());
+            }
+            meter.finish(200, usage, KeptPayloads::default(), None);
+            let mut resp = Response::new(Body::from(serde_json::to_vec(&v).unwrap_or_default()));
+            resp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            resp
+        }
+        Err(e) => {
+            meter.finish(
+                e.parts().0.as_u16(),
+                None,
+                KeptPayloads::default(),
+                Some("upstream_malformed"),
+            );
+            e.into_response()
+        }
+    }
+}
