@@ -66,6 +66,11 @@ pub enum ApiError {
         message: String,
         retry_after_secs: u64,
     },
+    /// 415: a request body in a `content-encoding` the gateway does not decode.
+    #[error(
+        "The request body's content-encoding `{0}` is not supported; send identity, gzip, deflate, br or zstd."
+    )]
+    UnsupportedEncoding(String),
     /// 408: the request body did not arrive within `server.body_read_timeout_secs`.
     #[error("The request body did not arrive within {0} seconds (server.body_read_timeout_secs).")]
     RequestTimeout(u64),
@@ -180,6 +185,11 @@ impl ApiError {
                 StatusCode::SERVICE_UNAVAILABLE,
                 "server_error",
                 Some("unavailable"),
+            ),
+            UnsupportedEncoding(_) => (
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "invalid_request_error",
+                Some("unsupported_encoding"),
             ),
             RequestTimeout(_) => (
                 StatusCode::REQUEST_TIMEOUT,

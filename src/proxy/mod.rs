@@ -42,6 +42,19 @@ const STREAM_HEAD_WAIT: Duration = Duration::from_millis(1);
 const USAGE_SLOT_WAIT: Duration = Duration::from_secs(30);
 
 fn with_rate(mut resp: Response, rate: &RateInfo) -> Response {
+    if rate.requests.is_some() || rate.tokens.is_some() {
+        // The gateway's limits are the ones this client is held to: the upstream's (passed
+        // back from its answer) would contradict them.
+        let upstream: Vec<_> = resp
+            .headers()
+            .keys()
+            .filter(|k| k.as_str().starts_with("x-ratelimit-"))
+            .cloned()
+            .collect();
+        for k in upstream {
+            resp.headers_mut().remove(k);
+        }
+    }
     rate_headers(resp.headers_mut(), rate);
     resp
 }
@@ -78,6 +91,10 @@ async fn run(
     // ① auth
     let key = match auth::authenticate(&state, &parts.headers).await {
         Ok(k) => k,
+        Err(e) => return e.into_response(),
+    };
+    let body = match decoded_body(&parts.headers, body, state.config.server.max_body_bytes) {
+        Ok(b) => b,
         Err(e) => return e.into_response(),
     };
     let bytes = match read_body(
@@ -198,16 +215,14 @@ async fn run(
     let adapter = match route.adapter {
         Some(a) if route.passes_through(endpoint) => a,
         _ => {
-            let resp = translated(
-                &state,
-                &route,
+            let call = Call {
                 endpoint,
-                &view,
-                &bytes,
-                meter,
-                request_id_header.as_ref(),
-            )
-            .await;
+                view: &view,
+                bytes: &bytes,
+                request_id: request_id_header.as_ref(),
+                headers: &parts.headers,
+            };
+            let resp = translated(&state, &route, &call, meter).await;
             return with_rate(resp, &rate);
         }
     };
@@ -219,6 +234,7 @@ async fn run(
         upstream_body,
         view.stream,
         request_id_header.as_ref(),
+        &parts.headers,
         Duration::from_secs(cfg.first_byte_timeout_secs),
     )
     .await
@@ -245,6 +261,7 @@ async fn run(
         }
     };
     let status = resp.status();
+    let passed = passthrough::passed_headers(resp.headers());
     let idle = Duration::from_secs(cfg.idle_timeout_secs);
     let is_sse = resp
         .headers()
@@ -273,6 +290,7 @@ async fn run(
         body.prime(STREAM_HEAD_WAIT).await;
         let mut out = Response::new(Body::new(body));
         let h = out.headers_mut();
+        h.extend(passed);
         h.insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("text/event-stream; charset=utf-8"),
@@ -331,6 +349,7 @@ async fn run(
     };
     let mut out = Response::new(Body::from(out_body));
     *out.status_mut() = status;
+    out.headers_mut().extend(passed);
     out.headers_mut().insert(
         header::CONTENT_TYPE,
         content_type.unwrap_or_else(|| HeaderValue::from_static("application/json")),
@@ -338,18 +357,40 @@ async fn run(
     with_rate(out, &rate)
 }
 
+/// What the client sent, as the stages after admission need it.
+pub struct Call<'a> {
+    pub endpoint: Endpoint,
+    pub view: &'a RequestView<'a>,
+    pub bytes: &'a Bytes,
+    pub request_id: Option<&'a HeaderValue>,
+    pub headers: &'a http::HeaderMap,
+}
+
 /// A request whose client protocol is not its provider's: through the pivot.
 async fn translated(
     state: &AppState,
     route: &route::Route,
-    endpoint: Endpoint,
-    view: &RequestView<'_>,
-    bytes: &Bytes,
+    call: &Call<'_>,
     mut meter: Meter,
-    request_id: Option<&HeaderValue>,
 ) -> Response {
+    let Call {
+        endpoint,
+        view,
+        bytes,
+        request_id,
+        headers: client_sent,
+    } = *call;
     if endpoint == Endpoint::Embeddings {
-        return translate::embeddings(state, route, bytes, &view.model, meter, request_id).await;
+        return translate::embeddings(
+            state,
+            route,
+            bytes,
+            &view.model,
+            meter,
+            request_id,
+            client_sent,
+        )
+        .await;
     }
     let Some(protocol) = crate::protocols::for_endpoint(endpoint) else {
         let e = ApiError::invalid_param(
@@ -389,8 +430,52 @@ async fn translated(
         },
         meter,
         request_id,
+        client_sent,
     )
     .await
+}
+
+/// The body as sent, or decoded from its `content-encoding` (gzip, deflate, br, zstd): the
+/// decoded size is what `server.max_body_bytes` bounds. Any other encoding is 415, and a
+/// declared `content-length` over the limit is 413 before a byte is read (so hyper never sends
+/// `100 Continue` for it).
+fn decoded_body(headers: &http::HeaderMap, body: Body, limit: usize) -> Result<Body, ApiError> {
+    use async_compression::tokio::bufread::{BrotliDecoder, GzipDecoder, ZlibDecoder, ZstdDecoder};
+    use futures_util::TryStreamExt;
+    use tokio_util::io::{ReaderStream, StreamReader};
+
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(ApiError::PayloadTooLarge);
+    }
+    let mut encodings = headers.get_all(header::CONTENT_ENCODING).iter();
+    let (Some(enc), None) = (encodings.next(), encodings.next()) else {
+        if headers.contains_key(header::CONTENT_ENCODING) {
+            return Err(ApiError::UnsupportedEncoding("several encodings".into()));
+        }
+        return Ok(body);
+    };
+    let enc = enc.to_str().unwrap_or("").trim().to_ascii_lowercase();
+    if enc.is_empty() || enc == "identity" {
+        return Ok(body);
+    }
+    let reader = StreamReader::new(TryStreamExt::map_err(body.into_data_stream(), |e| {
+        std::io::Error::other(e.to_string())
+    }));
+    let decoded = match enc.as_str() {
+        "gzip" | "x-gzip" => Body::from_stream(ReaderStream::new(GzipDecoder::new(reader))),
+        "deflate" => Body::from_stream(ReaderStream::new(ZlibDecoder::new(reader))),
+        "br" => Body::from_stream(ReaderStream::new(BrotliDecoder::new(reader))),
+        "zstd" => Body::from_stream(ReaderStream::new(ZstdDecoder::new(reader))),
+        _ => {
+            let shown: String = enc.chars().take(32).collect();
+            return Err(ApiError::UnsupportedEncoding(shown));
+        }
+    };
+    Ok(decoded)
 }
 
 /// The client's body, at most `limit` bytes, all of it within `timeout_secs` (408 past it: a

@@ -42,23 +42,6 @@ pub struct Foreign {
     pub on_body: Option<OnBody>,
 }
 
-/// Request headers a client of these protocols sends that its upstream must see.
-pub const FORWARDED: [&str; 3] = ["anthropic-version", "anthropic-beta", "openai-beta"];
-
-/// Copies the [`FORWARDED`] headers the client sent (they replace the gateway's defaults).
-pub fn forward_headers(from: &HeaderMap, to: &mut HeaderMap) {
-    for name in FORWARDED {
-        let mut values = from.get_all(name).iter().peekable();
-        if values.peek().is_none() {
-            continue;
-        }
-        to.remove(name);
-        for v in values {
-            to.append(name, v.clone());
-        }
-    }
-}
-
 pub async fn forward(
     state: &AppState,
     route: &Route,
@@ -199,9 +182,10 @@ pub async fn forward(
     out
 }
 
-/// Upstream response headers a client of these protocols reads (rate limits, retry hints,
-/// request ids).
-fn passed_headers(from: &HeaderMap) -> HeaderMap {
+/// Upstream response headers a client reads (rate limits, retry hints, request ids): passed
+/// back on successes and errors (spec §8). The gateway's own `x-ratelimit-*` replace the
+/// upstream's when the key or user has a limit (`proxy::with_rate`).
+pub fn passed_headers(from: &HeaderMap) -> HeaderMap {
     let mut out = HeaderMap::new();
     for (name, value) in from {
         let n = name.as_str();

@@ -93,6 +93,7 @@ pub async fn forward(
     x: Exchange,
     mut meter: Meter,
     request_id: Option<&HeaderValue>,
+    client_sent: &HeaderMap,
 ) -> Response {
     let Some(translator) = route.translator else {
         let e = ApiError::internal(anyhow::anyhow!("route {} has no translator", route.kind));
@@ -103,7 +104,7 @@ pub async fn forward(
     let stream = x.pivot.stream;
     let prepared = translator.encode_chat(&x.pivot, &t).and_then(|body| {
         let url = translator.url(&t, Operation::Chat, stream)?;
-        let mut headers = HeaderMap::new();
+        let mut headers = upstream::client_headers(client_sent, false);
         translator.headers(
             &mut headers,
             route.provider_key.expose_secret(),
@@ -469,6 +470,7 @@ pub async fn embeddings(
     client_model: &str,
     mut meter: Meter,
     request_id: Option<&HeaderValue>,
+    client_sent: &HeaderMap,
 ) -> Response {
     let openai = &crate::protocols::openai_chat::OpenAiChat;
     let Some(translator) = route.translator else {
@@ -492,7 +494,7 @@ pub async fn embeddings(
         })
         .and_then(|body| {
             let url = translator.url(&t, Operation::Embeddings, false)?;
-            let mut headers = HeaderMap::new();
+            let mut headers = upstream::client_headers(client_sent, false);
             translator.headers(
                 &mut headers,
                 route.provider_key.expose_secret(),

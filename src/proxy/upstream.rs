@@ -212,6 +212,33 @@ where
     ))
 }
 
+/// Request headers a client sends that its upstream must see (spec §8; never the client's
+/// `authorization`, `api-key` or `x-api-key`).
+pub const FORWARDED_REQUEST_HEADERS: [&str; 7] = [
+    "openai-beta",
+    "openai-organization",
+    "openai-project",
+    "user-agent",
+    "accept",
+    "anthropic-version",
+    "anthropic-beta",
+];
+
+/// The [`FORWARDED_REQUEST_HEADERS`] the client sent (`accept` only when `with_accept`: a
+/// translated request asks its upstream for the upstream's own media type).
+pub fn client_headers(from: &http::HeaderMap, with_accept: bool) -> http::HeaderMap {
+    let mut out = http::HeaderMap::new();
+    for name in FORWARDED_REQUEST_HEADERS {
+        if name == "accept" && !with_accept {
+            continue;
+        }
+        for v in from.get_all(name) {
+            out.append(name, v.clone());
+        }
+    }
+    out
+}
+
 /// Sends `body` along `route`; resolves when the upstream's response headers arrive.
 pub async fn send(
     client: &HttpClient,
@@ -219,9 +246,10 @@ pub async fn send(
     body: Bytes,
     stream: bool,
     request_id: Option<&HeaderValue>,
+    client_sent: &http::HeaderMap,
     first_byte_timeout: Duration,
 ) -> Result<Response<ResponseBody>, ApiError> {
-    let mut headers = http::HeaderMap::new();
+    let mut headers = client_headers(client_sent, true);
     if let Some(adapter) = route.adapter {
         adapter.auth(&mut headers, route.provider_key.expose_secret());
     }
@@ -261,16 +289,18 @@ pub async fn send_to(
     let url = out.url;
     let mut req = Request::post(url)
         .header(header::CONTENT_TYPE, "application/json")
-        .header(
+        .body(Full::new(out.body))
+        .map_err(|e| ApiError::internal(anyhow::anyhow!("building upstream request: {e}")))?;
+    if !out.headers.contains_key(header::ACCEPT) {
+        req.headers_mut().insert(
             header::ACCEPT,
-            if out.stream {
+            HeaderValue::from_static(if out.stream {
                 "text/event-stream"
             } else {
                 "application/json"
-            },
-        )
-        .body(Full::new(out.body))
-        .map_err(|e| ApiError::internal(anyhow::anyhow!("building upstream request: {e}")))?;
+            }),
+        );
+    }
     if let Some(v) = out.request_id {
         req.headers_mut()
             .insert(crate::edge::X_REQUEST_ID, v.clone());
