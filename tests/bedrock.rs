@@ -1226,3 +1226,61 @@ proptest! {
         prop_assert_eq!(r.choices[0].finish_reason.as_deref(), Some(want_finish));
     }
 }
+
+// ---------------------------------------------------------------- event-stream: published vectors
+
+/// Botocore's event-stream test vectors (aws-cli `tests/unit/botocore/test_eventstream.py`):
+/// the decoder is checked against bytes it did not make.
+#[test]
+fn eventstream_decodes_botocore_vectors() {
+    use tollgate::providers::bedrock::eventstream::{Decoder, HeaderValue};
+    let decode = |h: &str| {
+        let bytes = hex::decode(h).expect("hex");
+        let mut input = bytes.as_slice();
+        let m = Decoder::new(MAX)
+            .next(&mut input)
+            .expect("valid")
+            .expect("whole");
+        assert!(input.is_empty());
+        m
+    };
+    let m = decode("000000100000000005c248eb7d98c8ff");
+    assert!(m.headers.is_empty() && m.payload.is_empty());
+    let m = decode("0000001d00000000fd528c5a7b27666f6f273a27626172277dc3653936");
+    assert_eq!(m.payload, b"{'foo':'bar'}");
+    let m = decode(
+        "0000003d0000002007fd83960c636f6e74656e742d747970650700106170706c69636174696f6e2f6a736f6e7b27666f6f273a27626172277d8d9c08b1",
+    );
+    assert_eq!(m.header_str("content-type"), Some("application/json"));
+    assert_eq!(m.payload, b"{'foo':'bar'}");
+    let m = decode(
+        "000000620000005203b5cb9c0130000131010132020201330300030134040000000401350500000000000000050136060005627974657301370700047574663801380800000000000000080139093031323334353637383961626364656663353671",
+    );
+    let want = vec![
+        ("0".to_owned(), HeaderValue::Bool(true)),
+        ("1".to_owned(), HeaderValue::Bool(false)),
+        ("2".to_owned(), HeaderValue::Byte(2)),
+        ("3".to_owned(), HeaderValue::Short(3)),
+        ("4".to_owned(), HeaderValue::Int(4)),
+        ("5".to_owned(), HeaderValue::Long(5)),
+        ("6".to_owned(), HeaderValue::Bytes(b"bytes".to_vec())),
+        ("7".to_owned(), HeaderValue::String("utf8".into())),
+        ("8".to_owned(), HeaderValue::Timestamp(8)),
+        ("9".to_owned(), HeaderValue::Uuid(*b"0123456789abcdef")),
+    ];
+    assert_eq!(m.headers, want);
+    // An error message (`:message-type: error`) ends a ConverseStream with its code and message.
+    let error = hex::decode(
+        "0000005200000042bf23637e0d3a6d6573736167652d747970650700056572726f720b3a6572726f722d636f6465070004636f64650e3a6572726f722d6d6573736167650700076d6573736167656b6cea3d",
+    )
+    .expect("hex");
+    let Err(StreamFault::Upstream(e)) = run(&[&error]).1 else {
+        panic!("an error message is a fault")
+    };
+    assert_eq!((e.status, e.message.as_str()), (502, "code: message"));
+    // Our test encoder agrees with the published bytes.
+    assert_eq!(
+        frame(&[("content-type", "application/json")], b"{'foo':'bar'}"),
+        hex::decode("0000003d0000002007fd83960c636f6e74656e742d747970650700106170706c69636174696f6e2f6a736f6e7b27666f6f273a27626172277d8d9c08b1").expect("hex")
+    );
+}
