@@ -3,6 +3,8 @@
 //! `openai` (any OpenAI-compatible API) is the identity mapping; translating adapters (Anthropic,
 //! Gemini, Azure) are added as new files implementing the same trait.
 
+pub mod embeddings;
+pub mod gemini;
 pub mod openai;
 pub mod scan;
 
@@ -271,6 +273,7 @@ pub trait ChunkDecoder: Send {
 pub fn translator(kind: &str) -> Option<&'static dyn Translator> {
     match kind {
         "openai" => Some(&openai::OpenAi),
+        "gemini" => Some(&gemini::Gemini),
         _ => None,
     }
 }
