@@ -3,6 +3,7 @@
 //! `openai` (any OpenAI-compatible API) is the identity mapping; translating adapters (Anthropic,
 //! Gemini, Azure) are added as new files implementing the same trait.
 
+pub mod azure;
 pub mod embeddings;
 pub mod gemini;
 pub mod openai;
@@ -274,6 +275,7 @@ pub fn translator(kind: &str) -> Option<&'static dyn Translator> {
     match kind {
         "openai" => Some(&openai::OpenAi),
         "gemini" => Some(&gemini::Gemini),
+        "azure" => Some(&azure::Azure),
         _ => None,
     }
 }
