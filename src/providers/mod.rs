@@ -3,7 +3,10 @@
 //! `openai` (any OpenAI-compatible API) is the identity mapping; translating adapters (Anthropic,
 //! Gemini, Azure) are added as new files implementing the same trait.
 
+pub mod azure;
 pub mod bedrock;
+pub mod embeddings;
+pub mod gemini;
 pub mod openai;
 pub mod scan;
 
@@ -293,7 +296,9 @@ pub trait ChunkDecoder: Send {
 pub fn translator(kind: &str) -> Option<&'static dyn Translator> {
     match kind {
         "openai" => Some(&openai::OpenAi),
+        "azure" => Some(&azure::Azure),
         "bedrock" => Some(&bedrock::Bedrock),
+        "gemini" => Some(&gemini::Gemini),
         _ => None,
     }
 }
