@@ -1433,7 +1433,26 @@ fn openai_python_sdk_parses_what_we_write() {
         finish_chunk("tool_calls"),
     ];
     let (sse, _) = run(ResponseCtx::new(&req, 1_756_314_698), &chunks, Some(usage));
-    let case = json!({"response": response, "sse": sse, "request": request});
+    let (incomplete, _) = run(
+        ResponseCtx::new(&req, 1),
+        &[text_chunk("cut"), finish_chunk("length")],
+        None,
+    );
+    let mut enc = ResponsesStream::new(ResponseCtx::new(&req, 1));
+    let mut failed = BytesMut::new();
+    enc.start(&mut failed);
+    enc.chunk(&text_chunk("part"), &mut failed);
+    enc.fail(
+        &UpstreamError {
+            status: 503,
+            kind: "overloaded_error".into(),
+            message: "Overloaded".into(),
+            code: None,
+        },
+        &mut failed,
+    );
+    let failed = String::from_utf8(failed.to_vec()).expect("utf8");
+    let case = json!({"response": response, "sse": sse, "request": request, "other_sse": [incomplete, failed]});
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("case.json");
     std::fs::write(&path, case.to_string()).expect("write");
@@ -1472,4 +1491,10 @@ fn openai_python_sdk_parses_what_we_write() {
     assert_eq!(r["helper_stream"]["output_text"], "Let me check.");
     assert_eq!(r["helper_stream"]["call_ids"], json!(["call_1"]));
     assert_eq!(r["helper_stream"]["usage"]["output_tokens"], 9);
+    assert_eq!(
+        r["other_terminals"],
+        json!(["response.incomplete", "response.failed"])
+    );
+    assert_eq!(r["failed_error"]["code"], "server_error");
+    assert_eq!(r["failed_error"]["message"], "Overloaded");
 }

@@ -1,7 +1,8 @@
 """Feeds tollgate's Responses API output to the official OpenAI Python SDK's own parsers.
 
 Usage: responses_parse.py CASE.json, where CASE.json is
-{"response": <non-stream body>, "sse": "<stream body>", "request": <the request's JSON>}.
+{"response": <non-stream body>, "sse": "<stream body>", "request": <the request's JSON>,
+"other_sse": ["<stream body>", …]}.
 
 Both bodies go through the SDK twice: strictly (pydantic `model_validate` of `Response` and of
 every event against the `ResponseStreamEvent` union), and through the client itself over an
@@ -52,6 +53,13 @@ def main():
     for e in events:
         adapter.validate_python(e)
     out["strict_events"] = len(events)
+    # More streams, checked strictly only (a failed one ends without its items done).
+    out["other_terminals"] = []
+    for sse in case.get("other_sse", []):
+        parsed = [adapter.validate_python(e) for e in parse_sse(sse)]
+        out["other_terminals"].append(parsed[-1].type)
+        if parsed[-1].type == "response.failed":
+            out["failed_error"] = parsed[-1].response.error.model_dump()
 
     def handler(request: httpx.Request) -> httpx.Response:
         body = json.loads(request.content)
