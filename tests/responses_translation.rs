@@ -220,6 +220,21 @@ fn history_comes_before_input_and_old_instructions_are_not_inherited() {
 }
 
 #[test]
+fn reasoning_without_its_turn_does_not_move_to_a_later_one() {
+    let body = json!({"model": "m", "input": [
+        {"role": "user", "content": "q1"},
+        {"type": "reasoning", "id": "rs_1", "summary": [{"type": "summary_text", "text": "orphan"}], "encrypted_content": "E1"},
+        {"role": "user", "content": "q2"},
+        {"role": "assistant", "content": "a2"},
+        {"role": "user", "content": "q3"},
+    ]});
+    let chat = to_chat(&parse(body.to_string().as_bytes()).expect("parse"), &[]).expect("chat");
+    assert_eq!(chat.messages.len(), 4);
+    assert!(chat.messages[2].reasoning_content.is_none());
+    assert!(chat.messages[2].reasoning_blocks.is_empty());
+}
+
+#[test]
 fn refusals_name_the_parameter() {
     for (tool, name) in [
         (json!({"type": "web_search"}), "web_search"),

@@ -759,6 +759,8 @@ impl MessageBuilder {
             }
             "function_call_output" => {
                 let (content, _) = parts_to_chat(&format!("{param}.output"), &item["output"])?;
+                self.reasoning_text = None;
+                self.reasoning_blocks.clear();
                 self.messages.push(Message {
                     role: Role::Tool,
                     tool_call_id: item["call_id"].as_str().map(str::to_owned),
@@ -824,6 +826,9 @@ impl MessageBuilder {
             m.refusal = refusal;
             return Ok(());
         }
+        // Reasoning belongs to the assistant turn right after it; one that never came is dropped.
+        self.reasoning_text = None;
+        self.reasoning_blocks.clear();
         let content = if role == Role::User {
             match parts.as_slice() {
                 [p] if p.kind == "text" => Content::Text(p.text.clone().unwrap_or_default()),
