@@ -5,6 +5,7 @@
 use bytes::BytesMut;
 
 pub mod openai_chat;
+pub mod responses;
 
 use crate::error::ApiError;
 use crate::pivot::{ChatChunk, ChatRequest, ChatResponse, UpstreamError};
