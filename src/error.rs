@@ -253,6 +253,9 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, _, _) = self.parts();
         let mut resp = (status, axum::Json(self.body())).into_response();
+        // Routes of another protocol (Anthropic's) re-render the body in their own shape.
+        resp.extensions_mut()
+            .insert(crate::pivot::UpstreamError::from(&self));
         let headers = resp.headers_mut();
         match &self {
             ApiError::RateLimited {

@@ -70,7 +70,29 @@ pub async fn forward(
     // state, each time they move their futures. Bound by `let`: a temporary in the awaited
     // expression would keep the unboxed future's storage in this future's state as well.
     let run = Box::pin(run(state, endpoint, ip, req));
-    run.await
+    let resp = run.await;
+    if endpoint.anthropic_errors() {
+        // The gateway's own errors (auth, admission, bad input) in Anthropic's shape; upstream
+        // errors and translated ones already are.
+        return reshape_error(resp, crate::protocols::for_endpoint(endpoint));
+    }
+    resp
+}
+
+/// A response the gateway's OpenAI-shaped renderer made, re-rendered by `protocol`.
+fn reshape_error(
+    mut resp: Response,
+    protocol: Option<&'static dyn crate::protocols::ClientProtocol>,
+) -> Response {
+    let (Some(protocol), Some(err)) = (
+        protocol,
+        resp.extensions_mut().remove::<crate::pivot::UpstreamError>(),
+    ) else {
+        return resp;
+    };
+    *resp.body_mut() = Body::from(protocol.error_body(err.status, &err));
+    resp.headers_mut().remove(header::CONTENT_LENGTH);
+    resp
 }
 
 async fn run(

@@ -31,8 +31,8 @@ use crate::state::AppState;
 pub type OnDone = Box<dyn FnOnce(serde_json::Value, Option<Usage>) + Send>;
 
 /// One translated exchange.
-pub struct Exchange {
-    pub protocol: &'static dyn ClientProtocol,
+pub struct Exchange<'a> {
+    pub protocol: &'a dyn ClientProtocol,
     pub pivot: ChatRequest,
     pub ctx: EncodeCtx,
     pub on_done: Option<OnDone>,
@@ -90,7 +90,7 @@ fn fault_error(fault: StreamFault, max: usize) -> (UpstreamError, &'static str) 
 pub async fn forward(
     state: &AppState,
     route: &Route,
-    x: Exchange,
+    x: Exchange<'_>,
     mut meter: Meter,
     request_id: Option<&HeaderValue>,
     client_sent: &HeaderMap,
