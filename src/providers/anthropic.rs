@@ -346,11 +346,8 @@ fn part_blocks(content: Option<&Content>, param: &str) -> Result<Vec<Value>, Api
     let mut out = Vec::new();
     match content {
         None => {}
-        Some(Content::Text(t)) => {
-            if !t.is_empty() {
-                out.push(json!({"type": "text", "text": t}));
-            }
-        }
+        Some(Content::Text(t)) if t.is_empty() => {}
+        Some(Content::Text(t)) => out.push(json!({"type": "text", "text": t})),
         Some(Content::Parts(parts)) => {
             for (i, p) in parts.iter().enumerate() {
                 if let Some(b) = part_block(p, &format!("{param}[{i}]"))? {
