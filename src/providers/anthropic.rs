@@ -311,6 +311,9 @@ fn bad(param: impl Into<String>, code: &'static str, message: impl Into<String>)
 /// `none`/`minimal` → no thinking; `low` → 1,024 budget tokens (Anthropic's minimum); `medium` →
 /// 4,096; `high` → 16,384; `xhigh` → 32,768. The budget must stay below `max_tokens`: it is cut
 /// to `max_tokens − 1`, and when that is under the minimum of 1,024 no thinking is asked for.
+/// Nor is it when the request sets what Anthropic refuses beside thinking (a temperature other
+/// than 1, `top_k`, a forced tool choice): the effort is a hint, the rest is what the client
+/// asked for.
 fn thinking_for_effort(effort: &str, max_tokens: u64) -> Option<Value> {
     let budget: u64 = match effort {
         "low" => 1024,
@@ -663,7 +666,12 @@ fn encode_request(req: &ChatRequest, t: &Target<'_>) -> Result<Map<String, Value
             out.insert("thinking".into(), th.clone());
         }
         (None, Some(effort)) => {
-            if let Some(th) = thinking_for_effort(effort, max_tokens) {
+            let forced = out
+                .get("tool_choice")
+                .is_some_and(|c| c["type"] == "any" || c["type"] == "tool");
+            let compatible =
+                req.temperature.is_none_or(|t| t == 1.0) && !out.contains_key("top_k") && !forced;
+            if compatible && let Some(th) = thinking_for_effort(effort, max_tokens) {
                 out.insert("thinking".into(), th);
             }
         }
@@ -1449,6 +1457,13 @@ mod tests {
         r.reasoning_effort = Some("minimal".into());
         assert!(encode(&r).get("thinking").is_none());
         r.reasoning_effort = Some("low".into());
+        r.temperature = Some(0.2);
+        assert!(
+            encode(&r).get("thinking").is_none(),
+            "temperature 0.2 and thinking conflict"
+        );
+        r.temperature = Some(1.0);
+        assert_eq!(encode(&r)["thinking"]["budget_tokens"], 1024);
         r.max_tokens = Some(1000);
         assert!(encode(&r).get("thinking").is_none(), "no room for a budget");
     }
