@@ -4,6 +4,7 @@
 
 use bytes::BytesMut;
 
+pub mod anthropic;
 pub mod openai_chat;
 pub mod responses;
 

@@ -3,6 +3,7 @@
 //! `openai` (any OpenAI-compatible API) is the identity mapping; translating adapters (Anthropic,
 //! Gemini, Azure) are added as new files implementing the same trait.
 
+pub mod anthropic;
 pub mod azure;
 pub mod bedrock;
 pub mod embeddings;
@@ -296,6 +297,7 @@ pub trait ChunkDecoder: Send {
 pub fn translator(kind: &str) -> Option<&'static dyn Translator> {
     match kind {
         "openai" => Some(&openai::OpenAi),
+        "anthropic" => Some(&anthropic::Anthropic),
         "azure" => Some(&azure::Azure),
         "bedrock" => Some(&bedrock::Bedrock),
         "gemini" => Some(&gemini::Gemini),

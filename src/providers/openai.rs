@@ -178,6 +178,8 @@ fn strip_extensions(req: &mut ChatRequest) {
     for m in &mut req.messages {
         m.reasoning_blocks.clear();
         m.reasoning_content = None;
+        // An Anthropic tool result's error flag (protocols/anthropic.rs); not an OpenAI field.
+        m.extra.remove("is_error");
         if let Some(Content::Parts(parts)) = &mut m.content {
             for p in parts {
                 p.cache_control = None;
