@@ -60,6 +60,8 @@ pub fn for_endpoint(endpoint: crate::providers::Endpoint) -> Option<&'static dyn
     use crate::providers::Endpoint;
     match endpoint {
         Endpoint::ChatCompletions => Some(&openai_chat::OpenAiChat),
-        _ => None,
+        Endpoint::Messages | Endpoint::CountTokens => Some(&anthropic::AnthropicMessages),
+        Endpoint::Responses => Some(&responses::Responses),
+        Endpoint::Completions | Endpoint::Embeddings => None,
     }
 }

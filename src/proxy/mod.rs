@@ -9,6 +9,7 @@ pub mod meter;
 pub mod passthrough;
 pub mod request;
 pub mod reserve;
+pub mod responses;
 pub mod route;
 pub mod stream;
 pub mod translate;
@@ -402,6 +403,14 @@ async fn translated(
         request_id,
         headers: client_sent,
     } = *call;
+    match endpoint {
+        Endpoint::Messages | Endpoint::CountTokens if route.passes_through(endpoint) => {
+            return passthrough::anthropic(state, route, call, meter).await;
+        }
+        Endpoint::CountTokens => return count_tokens_locally(call, meter),
+        Endpoint::Responses => return responses::forward(state, route, call, meter).await,
+        _ => {}
+    }
     if endpoint == Endpoint::Embeddings {
         return translate::embeddings(
             state,
@@ -498,6 +507,29 @@ fn decoded_body(headers: &http::HeaderMap, body: Body, limit: usize) -> Result<B
         }
     };
     Ok(decoded)
+}
+
+/// `/v1/messages/count_tokens` for a model whose provider cannot count: the gateway's own
+/// count (the estimator's tokenizer over the request as the pivot), `{"input_tokens": n}`.
+fn count_tokens_locally(call: &Call<'_>, meter: Meter) -> Response {
+    let protocol = &crate::protocols::anthropic::AnthropicMessages;
+    let pivot = match crate::protocols::anthropic::count_tokens_request(call.bytes) {
+        Ok(p) => p,
+        Err(e) => return passthrough::refuse(protocol, meter, e),
+    };
+    let n = crate::metering::estimate::prompt_tokens(
+        Endpoint::ChatCompletions,
+        &translate::pivot_body(&pivot),
+    );
+    meter.finish(200, Some(Usage::default()), KeptPayloads::default(), None);
+    let mut resp = Response::new(Body::from(
+        serde_json::json!({ "input_tokens": n.max(0) }).to_string(),
+    ));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
 }
 
 /// The client's body, at most `limit` bytes, all of it within `timeout_secs` (408 past it: a

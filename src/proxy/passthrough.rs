@@ -10,6 +10,7 @@ use axum::body::Body;
 use axum::response::Response;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, StatusCode, header};
+use secrecy::ExposeSecret;
 
 use crate::error::ApiError;
 use crate::metering::event::KeptPayloads;
@@ -22,9 +23,9 @@ use crate::proxy::translate::api_error_response;
 use crate::proxy::upstream::{self, Outbound};
 use crate::state::AppState;
 
-/// Called with a complete success body (non-stream) once it is metered: the Responses API
-/// stores the response from it.
-pub type OnBody = Box<dyn FnOnce(&Bytes, Option<Usage>) + Send>;
+/// Called with a complete success body (non-stream) once it is metered; what it returns is what
+/// the client gets (the Responses API puts its own id in, and stores the response).
+pub type OnBody = Box<dyn FnOnce(Bytes, Option<Usage>) -> Bytes + Send>;
 
 /// One pass-through request.
 pub struct Foreign {
@@ -142,6 +143,7 @@ pub async fn forward(
             return api_error_response(f.protocol, e);
         }
     };
+    let mut body = body;
     if status.is_success() {
         let usage = (f.usage_of_body)(&body);
         let kept = if usage.is_none() {
@@ -151,7 +153,7 @@ pub async fn forward(
         };
         meter.finish(status.as_u16(), usage, kept, None);
         if let Some(on_body) = f.on_body {
-            on_body(&body, usage);
+            body = on_body(body, usage);
         }
     } else {
         let kind = if status.is_client_error() {
@@ -213,4 +215,81 @@ pub fn refuse(protocol: &'static dyn ClientProtocol, meter: Meter, e: ApiError) 
         Some("invalid_request"),
     );
     api_error_response(protocol, e)
+}
+
+impl UsageReader for crate::providers::anthropic::PassthroughUsage {
+    fn on_event(&mut self, data: &[u8]) {
+        crate::providers::anthropic::PassthroughUsage::on_event(self, data);
+    }
+
+    fn usage(&self) -> Option<Usage> {
+        crate::providers::anthropic::PassthroughUsage::usage(self)
+    }
+}
+
+/// An Anthropic client to an `anthropic` provider: `/v1/messages` (and `count_tokens`) with
+/// only the model replaced; `anthropic-version` and `anthropic-beta` as the client sent them.
+pub async fn anthropic(
+    state: &AppState,
+    route: &Route,
+    call: &super::Call<'_>,
+    meter: Meter,
+) -> Response {
+    use crate::providers::{Operation, anthropic};
+    let protocol: &'static dyn ClientProtocol = &crate::protocols::anthropic::AnthropicMessages;
+    let Some(translator) = route.translator else {
+        return refuse(
+            protocol,
+            meter,
+            ApiError::internal(anyhow::anyhow!("anthropic route without a translator")),
+        );
+    };
+    let t = route.target();
+    let count = call.endpoint == crate::providers::Endpoint::CountTokens;
+    let op = if count {
+        Operation::CountTokens
+    } else {
+        Operation::Chat
+    };
+    let body = call.view.with_model(&route.upstream_model);
+    let prepared = translator.url(&t, op, call.view.stream).and_then(|url| {
+        let mut headers = HeaderMap::new();
+        translator.headers(
+            &mut headers,
+            route.provider_key.expose_secret(),
+            &t,
+            &url,
+            &body,
+        )?;
+        headers.extend(upstream::client_headers(call.headers, true));
+        Ok((url, headers))
+    });
+    let (url, headers) = match prepared {
+        Ok(p) => p,
+        Err(e) => return refuse(protocol, meter, e),
+    };
+    let usage_of_body: fn(&[u8]) -> Option<Usage> = if count {
+        // Counting is free upstream: a record with no tokens, never an estimate.
+        |_| Some(Usage::default())
+    } else {
+        anthropic::usage_of_message
+    };
+    forward(
+        state,
+        route,
+        Foreign {
+            url,
+            headers,
+            body: Bytes::from(body),
+            stream: call.view.stream && !count,
+            reader: Box::new(anthropic::PassthroughUsage::new()),
+            usage_of_body,
+            protocol,
+            on_body: None,
+        },
+        &call.view.model,
+        meter,
+        call.request_id,
+    )
+    .await
 }

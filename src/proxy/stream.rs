@@ -209,6 +209,31 @@ const FLUSH_AT: usize = 16 * 1024;
 /// The room a frame's buffer starts with.
 const OUT_CHUNK: usize = 2048;
 
+/// Appends the event `raw` with its `data` lines replaced by one `data: payload` line (its
+/// `event:`, `id:` and other lines kept, in place).
+fn replace_data(raw: &[u8], payload: &[u8], out: &mut BytesMut) {
+    let mut written = false;
+    let mut rest = raw;
+    while !rest.is_empty() {
+        let end = memchr::memchr(b'\n', rest).map_or(rest.len(), |i| i + 1);
+        let (line, tail) = rest.split_at(end);
+        rest = tail;
+        if line.starts_with(b"data:") {
+            if !written {
+                written = true;
+                out.extend_from_slice(b"data: ");
+                out.extend_from_slice(payload);
+                out.extend_from_slice(b"\n");
+            }
+        } else {
+            out.extend_from_slice(line);
+        }
+    }
+    if !written {
+        push_data(out, payload);
+    }
+}
+
 /// Appends `payload` to `out` as one SSE event.
 fn push_data(out: &mut BytesMut, payload: &[u8]) {
     out.reserve(payload.len() + 8);
@@ -232,6 +257,12 @@ pub trait UsageReader: Send {
     fn on_event(&mut self, data: &[u8]);
     /// The usage so far.
     fn usage(&self) -> Option<Usage>;
+    /// A replacement for this event's payload (the Responses API's ids), else `None`.
+    fn rewrite(&mut self, _data: &[u8]) -> Option<Vec<u8>> {
+        None
+    }
+    /// The stream ended normally (after its last event).
+    fn on_end(&mut self) {}
 }
 
 pub struct StreamMapping {
@@ -317,8 +348,10 @@ impl<B> MeteredStream<B> {
             return;
         };
         let Some(adapter) = self.map.adapter else {
+            let mut replaced = None;
             if let Some(r) = self.map.reader.as_mut() {
                 r.on_event(&data);
+                replaced = r.rewrite(&data);
                 let usage = r.usage();
                 if usage.is_some() {
                     self.usage = usage;
@@ -327,7 +360,10 @@ impl<B> MeteredStream<B> {
                     self.kept.push(data);
                 }
             }
-            self.out.extend_from_slice(&ev.raw);
+            match replaced {
+                Some(payload) => replace_data(&ev.raw, &payload, &mut self.out),
+                None => self.out.extend_from_slice(&ev.raw),
+            }
             return;
         };
         let ctx = EventCtx {
@@ -385,6 +421,12 @@ impl<B> MeteredStream<B> {
     }
 
     fn finish_meter(&mut self, status: u16, error: Option<&str>) {
+        if status == 200
+            && self.meter.is_some()
+            && let Some(r) = self.map.reader.as_mut()
+        {
+            r.on_end();
+        }
         if let Some(m) = self.meter.take() {
             m.finish(status, self.usage, std::mem::take(&mut self.kept), error);
         }

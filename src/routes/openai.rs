@@ -18,6 +18,9 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(chat_completions))
         .routes(routes!(completions))
         .routes(routes!(embeddings))
+        .routes(routes!(responses))
+        .routes(routes!(messages))
+        .routes(routes!(count_tokens))
         .routes(routes!(list_models))
         .routes(routes!(get_model))
 }
@@ -67,6 +70,46 @@ async fn embeddings(
     req: Request,
 ) -> Response {
     proxy::forward(state, Endpoint::Embeddings, ip, req).await
+}
+
+/// OpenAI's Responses API (spec §8, §9), streamed (`event:`/`data:` server-sent events with
+/// `sequence_number`) or not. `previous_response_id` and `conversation` are resolved from
+/// tollgate's own tables for every provider; `store` (default true) saves the response.
+#[utoipa::path(post, path = "/v1/responses", tag = "openai",
+    request_body(content = serde_json::Value, description = "An OpenAI Responses API request", content_type = "application/json"),
+    responses(
+        (status = 200, description = "A `response` object (JSON, or `text/event-stream` of `response.*` events when streaming)"),
+        (status = 400, body = crate::error::ErrorBody), (status = 401, body = crate::error::ErrorBody),
+        (status = 404, body = crate::error::ErrorBody), (status = 429, body = crate::error::ErrorBody),
+        (status = 502, body = crate::error::ErrorBody)),
+    security(("gateway_key" = []), ("gateway_key_header" = [])))]
+async fn responses(State(state): State<AppState>, ClientIp(ip): ClientIp, req: Request) -> Response {
+    proxy::forward(state, Endpoint::Responses, ip, req).await
+}
+
+/// Anthropic's Messages API (spec §10), for the Anthropic SDKs and Claude Code: passed through
+/// to `anthropic` providers, translated to every other kind. Gateway key as `x-api-key` or
+/// `Authorization: Bearer`; errors in Anthropic's shape.
+#[utoipa::path(post, path = "/v1/messages", tag = "anthropic",
+    request_body(content = serde_json::Value, description = "An Anthropic Messages API request", content_type = "application/json"),
+    responses(
+        (status = 200, description = "A `message` (JSON, or `text/event-stream` of Anthropic's events when streaming)"),
+        (status = 400, description = "`{\"type\": \"error\", \"error\": {\"type\": \"invalid_request_error\", …}}`"),
+        (status = 401, description = "`authentication_error`"), (status = 429, description = "`rate_limit_error`"),
+        (status = 529, description = "`overloaded_error` (from the upstream)")),
+    security(("gateway_key" = []), ("gateway_key_header" = [])))]
+async fn messages(State(state): State<AppState>, ClientIp(ip): ClientIp, req: Request) -> Response {
+    proxy::forward(state, Endpoint::Messages, ip, req).await
+}
+
+/// Anthropic's token counting: the provider's own count for `anthropic` providers, the
+/// gateway's tokenizer otherwise. `{"input_tokens": n}`.
+#[utoipa::path(post, path = "/v1/messages/count_tokens", tag = "anthropic",
+    request_body(content = serde_json::Value, description = "A Messages request without `max_tokens`", content_type = "application/json"),
+    responses((status = 200, description = "`{\"input_tokens\": n}`"), (status = 400, description = "Anthropic-shaped error")),
+    security(("gateway_key" = []), ("gateway_key_header" = [])))]
+async fn count_tokens(State(state): State<AppState>, ClientIp(ip): ClientIp, req: Request) -> Response {
+    proxy::forward(state, Endpoint::CountTokens, ip, req).await
 }
 
 /// OpenAI's model object.

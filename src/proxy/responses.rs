@@ -1,0 +1,267 @@
+//! `POST /v1/responses` after admission (spec §8, §9): the history (`previous_response_id`,
+//! `conversation`) comes from tollgate's own tables; a Responses-capable upstream gets the full
+//! input statelessly (`store: false`), any other is reached through the pivot; the answer is
+//! stored when the client asked (`store`, default true).
+
+use axum::response::Response;
+use bytes::Bytes;
+use secrecy::ExposeSecret;
+
+use crate::error::ApiError;
+use crate::pivot::{ChatRequest, ChatResponse, UpstreamError};
+use crate::protocols::responses::{self as proto, Item, ResponseCtx, ResponsesRequest};
+use crate::protocols::{ChunkEncoder, ClientProtocol, EncodeCtx};
+use crate::providers::Usage;
+use crate::proxy::meter::Meter;
+use crate::proxy::passthrough::{self, Foreign};
+use crate::proxy::route::Route;
+use crate::proxy::stream::UsageReader;
+use crate::proxy::translate::{self, Exchange};
+use crate::proxy::upstream;
+use crate::state::AppState;
+
+use super::Call;
+
+/// The Responses protocol for one request: its encoders echo the request's fields and carry
+/// its `resp_…` id.
+struct WithCtx(ResponseCtx);
+
+impl ClientProtocol for WithCtx {
+    fn decode_request(&self, body: &[u8]) -> Result<ChatRequest, ApiError> {
+        proto::to_chat(&proto::parse(body)?, &[])
+    }
+
+    fn encode_response(&self, resp: &ChatResponse, _ctx: &EncodeCtx) -> Vec<u8> {
+        serde_json::to_vec(&proto::from_chat(resp, &self.0)).unwrap_or_default()
+    }
+
+    fn stream_encoder(&self, _ctx: &EncodeCtx) -> Box<dyn ChunkEncoder> {
+        Box::new(proto::ResponsesStream::new(self.0.clone()))
+    }
+
+    fn error_body(&self, _status: u16, err: &UpstreamError) -> Vec<u8> {
+        crate::protocols::openai_chat::error_json(err)
+    }
+}
+
+/// Usage of a relayed Responses stream: the terminal event's `response.usage`.
+#[derive(Default)]
+struct StreamUsage {
+    usage: Option<Usage>,
+    /// tollgate's `resp_…` id and the client's model, put into every event's `response`.
+    id: String,
+    model: String,
+    /// The terminal event's `response`, for storage.
+    last: Option<serde_json::Value>,
+    on_end: Option<Box<dyn FnOnce(serde_json::Value, Option<Usage>) + Send>>,
+}
+
+impl UsageReader for StreamUsage {
+    fn on_event(&mut self, data: &[u8]) {
+        if let Some(u) = proto::usage_of_event(data) {
+            self.usage = Some(u);
+        }
+        if self.on_end.is_some()
+            && memchr::memmem::find(data, b"response.completed").is_some()
+            && let Ok(v) = serde_json::from_slice::<serde_json::Value>(data)
+            && v.get("type").and_then(|t| t.as_str()) == Some("response.completed")
+            && let Some(r) = v.get("response")
+        {
+            let mut r = r.clone();
+            relabel(&mut r, &self.id, &self.model);
+            self.last = Some(r);
+        }
+    }
+
+    fn usage(&self) -> Option<Usage> {
+        self.usage
+    }
+
+    fn rewrite(&mut self, data: &[u8]) -> Option<Vec<u8>> {
+        // Only the few events that carry the whole `response` (created, in_progress, completed,
+        // incomplete, failed); a `"response":` key cannot appear unescaped inside a string.
+        memchr::memmem::find(data, b"\"response\":")?;
+        let mut v: serde_json::Value = serde_json::from_slice(data).ok()?;
+        let r = v.get_mut("response")?;
+        relabel(r, &self.id, &self.model);
+        serde_json::to_vec(&v).ok()
+    }
+
+    fn on_end(&mut self) {
+        if let (Some(f), Some(r)) = (self.on_end.take(), self.last.take()) {
+            f(r, self.usage);
+        }
+    }
+}
+
+/// What storing needs besides the answer.
+pub struct Stored {
+    pub state: AppState,
+    pub user_id: String,
+    pub key_id: String,
+    pub request: ResponsesRequest,
+    pub input_items: Vec<Item>,
+    pub ctx: ResponseCtx,
+}
+
+pub async fn forward(state: &AppState, route: &Route, call: &Call<'_>, meter: Meter) -> Response {
+    let protocol: &'static dyn ClientProtocol = &crate::protocols::responses::Responses;
+    let req = match proto::parse(call.bytes) {
+        Ok(r) => r,
+        Err(e) => return passthrough::refuse(protocol, meter, e),
+    };
+    let history = match crate::conversations::history(
+        state,
+        &meter.facts.user_id,
+        req.previous_response_id.as_deref(),
+        req.conversation.as_deref(),
+    )
+    .await
+    {
+        Ok(h) => h,
+        Err(e) => return passthrough::refuse(protocol, meter, e),
+    };
+    let mut ctx = ResponseCtx::new(&req, chrono::Utc::now().timestamp());
+    ctx.store = req.store && state.config.storage.enabled;
+    let input_items = proto::normalize_input(&req);
+    let mut meter = meter;
+    meter.facts.response_id = Some(ctx.id.clone());
+    meter.facts.conversation_id = req.conversation.clone();
+    let stored = (ctx.store || ctx.conversation.is_some()).then(|| Stored {
+        state: state.clone(),
+        user_id: meter.facts.user_id.clone(),
+        key_id: meter.facts.key_id.clone(),
+        request: req.clone(),
+        input_items: input_items.clone(),
+        ctx: ctx.clone(),
+    });
+    let save = stored.map(|s| {
+        Box::new(move |response: serde_json::Value, usage: Option<Usage>| {
+            crate::conversations::save_response_later(s, response, usage);
+        }) as Box<dyn FnOnce(serde_json::Value, Option<Usage>) + Send>
+    });
+
+    if route.passes_through(crate::providers::Endpoint::Responses) {
+        return upstream_responses(state, route, call, &req, &history, meter, save).await;
+    }
+    let mut pivot = match proto::to_chat(&req, &history) {
+        Ok(p) => p,
+        Err(e) => return passthrough::refuse(protocol, meter, e),
+    };
+    call.view.model.clone_into(&mut pivot.model);
+    meter.facts.keep_body(&translate::pivot_body(&pivot));
+    let with_ctx = WithCtx(ctx);
+    let encode_ctx = EncodeCtx {
+        client_model: call.view.model.clone(),
+        include_usage: true,
+        created: with_ctx.0.created_at,
+        id: Some(with_ctx.0.id.clone()),
+    };
+    translate::forward(
+        state,
+        route,
+        Exchange {
+            protocol: &with_ctx,
+            pivot,
+            ctx: encode_ctx,
+            on_done: save,
+        },
+        meter,
+        call.request_id,
+        call.headers,
+    )
+    .await
+}
+
+/// A Responses-capable upstream: the full input, `store: false`, relayed untouched.
+async fn upstream_responses(
+    state: &AppState,
+    route: &Route,
+    call: &Call<'_>,
+    req: &ResponsesRequest,
+    history: &[Item],
+    meter: Meter,
+    save: Option<Box<dyn FnOnce(serde_json::Value, Option<Usage>) + Send>>,
+) -> Response {
+    let protocol: &'static dyn ClientProtocol = &crate::protocols::responses::Responses;
+    let body = proto::upstream_body(req, history, &route.upstream_model);
+    let t = route.target();
+    let mut headers = upstream::client_headers(call.headers, true);
+    let url = if route.kind == "azure" {
+        let Some(translator) = route.translator else {
+            return passthrough::refuse(
+                protocol,
+                meter,
+                ApiError::internal(anyhow::anyhow!("azure route without a translator")),
+            );
+        };
+        let url = crate::providers::azure::operation_url(&t, "/responses");
+        if let Err(e) = translator.headers(
+            &mut headers,
+            route.provider_key.expose_secret(),
+            &t,
+            &url,
+            &body,
+        ) {
+            return passthrough::refuse(protocol, meter, e);
+        }
+        url
+    } else {
+        if let Some(a) = route.adapter {
+            a.auth(&mut headers, route.provider_key.expose_secret());
+        }
+        format!("{}/responses", route.base_url.trim_end_matches('/'))
+    };
+    // The client sees tollgate's `resp_…` id and its own model name (the id is what
+    // `previous_response_id` and `GET /v1/responses/{id}` take), and that is what is stored.
+    let ctx_id = meter.facts.response_id.clone().unwrap_or_default();
+    let client_model = call.view.model.clone();
+    let (on_body, on_end): (Option<passthrough::OnBody>, _) = if req.stream {
+        (None, save)
+    } else {
+        let (id, model) = (ctx_id.clone(), client_model.clone());
+        let on_body = Box::new(move |body: Bytes, usage: Option<Usage>| {
+            let Ok(mut v) = serde_json::from_slice::<serde_json::Value>(&body) else {
+                return body;
+            };
+            relabel(&mut v, &id, &model);
+            let out = serde_json::to_vec(&v).map(Bytes::from).unwrap_or(body);
+            if let Some(save) = save {
+                save(v, usage);
+            }
+            out
+        }) as passthrough::OnBody;
+        (Some(on_body), None)
+    };
+    passthrough::forward(
+        state,
+        route,
+        Foreign {
+            url,
+            headers,
+            body: Bytes::from(body),
+            stream: req.stream,
+            reader: Box::new(StreamUsage {
+                on_end,
+                id: ctx_id,
+                model: client_model,
+                ..StreamUsage::default()
+            }),
+            usage_of_body: proto::usage_of_response,
+            protocol,
+            on_body,
+        },
+        &call.view.model,
+        meter,
+        call.request_id,
+    )
+    .await
+}
+
+/// The stored copy of an upstream's response carries tollgate's id and the client's model name.
+fn relabel(v: &mut serde_json::Value, id: &str, model: &str) {
+    if let Some(o) = v.as_object_mut() {
+        o.insert("id".into(), id.into());
+        o.insert("model".into(), model.into());
+    }
+}

@@ -1,0 +1,590 @@
+//! Part two end to end through the real App: a client protocol and a provider that differ are
+//! translated both ways (stream and not), a client speaking its provider's protocol is passed
+//! through, errors come back in the client's shape, and every call is one usage record with the
+//! provider's own token counts.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use common::TestApp;
+use common::gateway::{self, PROVIDER_SECRET};
+use serde_json::{Value, json};
+
+/// A scripted Anthropic Messages API on 127.0.0.1:0 (model `claude-ok`, or `claude-overloaded`
+/// for a 529), recording every request.
+#[derive(Clone, Default)]
+struct Anthropic {
+    requests: Arc<Mutex<Vec<(String, HeaderMap, Value)>>>,
+}
+
+const MESSAGE_USAGE: &str = r#"{"input_tokens": 20, "cache_read_input_tokens": 30, "cache_creation_input_tokens": 10, "output_tokens": 6}"#;
+
+async fn anthropic_handle(
+    State(m): State<Anthropic>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    m.requests
+        .lock()
+        .expect("lock")
+        .push((uri.path().to_owned(), headers, body.clone()));
+    if uri.path().ends_with("/messages/count_tokens") {
+        return axum::Json(json!({"input_tokens": 42})).into_response();
+    }
+    if body["model"] == "claude-overloaded" {
+        return (
+            StatusCode::from_u16(529).expect("status"),
+            axum::Json(json!({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}})),
+        )
+            .into_response();
+    }
+    let usage: Value = serde_json::from_str(MESSAGE_USAGE).expect("usage");
+    if body["stream"] != true {
+        return axum::Json(json!({
+            "id": "msg_mock", "type": "message", "role": "assistant", "model": body["model"],
+            "content": [{"type": "text", "text": "Hello from claude"}],
+            "stop_reason": "end_turn", "stop_sequence": null, "usage": usage
+        }))
+        .into_response();
+    }
+    let events = [
+        (
+            "message_start",
+            json!({"type": "message_start", "message": {"id": "msg_mock", "type": "message", "role": "assistant", "model": body["model"], "content": [], "stop_reason": null, "stop_sequence": null,
+                "usage": {"input_tokens": 20, "cache_read_input_tokens": 30, "cache_creation_input_tokens": 10, "output_tokens": 1}}}),
+        ),
+        (
+            "content_block_start",
+            json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+        ),
+        (
+            "content_block_delta",
+            json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Hello"}}),
+        ),
+        ("ping", json!({"type": "ping"})),
+        (
+            "content_block_delta",
+            json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": " from claude"}}),
+        ),
+        (
+            "content_block_stop",
+            json!({"type": "content_block_stop", "index": 0}),
+        ),
+        (
+            "message_delta",
+            json!({"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": null}, "usage": {"output_tokens": 3}}),
+        ),
+        (
+            "message_delta",
+            json!({"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": null}, "usage": {"output_tokens": 6}}),
+        ),
+        ("message_stop", json!({"type": "message_stop"})),
+    ];
+    let text: String = events
+        .iter()
+        .map(|(name, data)| format!("event: {name}\ndata: {data}\n\n"))
+        .collect();
+    Response::builder()
+        .header(header::CONTENT_TYPE, "text/event-stream")
+        .body(Body::from(text))
+        .expect("response")
+}
+
+impl Anthropic {
+    async fn start() -> (Self, String) {
+        let m = Anthropic::default();
+        let app = Router::new()
+            .fallback(anthropic_handle)
+            .with_state(m.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        (m, format!("http://{addr}/v1"))
+    }
+
+    fn last(&self) -> (String, HeaderMap, Value) {
+        self.requests
+            .lock()
+            .expect("lock")
+            .last()
+            .cloned()
+            .expect("a request reached the Anthropic mock")
+    }
+}
+
+struct World {
+    g: gateway::Gateway,
+    anthropic: Anthropic,
+}
+
+/// The usual mock gateway plus an `anthropic` provider with models `claude` and
+/// `claude-overloaded`, and the user's key for it.
+async fn world(app: &TestApp) -> World {
+    let g = gateway::setup(app).await;
+    let (anthropic, base) = Anthropic::start().await;
+    let (s, b) = app
+        .post(
+            "/api/admin/providers",
+            Some(&g.admin),
+            json!({"key": "claude", "display_name": "Anthropic", "base_url": base, "kind": "anthropic"}),
+        )
+        .await;
+    assert_eq!(s, 201, "anthropic provider: {b}");
+    for (name, upstream) in [("claude", "claude-ok"), ("claude-overloaded", "claude-overloaded")] {
+        let (s, b) = app
+            .post(
+                "/api/admin/models",
+                Some(&g.admin),
+                json!({"name": name, "provider": "claude", "upstream_model": upstream, "type": "chat",
+                       "input_price_per_1m": 3.0, "output_price_per_1m": 15.0,
+                       "cached_input_price_per_1m": 0.3, "cache_write_input_price_per_1m": 3.75,
+                       "max_output_tokens": 777}),
+            )
+            .await;
+        assert_eq!(s, 201, "model {name}: {b}");
+    }
+    let (s, b) = app
+        .post(
+            "/api/provider-keys",
+            Some(&g.user),
+            json!({"provider": "claude", "api_key": PROVIDER_SECRET}),
+        )
+        .await;
+    assert_eq!(s, 201, "anthropic key: {b}");
+    World { g, anthropic }
+}
+
+async fn post_raw(
+    app: &TestApp,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Value,
+) -> (u16, HeaderMap, String) {
+    let mut req = app.client.post(app.url(path)).json(&body);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let resp = req.send().await.expect("send");
+    let status = resp.status().as_u16();
+    let h = resp.headers().clone();
+    (status, h, resp.text().await.expect("body"))
+}
+
+fn bearer(key: &str) -> String {
+    format!("Bearer {key}")
+}
+
+/// `data:` payloads of an SSE body, with their `event:` names.
+fn sse(text: &str) -> Vec<(Option<String>, String)> {
+    text.split("\n\n")
+        .filter(|e| !e.trim().is_empty())
+        .map(|e| {
+            let mut name = None;
+            let mut data = String::new();
+            for line in e.lines() {
+                if let Some(n) = line.strip_prefix("event: ") {
+                    name = Some(n.to_owned());
+                } else if let Some(d) = line.strip_prefix("data: ") {
+                    data.push_str(d);
+                }
+            }
+            (name, data)
+        })
+        .collect()
+}
+
+fn record_for<'a>(records: &'a [Value], model: &str, endpoint: &str) -> &'a Value {
+    records
+        .iter()
+        .find(|r| r["model"] == model && r["endpoint"] == endpoint)
+        .unwrap_or_else(|| panic!("no record for {model} {endpoint}: {records:?}"))
+}
+
+#[tokio::test]
+async fn openai_chat_to_anthropic_translated_both_ways_with_cache_tokens_metered() {
+    let app = TestApp::spawn().await;
+    let w = world(&app).await;
+    let auth = bearer(&w.g.key);
+
+    let (s, _, body) = post_raw(
+        &app,
+        "/v1/chat/completions",
+        &[("authorization", &auth)],
+        json!({"model": "claude", "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hi"}]}),
+    )
+    .await;
+    assert_eq!(s, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(v["object"], "chat.completion");
+    assert_eq!(v["model"], "claude", "the client's model name, not the upstream's");
+    assert_eq!(v["choices"][0]["message"]["content"], "Hello from claude");
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    assert_eq!(v["usage"]["prompt_tokens"], 60, "input + cache read + cache write");
+    assert_eq!(v["usage"]["prompt_tokens_details"]["cached_tokens"], 30);
+
+    let (path, headers, up) = w.anthropic.last();
+    assert_eq!(path, "/v1/messages");
+    assert_eq!(
+        headers.get("x-api-key").and_then(|v| v.to_str().ok()),
+        Some(PROVIDER_SECRET)
+    );
+    assert!(headers.get("authorization").is_none());
+    assert_eq!(
+        headers
+            .get("anthropic-version")
+            .and_then(|v| v.to_str().ok()),
+        Some("2023-06-01")
+    );
+    assert_eq!(up["model"], "claude-ok");
+    assert_eq!(up["max_tokens"], 777, "the model's max_output_tokens");
+    assert_eq!(up["system"][0]["text"], "Be brief.");
+    assert_eq!(up["messages"][0]["role"], "user");
+
+    // Streamed: OpenAI chunks, the usage chunk when asked, [DONE].
+    let (s, h, body) = post_raw(
+        &app,
+        "/v1/chat/completions",
+        &[("authorization", &auth)],
+        json!({"model": "claude", "stream": true, "stream_options": {"include_usage": true},
+               "messages": [{"role": "user", "content": "Hi"}]}),
+    )
+    .await;
+    assert_eq!(s, 200, "{body}");
+    assert!(
+        h[header::CONTENT_TYPE]
+            .to_str()
+            .unwrap_or_default()
+            .starts_with("text/event-stream")
+    );
+    let events = sse(&body);
+    assert_eq!(events.last().map(|e| e.1.as_str()), Some("[DONE]"));
+    let chunks: Vec<Value> = events
+        .iter()
+        .filter(|e| e.1 != "[DONE]")
+        .map(|e| serde_json::from_str(&e.1).expect("chunk json"))
+        .collect();
+    let text: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(text, "Hello from claude");
+    let usage = chunks
+        .iter()
+        .find(|c| c["usage"].is_object())
+        .expect("usage chunk");
+    assert_eq!(
+        usage["usage"]["completion_tokens"], 6,
+        "the last cumulative message_delta, never a sum"
+    );
+    assert!(chunks.iter().all(|c| c["model"] == "claude"));
+
+    let records = gateway::wait_records(&app, &w.g.user, 2).await;
+    for r in records.iter().filter(|r| r["model"] == "claude") {
+        assert_eq!(r["prompt_tokens"], 60, "{r}");
+        assert_eq!(r["cached_tokens"], 30, "{r}");
+        assert_eq!(r["cache_write_tokens"], 10, "{r}");
+        assert_eq!(r["completion_tokens"], 6, "{r}");
+        assert_eq!(r["tokens_estimated"], false, "{r}");
+        // (60 − 30 − 10) × $3 + 30 × $0.30 + 10 × $3.75 + 6 × $15, per 1M tokens.
+        let want = (20.0 * 3.0 + 30.0 * 0.3 + 10.0 * 3.75 + 6.0 * 15.0) / 1e6;
+        let cost = r["cost_usd"].as_f64().expect("cost");
+        assert!((cost - want).abs() < 1e-9, "cost {cost} want {want}: {r}");
+    }
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn messages_pass_through_to_anthropic_untouched_but_the_model() {
+    let app = TestApp::spawn().await;
+    let w = world(&app).await;
+    let req = json!({"model": "claude", "max_tokens": 64, "system": [{"type": "text", "text": "sys", "cache_control": {"type": "ephemeral"}}],
+        "metadata": {"user_id": "u-1"}, "thinking": {"type": "enabled", "budget_tokens": 1024},
+        "messages": [{"role": "user", "content": "Hi"}]});
+    let (s, _, body) = post_raw(
+        &app,
+        "/v1/messages",
+        &[
+            ("x-api-key", &w.g.key),
+            ("anthropic-version", "2023-06-01"),
+            ("anthropic-beta", "prompt-caching-2024-07-31"),
+        ],
+        req.clone(),
+    )
+    .await;
+    assert_eq!(s, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(v["type"], "message");
+    assert_eq!(v["content"][0]["text"], "Hello from claude");
+
+    let (_, headers, up) = w.anthropic.last();
+    let mut want = req.clone();
+    want["model"] = json!("claude-ok");
+    assert_eq!(up, want, "the body reaches Anthropic as sent, model replaced");
+    assert_eq!(
+        headers.get("anthropic-beta").and_then(|v| v.to_str().ok()),
+        Some("prompt-caching-2024-07-31")
+    );
+    assert_eq!(
+        headers.get("x-api-key").and_then(|v| v.to_str().ok()),
+        Some(PROVIDER_SECRET),
+        "the gateway key never reaches the upstream"
+    );
+
+    // Streamed: relayed event by event.
+    let mut sreq = req.clone();
+    sreq["stream"] = json!(true);
+    let (s, _, body) = post_raw(
+        &app,
+        "/v1/messages",
+        &[("authorization", &bearer(&w.g.key))],
+        sreq,
+    )
+    .await;
+    assert_eq!(s, 200, "{body}");
+    let names: Vec<_> = sse(&body).into_iter().filter_map(|e| e.0).collect();
+    assert_eq!(names.first().map(String::as_str), Some("message_start"));
+    assert_eq!(names.last().map(String::as_str), Some("message_stop"));
+    assert!(names.iter().any(|n| n == "ping"), "untouched: pings too");
+
+    // count_tokens goes to Anthropic's own counter.
+    let (s, _, body) = post_raw(
+        &app,
+        "/v1/messages/count_tokens",
+        &[("x-api-key", &w.g.key)],
+        json!({"model": "claude", "messages": [{"role": "user", "content": "Hi"}]}),
+    )
+    .await;
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).expect("json")["input_tokens"],
+        42
+    );
+    assert_eq!(w.anthropic.last().0, "/v1/messages/count_tokens");
+
+    let records = gateway::wait_records(&app, &w.g.user, 3).await;
+    let streamed = records
+        .iter()
+        .find(|r| r["endpoint"] == "messages" && r["stream"] == true)
+        .expect("stream record");
+    assert_eq!(streamed["prompt_tokens"], 60, "{streamed}");
+    assert_eq!(
+        streamed["completion_tokens"], 6,
+        "cumulative usage, the last one: {streamed}"
+    );
+    assert_eq!(streamed["cache_write_tokens"], 10, "{streamed}");
+    let counted = record_for(&records, "claude", "messages.count_tokens");
+    assert_eq!(counted["cost_usd"].as_f64(), Some(0.0));
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn messages_to_an_openai_provider_are_translated_and_errors_are_anthropic_shaped() {
+    let app = TestApp::spawn().await;
+    let w = world(&app).await;
+    let key = w.g.key.clone();
+
+    let (s, _, body) = post_raw(
+        &app,
+        "/v1/messages",
+        &[("x-api-key", &key)],
+        json!({"model": "gpt-test", "max_tokens": 50, "system": "Be brief.",
+               "messages": [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}]}),
+    )
+    .await;
+    assert_eq!(s, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(v["type"], "message");
+    assert_eq!(v["role"], "assistant");
+    assert_eq!(v["model"], "gpt-test");
+    assert_eq!(v["content"][0]["type"], "text");
+    assert_eq!(v["content"][0]["text"], "Hello from mock");
+    assert_eq!(v["stop_reason"], "end_turn");
+    assert_eq!(v["usage"]["input_tokens"], 11);
+    assert_eq!(v["usage"]["output_tokens"], 7);
+    let up = w.g.mock.last();
+    assert_eq!(up.path, "/v1/chat/completions");
+    assert_eq!(up.body["messages"][0]["role"], "system");
+    assert_eq!(up.body["max_tokens"], 50);
+
+    // Streamed: message_start comes first, then the text, message_delta with usage, message_stop.
+    let (s, _, body) = post_raw(
+        &app,
+        "/v1/messages",
+        &[("x-api-key", &key)],
+        json!({"model": "gpt-test", "max_tokens": 50, "stream": true,
+               "messages": [{"role": "user", "content": "Hi"}]}),
+    )
+    .await;
+    assert_eq!(s, 200, "{body}");
+    let events = sse(&body);
+    assert_eq!(events[0].0.as_deref(), Some("message_start"));
+    assert_eq!(events.last().and_then(|e| e.0.as_deref()), Some("message_stop"));
+    let text: String = events
+        .iter()
+        .filter(|e| e.0.as_deref() == Some("content_block_delta"))
+        .filter_map(|e| {
+            serde_json::from_str::<Value>(&e.1).ok()?["delta"]["text"]
+                .as_str()
+                .map(str::to_owned)
+        })
+        .collect();
+    assert_eq!(text, "Hello from mock");
+    let delta = events
+        .iter()
+        .find(|e| e.0.as_deref() == Some("message_delta"))
+        .expect("message_delta");
+    let delta: Value = serde_json::from_str(&delta.1).expect("json");
+    assert_eq!(delta["usage"]["output_tokens"], 7);
+
+    // The gateway's own errors in Anthropic's shape: a wrong key, a missing max_tokens.
+    let (s, _, body) = post_raw(
+        &app,
+        "/v1/messages",
+        &[("x-api-key", "sk-tg-wrong")],
+        json!({"model": "gpt-test", "max_tokens": 5, "messages": []}),
+    )
+    .await;
+    assert_eq!(s, 401);
+    let v: Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(v["type"], "error", "{v}");
+    assert_eq!(v["error"]["type"], "authentication_error", "{v}");
+    let (s, _, body) = post_raw(
+        &app,
+        "/v1/messages",
+        &[("x-api-key", &key)],
+        json!({"model": "gpt-test", "messages": [{"role": "user", "content": "Hi"}]}),
+    )
+    .await;
+    assert_eq!(s, 400, "{body}");
+    let v: Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(v["error"]["type"], "invalid_request_error", "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("max_tokens"),
+        "{v}"
+    );
+
+    // An upstream error through the translation: the Anthropic 529 is a 503 on OpenAI routes.
+    let (s, _, body) = post_raw(
+        &app,
+        "/v1/chat/completions",
+        &[("authorization", &bearer(&key))],
+        json!({"model": "claude-overloaded", "messages": [{"role": "user", "content": "Hi"}]}),
+    )
+    .await;
+    assert_eq!(s, 503, "{body}");
+    let v: Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(v["error"]["type"], "overloaded_error", "{v}");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn forwarding_rules_and_compressed_bodies() {
+    use std::io::Write;
+    let app = TestApp::spawn().await;
+    let w = gateway::setup(&app).await;
+    let auth = bearer(&w.key);
+    let body = json!({"model": "gpt-test", "messages": [{"role": "user", "content": "Hi"}]});
+
+    // Forwarded request headers, never the gateway key.
+    let (s, _, text) = post_raw(
+        &app,
+        "/v1/chat/completions",
+        &[
+            ("authorization", &auth),
+            ("openai-beta", "assistants=v2"),
+            ("openai-organization", "org-x"),
+            ("user-agent", "OpenAI/Python 9.9"),
+        ],
+        body.clone(),
+    )
+    .await;
+    assert_eq!(s, 200, "{text}");
+    let up = w.mock.last();
+    assert_eq!(up.headers["openai-beta"], "assistants=v2");
+    assert_eq!(up.headers["openai-organization"], "org-x");
+    assert_eq!(up.headers["user-agent"], "OpenAI/Python 9.9");
+    assert_eq!(
+        up.headers["authorization"],
+        format!("Bearer {PROVIDER_SECRET}").as_str()
+    );
+
+    // A gzip body is decoded.
+    let raw = serde_json::to_vec(&body).expect("json");
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(&raw).expect("gzip");
+    let gz = gz.finish().expect("gzip");
+    let resp = app
+        .client
+        .post(app.url("/v1/chat/completions"))
+        .header("authorization", &auth)
+        .header("content-type", "application/json")
+        .header("content-encoding", "gzip")
+        .body(gz)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(resp.status(), 200, "{:?}", resp.text().await);
+    assert_eq!(w.mock.last().body["model"], "normal");
+
+    // Another encoding is 415, and nothing reached the upstream.
+    let before = w.mock.requests().len();
+    let resp = app
+        .client
+        .post(app.url("/v1/chat/completions"))
+        .header("authorization", &auth)
+        .header("content-encoding", "compress")
+        .body(raw.clone())
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(resp.status(), 415);
+    let v: Value = resp.json().await.expect("json");
+    assert_eq!(v["error"]["code"], "unsupported_encoding");
+
+    // A declared length over the limit is refused before the body is read.
+    let limit = app.state.config.server.max_body_bytes;
+    let resp = app
+        .client
+        .post(app.url("/v1/chat/completions"))
+        .header("authorization", &auth)
+        .body(vec![b' '; limit + 1])
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(resp.status(), 413);
+    // A gzip bomb: small on the wire, over the limit decoded.
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    gz.write_all(&vec![b' '; limit + 1024]).expect("gzip");
+    let bomb = gz.finish().expect("gzip");
+    assert!(bomb.len() < limit / 10);
+    let resp = app
+        .client
+        .post(app.url("/v1/chat/completions"))
+        .header("authorization", &auth)
+        .header("content-encoding", "gzip")
+        .body(bomb)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(resp.status(), 413);
+    assert_eq!(w.mock.requests().len(), before, "no refused body went upstream");
+    app.stop().await;
+}
