@@ -326,6 +326,7 @@ fn usage_rows(fx: &Fixture) -> Vec<Settled> {
                     input: 2_500_000_000,
                     output: 10_000_000_000,
                     cached_input: Some(1_250_000_000),
+                    ..Default::default()
                 },
                 latency_ms: 840,
                 ttft_ms: Some(210),
@@ -333,6 +334,9 @@ fn usage_rows(fx: &Fixture) -> Vec<Settled> {
                 request_id: uuid::Uuid::new_v4().to_string(),
                 shared_key: false,
                 error: None,
+                extra_cost_nanos: 0,
+                response_id: None,
+                conversation_id: None,
                 reservation: Reservation::default(),
                 charged: true,
                 ticket: Ticket::new(),

@@ -254,6 +254,8 @@ impl Default for RedisConfig {
 pub struct ProviderSeed {
     pub key: String,
     pub display_name: String,
+    /// Empty (or absent) only for `bedrock`: then the region's runtime endpoint.
+    #[serde(default)]
     pub base_url: String,
     #[serde(default = "default_kind")]
     pub kind: String,
@@ -261,6 +263,31 @@ pub struct ProviderSeed {
     pub is_active: bool,
     #[serde(default)]
     pub sort_order: i32,
+    /// `openai` kind only: the upstream serves OpenAI's `/responses`.
+    #[serde(default)]
+    pub supports_responses: bool,
+    /// `azure` only: the `api-version` query (the `/openai/v1/` API when unset).
+    #[serde(default)]
+    pub api_version: Option<String>,
+    /// `bedrock` only (and required there): the AWS region.
+    #[serde(default)]
+    pub region: Option<String>,
+}
+
+impl Default for ProviderSeed {
+    fn default() -> Self {
+        Self {
+            key: String::new(),
+            display_name: String::new(),
+            base_url: String::new(),
+            kind: default_kind(),
+            is_active: true,
+            sort_order: 0,
+            supports_responses: false,
+            api_version: None,
+            region: None,
+        }
+    }
 }
 
 fn default_kind() -> String {
@@ -424,11 +451,61 @@ impl Config {
                     "must be 1–64 of [a-z0-9_-]",
                 ));
             }
-            if !(p.base_url.starts_with("http://") || p.base_url.starts_with("https://")) {
+            let field = |f: &str| format!("providers[{i}].{f}");
+            if !crate::validate::provider_kind(&p.kind) {
                 return Err(invalid(
-                    &format!("providers[{i}].base_url"),
-                    "must be an http(s) URL",
+                    &field("kind"),
+                    "must be openai, anthropic, gemini, azure or bedrock",
                 ));
+            }
+            let bedrock = p.kind == "bedrock";
+            if !(p.base_url.starts_with("http://")
+                || p.base_url.starts_with("https://")
+                || (bedrock && p.base_url.is_empty()))
+            {
+                return Err(invalid(&field("base_url"), "must be an http(s) URL"));
+            }
+            if p.supports_responses && p.kind != "openai" {
+                return Err(invalid(
+                    &field("supports_responses"),
+                    "applies to kind \"openai\" only (azure always uses /responses)",
+                ));
+            }
+            match (&p.api_version, p.kind.as_str()) {
+                (Some(v), "azure") if !crate::validate::api_version(v) => {
+                    return Err(invalid(
+                        &field("api_version"),
+                        "must be 1–32 of [A-Za-z0-9.-], e.g. 2024-10-21",
+                    ));
+                }
+                (Some(_), k) if k != "azure" => {
+                    return Err(invalid(
+                        &field("api_version"),
+                        "applies to kind \"azure\" only",
+                    ));
+                }
+                _ => {}
+            }
+            match (&p.region, bedrock) {
+                (None, true) => {
+                    return Err(invalid(
+                        &field("region"),
+                        "is required for kind \"bedrock\"",
+                    ));
+                }
+                (Some(r), true) if !crate::validate::aws_region(r) => {
+                    return Err(invalid(
+                        &field("region"),
+                        "must be an AWS region such as us-east-1",
+                    ));
+                }
+                (Some(_), false) => {
+                    return Err(invalid(
+                        &field("region"),
+                        "applies to kind \"bedrock\" only",
+                    ));
+                }
+                _ => {}
             }
         }
         let mut names = std::collections::HashSet::new();

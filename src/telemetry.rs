@@ -380,7 +380,7 @@ impl Metrics {
             ),
             tokens_total: counter_vec(
                 "tollgate_tokens_total",
-                "Tokens metered, by kind (prompt, completion, cached).",
+                "Tokens metered, by kind (prompt, completion, cached, cache_write, reasoning).",
                 &["model", "provider", "kind"],
             ),
             cost_usd_total: reg(
@@ -481,7 +481,7 @@ impl Metrics {
         ] {
             self.rate_limited_total.with_label_values(&[scope]);
         }
-        for field in ["prompt", "completion", "cached"] {
+        for field in ["prompt", "completion", "cached", "cache_write", "reasoning"] {
             self.usage_clamped_total.with_label_values(&[field]);
         }
         self

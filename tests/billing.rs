@@ -287,3 +287,205 @@ async fn leases_reserve_in_chunks_and_give_back_the_spare() {
     leases.give_back(db, std::time::Duration::ZERO).await;
     assert_eq!(ledger_state(&app, &alice).await.2, n / 4);
 }
+
+/// Polls until `user_id` holds no reservation and its balance is `want`; returns the ledger sum.
+async fn settled_balance(app: &TestApp, user_id: &str, want: i64) -> i64 {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let (balance, sum, reserved) = ledger_state(app, user_id).await;
+        if reserved == 0 && balance == want {
+            return sum;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "balance {balance} (want {want}), ledger {sum}, reserved {reserved}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+}
+
+fn nanos(usd: &Value) -> i64 {
+    (usd.as_f64().unwrap() * 1e9).round() as i64
+}
+
+/// Spec §10's formula through the real App: the upstream reports
+/// `prompt_tokens_details.cached_tokens` (11 prompt, 4 of them cached, 7 completion, stream and
+/// not); the records and the balance debit are (11 − 4) × input + 4 × cached-input + 7 × output,
+/// and the cache-write price, with no cache writes reported, changes nothing.
+#[tokio::test]
+async fn cached_tokens_are_billed_once_at_the_cached_price() {
+    let app = TestApp::spawn_with(|c| c.billing.enforce_balance = true).await;
+    let gw = setup(&app).await;
+    let alice = user_id(&app, "alice").await;
+    // $3 in, $0.30 cache read, $3.75 cache write, $15 out per 1M: 3000 / 300 / 3750 / 15000
+    // nano-dollars a token.
+    for (name, cached_price) in [("claude-ish", json!(0.3)), ("no-cache-price", Value::Null)] {
+        let (s, b) = app
+            .post(
+                "/api/admin/models",
+                Some(&gw.admin),
+                json!({"name": name, "provider": "mock", "upstream_model": "cached",
+                       "input_price_per_1m": 3.0, "output_price_per_1m": 15.0,
+                       "cached_input_price_per_1m": cached_price,
+                       "cache_write_input_price_per_1m": 3.75, "max_output_tokens": 1000}),
+            )
+            .await;
+        assert_eq!(s, 201, "{b}");
+    }
+    let (s, b) = app
+        .post(
+            &format!("/api/admin/users/{alice}/balance"),
+            Some(&gw.admin),
+            json!({"amount_usd": 1.0, "note": "grant"}),
+        )
+        .await;
+    assert!(s == 200 || s == 201, "{s} {b}");
+
+    let mut sent = 0;
+    for model in ["claude-ish", "no-cache-price"] {
+        for stream in [false, true] {
+            let r = app
+                .client
+                .post(app.url("/v1/chat/completions"))
+                .bearer_auth(&gw.key)
+                .json(&json!({"model": model, "stream": stream,
+                              "messages": [{"role": "user", "content": "hi"}]}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+            r.text().await.unwrap();
+            sent += 1;
+        }
+    }
+    let recs = wait_records(&app, &gw.user, sent).await;
+    let with_price = 7 * 3_000 + 4 * 300 + 7 * 15_000;
+    let without = 11 * 3_000 + 7 * 15_000;
+    let mut total = 0;
+    for r in &recs {
+        assert_eq!(r["prompt_tokens"], 11, "{r}");
+        assert_eq!(r["cached_tokens"], 4, "{r}");
+        assert_eq!(r["completion_tokens"], 7, "{r}");
+        assert_eq!(r["cache_write_tokens"], 0, "{r}");
+        assert_eq!(r["reasoning_tokens"], 0, "{r}");
+        assert_eq!(r["tokens_estimated"], false, "{r}");
+        assert_eq!(r["response_id"], Value::Null, "{r}");
+        let want = if r["model"] == "claude-ish" {
+            with_price
+        } else {
+            without
+        };
+        assert_eq!(nanos(&r["cost_usd"]), want, "{r}");
+        total += want;
+    }
+    assert_eq!(total, 2 * with_price + 2 * without);
+    let sum = settled_balance(&app, &alice, 1_000_000_000 - total).await;
+    assert_eq!(sum, 1_000_000_000 - total, "the ledger sums to the balance");
+
+    // The report sums the new columns too.
+    let (s, rep) = app
+        .get("/api/me/usage?group_by=model", Some(&gw.user))
+        .await;
+    assert_eq!(s, 200, "{rep}");
+    assert_eq!(rep["totals"]["cached_tokens"], 16, "{rep}");
+    assert_eq!(rep["totals"]["cache_write_tokens"], 0, "{rep}");
+    assert_eq!(rep["totals"]["reasoning_tokens"], 0, "{rep}");
+    assert_eq!(nanos(&rep["totals"]["cost_usd"]), total, "{rep}");
+}
+
+/// Cache writes, reasoning, a non-token cost and the stored response and conversation go from
+/// the usage event through the batch writer to the records, the reports and the balance.
+#[tokio::test]
+async fn cache_writes_reasoning_and_ids_reach_the_records() {
+    use tollgate::metering::event::{Prices, Reservation, Units, UsageEvent, units_cost_nanos};
+    use tollgate::metering::spool::Ticket;
+    use tollgate::metering::writer::{Settled, write_settled};
+    use tollgate::providers::{Endpoint, Usage};
+
+    let app = TestApp::spawn_with(|c| c.billing.enforce_balance = true).await;
+    let gw = setup(&app).await;
+    let alice = user_id(&app, "alice").await;
+    let prices = Prices {
+        input: 3_000_000_000,
+        output: 15_000_000_000,
+        cached_input: Some(300_000_000),
+        cache_write_input: Some(3_750_000_000),
+        per_image: Some(40_000_000),
+        ..Default::default()
+    };
+    let extra = units_cost_nanos(
+        Units {
+            images: 2,
+            ..Default::default()
+        },
+        prices,
+    );
+    let event = UsageEvent {
+        at: chrono::Utc::now(),
+        user_id: alice.clone(),
+        key_id: gw.key_id.clone(),
+        model: "claude-ish".into(),
+        provider: "mock".into(),
+        endpoint: Endpoint::ChatCompletions,
+        stream: true,
+        status: 200,
+        usage: Usage {
+            prompt: 10_000,
+            completion: 500,
+            cached: 6_000,
+            cache_write: 3_000,
+            reasoning: 200,
+        },
+        prices,
+        latency_ms: 5,
+        ttft_ms: Some(1),
+        tokens_estimated: false,
+        request_id: "req-cw".into(),
+        shared_key: false,
+        error: None,
+        extra_cost_nanos: extra,
+        response_id: Some("resp_0123456789abcdef".into()),
+        conversation_id: Some("conv_0123456789abcdef".into()),
+        reservation: Reservation::default(),
+        charged: true,
+        ticket: Ticket::new(),
+    };
+    // 1000 × 3000 + 6000 × 300 + 3000 × 3750 + 500 × 15000 + 2 images × 0.04 USD.
+    let want = 3_000_000 + 1_800_000 + 11_250_000 + 7_500_000 + 80_000_000;
+    assert_eq!(event.cost_nanos(), want);
+    let rows = [Settled {
+        cost_nanos: event.cost_nanos(),
+        event,
+    }];
+    write_settled(&app.state.db, "test-replica", &rows)
+        .await
+        .unwrap();
+
+    let recs = wait_records(&app, &gw.user, 1).await;
+    let r = &recs[0];
+    assert_eq!(r["prompt_tokens"], 10_000, "{r}");
+    assert_eq!(r["cached_tokens"], 6_000, "{r}");
+    assert_eq!(r["cache_write_tokens"], 3_000, "{r}");
+    assert_eq!(r["completion_tokens"], 500, "{r}");
+    assert_eq!(r["reasoning_tokens"], 200, "{r}");
+    assert_eq!(r["response_id"], "resp_0123456789abcdef", "{r}");
+    assert_eq!(r["conversation_id"], "conv_0123456789abcdef", "{r}");
+    assert_eq!(nanos(&r["cost_usd"]), want, "{r}");
+    let (s, b) = app
+        .get("/api/admin/usage/records?per_page=10", Some(&gw.admin))
+        .await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(b["data"][0]["cache_write_tokens"], 3_000, "{b}");
+    assert_eq!(b["data"][0]["reasoning_tokens"], 200, "{b}");
+    assert_eq!(b["data"][0]["user_id"], alice.as_str(), "{b}");
+    let (s, rep) = app
+        .get("/api/admin/usage?group_by=user", Some(&gw.admin))
+        .await;
+    assert_eq!(s, 200, "{rep}");
+    assert_eq!(rep["totals"]["cache_write_tokens"], 3_000, "{rep}");
+    assert_eq!(rep["totals"]["reasoning_tokens"], 200, "{rep}");
+    assert_eq!(rep["data"][0]["cache_write_tokens"], 3_000, "{rep}");
+    // Charged: the balance went below zero by exactly the cost (no grant, no reservation).
+    let sum = settled_balance(&app, &alice, -want).await;
+    assert_eq!(sum, -want);
+}

@@ -54,6 +54,7 @@ fn seed(key: &str, sort_order: i32, is_active: bool) -> ProviderSeed {
         kind: "openai".into(),
         is_active,
         sort_order,
+        ..Default::default()
     }
 }
 
@@ -199,7 +200,7 @@ async fn admin_manages_providers() {
         ),
         (json!({"key": "ok", "base_url": "not a url"}), "base_url"),
         (
-            json!({"key": "ok", "base_url": "https://x.example.com", "kind": "anthropic"}),
+            json!({"key": "ok", "base_url": "https://x.example.com", "kind": "vertex"}),
             "kind",
         ),
     ] {
@@ -353,7 +354,7 @@ async fn admin_manages_models_with_exact_prices() {
         ("input_price_per_1m", json!(-0.01)),
         ("output_price_per_1m", json!(-1)),
         ("cached_input_price_per_1m", json!(-5)),
-        ("type", json!("image")),
+        ("type", json!("video")),
         ("context_window", json!(0)),
         ("name", json!("has space")),
     ] {
@@ -453,7 +454,7 @@ async fn admin_manages_models_with_exact_prices() {
     assert_eq!(names(&b), ["gpt-mini"]);
     let (_, b) = app.get("/api/models?type=embedding", None).await;
     assert_eq!(names(&b), ["embed"]);
-    let (s, b) = app.get("/api/models?type=image", None).await;
+    let (s, b) = app.get("/api/models?type=video", None).await;
     assert_error(s, &b, 400, "invalid_value");
 
     // Toggle: off leaves the default (active-only) list, stays with active_only=false.
@@ -741,4 +742,596 @@ async fn catalog_and_key_routes_are_documented() {
         model["type"].is_object() && model.get("model_type").is_none(),
         "{model}"
     );
+    // Part two's catalog fields are in the schemas clients generate code from.
+    let schemas = &doc["components"]["schemas"];
+    for (schema, fields) in [
+        (
+            "ProviderView",
+            &["supports_responses", "api_version", "region"][..],
+        ),
+        (
+            "CreateProvider",
+            &["supports_responses", "api_version", "region"][..],
+        ),
+        (
+            "UpdateProvider",
+            &["supports_responses", "api_version", "region"][..],
+        ),
+        ("ModelView", &NEW_PRICES[..]),
+        ("CreateModel", &NEW_PRICES[..]),
+        ("UpdateModel", &NEW_PRICES[..]),
+        (
+            "UsageRecordView",
+            &[
+                "cache_write_tokens",
+                "reasoning_tokens",
+                "response_id",
+                "conversation_id",
+            ][..],
+        ),
+        (
+            "UsageTotalsView",
+            &["cache_write_tokens", "reasoning_tokens"][..],
+        ),
+    ] {
+        for f in fields {
+            assert!(
+                schemas[schema]["properties"][f].is_object(),
+                "{schema}.{f} missing from the OpenAPI document"
+            );
+        }
+    }
+}
+
+const NEW_PRICES: [&str; 4] = [
+    "cache_write_input_price_per_1m",
+    "price_per_image",
+    "price_per_minute",
+    "price_per_1m_chars",
+];
+
+/// Every kind of spec §10 is accepted with the fields it reads; a field another kind reads, an
+/// unknown kind, and a bedrock provider without a region are refused, naming the field.
+#[tokio::test]
+async fn provider_kinds_and_their_fields() {
+    let app = app_with_providers().await;
+    let (_, admin) = user(&app, "root", "admin").await;
+    let (_, token) = user(&app, "dave", "user").await;
+
+    let create = |body: Value| {
+        let app = &app;
+        let admin = admin.clone();
+        async move { app.post("/api/admin/providers", Some(&admin), body).await }
+    };
+
+    let (s, b) = create(
+        json!({"key": "oai", "base_url": "https://api.openai.com/v1",
+        "supports_responses": true}),
+    )
+    .await;
+    assert_eq!(s, 201, "{b}");
+    assert_eq!(b["kind"], "openai");
+    assert_eq!(b["supports_responses"], true);
+    assert_eq!(b["api_version"], Value::Null);
+    assert_eq!(b["region"], Value::Null);
+
+    let (s, b) = create(json!({"key": "claude", "kind": "anthropic",
+        "base_url": "https://api.anthropic.com/v1"}))
+    .await;
+    assert_eq!(s, 201, "{b}");
+    assert_eq!(
+        (b["kind"].as_str(), b["supports_responses"].as_bool()),
+        (Some("anthropic"), Some(false))
+    );
+
+    let (s, b) = create(json!({"key": "google", "kind": "gemini",
+        "base_url": "https://generativelanguage.googleapis.com/v1beta"}))
+    .await;
+    assert_eq!(s, 201, "{b}");
+    assert_eq!(b["kind"], "gemini");
+
+    let (s, b) = create(json!({"key": "az", "kind": "azure",
+        "base_url": "https://my-resource.openai.azure.com", "api_version": "2024-10-21"}))
+    .await;
+    assert_eq!(s, 201, "{b}");
+    assert_eq!(b["api_version"], "2024-10-21");
+    // Without api_version: the /openai/v1/ API.
+    let (s, b) = create(json!({"key": "az-v1", "kind": "azure",
+        "base_url": "https://other.openai.azure.com"}))
+    .await;
+    assert_eq!(s, 201, "{b}");
+    assert_eq!(b["api_version"], Value::Null);
+
+    // Bedrock: the region is required; base_url defaults to the region's runtime endpoint.
+    let (s, b) = create(json!({"key": "aws", "kind": "bedrock", "region": "us-east-1"})).await;
+    assert_eq!(s, 201, "{b}");
+    assert_eq!(b["region"], "us-east-1");
+    assert_eq!(
+        b["base_url"],
+        "https://bedrock-runtime.us-east-1.amazonaws.com"
+    );
+    let (s, b) = create(
+        json!({"key": "aws-proxy", "kind": "bedrock", "region": "eu-west-3",
+        "base_url": "https://bedrock.internal.example.com"}),
+    )
+    .await;
+    assert_eq!(s, 201, "{b}");
+    assert_eq!(b["base_url"], "https://bedrock.internal.example.com");
+
+    // Users see the new fields too.
+    let (_, list) = app.get("/api/providers", Some(&token)).await;
+    let aws = list["data"]
+        .as_array()
+        .expect("data")
+        .iter()
+        .find(|p| p["key"] == "aws")
+        .expect("aws listed");
+    assert_eq!(aws["kind"], "bedrock");
+    assert_eq!(aws["region"], "us-east-1");
+
+    let (s, b) = create(json!({"key": "aws2", "kind": "bedrock"})).await;
+    assert_error(s, &b, 400, "missing_field");
+    assert_eq!(b["error"]["param"], "region", "{b}");
+    assert!(
+        b["error"]["message"].as_str().unwrap().contains("region"),
+        "{b}"
+    );
+    let (s, b) = create(json!({"key": "aws2", "kind": "bedrock",
+        "base_url": "https://bedrock-runtime.us-east-1.amazonaws.com"}))
+    .await;
+    assert_error(s, &b, 400, "missing_field");
+    assert_eq!(b["error"]["param"], "region", "{b}");
+    let (s, b) = create(json!({"key": "nourl"})).await;
+    assert_error(s, &b, 400, "missing_field");
+    assert_eq!(b["error"]["param"], "base_url", "{b}");
+
+    for (bad, param) in [
+        (
+            json!({"key": "x", "kind": "vertex", "base_url": "https://x.example.com"}),
+            "kind",
+        ),
+        (
+            json!({"key": "x", "kind": "OpenAI", "base_url": "https://x.example.com"}),
+            "kind",
+        ),
+        (
+            json!({"key": "x", "kind": "bedrock", "region": "US-EAST-1"}),
+            "region",
+        ),
+        (
+            json!({"key": "x", "kind": "bedrock", "region": "us-east-1; drop"}),
+            "region",
+        ),
+        (
+            json!({"key": "x", "kind": "bedrock", "region": "moon"}),
+            "region",
+        ),
+        (
+            json!({"key": "x", "kind": "azure", "region": "us-east-1",
+            "base_url": "https://x.openai.azure.com"}),
+            "region",
+        ),
+        (
+            json!({"key": "x", "kind": "openai", "api_version": "2024-10-21",
+            "base_url": "https://x.example.com"}),
+            "api_version",
+        ),
+        (
+            json!({"key": "x", "kind": "azure", "api_version": "2024-10-21&x=1",
+            "base_url": "https://x.openai.azure.com"}),
+            "api_version",
+        ),
+        (
+            json!({"key": "x", "kind": "anthropic", "supports_responses": true,
+            "base_url": "https://api.anthropic.com/v1"}),
+            "supports_responses",
+        ),
+        (
+            json!({"key": "x", "kind": "azure", "supports_responses": true,
+            "base_url": "https://x.openai.azure.com"}),
+            "supports_responses",
+        ),
+    ] {
+        let (s, b) = create(bad.clone()).await;
+        assert_error(s, &b, 400, "invalid_value");
+        assert_eq!(b["error"]["param"], param, "{bad}: {b}");
+    }
+
+    // PATCH: a bedrock provider on its region's endpoint follows a new region.
+    let (s, b) = app
+        .patch(
+            "/api/admin/providers/aws",
+            Some(&admin),
+            json!({"region": "ap-southeast-2"}),
+        )
+        .await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(
+        b["base_url"],
+        "https://bedrock-runtime.ap-southeast-2.amazonaws.com"
+    );
+    // … one with its own endpoint keeps it.
+    let (s, b) = app
+        .patch(
+            "/api/admin/providers/aws-proxy",
+            Some(&admin),
+            json!({"region": "us-west-2"}),
+        )
+        .await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(b["base_url"], "https://bedrock.internal.example.com");
+    // A bedrock provider's region cannot be cleared.
+    let (s, b) = app
+        .patch(
+            "/api/admin/providers/aws",
+            Some(&admin),
+            json!({"region": null}),
+        )
+        .await;
+    assert_error(s, &b, 400, "missing_field");
+    assert_eq!(b["error"]["param"], "region");
+    // Turning a provider into bedrock needs a region.
+    let (s, b) = app
+        .patch(
+            "/api/admin/providers/google",
+            Some(&admin),
+            json!({"kind": "bedrock"}),
+        )
+        .await;
+    assert_error(s, &b, 400, "missing_field");
+    assert_eq!(b["error"]["param"], "region");
+    let (s, b) = app
+        .patch(
+            "/api/admin/providers/google",
+            Some(&admin),
+            json!({"kind": "nope"}),
+        )
+        .await;
+    assert_error(s, &b, 400, "invalid_value");
+    assert_eq!(b["error"]["param"], "kind");
+    // Changing the kind drops what the new kind does not read.
+    let (s, b) = app
+        .patch(
+            "/api/admin/providers/az",
+            Some(&admin),
+            json!({"kind": "openai"}),
+        )
+        .await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(b["kind"], "openai");
+    assert_eq!(b["api_version"], Value::Null);
+    let (s, b) = app
+        .patch(
+            "/api/admin/providers/oai",
+            Some(&admin),
+            json!({"kind": "anthropic"}),
+        )
+        .await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(b["supports_responses"], false);
+    // … and a field of the kind kept is patched and cleared with null.
+    let (s, b) = app
+        .patch(
+            "/api/admin/providers/az-v1",
+            Some(&admin),
+            json!({"api_version": "2025-04-01-preview"}),
+        )
+        .await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(b["api_version"], "2025-04-01-preview");
+    let (s, b) = app
+        .patch(
+            "/api/admin/providers/az-v1",
+            Some(&admin),
+            json!({"api_version": null}),
+        )
+        .await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(b["api_version"], Value::Null);
+    let (s, b) = app
+        .patch(
+            "/api/admin/providers/claude",
+            Some(&admin),
+            json!({"supports_responses": true}),
+        )
+        .await;
+    assert_error(s, &b, 400, "invalid_value");
+    assert_eq!(b["error"]["param"], "supports_responses");
+
+    // The catalog cache the hot path reads carries the fields.
+    let (s, b) = app
+        .post(
+            "/api/admin/models",
+            Some(&admin),
+            model_body("nova-x", "aws"),
+        )
+        .await;
+    assert_eq!(s, 201, "{b}");
+    let catalog = app
+        .state
+        .caches
+        .catalog(&app.state.db)
+        .await
+        .expect("catalog");
+    let nova = catalog.get("nova-x").expect("in the catalog");
+    assert_eq!(nova.provider.kind, "bedrock");
+    assert_eq!(nova.provider.region.as_deref(), Some("ap-southeast-2"));
+}
+
+/// The seeded OpenAI provider says it serves `/responses` (spec §9); a bedrock seed gets its
+/// region's endpoint; the config refuses what the API refuses.
+#[tokio::test]
+async fn seeds_carry_the_kind_fields() {
+    let app = TestApp::spawn_with(|c| {
+        c.providers = vec![
+            ProviderSeed {
+                key: "openai".into(),
+                display_name: "OpenAI".into(),
+                base_url: "https://api.openai.com/v1".into(),
+                supports_responses: true,
+                ..Default::default()
+            },
+            ProviderSeed {
+                key: "aws".into(),
+                display_name: "Bedrock".into(),
+                kind: "bedrock".into(),
+                region: Some("eu-central-1".into()),
+                ..Default::default()
+            },
+        ];
+    })
+    .await;
+    let db = &app.state.db;
+    let openai = store::providers::find(db, "openai").await.unwrap().unwrap();
+    assert!(openai.supports_responses);
+    let aws = store::providers::find(db, "aws").await.unwrap().unwrap();
+    assert_eq!(
+        aws.base_url,
+        "https://bedrock-runtime.eu-central-1.amazonaws.com"
+    );
+    assert_eq!(aws.region.as_deref(), Some("eu-central-1"));
+    assert!(!aws.supports_responses);
+
+    let mut cfg = tollgate::config::Config::default();
+    for (seed, field) in [
+        (
+            ProviderSeed {
+                key: "b".into(),
+                kind: "bedrock".into(),
+                ..Default::default()
+            },
+            "providers[0].region",
+        ),
+        (
+            ProviderSeed {
+                key: "v".into(),
+                kind: "vertex".into(),
+                base_url: "https://x".into(),
+                ..Default::default()
+            },
+            "providers[0].kind",
+        ),
+        (
+            ProviderSeed {
+                key: "a".into(),
+                kind: "anthropic".into(),
+                base_url: "https://x".into(),
+                supports_responses: true,
+                ..Default::default()
+            },
+            "providers[0].supports_responses",
+        ),
+        (
+            ProviderSeed {
+                key: "o".into(),
+                base_url: String::new(),
+                ..Default::default()
+            },
+            "providers[0].base_url",
+        ),
+    ] {
+        cfg.providers = vec![seed];
+        let err = cfg.validate().expect_err(field).to_string();
+        assert!(err.contains(field), "{field}: {err}");
+    }
+}
+
+/// The new prices round-trip create → view → patch → null, exactly (nano-dollars), and are
+/// validated like the token prices; the new model types are accepted.
+#[tokio::test]
+async fn new_prices_and_model_types_round_trip() {
+    let app = app_with_providers().await;
+    let (_, admin) = user(&app, "root", "admin").await;
+
+    let mut body = model_body("claude-x", "alpha");
+    body["cache_write_input_price_per_1m"] = json!(3.75);
+    let (s, m) = app.post("/api/admin/models", Some(&admin), body).await;
+    assert_eq!(s, 201, "{m}");
+    let id = m["id"].as_str().expect("id").to_owned();
+    assert_eq!(m["cache_write_input_price_per_1m"], 3.75);
+    for f in ["price_per_image", "price_per_minute", "price_per_1m_chars"] {
+        assert_eq!(m[f], Value::Null, "{f} absent = null");
+    }
+
+    let mut body = model_body("dall-e-x", "alpha");
+    body["type"] = json!("image");
+    body["price_per_image"] = json!(0.04);
+    let (s, img) = app.post("/api/admin/models", Some(&admin), body).await;
+    assert_eq!(s, 201, "{img}");
+    assert_eq!(img["type"], "image");
+    assert_eq!(img["price_per_image"], 0.04);
+
+    for (name, t) in [
+        ("whisper-x", "audio"),
+        ("omni-mod", "moderation"),
+        ("rt-x", "realtime"),
+    ] {
+        let mut body = model_body(name, "alpha");
+        body["type"] = json!(t);
+        let (s, b) = app.post("/api/admin/models", Some(&admin), body).await;
+        assert_eq!(s, 201, "{b}");
+        assert_eq!(b["type"], t);
+    }
+    let mut body = model_body("bad-type", "alpha");
+    body["type"] = json!("video");
+    let (s, b) = app.post("/api/admin/models", Some(&admin), body).await;
+    assert_error(s, &b, 400, "invalid_value");
+    assert_eq!(b["error"]["param"], "type");
+    let (s, list) = app.get("/api/models?type=audio", None).await;
+    assert_eq!(s, 200, "{list}");
+    assert_eq!(names(&list), ["whisper-x"]);
+
+    let (s, m) = app
+        .patch(
+            &format!("/api/admin/models/{id}"),
+            Some(&admin),
+            json!({"price_per_image": 0.019, "price_per_minute": 0.006,
+                   "price_per_1m_chars": 15.0, "cache_write_input_price_per_1m": 0.3}),
+        )
+        .await;
+    assert_eq!(s, 200, "{m}");
+    assert_eq!(m["price_per_image"], 0.019);
+    assert_eq!(m["price_per_minute"], 0.006);
+    assert_eq!(m["price_per_1m_chars"], 15.0);
+    assert_eq!(m["cache_write_input_price_per_1m"], 0.3);
+    let row = store::models::find(&app.state.db, &id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(row.price_per_image_nanos, Some(19_000_000));
+    assert_eq!(row.price_per_minute_nanos, Some(6_000_000));
+    assert_eq!(row.price_per_1m_chars_nanos, Some(15_000_000_000));
+    assert_eq!(row.cache_write_input_price_nanos, Some(300_000_000));
+    // Public listing shows them as well.
+    let (_, list) = app.get("/api/models?active_only=false", None).await;
+    let listed = list["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["id"] == id.as_str())
+        .expect("listed");
+    assert_eq!(listed["price_per_minute"], 0.006);
+
+    // Absent leaves them; null clears them.
+    let (s, m) = app
+        .patch(
+            &format!("/api/admin/models/{id}"),
+            Some(&admin),
+            json!({"sort_order": 3}),
+        )
+        .await;
+    assert_eq!(s, 200, "{m}");
+    assert_eq!(m["price_per_image"], 0.019);
+    let (s, m) = app
+        .patch(
+            &format!("/api/admin/models/{id}"),
+            Some(&admin),
+            json!({"price_per_image": null, "price_per_minute": null,
+                   "price_per_1m_chars": null, "cache_write_input_price_per_1m": null}),
+        )
+        .await;
+    assert_eq!(s, 200, "{m}");
+    for f in NEW_PRICES {
+        assert_eq!(m[f], Value::Null, "{f} cleared");
+    }
+    let row = store::models::find(&app.state.db, &id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (
+            row.price_per_image_nanos,
+            row.price_per_minute_nanos,
+            row.price_per_1m_chars_nanos,
+            row.cache_write_input_price_nanos
+        ),
+        (None, None, None, None)
+    );
+
+    // Validated like the token prices, on create and on patch.
+    for f in NEW_PRICES {
+        for bad in [json!(-0.01), json!(1_000_000.5), json!("1")] {
+            let mut body = model_body("bad-price", "alpha");
+            body[f] = bad.clone();
+            let (s, b) = app.post("/api/admin/models", Some(&admin), body).await;
+            assert_eq!(s, 400, "{f}={bad}: {b}");
+            assert_eq!(b["error"]["param"], f, "{f}={bad}: {b}");
+            let (s, b) = app
+                .patch(
+                    &format!("/api/admin/models/{id}"),
+                    Some(&admin),
+                    json!({ f: bad }),
+                )
+                .await;
+            assert_eq!(s, 400, "{f}={bad}: {b}");
+            assert_eq!(b["error"]["param"], f, "{f}={bad}: {b}");
+        }
+    }
+}
+
+/// The part-two migration runs up, down and up again on every backend, and gives an OpenAI
+/// provider seeded before it `supports_responses`.
+#[tokio::test]
+async fn catalog_kinds_migration_is_reversible_and_marks_openai() {
+    use migration::{Migrator, MigratorTrait};
+    use sea_orm::ConnectionTrait;
+    let db = common::TestDb::new().await;
+    let conn = store::connect(&db.url, 2).await.unwrap();
+    let all = Migrator::migrations().len() as u32;
+    Migrator::up(&conn, Some(all - 1)).await.unwrap();
+    for (key, url) in [
+        ("openai", "https://api.openai.com/v1"),
+        ("groq", "https://api.groq.com/openai/v1"),
+    ] {
+        use sea_orm::sea_query::{Alias, Query};
+        let cols = [
+            "key",
+            "display_name",
+            "base_url",
+            "kind",
+            "is_active",
+            "sort_order",
+            "created_at",
+            "updated_at",
+        ];
+        let q = Query::insert()
+            .into_table(Alias::new("providers"))
+            .columns(cols.map(Alias::new))
+            .values_panic([
+                key.into(),
+                key.into(),
+                url.into(),
+                "openai".into(),
+                true.into(),
+                0i32.into(),
+                Utc::now().into(),
+                Utc::now().into(),
+            ])
+            .to_owned();
+        conn.execute(&q).await.unwrap();
+    }
+    Migrator::up(&conn, None).await.unwrap();
+    let openai = store::providers::find(&conn, "openai")
+        .await
+        .unwrap()
+        .unwrap();
+    let groq = store::providers::find(&conn, "groq")
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(openai.supports_responses && !groq.supports_responses);
+    assert_eq!((groq.api_version, groq.region), (None, None));
+    Migrator::down(&conn, Some(1)).await.unwrap();
+    Migrator::up(&conn, None).await.unwrap();
+    assert!(
+        Migrator::get_pending_migrations(&conn)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let groq = store::providers::find(&conn, "groq")
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!groq.supports_responses);
 }

@@ -64,6 +64,7 @@ fn seeds(c: &mut tollgate::config::Config) {
             kind: "openai".into(),
             is_active: true,
             sort_order: 0,
+            ..Default::default()
         },
         ProviderSeed {
             key: "groq".into(),
@@ -72,6 +73,7 @@ fn seeds(c: &mut tollgate::config::Config) {
             kind: "openai".into(),
             is_active: true,
             sort_order: 1,
+            ..Default::default()
         },
     ];
 }

@@ -250,6 +250,7 @@ pub async fn create_fixture(
             kind: "openai".into(),
             is_active: true,
             sort_order: 0,
+            ..Default::default()
         },
     )
     .await?;
@@ -272,6 +273,7 @@ pub async fn create_fixture(
             description: None,
             is_active: true,
             sort_order: 0,
+            ..Default::default()
         },
     )
     .await?;

@@ -19,6 +19,15 @@ pub struct Model {
     pub input_price_nanos: i64,
     pub output_price_nanos: i64,
     pub cached_input_price_nanos: Option<i64>,
+    /// Per 1M cache-write tokens (Anthropic cache creation); the input price when unset.
+    pub cache_write_input_price_nanos: Option<i64>,
+    /// Per image generated (nano-dollars), when the upstream reports no token usage.
+    pub price_per_image_nanos: Option<i64>,
+    /// Per minute of audio (nano-dollars).
+    pub price_per_minute_nanos: Option<i64>,
+    /// Per 1M characters of input (speech), nano-dollars.
+    #[sea_orm(column_name = "price_per_1m_chars_nanos")]
+    pub price_per_1m_chars_nanos: Option<i64>,
     pub context_window: Option<i32>,
     pub max_output_tokens: Option<i32>,
     pub supports_streaming: bool,

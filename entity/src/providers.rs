@@ -12,6 +12,12 @@ pub struct Model {
     /// `openai` = any OpenAI-compatible upstream.
     pub kind: String,
     pub is_active: bool,
+    /// `openai` kind only: the upstream serves `/responses` (requests go there, not translated).
+    pub supports_responses: bool,
+    /// `azure`: the `api-version` query (the `/openai/v1/` API when unset).
+    pub api_version: Option<String>,
+    /// `bedrock`: the AWS region.
+    pub region: Option<String>,
     pub sort_order: i32,
     pub created_at: DateTimeUtc,
     pub updated_at: DateTimeUtc,

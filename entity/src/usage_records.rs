@@ -20,6 +20,10 @@ pub struct Model {
     pub prompt_tokens: i64,
     pub completion_tokens: i64,
     pub cached_tokens: i64,
+    /// Prompt tokens written to the provider's cache (inside `prompt_tokens`).
+    pub cache_write_tokens: i64,
+    /// Hidden reasoning tokens (inside `completion_tokens`).
+    pub reasoning_tokens: i64,
     pub cost_nanos: i64,
     pub latency_ms: i64,
     pub ttft_ms: Option<i64>,
@@ -32,6 +36,9 @@ pub struct Model {
     /// Unique per record (a UUIDv7 made at admission): the usage spool replays by it after a
     /// crash without writing a record twice. `None` for records older than the column.
     pub event_id: Option<String>,
+    /// The stored response (`resp_…`) or conversation (`conv_…`) the call belongs to.
+    pub response_id: Option<String>,
+    pub conversation_id: Option<String>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

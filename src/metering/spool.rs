@@ -34,7 +34,7 @@ use sea_orm::DatabaseConnection;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::metering::event::{Prices, Reservation, UsageEvent, cost_nanos};
+use crate::metering::event::{Prices, Reservation, UsageEvent};
 use crate::metering::writer::Settled;
 use crate::providers::{Endpoint, Usage};
 use crate::proxy::meter::RequestFacts;
@@ -111,11 +111,22 @@ impl std::fmt::Debug for Spool {
     }
 }
 
+/// A model's prices. Fields added after the first release default when absent, so a spool an
+/// older process left still replays (the same holds for every line's later fields).
 #[derive(Serialize, Deserialize)]
 struct SPrices {
     i: i64,
     o: i64,
     c: Option<i64>,
+    /// Cache-write input.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    cw: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    img: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    min: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    chars: Option<i64>,
 }
 
 /// What both lines carry (borrowed when written, owned when read back).
@@ -133,6 +144,10 @@ struct Common<'a> {
     request_id: Cow<'a, str>,
     shared_key: bool,
     charged: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    response_id: Option<Cow<'a, str>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    conversation_id: Option<Cow<'a, str>>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -150,6 +165,15 @@ struct Finished<'a> {
     prompt: i64,
     completion: i64,
     cached: i64,
+    /// Cache-write tokens.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    cw: i64,
+    /// Reasoning tokens.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    rs: i64,
+    /// The non-token part of `cost` (already inside it).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    extra: i64,
     cost: i64,
     latency_ms: i64,
     ttft_ms: Option<i64>,
@@ -161,6 +185,10 @@ struct Finished<'a> {
 enum Line<'a> {
     S(Started<'a>),
     F(Finished<'a>),
+}
+
+fn is_zero(n: &i64) -> bool {
+    *n == 0
 }
 
 fn endpoint_of(s: &str) -> Endpoint {
@@ -281,12 +309,17 @@ impl Spool {
                         request_id: &e.request_id,
                         shared_key: e.shared_key,
                         charged: e.charged,
+                        response_id: e.response_id.as_deref(),
+                        conversation_id: e.conversation_id.as_deref(),
                     },
                 ),
                 status: e.status,
                 prompt: e.usage.prompt,
                 completion: e.usage.completion,
                 cached: e.usage.cached,
+                cw: e.usage.cache_write,
+                rs: e.usage.reasoning,
+                extra: e.extra_cost_nanos,
                 cost: r.cost_nanos,
                 latency_ms: e.latency_ms,
                 ttft_ms: e.ttft_ms,
@@ -404,6 +437,8 @@ struct Parts<'a> {
     request_id: &'a str,
     shared_key: bool,
     charged: bool,
+    response_id: Option<&'a str>,
+    conversation_id: Option<&'a str>,
 }
 
 fn facts_parts(f: &RequestFacts) -> Parts<'_> {
@@ -418,6 +453,8 @@ fn facts_parts(f: &RequestFacts) -> Parts<'_> {
         request_id: &f.request_id,
         shared_key: f.shared_key,
         charged: f.charged,
+        response_id: f.response_id.as_deref(),
+        conversation_id: f.conversation_id.as_deref(),
     }
 }
 
@@ -435,10 +472,16 @@ fn common<'a>(id: Uuid, at: DateTime<Utc>, p: Parts<'a>) -> Common<'a> {
             i: p.prices.input,
             o: p.prices.output,
             c: p.prices.cached_input,
+            cw: p.prices.cache_write_input,
+            img: p.prices.per_image,
+            min: p.prices.per_minute,
+            chars: p.prices.per_1m_chars,
         },
         request_id: Cow::Borrowed(p.request_id),
         shared_key: p.shared_key,
         charged: p.charged,
+        response_id: p.response_id.map(Cow::Borrowed),
+        conversation_id: p.conversation_id.map(Cow::Borrowed),
     }
 }
 
@@ -457,12 +500,19 @@ fn event(c: Common<'_>) -> UsageEvent {
             input: c.prices.i,
             output: c.prices.o,
             cached_input: c.prices.c,
+            cache_write_input: c.prices.cw,
+            per_image: c.prices.img,
+            per_minute: c.prices.min,
+            per_1m_chars: c.prices.chars,
         },
         latency_ms: 0,
         ttft_ms: None,
         request_id: c.request_id.into_owned(),
         shared_key: c.shared_key,
         error: None,
+        extra_cost_nanos: 0,
+        response_id: c.response_id.map(Cow::into_owned),
+        conversation_id: c.conversation_id.map(Cow::into_owned),
         // The dead process's leases are reclaimed whole (`reservation_leases`): nothing of
         // them is settled here.
         reservation: Reservation::default(),
@@ -484,8 +534,10 @@ fn settled(line: Line<'_>) -> Settled {
                 prompt: f.prompt,
                 completion: f.completion,
                 cached: f.cached,
-                ..Default::default()
+                cache_write: f.cw,
+                reasoning: f.rs,
             };
+            e.extra_cost_nanos = f.extra;
             e.latency_ms = f.latency_ms;
             e.ttft_ms = f.ttft_ms;
             e.error = f.error.map(Cow::into_owned);
@@ -508,7 +560,7 @@ fn settled(line: Line<'_>) -> Settled {
             };
             e.tokens_estimated = true;
             Settled {
-                cost_nanos: cost_nanos(e.usage, e.prices),
+                cost_nanos: e.cost_nanos(),
                 event: e,
             }
         }
@@ -623,8 +675,7 @@ mod tests {
             stream: false,
             prices: Prices {
                 input: 1_000_000_000,
-                output: 0,
-                cached_input: None,
+                ..Default::default()
             },
             request_id: "r".into(),
             shared_key: true,
@@ -633,6 +684,10 @@ mod tests {
             bounds: crate::metering::event::TokenBounds::default(),
             request_body: bytes::Bytes::from(vec![b'x'; 4000]),
             request_len: 4000,
+            response_id: None,
+            conversation_id: None,
+            extra_cost_nanos: 0,
+            units_metered: false,
         };
         let dir = tempfile::tempdir().unwrap();
         let (spool, left) = Spool::open(dir.path()).unwrap();
@@ -652,5 +707,93 @@ mod tests {
         assert_eq!(s.cost_nanos, 1_000_000);
         assert!(s.event.tokens_estimated && s.event.charged);
         assert_eq!(s.event.endpoint, Endpoint::Embeddings);
+    }
+
+    /// A finished line carries cache writes, reasoning, the non-token cost and the stored
+    /// response and conversation; a line written before those existed still replays.
+    #[test]
+    fn finished_lines_carry_the_new_fields_and_old_lines_still_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, _) = Spool::open(dir.path()).unwrap();
+        let event = UsageEvent {
+            at: Utc::now(),
+            user_id: "u".into(),
+            key_id: "k".into(),
+            model: "m".into(),
+            provider: "p".into(),
+            endpoint: Endpoint::ChatCompletions,
+            stream: true,
+            status: 200,
+            usage: Usage {
+                prompt: 100,
+                completion: 50,
+                cached: 20,
+                cache_write: 30,
+                reasoning: 10,
+            },
+            prices: Prices {
+                input: 1,
+                output: 2,
+                cached_input: Some(3),
+                cache_write_input: Some(4),
+                per_image: Some(5),
+                per_minute: Some(6),
+                per_1m_chars: Some(7),
+            },
+            latency_ms: 9,
+            ttft_ms: Some(3),
+            tokens_estimated: false,
+            request_id: "r".into(),
+            shared_key: false,
+            error: None,
+            extra_cost_nanos: 77,
+            response_id: Some("resp_1".into()),
+            conversation_id: Some("conv_1".into()),
+            reservation: Reservation::default(),
+            charged: true,
+            ticket: Ticket::new(),
+        };
+        let rows = [Settled {
+            cost_nanos: event.cost_nanos(),
+            event,
+        }];
+        spool.finished(&rows).unwrap();
+        let path = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .find(|p| p.extension().is_some_and(|x| x == "spool"))
+            .unwrap();
+        let text = std::fs::read_to_string(path).unwrap();
+        let back = settled(serde_json::from_str(text.trim_end()).unwrap());
+        let (e, want) = (&back.event, &rows[0].event);
+        assert_eq!(e.usage, want.usage);
+        assert_eq!(e.prices, want.prices);
+        assert_eq!(e.extra_cost_nanos, 77);
+        assert_eq!(e.response_id.as_deref(), Some("resp_1"));
+        assert_eq!(e.conversation_id.as_deref(), Some("conv_1"));
+        assert_eq!(back.cost_nanos, rows[0].cost_nanos);
+
+        // Lines as the previous release wrote them.
+        let old_f = r#"{"F":{"id":"0190a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b","at":"2026-11-30T10:00:00Z","user":"u","key":"k","model":"m","provider":"p","endpoint":"chat.completions","stream":false,"prices":{"i":2500000000,"o":10000000000,"c":null},"request_id":"r","shared_key":false,"charged":true,"status":200,"prompt":1000,"completion":500,"cached":200,"cost":7500000,"latency_ms":12,"ttft_ms":null,"estimated":false,"error":null}}"#;
+        let s = settled(serde_json::from_str(old_f).unwrap());
+        assert_eq!(
+            s.event.usage,
+            Usage {
+                prompt: 1000,
+                completion: 500,
+                cached: 200,
+                ..Default::default()
+            }
+        );
+        assert_eq!(s.cost_nanos, 7_500_000);
+        assert_eq!(s.event.prices.cache_write_input, None);
+        assert_eq!((s.event.response_id, s.event.extra_cost_nanos), (None, 0));
+        let old_s = r#"{"S":{"id":"0190a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5c","at":"2026-11-30T10:00:00Z","user":"u","key":"k","model":"m","provider":"p","endpoint":"embeddings","stream":false,"prices":{"i":1000000000,"o":0,"c":null},"request_id":"r","shared_key":true,"charged":true,"body_len":4000}}"#;
+        let s = settled(serde_json::from_str(old_s).unwrap());
+        assert_eq!(
+            (s.event.status, s.event.usage.prompt, s.cost_nanos),
+            (499, 1000, 1_000_000)
+        );
     }
 }

@@ -13,7 +13,7 @@ use std::time::Duration;
 use sea_orm::DatabaseConnection;
 use tokio::sync::{Notify, mpsc};
 
-use crate::metering::event::{Reservation, UsageEvent, cost_nanos};
+use crate::metering::event::{Reservation, UsageEvent};
 use crate::metering::leases::{Holder, Leases};
 use crate::metering::spool::Spool;
 use crate::store::usage_batch::{KeyCharge, RecordRow, UserCharge, write_batch};
@@ -224,6 +224,8 @@ impl Settled {
             prompt_tokens: e.usage.prompt,
             completion_tokens: e.usage.completion,
             cached_tokens: e.usage.cached,
+            cache_write_tokens: e.usage.cache_write,
+            reasoning_tokens: e.usage.reasoning,
             cost_nanos: self.cost_nanos,
             latency_ms: e.latency_ms,
             ttft_ms: e.ttft_ms,
@@ -232,16 +234,19 @@ impl Settled {
             shared_key: e.shared_key,
             error: e.error.as_deref(),
             event_id: e.ticket.id.to_string(),
+            response_id: e.response_id.as_deref(),
+            conversation_id: e.conversation_id.as_deref(),
         }
     }
 }
 
-/// Prices every event (the meter already bounded and, where needed, estimated its tokens).
+/// Prices every event (the meter already bounded and, where needed, estimated its tokens): its
+/// tokens plus its non-token cost ([`UsageEvent::cost_nanos`]).
 fn prepare(batch: Vec<UsageEvent>) -> Vec<Settled> {
     batch
         .into_iter()
         .map(|e| Settled {
-            cost_nanos: cost_nanos(e.usage, e.prices),
+            cost_nanos: e.cost_nanos(),
             event: e,
         })
         .collect()
@@ -323,28 +328,37 @@ async fn write_with_retry(
                     .inc_by(rows.len() as u64);
                 // Summed per model and provider first: four label lookups per batch and model
                 // rather than per record.
-                let mut sums: HashMap<(&str, &str), (u64, u64, u64, i64)> = HashMap::new();
+                let mut sums: HashMap<(&str, &str), ([u64; 5], i64)> = HashMap::new();
                 for r in rows {
                     let e = &r.event;
                     let s = sums
                         .entry((e.model.as_str(), e.provider.as_str()))
                         .or_default();
                     // Saturating: the counts come from the upstream's answer.
-                    let count = |n: i64| Ord::max(n, 0) as u64;
-                    s.0 = s.0.saturating_add(count(e.usage.prompt));
-                    s.1 = s.1.saturating_add(count(e.usage.completion));
-                    s.2 = s.2.saturating_add(count(e.usage.cached));
-                    s.3 = s.3.saturating_add(r.cost_nanos);
+                    let u = e.usage;
+                    let counts = [u.prompt, u.completion, u.cached, u.cache_write, u.reasoning];
+                    for (sum, n) in s.0.iter_mut().zip(counts) {
+                        *sum = sum.saturating_add(Ord::max(n, 0) as u64);
+                    }
+                    s.1 = s.1.saturating_add(r.cost_nanos);
                 }
-                for ((model, provider), (prompt, completion, cached, cost)) in sums {
+                for ((model, provider), (counts, cost)) in sums {
                     let tokens = |kind| {
                         metrics
                             .tokens_total
                             .with_label_values(&[model, provider, kind])
                     };
+                    let [prompt, completion, cached, cache_write, reasoning] = counts;
                     tokens("prompt").inc_by(prompt);
                     tokens("completion").inc_by(completion);
                     tokens("cached").inc_by(cached);
+                    // Only models that have them get these series.
+                    if cache_write > 0 {
+                        tokens("cache_write").inc_by(cache_write);
+                    }
+                    if reasoning > 0 {
+                        tokens("reasoning").inc_by(reasoning);
+                    }
                     metrics
                         .cost_usd_total
                         .with_label_values(&[model, provider])
@@ -370,7 +384,7 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::metering::event::{Prices, TokenBounds, bounds, clamp};
+    use crate::metering::event::{Prices, TokenBounds, bounds, clamp, cost_nanos};
     use crate::providers::{Endpoint, Usage};
 
     fn event(
@@ -400,6 +414,9 @@ mod tests {
             request_id: "r".into(),
             shared_key: false,
             error: None,
+            extra_cost_nanos: 0,
+            response_id: None,
+            conversation_id: None,
             reservation: Reservation {
                 user_nanos: r.0,
                 key_nanos: r.1,
@@ -433,6 +450,7 @@ mod tests {
                     input: i,
                     output: o,
                     cached_input: cached,
+                    ..Default::default()
                 };
                 event(k, u, usage, prices, r, charged)
             })
@@ -484,7 +502,7 @@ mod tests {
             prop_assert!((0..=bp).contains(&u.prompt));
             prop_assert!((0..=bc).contains(&u.completion));
             prop_assert!((0..=u.prompt).contains(&u.cached));
-            let prices = Prices { input: i, output: o, cached_input: Some(i / 2) };
+            let prices = Prices { input: i, output: o, cached_input: Some(i / 2), ..Default::default() };
             let most = cost_nanos(Usage { prompt: bp, completion: bc, cached: 0, ..Default::default() }, prices);
             prop_assert!(cost_nanos(u, prices) <= most);
         }
@@ -526,7 +544,7 @@ mod tests {
         let p = Prices {
             input: 0,
             output: 10_000_000_000,
-            cached_input: None,
+            ..Default::default()
         };
         let rows = prepare(vec![
             event(0, 0, u, p, (0, 0), true),

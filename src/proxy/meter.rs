@@ -18,8 +18,8 @@ use tokio::sync::mpsc::OwnedPermit;
 
 use crate::metering::estimate;
 use crate::metering::event::{
-    ESTIMATE_KEEP_BYTES, EstimateInput, KeptPayloads, Prices, Reservation, TokenBounds, UsageEvent,
-    bound_usage,
+    ESTIMATE_KEEP_BYTES, EstimateInput, KeptPayloads, Prices, Reservation, TokenBounds, Units,
+    UsageEvent, bound_usage, units_cost_nanos,
 };
 use crate::metering::spool::{Spool, Ticket};
 use crate::providers::{Endpoint, Usage};
@@ -44,6 +44,15 @@ pub struct RequestFacts {
     /// [`RequestFacts::keep_body`]).
     pub request_body: Bytes,
     pub request_len: usize,
+    /// The stored response (`resp_…`) the call made or continued, if any.
+    pub response_id: Option<String>,
+    /// The conversation (`conv_…`) the call ran in, if any.
+    pub conversation_id: Option<String>,
+    /// A non-token cost ([`Meter::meter_units`]), added to the tokens' cost.
+    pub extra_cost_nanos: i64,
+    /// [`Meter::meter_units`] ran: the call was metered in units, so no tokens are estimated
+    /// when the upstream reports none.
+    pub units_metered: bool,
 }
 
 impl RequestFacts {
@@ -101,6 +110,15 @@ impl Meter {
         }
     }
 
+    /// Meters what the call used that is not tokens (images, audio, characters) at the model's
+    /// unit prices: for a call whose upstream reported no token usage (spec §8). Its tokens are
+    /// then not estimated; call it before [`Meter::finish`].
+    pub fn meter_units(&mut self, units: Units) {
+        let cost = units_cost_nanos(units, self.facts.prices);
+        self.facts.extra_cost_nanos = self.facts.extra_cost_nanos.saturating_add(cost);
+        self.facts.units_metered = true;
+    }
+
     pub fn on_usage(&mut self, f: impl FnOnce(Usage) + Send + Sync + 'static) {
         self.on_usage = Some(Box::new(f));
     }
@@ -147,7 +165,9 @@ impl Meter {
         }
         // Count ourselves when the upstream said nothing but did work: a success, a client that
         // left (the prompt was processed), or a stream cut after producing output.
-        let estimate = if usage.is_none() && (status < 400 || status == 499 || !response.is_empty())
+        let estimate = if usage.is_none()
+            && !self.facts.units_metered
+            && (status < 400 || status == 499 || !response.is_empty())
         {
             Some(EstimateInput {
                 request: std::mem::take(&mut self.facts.request_body),
@@ -175,6 +195,9 @@ impl Meter {
             request_id: std::mem::take(&mut f.request_id),
             shared_key: f.shared_key,
             error: error.map(str::to_owned),
+            extra_cost_nanos: f.extra_cost_nanos.max(0),
+            response_id: f.response_id.take(),
+            conversation_id: f.conversation_id.take(),
             reservation: f.reservation,
             charged: f.charged,
             ticket: std::mem::take(&mut self.ticket),

@@ -202,11 +202,7 @@ async fn run(
             provider: model.provider.key.clone(),
             endpoint,
             stream: view.stream,
-            prices: Prices {
-                input: m.input_price_nanos,
-                output: m.output_price_nanos,
-                cached_input: m.cached_input_price_nanos,
-            },
+            prices: Prices::from_model(m),
             request_id: request_id.clone(),
             shared_key: route.shared_key,
             reservation,
@@ -214,6 +210,10 @@ async fn run(
             bounds: reserve::token_bounds(&view, bytes.len(), &model, endpoint),
             request_body: Bytes::new(),
             request_len: 0,
+            response_id: None,
+            conversation_id: None,
+            extra_cost_nanos: 0,
+            units_metered: false,
         },
         state.metrics.clone(),
     );

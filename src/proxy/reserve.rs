@@ -57,17 +57,17 @@ pub fn max_cost(
             .unwrap_or(DEFAULT_MAX_OUTPUT_TOKENS)
             .saturating_mul(i64::try_from(choices(view)).unwrap_or(i64::MAX)),
     };
+    // Every prompt token at the dearest prompt price (a cache write may cost more than input).
+    let prices = Prices::from_model(m);
     let nanos = cost_nanos(
         Usage {
             prompt,
             completion,
-            cached: 0,
             ..Default::default()
         },
         Prices {
-            input: m.input_price_nanos,
-            output: m.output_price_nanos,
-            cached_input: m.cached_input_price_nanos,
+            input: prices.dearest_prompt(),
+            ..prices
         },
     );
     MaxCost {

@@ -50,10 +50,18 @@ pub struct ProviderView {
     pub key: String,
     pub display_name: String,
     pub base_url: String,
-    /// `openai` = any OpenAI-compatible upstream.
+    /// `openai` (any OpenAI-compatible API) | `anthropic` | `gemini` | `azure` | `bedrock`.
     pub kind: String,
     pub is_active: bool,
     pub sort_order: i32,
+    /// `openai` kind: the upstream serves OpenAI's `/responses`, so `/v1/responses` goes there
+    /// instead of being translated to chat completions. Always `false` for other kinds (`azure`
+    /// always serves `/responses`; the others are translated).
+    pub supports_responses: bool,
+    /// `azure`: the `api-version` query; `null` = the `/openai/v1/` API.
+    pub api_version: Option<String>,
+    /// `bedrock`: the AWS region.
+    pub region: Option<String>,
 }
 
 impl From<entity::providers::Model> for ProviderView {
@@ -65,6 +73,9 @@ impl From<entity::providers::Model> for ProviderView {
             kind: p.kind,
             is_active: p.is_active,
             sort_order: p.sort_order,
+            supports_responses: p.supports_responses,
+            api_version: p.api_version,
+            region: p.region,
         }
     }
 }
@@ -99,14 +110,24 @@ pub struct CreateProvider {
     pub key: String,
     /// Default: the key.
     pub display_name: Option<String>,
-    /// http(s) URL of the OpenAI-compatible API root, e.g. `https://api.openai.com/v1`.
-    pub base_url: String,
-    /// Default and only value today: `openai`.
+    /// http(s) URL of the API root, ending at its version path, e.g. `https://api.openai.com/v1`,
+    /// `https://api.anthropic.com/v1`, `https://generativelanguage.googleapis.com/v1beta`, an
+    /// Azure resource endpoint. Required, except for `bedrock`: then
+    /// `https://bedrock-runtime.{region}.amazonaws.com`.
+    pub base_url: Option<String>,
+    /// `openai` (default: any OpenAI-compatible API) | `anthropic` | `gemini` | `azure` |
+    /// `bedrock`.
     pub kind: Option<String>,
     /// Default true.
     pub is_active: Option<bool>,
     /// Default 0.
     pub sort_order: Option<i32>,
+    /// `openai` kind only (default false): the upstream serves `/responses`.
+    pub supports_responses: Option<bool>,
+    /// `azure` only: the `api-version` query, e.g. `2024-10-21`; absent = the `/openai/v1/` API.
+    pub api_version: Option<String>,
+    /// `bedrock` only, and required there: the AWS region, e.g. `us-east-1`.
+    pub region: Option<String>,
 }
 
 fn check_display_name(param: &str, s: &str) -> ApiResult<String> {
@@ -118,13 +139,90 @@ fn check_display_name(param: &str, s: &str) -> ApiResult<String> {
 }
 
 fn check_kind(kind: &str) -> ApiResult<String> {
-    if kind != "openai" {
+    if !crate::validate::provider_kind(kind) {
         return Err(ApiError::invalid_param(
             "kind",
-            "kind must be \"openai\" (any OpenAI-compatible upstream)",
+            "kind must be one of openai (any OpenAI-compatible API), anthropic, gemini, azure, \
+             bedrock",
         ));
     }
     Ok(kind.to_owned())
+}
+
+fn missing(param: &str, message: impl Into<String>) -> ApiError {
+    ApiError::BadRequest {
+        message: message.into(),
+        code: "missing_field",
+        param: Some(param.to_owned()),
+    }
+}
+
+/// A provider's kind and the fields that belong to one kind only, as they will be stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct KindFields {
+    kind: String,
+    supports_responses: bool,
+    api_version: Option<String>,
+    region: Option<String>,
+}
+
+impl KindFields {
+    /// Each field only where its kind reads it: `supports_responses` on `openai` (`azure`
+    /// always serves `/responses`, the other kinds are translated), `api_version` on `azure`,
+    /// `region` on `bedrock`, where it is required.
+    fn check(self) -> ApiResult<Self> {
+        if self.supports_responses && self.kind != "openai" {
+            return Err(ApiError::invalid_param(
+                "supports_responses",
+                format!(
+                    "supports_responses applies to kind \"openai\" only; a {:?} provider {}",
+                    self.kind,
+                    if self.kind == "azure" {
+                        "always serves /responses"
+                    } else {
+                        "has /v1/responses translated to its own API"
+                    }
+                ),
+            ));
+        }
+        match (&self.api_version, self.kind.as_str()) {
+            (Some(_), k) if k != "azure" => {
+                return Err(ApiError::invalid_param(
+                    "api_version",
+                    "api_version applies to kind \"azure\" only",
+                ));
+            }
+            (Some(v), _) if !crate::validate::api_version(v) => {
+                return Err(ApiError::invalid_param(
+                    "api_version",
+                    "api_version must be 1–32 of [A-Za-z0-9.-], e.g. 2024-10-21",
+                ));
+            }
+            _ => {}
+        }
+        match (&self.region, self.kind == "bedrock") {
+            (None, true) => {
+                return Err(missing(
+                    "region",
+                    "region is required for a bedrock provider (an AWS region such as us-east-1)",
+                ));
+            }
+            (Some(r), true) if !crate::validate::aws_region(r) => {
+                return Err(ApiError::invalid_param(
+                    "region",
+                    "region must be an AWS region such as us-east-1",
+                ));
+            }
+            (Some(_), false) => {
+                return Err(ApiError::invalid_param(
+                    "region",
+                    "region applies to kind \"bedrock\" only",
+                ));
+            }
+            _ => {}
+        }
+        Ok(self)
+    }
 }
 
 /// Admin-entered provider URLs are trusted (no private-address check), but must be http(s).
@@ -162,15 +260,35 @@ async fn create_provider(
             "key must be 1–64 of [a-z0-9_-]",
         ));
     }
+    let fields = KindFields {
+        kind: check_kind(body.kind.as_deref().unwrap_or("openai"))?,
+        supports_responses: body.supports_responses.unwrap_or(false),
+        api_version: body.api_version,
+        region: body.region,
+    }
+    .check()?;
+    let base_url = match (&body.base_url, &fields.region) {
+        (Some(url), _) => check_provider_url(url)?,
+        (None, Some(region)) => crate::validate::bedrock_base_url(region),
+        (None, None) => {
+            return Err(missing(
+                "base_url",
+                "base_url is required (only a bedrock provider has a default)",
+            ));
+        }
+    };
     let new = NewProvider {
         display_name: check_display_name(
             "display_name",
             body.display_name.as_deref().unwrap_or(&body.key),
         )?,
-        base_url: check_provider_url(&body.base_url)?,
-        kind: check_kind(body.kind.as_deref().unwrap_or("openai"))?,
+        base_url,
+        kind: fields.kind,
         is_active: body.is_active.unwrap_or(true),
         sort_order: body.sort_order.unwrap_or(0),
+        supports_responses: fields.supports_responses,
+        api_version: fields.api_version,
+        region: fields.region,
         key: body.key,
     };
     let row = match store::providers::create(&state.db, new).await {
@@ -189,7 +307,7 @@ async fn create_provider(
         &ip,
         "provider.create",
         format!("provider:{}", row.key),
-        Some(serde_json::json!({ "base_url": row.base_url, "is_active": row.is_active })),
+        Some(serde_json::json!({ "base_url": row.base_url, "kind": row.kind, "is_active": row.is_active })),
     )
     .await?;
     Ok((StatusCode::CREATED, Json(row.into())))
@@ -199,10 +317,22 @@ async fn create_provider(
 #[serde(deny_unknown_fields)]
 pub struct UpdateProvider {
     pub display_name: Option<String>,
+    /// A bedrock provider on its region's default endpoint follows a new `region` unless this is
+    /// given.
     pub base_url: Option<String>,
+    /// Changing the kind clears the fields the new kind does not read (`supports_responses`,
+    /// `api_version`, `region`) unless the same body sets them.
     pub kind: Option<String>,
     pub is_active: Option<bool>,
     pub sort_order: Option<i32>,
+    pub supports_responses: Option<bool>,
+    /// `null` clears it (the `/openai/v1/` API).
+    #[serde(default, deserialize_with = "nullable")]
+    #[schema(value_type = Option<String>)]
+    pub api_version: Option<Option<String>>,
+    #[serde(default, deserialize_with = "nullable")]
+    #[schema(value_type = Option<String>)]
+    pub region: Option<Option<String>>,
 }
 
 /// Changes a provider (its key is permanent: models refer to it).
@@ -218,20 +348,63 @@ async fn update_provider(
     Path(key): Path<String>,
     Json(body): Json<UpdateProvider>,
 ) -> ApiResult<Json<ProviderView>> {
+    let Some(current) = store::providers::find(&state.db, &key).await? else {
+        return Err(ApiError::not_found("provider"));
+    };
+    let kind = match body.kind.as_deref() {
+        Some(k) => check_kind(k)?,
+        None => current.kind.clone(),
+    };
+    let kind_changed = kind != current.kind;
+    // A field the body leaves out keeps its value, unless the kind changed to one that does
+    // not read it.
+    let keep = |reads: bool| !kind_changed || reads;
+    let fields = KindFields {
+        supports_responses: body
+            .supports_responses
+            .unwrap_or(current.supports_responses && keep(kind == "openai")),
+        api_version: body.api_version.clone().unwrap_or_else(|| {
+            current
+                .api_version
+                .clone()
+                .filter(|_| keep(kind == "azure"))
+        }),
+        region: body
+            .region
+            .clone()
+            .unwrap_or_else(|| current.region.clone().filter(|_| keep(kind == "bedrock"))),
+        kind,
+    }
+    .check()?;
+    let base_url = match (&body.base_url, &fields.region) {
+        (Some(url), _) => Some(check_provider_url(url)?),
+        // Bedrock on its region's default endpoint (or just turned into bedrock): the new
+        // region's endpoint.
+        (None, Some(region))
+            if kind_changed
+                || current
+                    .region
+                    .as_deref()
+                    .map(crate::validate::bedrock_base_url)
+                    == Some(current.base_url.clone()) =>
+        {
+            Some(crate::validate::bedrock_base_url(region))
+        }
+        _ => None,
+    };
     let patch = ProviderPatch {
         display_name: body
             .display_name
             .as_deref()
             .map(|s| check_display_name("display_name", s))
             .transpose()?,
-        base_url: body
-            .base_url
-            .as_deref()
-            .map(check_provider_url)
-            .transpose()?,
-        kind: body.kind.as_deref().map(check_kind).transpose()?,
+        base_url,
+        kind: kind_changed.then(|| fields.kind.clone()),
         is_active: body.is_active,
         sort_order: body.sort_order,
+        supports_responses: Some(fields.supports_responses),
+        api_version: Some(fields.api_version),
+        region: Some(fields.region),
     };
     let row = store::providers::update(&state.db, &key, patch)
         .await?
@@ -243,7 +416,7 @@ async fn update_provider(
         &ip,
         "provider.update",
         format!("provider:{key}"),
-        Some(serde_json::json!({ "base_url": row.base_url, "is_active": row.is_active })),
+        Some(serde_json::json!({ "base_url": row.base_url, "kind": row.kind, "is_active": row.is_active })),
     )
     .await?;
     Ok(Json(row.into()))
@@ -287,7 +460,7 @@ async fn delete_provider(
 // ---------------------------------------------------------------------------------------------
 // Models
 
-/// A catalog model. Prices are USD per 1M tokens.
+/// A catalog model. Token prices are USD per 1M tokens; `price_per_*` are USD per unit.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ModelView {
     pub id: String,
@@ -298,14 +471,22 @@ pub struct ModelView {
     pub provider: String,
     /// The model name sent upstream.
     pub upstream_model: String,
-    /// `chat` | `completion` | `embedding`.
+    /// `chat` | `completion` | `embedding` | `image` | `audio` | `moderation` | `realtime`.
     #[serde(rename = "type")]
     #[schema(rename = "type")]
     pub model_type: String,
     pub input_price_per_1m: f64,
     pub output_price_per_1m: f64,
-    /// `null`: cached input tokens cost the input price.
+    /// `null`: cached (cache-read) input tokens cost the input price.
     pub cached_input_price_per_1m: Option<f64>,
+    /// `null`: cache-write input tokens (Anthropic's cache creation) cost the input price.
+    pub cache_write_input_price_per_1m: Option<f64>,
+    /// USD per image generated, when the upstream reports no token usage; `null`: free.
+    pub price_per_image: Option<f64>,
+    /// USD per minute of audio, when the upstream reports no token usage; `null`: free.
+    pub price_per_minute: Option<f64>,
+    /// USD per 1M characters of input (text to speech); `null`: free.
+    pub price_per_1m_chars: Option<f64>,
     pub context_window: Option<i32>,
     pub max_output_tokens: Option<i32>,
     pub supports_streaming: bool,
@@ -330,6 +511,10 @@ impl From<entity::models::Model> for ModelView {
             input_price_per_1m: nanos_to_usd(m.input_price_nanos),
             output_price_per_1m: nanos_to_usd(m.output_price_nanos),
             cached_input_price_per_1m: m.cached_input_price_nanos.map(nanos_to_usd),
+            cache_write_input_price_per_1m: m.cache_write_input_price_nanos.map(nanos_to_usd),
+            price_per_image: m.price_per_image_nanos.map(nanos_to_usd),
+            price_per_minute: m.price_per_minute_nanos.map(nanos_to_usd),
+            price_per_1m_chars: m.price_per_1m_chars_nanos.map(nanos_to_usd),
             context_window: m.context_window,
             max_output_tokens: m.max_output_tokens,
             supports_streaming: m.supports_streaming,
@@ -351,19 +536,27 @@ pub struct ModelListParams {
     pub active_only: Option<bool>,
     /// A provider key.
     pub provider: Option<String>,
-    /// `chat` | `completion` | `embedding`.
+    /// `chat` | `completion` | `embedding` | `image` | `audio` | `moderation` | `realtime`.
     #[serde(rename = "type")]
     #[param(rename = "type")]
     pub model_type: Option<String>,
 }
 
-const MODEL_TYPES: [&str; 3] = ["chat", "completion", "embedding"];
+const MODEL_TYPES: [&str; 7] = [
+    "chat",
+    "completion",
+    "embedding",
+    "image",
+    "audio",
+    "moderation",
+    "realtime",
+];
 
 fn check_model_type(t: &str) -> ApiResult<String> {
     if !MODEL_TYPES.contains(&t) {
         return Err(ApiError::invalid_param(
             "type",
-            "type must be one of chat, completion, embedding",
+            format!("type must be one of {}", MODEL_TYPES.join(", ")),
         ));
     }
     Ok(t.to_owned())
@@ -399,7 +592,8 @@ pub struct CreateModel {
     pub provider: String,
     /// Default: the name.
     pub upstream_model: Option<String>,
-    /// `chat` (default) | `completion` | `embedding`.
+    /// `chat` (default) | `completion` | `embedding` | `image` | `audio` | `moderation` |
+    /// `realtime`.
     #[serde(rename = "type")]
     #[schema(rename = "type")]
     pub model_type: Option<String>,
@@ -407,8 +601,16 @@ pub struct CreateModel {
     pub input_price_per_1m: Option<f64>,
     /// USD per 1M output tokens (default 0).
     pub output_price_per_1m: Option<f64>,
-    /// USD per 1M cached input tokens; absent = the input price.
+    /// USD per 1M cached (cache-read) input tokens; absent = the input price.
     pub cached_input_price_per_1m: Option<f64>,
+    /// USD per 1M cache-write input tokens; absent = the input price.
+    pub cache_write_input_price_per_1m: Option<f64>,
+    /// USD per image (when the upstream reports no token usage); absent = free.
+    pub price_per_image: Option<f64>,
+    /// USD per minute of audio (when the upstream reports no token usage); absent = free.
+    pub price_per_minute: Option<f64>,
+    /// USD per 1M characters of input (speech); absent = free.
+    pub price_per_1m_chars: Option<f64>,
     pub context_window: Option<i32>,
     pub max_output_tokens: Option<i32>,
     /// Default true.
@@ -437,15 +639,31 @@ fn check_model_name(param: &str, s: &str) -> ApiResult<String> {
     Ok(s.to_owned())
 }
 
-/// USD per 1M tokens → nano-dollars; finite, ≥ 0, at most $1M.
+/// A price in USD → nano-dollars; finite, ≥ 0, at most $1M (per 1M tokens, per image, …).
 fn check_price(param: &str, usd: f64) -> ApiResult<i64> {
     if !usd.is_finite() || !(0.0..=1_000_000.0).contains(&usd) {
+        let unit = match param {
+            "price_per_image" => "USD per image",
+            "price_per_minute" => "USD per minute of audio",
+            "price_per_1m_chars" => "USD per 1M characters",
+            _ => "USD per 1M tokens",
+        };
         return Err(ApiError::invalid_param(
             param,
-            format!("{param} must be a number between 0 and 1000000 (USD per 1M tokens)"),
+            format!("{param} must be a number between 0 and 1000000 ({unit})"),
         ));
     }
     Ok(usd_to_nanos(usd))
+}
+
+/// An optional price (create): absent stays absent.
+fn check_opt_price(param: &str, usd: Option<f64>) -> ApiResult<Option<i64>> {
+    usd.map(|p| check_price(param, p)).transpose()
+}
+
+/// A nullable price (patch): absent = unchanged, `null` = cleared.
+fn check_patch_price(param: &str, usd: Option<Option<f64>>) -> ApiResult<Option<Option<i64>>> {
+    usd.map(|o| check_opt_price(param, o)).transpose()
 }
 
 fn check_tokens(param: &str, v: i32) -> ApiResult<i32> {
@@ -511,10 +729,17 @@ async fn create_model(
             "output_price_per_1m",
             b.output_price_per_1m.unwrap_or(0.0),
         )?,
-        cached_input_price_nanos: b
-            .cached_input_price_per_1m
-            .map(|p| check_price("cached_input_price_per_1m", p))
-            .transpose()?,
+        cached_input_price_nanos: check_opt_price(
+            "cached_input_price_per_1m",
+            b.cached_input_price_per_1m,
+        )?,
+        cache_write_input_price_nanos: check_opt_price(
+            "cache_write_input_price_per_1m",
+            b.cache_write_input_price_per_1m,
+        )?,
+        price_per_image_nanos: check_opt_price("price_per_image", b.price_per_image)?,
+        price_per_minute_nanos: check_opt_price("price_per_minute", b.price_per_minute)?,
+        price_per_1m_chars_nanos: check_opt_price("price_per_1m_chars", b.price_per_1m_chars)?,
         context_window: b
             .context_window
             .map(|v| check_tokens("context_window", v))
@@ -566,6 +791,22 @@ pub struct UpdateModel {
     #[serde(default, deserialize_with = "nullable")]
     #[schema(value_type = Option<f64>)]
     pub cached_input_price_per_1m: Option<Option<f64>>,
+    /// `null` clears it (cache-write tokens then cost the input price).
+    #[serde(default, deserialize_with = "nullable")]
+    #[schema(value_type = Option<f64>)]
+    pub cache_write_input_price_per_1m: Option<Option<f64>>,
+    /// `null` clears it (images are then free).
+    #[serde(default, deserialize_with = "nullable")]
+    #[schema(value_type = Option<f64>)]
+    pub price_per_image: Option<Option<f64>>,
+    /// `null` clears it (audio is then free).
+    #[serde(default, deserialize_with = "nullable")]
+    #[schema(value_type = Option<f64>)]
+    pub price_per_minute: Option<Option<f64>>,
+    /// `null` clears it (characters are then free).
+    #[serde(default, deserialize_with = "nullable")]
+    #[schema(value_type = Option<f64>)]
+    pub price_per_1m_chars: Option<Option<f64>>,
     #[serde(default, deserialize_with = "nullable")]
     #[schema(value_type = Option<i32>)]
     pub context_window: Option<Option<i32>>,
@@ -622,13 +863,17 @@ async fn update_model(
             .output_price_per_1m
             .map(|p| check_price("output_price_per_1m", p))
             .transpose()?,
-        cached_input_price_nanos: b
-            .cached_input_price_per_1m
-            .map(|o| {
-                o.map(|p| check_price("cached_input_price_per_1m", p))
-                    .transpose()
-            })
-            .transpose()?,
+        cached_input_price_nanos: check_patch_price(
+            "cached_input_price_per_1m",
+            b.cached_input_price_per_1m,
+        )?,
+        cache_write_input_price_nanos: check_patch_price(
+            "cache_write_input_price_per_1m",
+            b.cache_write_input_price_per_1m,
+        )?,
+        price_per_image_nanos: check_patch_price("price_per_image", b.price_per_image)?,
+        price_per_minute_nanos: check_patch_price("price_per_minute", b.price_per_minute)?,
+        price_per_1m_chars_nanos: check_patch_price("price_per_1m_chars", b.price_per_1m_chars)?,
         context_window: b
             .context_window
             .map(|o| o.map(|v| check_tokens("context_window", v)).transpose())

@@ -34,15 +34,26 @@ pub struct UsageRecordView {
     pub endpoint: String,
     pub stream: bool,
     pub status: i32,
+    /// Every prompt token, cached and cache-write ones included.
     pub prompt_tokens: i64,
+    /// Every completion token, reasoning ones included.
     pub completion_tokens: i64,
+    /// Prompt tokens read from the provider's cache.
     pub cached_tokens: i64,
+    /// Prompt tokens written to the provider's cache.
+    pub cache_write_tokens: i64,
+    /// Completion tokens spent on hidden reasoning.
+    pub reasoning_tokens: i64,
     pub cost_usd: f64,
     pub latency_ms: i64,
     pub ttft_ms: Option<i64>,
     /// The upstream reported no usage; the gateway counted the tokens itself.
     pub tokens_estimated: bool,
     pub request_id: String,
+    /// The stored response (`resp_…`) the call made or continued, if any.
+    pub response_id: Option<String>,
+    /// The conversation (`conv_…`) the call ran in, if any.
+    pub conversation_id: Option<String>,
 }
 
 impl From<entity::usage_records::Model> for UsageRecordView {
@@ -59,11 +70,15 @@ impl From<entity::usage_records::Model> for UsageRecordView {
             prompt_tokens: r.prompt_tokens,
             completion_tokens: r.completion_tokens,
             cached_tokens: r.cached_tokens,
+            cache_write_tokens: r.cache_write_tokens,
+            reasoning_tokens: r.reasoning_tokens,
             cost_usd: nanos_to_usd(r.cost_nanos),
             latency_ms: r.latency_ms,
             ttft_ms: r.ttft_ms,
             tokens_estimated: r.tokens_estimated,
             request_id: r.request_id,
+            response_id: r.response_id,
+            conversation_id: r.conversation_id,
         }
     }
 }
@@ -152,6 +167,8 @@ pub struct UsageTotalsView {
     pub prompt_tokens: i64,
     pub completion_tokens: i64,
     pub cached_tokens: i64,
+    pub cache_write_tokens: i64,
+    pub reasoning_tokens: i64,
     pub cost_usd: f64,
     pub avg_latency_ms: f64,
     /// Records with status ≥ 400.
@@ -165,6 +182,8 @@ impl From<UsageTotals> for UsageTotalsView {
             prompt_tokens: t.prompt_tokens,
             completion_tokens: t.completion_tokens,
             cached_tokens: t.cached_tokens,
+            cache_write_tokens: t.cache_write_tokens,
+            reasoning_tokens: t.reasoning_tokens,
             cost_usd: nanos_to_usd(t.cost_nanos),
             avg_latency_ms: t.avg_latency_ms(),
             errors: t.errors,

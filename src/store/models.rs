@@ -1,4 +1,5 @@
-//! Models: the priced catalog clients choose from (prices in nano-dollars per 1M tokens).
+//! Models: the priced catalog clients choose from (prices in nano-dollars: per 1M tokens, per
+//! image, per minute of audio, per 1M characters).
 
 use chrono::Utc;
 use entity::{models, providers};
@@ -11,7 +12,7 @@ use sea_orm::{
 use super::{Page, PageReq};
 
 /// A model to create.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct NewModel {
     pub name: String,
     pub display_name: String,
@@ -21,6 +22,10 @@ pub struct NewModel {
     pub input_price_nanos: i64,
     pub output_price_nanos: i64,
     pub cached_input_price_nanos: Option<i64>,
+    pub cache_write_input_price_nanos: Option<i64>,
+    pub price_per_image_nanos: Option<i64>,
+    pub price_per_minute_nanos: Option<i64>,
+    pub price_per_1m_chars_nanos: Option<i64>,
     pub context_window: Option<i32>,
     pub max_output_tokens: Option<i32>,
     pub supports_streaming: bool,
@@ -42,6 +47,10 @@ pub struct ModelPatch {
     pub input_price_nanos: Option<i64>,
     pub output_price_nanos: Option<i64>,
     pub cached_input_price_nanos: Option<Option<i64>>,
+    pub cache_write_input_price_nanos: Option<Option<i64>>,
+    pub price_per_image_nanos: Option<Option<i64>>,
+    pub price_per_minute_nanos: Option<Option<i64>>,
+    pub price_per_1m_chars_nanos: Option<Option<i64>>,
     pub context_window: Option<Option<i32>>,
     pub max_output_tokens: Option<Option<i32>>,
     pub supports_streaming: Option<bool>,
@@ -122,6 +131,10 @@ pub async fn create(db: &impl ConnectionTrait, m: NewModel) -> Result<models::Mo
         input_price_nanos: Set(m.input_price_nanos),
         output_price_nanos: Set(m.output_price_nanos),
         cached_input_price_nanos: Set(m.cached_input_price_nanos),
+        cache_write_input_price_nanos: Set(m.cache_write_input_price_nanos),
+        price_per_image_nanos: Set(m.price_per_image_nanos),
+        price_per_minute_nanos: Set(m.price_per_minute_nanos),
+        price_per_1m_chars_nanos: Set(m.price_per_1m_chars_nanos),
         context_window: Set(m.context_window),
         max_output_tokens: Set(m.max_output_tokens),
         supports_streaming: Set(m.supports_streaming),
@@ -163,6 +176,10 @@ pub async fn update(
         input_price_nanos,
         output_price_nanos,
         cached_input_price_nanos,
+        cache_write_input_price_nanos,
+        price_per_image_nanos,
+        price_per_minute_nanos,
+        price_per_1m_chars_nanos,
         context_window,
         max_output_tokens,
         supports_streaming,

@@ -11,7 +11,7 @@ use super::{Page, PageReq};
 use crate::config::ProviderSeed;
 
 /// A provider to create.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct NewProvider {
     pub key: String,
     pub display_name: String,
@@ -19,9 +19,12 @@ pub struct NewProvider {
     pub kind: String,
     pub is_active: bool,
     pub sort_order: i32,
+    pub supports_responses: bool,
+    pub api_version: Option<String>,
+    pub region: Option<String>,
 }
 
-/// Fields an admin may change; `None` = unchanged.
+/// Fields an admin may change: `None` = unchanged; `Some(None)` clears a nullable column.
 #[derive(Debug, Clone, Default)]
 pub struct ProviderPatch {
     pub display_name: Option<String>,
@@ -29,6 +32,9 @@ pub struct ProviderPatch {
     pub kind: Option<String>,
     pub is_active: Option<bool>,
     pub sort_order: Option<i32>,
+    pub supports_responses: Option<bool>,
+    pub api_version: Option<Option<String>>,
+    pub region: Option<Option<String>>,
 }
 
 /// Creates the configured providers that do not exist yet; existing rows are left as the admin
@@ -37,13 +43,21 @@ pub async fn seed(db: &impl ConnectionTrait, seeds: &[ProviderSeed]) -> Result<u
     let mut created = 0;
     for s in seeds {
         let now = Utc::now();
+        // `Config::validate` made sure only a bedrock provider (with a region) has no base_url.
+        let base_url = match (&s.region, s.base_url.is_empty()) {
+            (Some(region), true) => crate::validate::bedrock_base_url(region),
+            _ => s.base_url.trim_end_matches('/').to_owned(),
+        };
         let row = providers::ActiveModel {
             key: Set(s.key.clone()),
             display_name: Set(s.display_name.clone()),
-            base_url: Set(s.base_url.trim_end_matches('/').to_owned()),
+            base_url: Set(base_url),
             kind: Set(s.kind.clone()),
             is_active: Set(s.is_active),
             sort_order: Set(s.sort_order),
+            supports_responses: Set(s.supports_responses),
+            api_version: Set(s.api_version.clone()),
+            region: Set(s.region.clone()),
             created_at: Set(now),
             updated_at: Set(now),
         };
@@ -102,6 +116,9 @@ pub async fn create(db: &impl ConnectionTrait, p: NewProvider) -> Result<provide
         kind: Set(p.kind),
         is_active: Set(p.is_active),
         sort_order: Set(p.sort_order),
+        supports_responses: Set(p.supports_responses),
+        api_version: Set(p.api_version),
+        region: Set(p.region),
         created_at: Set(now),
         updated_at: Set(now),
     }
@@ -133,6 +150,15 @@ pub async fn update(
     }
     if let Some(v) = patch.sort_order {
         am.sort_order = Set(v);
+    }
+    if let Some(v) = patch.supports_responses {
+        am.supports_responses = Set(v);
+    }
+    if let Some(v) = patch.api_version {
+        am.api_version = Set(v);
+    }
+    if let Some(v) = patch.region {
+        am.region = Set(v);
     }
     am.updated_at = Set(Utc::now());
     am.update(db).await.map(Some)

@@ -116,6 +116,8 @@ pub struct UsageTotals {
     pub prompt_tokens: i64,
     pub completion_tokens: i64,
     pub cached_tokens: i64,
+    pub cache_write_tokens: i64,
+    pub reasoning_tokens: i64,
     pub cost_nanos: i64,
     pub latency_ms_sum: i64,
     /// Records with status ≥ 400.
@@ -141,6 +143,8 @@ pub struct UsageGroup {
     pub prompt_tokens: i64,
     pub completion_tokens: i64,
     pub cached_tokens: i64,
+    pub cache_write_tokens: i64,
+    pub reasoning_tokens: i64,
     pub cost_nanos: i64,
     pub latency_ms_sum: i64,
     pub errors: i64,
@@ -153,6 +157,8 @@ impl UsageGroup {
             prompt_tokens: self.prompt_tokens,
             completion_tokens: self.completion_tokens,
             cached_tokens: self.cached_tokens,
+            cache_write_tokens: self.cache_write_tokens,
+            reasoning_tokens: self.reasoning_tokens,
             cost_nanos: self.cost_nanos,
             latency_ms_sum: self.latency_ms_sum,
             errors: self.errors,
@@ -202,6 +208,8 @@ fn aggregate(backend: DbBackend, filter: &UsageFilter) -> Select<usage_records::
         .column_as(sum("prompt_tokens"), "prompt_tokens")
         .column_as(sum("completion_tokens"), "completion_tokens")
         .column_as(sum("cached_tokens"), "cached_tokens")
+        .column_as(sum("cache_write_tokens"), "cache_write_tokens")
+        .column_as(sum("reasoning_tokens"), "reasoning_tokens")
         .column_as(sum("cost_nanos"), "cost_nanos")
         .column_as(sum("latency_ms"), "latency_ms_sum")
         .column_as(sum("CASE WHEN status >= 400 THEN 1 ELSE 0 END"), "errors")

@@ -32,6 +32,10 @@ pub struct RecordRow<'a> {
     pub prompt_tokens: i64,
     pub completion_tokens: i64,
     pub cached_tokens: i64,
+    /// Inside `prompt_tokens`: written to the provider's cache.
+    pub cache_write_tokens: i64,
+    /// Inside `completion_tokens`: hidden reasoning.
+    pub reasoning_tokens: i64,
     pub cost_nanos: i64,
     pub latency_ms: i64,
     pub ttft_ms: Option<i64>,
@@ -41,6 +45,9 @@ pub struct RecordRow<'a> {
     pub error: Option<&'a str>,
     /// Unique per usage record (made at admission): the usage spool's replay skips recorded ones.
     pub event_id: String,
+    /// The stored response (`resp_…`) or conversation (`conv_…`) of the call, if any.
+    pub response_id: Option<&'a str>,
+    pub conversation_id: Option<&'a str>,
 }
 
 /// What one batch adds to a gateway key.
@@ -66,12 +73,12 @@ pub struct UserCharge<'a> {
     pub requests: usize,
 }
 
-/// The most rows one INSERT statement carries (19 parameters each, well under every driver's
-/// limit); see [`write_batch`].
+/// The most rows one INSERT statement carries (23 parameters each: 5,888 in all, well under
+/// every driver's limit); see [`write_batch`].
 const MAX_ROWS_PER_INSERT: usize = 256;
 
 /// The columns of a usage record, in the order [`record_values`] gives them.
-const RECORD_COLUMNS: [usage_records::Column; 19] = {
+const RECORD_COLUMNS: [usage_records::Column; 23] = {
     use usage_records::Column as C;
     [
         C::At,
@@ -85,6 +92,8 @@ const RECORD_COLUMNS: [usage_records::Column; 19] = {
         C::PromptTokens,
         C::CompletionTokens,
         C::CachedTokens,
+        C::CacheWriteTokens,
+        C::ReasoningTokens,
         C::CostNanos,
         C::LatencyMs,
         C::TtftMs,
@@ -93,6 +102,8 @@ const RECORD_COLUMNS: [usage_records::Column; 19] = {
         C::SharedKey,
         C::Error,
         C::EventId,
+        C::ResponseId,
+        C::ConversationId,
     ]
 };
 
@@ -110,20 +121,29 @@ fn record_values(r: &RecordRow<'_>, out: &mut Vec<Value>) {
         r.prompt_tokens.into(),
         r.completion_tokens.into(),
         r.cached_tokens.into(),
+        r.cache_write_tokens.into(),
+        r.reasoning_tokens.into(),
         r.cost_nanos.into(),
         r.latency_ms.into(),
         r.ttft_ms.into(),
         r.tokens_estimated.into(),
-        // At most 128 characters; the usual id is shorter in bytes and is copied as is.
-        if r.request_id.len() <= 128 {
-            r.request_id.to_owned().into()
-        } else {
-            r.request_id.chars().take(128).collect::<String>().into()
-        },
+        bounded(r.request_id, 128).into(),
         r.shared_key.into(),
         r.error.map(str::to_owned).into(),
         Some(r.event_id.clone()).into(),
+        // Ids the gateway made (`resp_…`, `conv_…`); bounded to the columns all the same.
+        r.response_id.map(|s| bounded(s, 64)).into(),
+        r.conversation_id.map(|s| bounded(s, 64)).into(),
     ]);
+}
+
+/// At most `max` characters; the usual value is shorter in bytes and is copied as is.
+fn bounded(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        s.to_owned()
+    } else {
+        s.chars().take(max).collect()
+    }
 }
 
 /// `col + n` (n ≥ 0) that stops at `i64::MAX` instead of failing (PostgreSQL and MySQL raise an
