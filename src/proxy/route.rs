@@ -126,9 +126,10 @@ pub async fn route(
         url: adapter.map(|a| a.url(base, endpoint)).unwrap_or_default(),
         base_url: base.to_owned(),
         upstream_model: model.model.upstream_model.clone(),
-        api_version: None,
-        region: None,
-        supports_responses: false,
+        api_version: provider.api_version.clone(),
+        region: provider.region.clone(),
+        // Azure serves the Responses API too (spec §9).
+        supports_responses: provider.supports_responses || provider.kind == "azure",
         default_max_tokens: model
             .model
             .max_output_tokens
