@@ -6,6 +6,7 @@ mod columns;
 mod m20261121_000001_initial;
 mod m20261203_000001_durability;
 mod m20261203_000001_username_case;
+mod m20261203_000003_state;
 
 pub struct Migrator;
 
@@ -16,6 +17,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261121_000001_initial::Migration),
             Box::new(m20261203_000001_durability::Migration),
             Box::new(m20261203_000001_username_case::Migration),
+            Box::new(m20261203_000003_state::Migration),
         ]
     }
 }
