@@ -1099,3 +1099,49 @@ fn openapi_documents_the_state_routes() {
         }
     }
 }
+
+#[tokio::test]
+async fn every_stored_state_call_writes_one_free_usage_record() {
+    let app = TestApp::spawn().await;
+    let (_, key, key_id) = user_with_key(&app, "alice").await;
+    let token = user_token(&app, "alice").await;
+    let k = Some(key.as_str());
+    let (s, conv) = app.post("/v1/conversations", k, json!({})).await;
+    assert_eq!(s, 200);
+    let id = conv["id"].as_str().unwrap();
+    let (s, _) = app.get(&format!("/v1/conversations/{id}/items"), k).await;
+    assert_eq!(s, 200);
+    let (s, _) = app.get("/v1/responses/resp_missing", k).await;
+    assert_eq!(s, 404);
+    let (s, _) = app.get("/v1/chat/completions", k).await;
+    assert_eq!(s, 200);
+    // No key: no user to charge, no record.
+    let (s, _) = app.get("/v1/chat/completions", None).await;
+    assert_eq!(s, 401);
+    let records = common::gateway::wait_records(&app, &token, 4).await;
+    assert_eq!(records.len(), 4, "{records:?}");
+    let mut seen: Vec<(String, i64)> = records
+        .iter()
+        .map(|r| {
+            assert_eq!(r["key_id"], key_id.as_str());
+            assert_eq!(r["prompt_tokens"], 0);
+            assert_eq!(r["completion_tokens"], 0);
+            assert_eq!(r["cost_usd"], 0.0);
+            assert!(!r["request_id"].as_str().unwrap().is_empty());
+            (
+                r["endpoint"].as_str().unwrap().to_owned(),
+                r["status"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    seen.sort();
+    assert_eq!(
+        seen,
+        [
+            ("chat.completions.stored".to_owned(), 200),
+            ("conversations".to_owned(), 200),
+            ("conversations".to_owned(), 200),
+            ("responses.stored".to_owned(), 404),
+        ]
+    );
+}

@@ -164,14 +164,10 @@ enum Line<'a> {
 }
 
 fn endpoint_of(s: &str) -> Endpoint {
-    [
-        Endpoint::ChatCompletions,
-        Endpoint::Completions,
-        Endpoint::Embeddings,
-    ]
-    .into_iter()
-    .find(|e| e.as_str() == s)
-    .unwrap_or(Endpoint::ChatCompletions)
+    Endpoint::ALL
+        .into_iter()
+        .find(|e| e.as_str() == s)
+        .unwrap_or(Endpoint::ChatCompletions)
 }
 
 fn segment_name(seq: u64) -> String {

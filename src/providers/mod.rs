@@ -15,6 +15,12 @@ pub enum Endpoint {
     ChatCompletions,
     Completions,
     Embeddings,
+    /// The Conversations API (`/v1/conversations…`): stored state, no upstream.
+    Conversations,
+    /// `GET/DELETE /v1/responses/{id}…`: stored state, no upstream.
+    StoredResponses,
+    /// `GET/POST/DELETE /v1/chat/completions/{id}…`, `GET /v1/chat/completions`: stored state.
+    StoredCompletions,
 }
 
 impl Endpoint {
@@ -24,8 +30,22 @@ impl Endpoint {
             Self::ChatCompletions => "chat.completions",
             Self::Completions => "completions",
             Self::Embeddings => "embeddings",
+            Self::Conversations => "conversations",
+            Self::StoredResponses => "responses.stored",
+            Self::StoredCompletions => "chat.completions.stored",
         }
     }
+
+    /// Every endpoint, in [`Endpoint::index`] order.
+    pub const ALL: [Self; 6] = [
+        Self::ChatCompletions,
+        Self::Completions,
+        Self::Embeddings,
+        Self::Conversations,
+        Self::StoredResponses,
+        Self::StoredCompletions,
+    ];
+    pub const COUNT: usize = Self::ALL.len();
 
     /// The endpoint served at `path` (`/v1/…`), if any.
     pub fn from_v1_path(path: &str) -> Option<Self> {
@@ -43,38 +63,46 @@ impl Endpoint {
             Self::ChatCompletions => "/v1/chat/completions",
             Self::Completions => "/v1/completions",
             Self::Embeddings => "/v1/embeddings",
+            Self::Conversations => "/v1/conversations",
+            Self::StoredResponses => "/v1/responses",
+            Self::StoredCompletions => "/v1/chat/completions",
         }
     }
 
-    /// 0, 1, 2: for per-endpoint arrays.
+    /// 0 … [`Endpoint::COUNT`] − 1: for per-endpoint arrays.
     pub fn index(self) -> usize {
         match self {
             Self::ChatCompletions => 0,
             Self::Completions => 1,
             Self::Embeddings => 2,
+            Self::Conversations => 3,
+            Self::StoredResponses => 4,
+            Self::StoredCompletions => 5,
         }
     }
 
-    /// Path below the provider's base URL.
+    /// Path below the provider's base URL (`""` for stored state, which never goes upstream).
     pub fn path(self) -> &'static str {
         match self {
             Self::ChatCompletions => "/chat/completions",
             Self::Completions => "/completions",
             Self::Embeddings => "/embeddings",
+            Self::Conversations | Self::StoredResponses | Self::StoredCompletions => "",
         }
     }
 
-    /// The catalog model type that serves this endpoint.
+    /// The catalog model type that serves this endpoint (`""` for stored state: no model).
     pub fn model_type(self) -> &'static str {
         match self {
             Self::ChatCompletions => "chat",
             Self::Completions => "completion",
             Self::Embeddings => "embedding",
+            Self::Conversations | Self::StoredResponses | Self::StoredCompletions => "",
         }
     }
 
     pub fn can_stream(self) -> bool {
-        !matches!(self, Self::Embeddings)
+        matches!(self, Self::ChatCompletions | Self::Completions)
     }
 }
 

@@ -4,6 +4,7 @@
 
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use axum::extract::State;
 use axum::http::HeaderMap;
@@ -15,6 +16,8 @@ use crate::cache::KeyCtx;
 use crate::conversations::conversation as conv;
 use crate::conversations::paging::{ListParams, Order};
 use crate::error::{ApiError, Json, Path, Query};
+use crate::metering::event::UsageEvent;
+use crate::providers::Endpoint;
 use crate::routes::ClientIp;
 use crate::state::AppState;
 
@@ -49,6 +52,64 @@ pub(crate) async fn caller(
     Ok(key)
 }
 
+/// Writes the request's usage record (API.md §8: every `/v1` route writes one): no model, no
+/// tokens, cost 0, the status the client gets; then answers `result`. The usage queue's
+/// back-pressure applies as on the hot path; a queue still full after 5 s is logged and counted,
+/// and the answer goes out anyway (these calls cost nothing).
+pub(crate) async fn metered(
+    state: &AppState,
+    key: &KeyCtx,
+    headers: &HeaderMap,
+    endpoint: Endpoint,
+    started: Instant,
+    result: Result<Value, ApiError>,
+) -> Result<Json<Value>, ApiError> {
+    let status = match &result {
+        Ok(_) => 200,
+        Err(e) => e.parts().0.as_u16(),
+    };
+    match state.usage.reserve(Duration::from_secs(5)).await {
+        Some(permit) => drop(
+            permit.send(UsageEvent {
+                at: chrono::Utc::now(),
+                user_id: key.user_id.clone(),
+                key_id: key.key_id.clone(),
+                model: String::new(),
+                provider: String::new(),
+                endpoint,
+                stream: false,
+                status,
+                usage: Default::default(),
+                prices: Default::default(),
+                latency_ms: i64::try_from(started.elapsed().as_millis()).unwrap_or(i64::MAX),
+                ttft_ms: None,
+                tokens_estimated: false,
+                request_id: headers
+                    .get(crate::edge::X_REQUEST_ID)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default()
+                    .to_owned(),
+                shared_key: false,
+                error: result
+                    .as_ref()
+                    .err()
+                    .and_then(|e| e.parts().2)
+                    .map(str::to_owned),
+                reservation: Default::default(),
+                charged: false,
+                ticket: Default::default(),
+            }),
+        ),
+        None => {
+            tracing::error!(
+                endpoint = endpoint.as_str(),
+                "usage queue full for 5 s: no usage record for this stored-state call"
+            );
+        }
+    }
+    result.map(Json)
+}
+
 /// A JSON body's field (the body must be an object; `/v1` ignores unknown fields).
 pub(crate) fn field<'a>(body: &'a Value, name: &str) -> Result<Option<&'a Value>, ApiError> {
     match body {
@@ -72,6 +133,7 @@ async fn create_conversation(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<Json<Value>, ApiError> {
+    let started = Instant::now();
     let key = caller(&state, &headers, ip).await?;
     // The body is optional here (OpenAI's SDKs send none for `conversations.create()`).
     let body = if body.iter().all(u8::is_ascii_whitespace) {
@@ -84,14 +146,22 @@ async fn create_conversation(
             )
         })?
     };
-    let v = conv::create(
+    let res = conv::create(
         &state.db,
         &key.user_id,
         field(&body, "items")?,
         field(&body, "metadata")?,
     )
-    .await?;
-    Ok(Json(v))
+    .await;
+    metered(
+        &state,
+        &key,
+        &headers,
+        Endpoint::Conversations,
+        started,
+        res,
+    )
+    .await
 }
 
 /// A conversation of the key's user.
@@ -105,8 +175,18 @@ async fn get_conversation(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
+    let started = Instant::now();
     let key = caller(&state, &headers, ip).await?;
-    Ok(Json(conv::get(&state.db, &key.user_id, &id).await?))
+    let res = conv::get(&state.db, &key.user_id, &id).await;
+    metered(
+        &state,
+        &key,
+        &headers,
+        Endpoint::Conversations,
+        started,
+        res,
+    )
+    .await
 }
 
 /// Replaces a conversation's metadata.
@@ -122,11 +202,19 @@ async fn update_conversation(
     headers: HeaderMap,
     Json(body): Json<Value>,
 ) -> Result<Json<Value>, ApiError> {
+    let started = Instant::now();
     let key = caller(&state, &headers, ip).await?;
     let metadata = field(&body, "metadata")?;
-    Ok(Json(
-        conv::update(&state.db, &key.user_id, &id, metadata).await?,
-    ))
+    let res = conv::update(&state.db, &key.user_id, &id, metadata).await;
+    metered(
+        &state,
+        &key,
+        &headers,
+        Endpoint::Conversations,
+        started,
+        res,
+    )
+    .await
 }
 
 /// Deletes a conversation and its items.
@@ -140,8 +228,18 @@ async fn delete_conversation(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
+    let started = Instant::now();
     let key = caller(&state, &headers, ip).await?;
-    Ok(Json(conv::delete(&state.db, &key.user_id, &id).await?))
+    let res = conv::delete(&state.db, &key.user_id, &id).await;
+    metered(
+        &state,
+        &key,
+        &headers,
+        Endpoint::Conversations,
+        started,
+        res,
+    )
+    .await
 }
 
 /// A conversation's items, paged: `after` (an item id; one not in the conversation is 400),
@@ -161,11 +259,19 @@ async fn list_items(
     Query(query): Query<Vec<(String, String)>>,
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
+    let started = Instant::now();
     let key = caller(&state, &headers, ip).await?;
     let params = ListParams::parse(&query, Order::Desc)?;
-    Ok(Json(
-        conv::list_items(&state.db, &key.user_id, &id, &params).await?,
-    ))
+    let res = conv::list_items(&state.db, &key.user_id, &id, &params).await;
+    metered(
+        &state,
+        &key,
+        &headers,
+        Endpoint::Conversations,
+        started,
+        res,
+    )
+    .await
 }
 
 /// Appends up to 20 items to a conversation; answers them as a list.
@@ -181,11 +287,19 @@ async fn add_items(
     headers: HeaderMap,
     Json(body): Json<Value>,
 ) -> Result<Json<Value>, ApiError> {
+    let started = Instant::now();
     let key = caller(&state, &headers, ip).await?;
     let items = field(&body, "items")?;
-    Ok(Json(
-        conv::add_items(&state.db, &key.user_id, &id, items).await?,
-    ))
+    let res = conv::add_items(&state.db, &key.user_id, &id, items).await;
+    metered(
+        &state,
+        &key,
+        &headers,
+        Endpoint::Conversations,
+        started,
+        res,
+    )
+    .await
 }
 
 /// One item of a conversation.
@@ -199,10 +313,18 @@ async fn get_item(
     Path((id, item_id)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
+    let started = Instant::now();
     let key = caller(&state, &headers, ip).await?;
-    Ok(Json(
-        conv::get_item(&state.db, &key.user_id, &id, &item_id).await?,
-    ))
+    let res = conv::get_item(&state.db, &key.user_id, &id, &item_id).await;
+    metered(
+        &state,
+        &key,
+        &headers,
+        Endpoint::Conversations,
+        started,
+        res,
+    )
+    .await
 }
 
 /// Deletes one item; answers the conversation.
@@ -216,8 +338,16 @@ async fn delete_item(
     Path((id, item_id)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
+    let started = Instant::now();
     let key = caller(&state, &headers, ip).await?;
-    Ok(Json(
-        conv::delete_item(&state.db, &key.user_id, &id, &item_id).await?,
-    ))
+    let res = conv::delete_item(&state.db, &key.user_id, &id, &item_id).await;
+    metered(
+        &state,
+        &key,
+        &headers,
+        Endpoint::Conversations,
+        started,
+        res,
+    )
+    .await
 }

@@ -12,7 +12,10 @@ use utoipa_axum::routes;
 use crate::conversations::completions as sc;
 use crate::error::{ApiError, Json, Path, Query};
 use crate::routes::ClientIp;
-use crate::routes::conversations::{caller, field};
+use std::time::Instant;
+
+use crate::providers::Endpoint;
+use crate::routes::conversations::{caller, field, metered};
 use crate::state::AppState;
 
 pub fn router() -> OpenApiRouter<AppState> {
@@ -42,8 +45,18 @@ async fn list_completions(
     Query(query): Query<Vec<(String, String)>>,
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
+    let started = Instant::now();
     let key = caller(&state, &headers, ip).await?;
-    Ok(Json(sc::list(&state.db, &key.user_id, &query).await?))
+    let res = sc::list(&state.db, &key.user_id, &query).await;
+    metered(
+        &state,
+        &key,
+        &headers,
+        Endpoint::StoredCompletions,
+        started,
+        res,
+    )
+    .await
 }
 
 /// A stored chat completion (the `chat.completion` object with its `metadata`).
@@ -57,8 +70,18 @@ async fn get_completion(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
+    let started = Instant::now();
     let key = caller(&state, &headers, ip).await?;
-    Ok(Json(sc::get(&state.db, &key.user_id, &id).await?))
+    let res = sc::get(&state.db, &key.user_id, &id).await;
+    metered(
+        &state,
+        &key,
+        &headers,
+        Endpoint::StoredCompletions,
+        started,
+        res,
+    )
+    .await
 }
 
 /// Replaces a stored chat completion's metadata.
@@ -74,11 +97,19 @@ async fn update_completion(
     headers: HeaderMap,
     Json(body): Json<Value>,
 ) -> Result<Json<Value>, ApiError> {
+    let started = Instant::now();
     let key = caller(&state, &headers, ip).await?;
     let metadata = field(&body, "metadata")?;
-    Ok(Json(
-        sc::update(&state.db, &key.user_id, &id, metadata).await?,
-    ))
+    let res = sc::update(&state.db, &key.user_id, &id, metadata).await;
+    metered(
+        &state,
+        &key,
+        &headers,
+        Endpoint::StoredCompletions,
+        started,
+        res,
+    )
+    .await
 }
 
 /// Deletes a stored chat completion.
@@ -92,8 +123,18 @@ async fn delete_completion(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
+    let started = Instant::now();
     let key = caller(&state, &headers, ip).await?;
-    Ok(Json(sc::delete(&state.db, &key.user_id, &id).await?))
+    let res = sc::delete(&state.db, &key.user_id, &id).await;
+    metered(
+        &state,
+        &key,
+        &headers,
+        Endpoint::StoredCompletions,
+        started,
+        res,
+    )
+    .await
 }
 
 /// A stored chat completion's request messages, each with an id (`after`, `limit`, `order`,
@@ -112,8 +153,16 @@ async fn list_messages(
     Query(query): Query<Vec<(String, String)>>,
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
+    let started = Instant::now();
     let key = caller(&state, &headers, ip).await?;
-    Ok(Json(
-        sc::messages(&state.db, &key.user_id, &id, &query).await?,
-    ))
+    let res = sc::messages(&state.db, &key.user_id, &id, &query).await;
+    metered(
+        &state,
+        &key,
+        &headers,
+        Endpoint::StoredCompletions,
+        started,
+        res,
+    )
+    .await
 }

@@ -11,7 +11,10 @@ use crate::conversations::paging::{ListParams, Order};
 use crate::conversations::responses as resp;
 use crate::error::{ApiError, Json, Path, Query};
 use crate::routes::ClientIp;
-use crate::routes::conversations::caller;
+use std::time::Instant;
+
+use crate::providers::Endpoint;
+use crate::routes::conversations::{caller, metered};
 use crate::state::AppState;
 
 pub fn router() -> OpenApiRouter<AppState> {
@@ -31,8 +34,18 @@ async fn get_response(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
+    let started = Instant::now();
     let key = caller(&state, &headers, ip).await?;
-    Ok(Json(resp::get(&state.db, &key.user_id, &id).await?))
+    let res = resp::get(&state.db, &key.user_id, &id).await;
+    metered(
+        &state,
+        &key,
+        &headers,
+        Endpoint::StoredResponses,
+        started,
+        res,
+    )
+    .await
 }
 
 /// Deletes a stored response (items it added to a conversation stay).
@@ -46,8 +59,18 @@ async fn delete_response(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
+    let started = Instant::now();
     let key = caller(&state, &headers, ip).await?;
-    Ok(Json(resp::delete(&state.db, &key.user_id, &id).await?))
+    let res = resp::delete(&state.db, &key.user_id, &id).await;
+    metered(
+        &state,
+        &key,
+        &headers,
+        Endpoint::StoredResponses,
+        started,
+        res,
+    )
+    .await
 }
 
 /// A stored response's own input items, paged (`after`, `limit` 1–100, `order`, default `desc`).
@@ -66,9 +89,17 @@ async fn input_items(
     Query(query): Query<Vec<(String, String)>>,
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
+    let started = Instant::now();
     let key = caller(&state, &headers, ip).await?;
     let params = ListParams::parse(&query, Order::Desc)?;
-    Ok(Json(
-        resp::input_items(&state.db, &key.user_id, &id, &params).await?,
-    ))
+    let res = resp::input_items(&state.db, &key.user_id, &id, &params).await;
+    metered(
+        &state,
+        &key,
+        &headers,
+        Endpoint::StoredResponses,
+        started,
+        res,
+    )
+    .await
 }
