@@ -85,6 +85,9 @@ pub fn api_router() -> OpenApiRouter<AppState> {
         .merge(routes::usage::router())
         .merge(routes::admin_usage::router())
         .merge(routes::plans::router())
+        .merge(routes::conversations::router())
+        .merge(routes::stored_responses::router())
+        .merge(routes::stored_completions::router())
 }
 
 /// The OpenAPI document (tests compare it with the router).
@@ -97,7 +100,8 @@ pub struct App {
     pub router: Router,
     /// Flushed by `server::serve` after the drain.
     pub usage_writer: UsageWriter,
-    /// Deletes usage records past `usage.retention_days` (none when 0); stopped by `serve`.
+    /// Deletes usage records past `usage.retention_days` and stored objects past
+    /// `storage.retention_days` (none when both are 0); stopped by `serve`.
     pub retention: Option<store::retention::Pruner>,
 }
 
@@ -154,8 +158,11 @@ impl App {
             config,
         }));
         let router = Self::router(state.clone());
-        let retention =
-            store::retention::start(state.db.clone(), state.config.usage.retention_days);
+        let retention = store::retention::start(
+            state.db.clone(),
+            state.config.usage.retention_days,
+            state.config.storage.retention_days,
+        );
         Ok(Self {
             state,
             router,

@@ -34,6 +34,7 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub upstream: UpstreamConfig,
     pub usage: UsageConfig,
+    pub storage: StorageConfig,
     pub redis: RedisConfig,
     /// Providers created at first start when absent.
     pub providers: Vec<ProviderSeed>,
@@ -226,6 +227,27 @@ impl Default for UsageConfig {
             flush_interval_ms: 50,
             retention_days: 0,
             spool_dir: None,
+        }
+    }
+}
+
+/// Stored state (API.md §9): responses, conversations, stored chat completions.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageConfig {
+    /// `false`: `store` is a no-op (responses say `store: false`) and `previous_response_id` /
+    /// `conversation` are refused; what is already stored stays readable.
+    pub enabled: bool,
+    /// Delete stored responses, stored chat completions and conversation items older than this
+    /// many days, daily; 0 = keep forever.
+    pub retention_days: u32,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            retention_days: 0,
         }
     }
 }

@@ -311,8 +311,8 @@ struct HotSeries {
     /// By [`Surface`] and status class (1xx … 5xx).
     http: [[std::sync::OnceLock<IntCounter>; 5]; 3],
     /// By endpoint.
-    duration: [std::sync::OnceLock<Histogram>; crate::providers::Endpoint::ALL.len()],
-    ttft: [std::sync::OnceLock<Histogram>; crate::providers::Endpoint::ALL.len()],
+    duration: [std::sync::OnceLock<Histogram>; crate::providers::Endpoint::COUNT],
+    ttft: [std::sync::OnceLock<Histogram>; crate::providers::Endpoint::COUNT],
 }
 
 const LATENCY_BUCKETS: &[f64] = &[

@@ -143,7 +143,10 @@ async fn world(app: &TestApp) -> World {
         )
         .await;
     assert_eq!(s, 201, "anthropic provider: {b}");
-    for (name, upstream) in [("claude", "claude-ok"), ("claude-overloaded", "claude-overloaded")] {
+    for (name, upstream) in [
+        ("claude", "claude-ok"),
+        ("claude-overloaded", "claude-overloaded"),
+    ] {
         let (s, b) = app
             .post(
                 "/api/admin/models",
@@ -231,10 +234,16 @@ async fn openai_chat_to_anthropic_translated_both_ways_with_cache_tokens_metered
     assert_eq!(s, 200, "{body}");
     let v: Value = serde_json::from_str(&body).expect("json");
     assert_eq!(v["object"], "chat.completion");
-    assert_eq!(v["model"], "claude", "the client's model name, not the upstream's");
+    assert_eq!(
+        v["model"], "claude",
+        "the client's model name, not the upstream's"
+    );
     assert_eq!(v["choices"][0]["message"]["content"], "Hello from claude");
     assert_eq!(v["choices"][0]["finish_reason"], "stop");
-    assert_eq!(v["usage"]["prompt_tokens"], 60, "input + cache read + cache write");
+    assert_eq!(
+        v["usage"]["prompt_tokens"], 60,
+        "input + cache read + cache write"
+    );
     assert_eq!(v["usage"]["prompt_tokens_details"]["cached_tokens"], 30);
 
     let (path, headers, up) = w.anthropic.last();
@@ -334,7 +343,10 @@ async fn messages_pass_through_to_anthropic_untouched_but_the_model() {
     let (_, headers, up) = w.anthropic.last();
     let mut want = req.clone();
     want["model"] = json!("claude-ok");
-    assert_eq!(up, want, "the body reaches Anthropic as sent, model replaced");
+    assert_eq!(
+        up, want,
+        "the body reaches Anthropic as sent, model replaced"
+    );
     assert_eq!(
         headers.get("anthropic-beta").and_then(|v| v.to_str().ok()),
         Some("prompt-caching-2024-07-31")
@@ -433,7 +445,10 @@ async fn messages_to_an_openai_provider_are_translated_and_errors_are_anthropic_
     assert_eq!(s, 200, "{body}");
     let events = sse(&body);
     assert_eq!(events[0].0.as_deref(), Some("message_start"));
-    assert_eq!(events.last().and_then(|e| e.0.as_deref()), Some("message_stop"));
+    assert_eq!(
+        events.last().and_then(|e| e.0.as_deref()),
+        Some("message_stop")
+    );
     let text: String = events
         .iter()
         .filter(|e| e.0.as_deref() == Some("content_block_delta"))
@@ -585,6 +600,10 @@ async fn forwarding_rules_and_compressed_bodies() {
         .await
         .expect("send");
     assert_eq!(resp.status(), 413);
-    assert_eq!(w.mock.requests().len(), before, "no refused body went upstream");
+    assert_eq!(
+        w.mock.requests().len(),
+        before,
+        "no refused body went upstream"
+    );
     app.stop().await;
 }

@@ -775,10 +775,11 @@ async fn request_id_on_v1_with_and_without_the_router() {
         assert_eq!(uuid.get_version_num(), 7, "cors={cors}: {id}");
         assert_eq!(gw.mock.last().headers["x-request-id"], id.as_str());
 
-        // Methods other than POST still get the router's answer.
+        // Methods other than POST still get the router's answer (GET is the stored
+        // completions' list since API.md §9; PUT is no route).
         let r = app
             .client
-            .get(app.url("/v1/chat/completions"))
+            .put(app.url("/v1/chat/completions"))
             .bearer_auth(&gw.key)
             .send()
             .await

@@ -156,7 +156,7 @@ async fn serve_prunes_past_the_retention_days_and_stops_cleanly() {
     seed(&conn, 3, now - Duration::days(20), "kept").await;
 
     // Retention off (the default): nothing is deleted.
-    assert!(tollgate::store::retention::start(conn.clone(), 0).is_none());
+    assert!(tollgate::store::retention::start(conn.clone(), 0, 0).is_none());
     let app = TestApp::spawn_on(db.clone(), |_| {}).await;
     app.stop().await;
     assert_eq!(count(&conn, "old").await, 12);

@@ -36,8 +36,9 @@ pub struct Model {
     /// Unique per record (a UUIDv7 made at admission): the usage spool replays by it after a
     /// crash without writing a record twice. `None` for records older than the column.
     pub event_id: Option<String>,
-    /// The stored response (`resp_…`) or conversation (`conv_…`) the call belongs to.
+    /// The stored response this request made or read (`resp_…`), if any.
     pub response_id: Option<String>,
+    /// The conversation this request ran in or read (`conv_…`), if any.
     pub conversation_id: Option<String>,
 }
 

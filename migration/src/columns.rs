@@ -18,3 +18,14 @@ pub fn instant_null(backend: DbBackend, col: impl IntoIden) -> ColumnDef {
     let mut def = instant(backend, col);
     def.null().take()
 }
+
+/// A JSON document of unbounded size (a response object, a conversation item). MySQL's TEXT stops
+/// at 64 KiB, so MySQL gets `LONGTEXT`; the others' TEXT is unbounded.
+pub fn json_text(backend: DbBackend, col: impl IntoIden) -> ColumnDef {
+    let mut def = ColumnDef::new(col);
+    match backend {
+        DbBackend::MySql => def.custom(Alias::new("LONGTEXT")),
+        _ => def.text(),
+    };
+    def.not_null().take()
+}

@@ -7,6 +7,7 @@ mod m20261121_000001_initial;
 mod m20261203_000001_durability;
 mod m20261203_000001_username_case;
 mod m20261203_000002_catalog_kinds;
+mod m20261203_000003_state;
 
 pub struct Migrator;
 
@@ -18,6 +19,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261203_000001_durability::Migration),
             Box::new(m20261203_000001_username_case::Migration),
             Box::new(m20261203_000002_catalog_kinds::Migration),
+            Box::new(m20261203_000003_state::Migration),
         ]
     }
 }

@@ -81,6 +81,8 @@ fn prompt_tokens_counted(endpoint: Endpoint, body: &[u8], tokenized: &mut usize)
         }
         Endpoint::Completions => req.prompt.iter().for_each(|p| strings(p, &mut text, "\n")),
         Endpoint::Embeddings => req.input.iter().for_each(|p| strings(p, &mut text, "\n")),
+        // Stored state: no model call, nothing to count.
+        Endpoint::Conversations | Endpoint::StoredResponses | Endpoint::StoredCompletions => {}
     }
     // The strings of a body are never longer than it.
     count(&text, tokenized) + framing

@@ -20,17 +20,37 @@ pub enum Endpoint {
     ChatCompletions,
     Completions,
     Embeddings,
-    /// OpenAI's Responses API.
+    /// OpenAI's Responses API (`POST /v1/responses`).
     Responses,
     /// Anthropic's Messages API.
     Messages,
     /// Anthropic's `/v1/messages/count_tokens`.
     CountTokens,
+    /// The Conversations API (`/v1/conversations…`): stored state, no upstream.
+    Conversations,
+    /// `GET/DELETE /v1/responses/{id}…`: stored state, no upstream.
+    StoredResponses,
+    /// `GET/POST/DELETE /v1/chat/completions/{id}…`, `GET /v1/chat/completions`: stored state.
+    StoredCompletions,
 }
 
 impl Endpoint {
     /// Every endpoint, in [`Endpoint::index`] order.
-    pub const ALL: [Endpoint; 6] = [
+    pub const ALL: [Self; 9] = [
+        Self::ChatCompletions,
+        Self::Completions,
+        Self::Embeddings,
+        Self::Responses,
+        Self::Messages,
+        Self::CountTokens,
+        Self::Conversations,
+        Self::StoredResponses,
+        Self::StoredCompletions,
+    ];
+    pub const COUNT: usize = Self::ALL.len();
+
+    /// The endpoints a `POST` to their exact path proxies to an upstream.
+    pub const PROXIED: [Self; 6] = [
         Self::ChatCompletions,
         Self::Completions,
         Self::Embeddings,
@@ -48,23 +68,27 @@ impl Endpoint {
             Self::Responses => "responses",
             Self::Messages => "messages",
             Self::CountTokens => "messages.count_tokens",
+            Self::Conversations => "conversations",
+            Self::StoredResponses => "responses.stored",
+            Self::StoredCompletions => "chat.completions.stored",
         }
     }
 
-    /// The endpoint served at `path` (`/v1/…`), if any.
+    /// The proxied endpoint a `POST` to `path` (`/v1/…`) is, if any.
     pub fn from_v1_path(path: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|e| e.v1_path() == path)
+        Self::PROXIED.into_iter().find(|e| e.v1_path() == path)
     }
 
-    /// The full route, `/v1` included.
+    /// The full route, `/v1` included (the collection's, for stored state).
     pub fn v1_path(self) -> &'static str {
         match self {
-            Self::ChatCompletions => "/v1/chat/completions",
+            Self::ChatCompletions | Self::StoredCompletions => "/v1/chat/completions",
             Self::Completions => "/v1/completions",
             Self::Embeddings => "/v1/embeddings",
-            Self::Responses => "/v1/responses",
+            Self::Responses | Self::StoredResponses => "/v1/responses",
             Self::Messages => "/v1/messages",
             Self::CountTokens => "/v1/messages/count_tokens",
+            Self::Conversations => "/v1/conversations",
         }
     }
 
@@ -73,7 +97,8 @@ impl Endpoint {
         self as usize
     }
 
-    /// Path below an OpenAI-compatible provider's base URL.
+    /// Path below an OpenAI-compatible provider's base URL (`""` for stored state, which never
+    /// goes upstream).
     pub fn path(self) -> &'static str {
         match self {
             Self::ChatCompletions => "/chat/completions",
@@ -82,20 +107,25 @@ impl Endpoint {
             Self::Responses => "/responses",
             Self::Messages => "/messages",
             Self::CountTokens => "/messages/count_tokens",
+            Self::Conversations | Self::StoredResponses | Self::StoredCompletions => "",
         }
     }
 
-    /// The catalog model type that serves this endpoint.
+    /// The catalog model type that serves this endpoint (`""` for stored state: no model).
     pub fn model_type(self) -> &'static str {
         match self {
             Self::ChatCompletions | Self::Responses | Self::Messages | Self::CountTokens => "chat",
             Self::Completions => "completion",
             Self::Embeddings => "embedding",
+            Self::Conversations | Self::StoredResponses | Self::StoredCompletions => "",
         }
     }
 
     pub fn can_stream(self) -> bool {
-        !matches!(self, Self::Embeddings | Self::CountTokens)
+        matches!(
+            self,
+            Self::ChatCompletions | Self::Completions | Self::Responses | Self::Messages
+        )
     }
 
     /// Errors on this route have Anthropic's shape.

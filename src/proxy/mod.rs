@@ -87,7 +87,8 @@ fn reshape_error(
 ) -> Response {
     let (Some(protocol), Some(err)) = (
         protocol,
-        resp.extensions_mut().remove::<crate::pivot::UpstreamError>(),
+        resp.extensions_mut()
+            .remove::<crate::pivot::UpstreamError>(),
     ) else {
         return resp;
     };

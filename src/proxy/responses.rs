@@ -16,7 +16,7 @@ use crate::proxy::meter::Meter;
 use crate::proxy::passthrough::{self, Foreign};
 use crate::proxy::route::Route;
 use crate::proxy::stream::UsageReader;
-use crate::proxy::translate::{self, Exchange};
+use crate::proxy::translate::{self, Exchange, OnDone};
 use crate::proxy::upstream;
 use crate::state::AppState;
 
@@ -53,7 +53,7 @@ struct StreamUsage {
     model: String,
     /// The terminal event's `response`, for storage.
     last: Option<serde_json::Value>,
-    on_end: Option<Box<dyn FnOnce(serde_json::Value, Option<Usage>) + Send>>,
+    on_end: Option<OnDone>,
 }
 
 impl UsageReader for StreamUsage {
@@ -110,18 +110,12 @@ pub async fn forward(state: &AppState, route: &Route, call: &Call<'_>, meter: Me
         Ok(r) => r,
         Err(e) => return passthrough::refuse(protocol, meter, e),
     };
-    let history = match crate::conversations::history(
-        state,
-        &meter.facts.user_id,
-        req.previous_response_id.as_deref(),
-        req.conversation.as_deref(),
-    )
-    .await
-    {
+    let history = match history(state, &meter.facts.user_id, &req).await {
         Ok(h) => h,
         Err(e) => return passthrough::refuse(protocol, meter, e),
     };
     let mut ctx = ResponseCtx::new(&req, chrono::Utc::now().timestamp());
+    ctx.id = crate::conversations::ids::response_id();
     ctx.store = req.store && state.config.storage.enabled;
     let input_items = proto::normalize_input(&req);
     let mut meter = meter;
@@ -137,8 +131,8 @@ pub async fn forward(state: &AppState, route: &Route, call: &Call<'_>, meter: Me
     });
     let save = stored.map(|s| {
         Box::new(move |response: serde_json::Value, usage: Option<Usage>| {
-            crate::conversations::save_response_later(s, response, usage);
-        }) as Box<dyn FnOnce(serde_json::Value, Option<Usage>) + Send>
+            save_later(s, response, usage);
+        }) as OnDone
     });
 
     if route.passes_through(crate::providers::Endpoint::Responses) {
@@ -181,7 +175,7 @@ async fn upstream_responses(
     req: &ResponsesRequest,
     history: &[Item],
     meter: Meter,
-    save: Option<Box<dyn FnOnce(serde_json::Value, Option<Usage>) + Send>>,
+    save: Option<OnDone>,
 ) -> Response {
     let protocol: &'static dyn ClientProtocol = &crate::protocols::responses::Responses;
     let body = proto::upstream_body(req, history, &route.upstream_model);
@@ -195,7 +189,10 @@ async fn upstream_responses(
                 ApiError::internal(anyhow::anyhow!("azure route without a translator")),
             );
         };
-        let url = crate::providers::azure::operation_url(&t, "/responses");
+        let url = match crate::providers::azure::operation_url(&t, "/responses") {
+            Ok(u) => u,
+            Err(e) => return passthrough::refuse(protocol, meter, e),
+        };
         if let Err(e) = translator.headers(
             &mut headers,
             route.provider_key.expose_secret(),
@@ -256,6 +253,74 @@ async fn upstream_responses(
         call.request_id,
     )
     .await
+}
+
+/// The items before this turn's input: the `previous_response_id` chain or the conversation,
+/// from tollgate's own tables.
+async fn history(
+    state: &AppState,
+    user_id: &str,
+    req: &ResponsesRequest,
+) -> Result<Vec<Item>, ApiError> {
+    let (prev, conv) = (
+        req.previous_response_id.as_deref(),
+        req.conversation.as_deref(),
+    );
+    if prev.is_none() && conv.is_none() {
+        return Ok(Vec::new());
+    }
+    if !state.config.storage.enabled {
+        let param = if prev.is_some() {
+            "previous_response_id"
+        } else {
+            "conversation"
+        };
+        return Err(ApiError::invalid_param(
+            param,
+            format!(
+                "`{param}` needs stored state, and this gateway stores none (storage.enabled = false)."
+            ),
+        ));
+    }
+    crate::conversations::history_for(&state.db, user_id, prev, conv).await
+}
+
+/// Stores a completed response (and appends to its conversation) off the request's path.
+fn save_later(s: Stored, response: serde_json::Value, usage: Option<Usage>) {
+    let Stored {
+        state,
+        user_id,
+        key_id,
+        request,
+        input_items,
+        ctx,
+    } = s;
+    let status = response
+        .get("status")
+        .and_then(|v| v.as_str())
+        .unwrap_or("completed")
+        .to_owned();
+    let u = usage.unwrap_or_default();
+    let stored = crate::conversations::StoredResponse {
+        id: ctx.id.clone(),
+        user_id,
+        key_id,
+        model: ctx.model.clone(),
+        status,
+        previous_response_id: request.previous_response_id.clone(),
+        conversation_id: request.conversation.clone(),
+        input_items,
+        response,
+        input_tokens: u.prompt,
+        output_tokens: u.completion,
+        created_at: chrono::DateTime::from_timestamp(ctx.created_at, 0)
+            .unwrap_or_else(chrono::Utc::now),
+    };
+    tokio::spawn(async move {
+        if let Err(e) = crate::conversations::save_response(&state.db, stored).await {
+            tracing::error!(error = %e, response_id = %ctx.id, "storing a response failed");
+        }
+    });
 }
 
 /// The stored copy of an upstream's response carries tollgate's id and the client's model name.

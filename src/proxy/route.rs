@@ -66,6 +66,9 @@ impl Route {
             }
             Endpoint::Messages | Endpoint::CountTokens => self.kind == "anthropic",
             Endpoint::Responses => self.supports_responses,
+            Endpoint::Conversations | Endpoint::StoredResponses | Endpoint::StoredCompletions => {
+                false
+            }
         }
     }
 }

@@ -125,6 +125,11 @@ pub struct Stats {
     /// Prompt + completion tokens.
     pub tokens_24h: i64,
     pub cost_usd_24h: f64,
+    /// Stored responses, conversations and stored chat completions of every user (counts only:
+    /// admins never see their content).
+    pub stored_responses: u64,
+    pub conversations: u64,
+    pub stored_completions: u64,
 }
 
 #[utoipa::path(get, path = "/api/admin/stats", tag = "admin", security(("access_token" = [])),
@@ -141,5 +146,8 @@ async fn stats(State(state): State<AppState>, _admin: AdminUser) -> ApiResult<Js
             .prompt_tokens
             .saturating_add(o.usage.completion_tokens),
         cost_usd_24h: nanos_to_usd(o.usage.cost_nanos),
+        stored_responses: o.stored_responses,
+        conversations: o.conversations,
+        stored_completions: o.stored_completions,
     }))
 }

@@ -4,11 +4,14 @@ pub mod admin;
 pub mod admin_usage;
 pub mod auth;
 pub mod catalog;
+pub mod conversations;
 pub mod keys;
 pub mod me;
 pub mod openai;
 pub mod ops;
 pub mod plans;
+pub mod stored_completions;
+pub mod stored_responses;
 pub mod usage;
 
 use std::net::{IpAddr, SocketAddr};

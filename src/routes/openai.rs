@@ -83,7 +83,11 @@ async fn embeddings(
         (status = 404, body = crate::error::ErrorBody), (status = 429, body = crate::error::ErrorBody),
         (status = 502, body = crate::error::ErrorBody)),
     security(("gateway_key" = []), ("gateway_key_header" = [])))]
-async fn responses(State(state): State<AppState>, ClientIp(ip): ClientIp, req: Request) -> Response {
+async fn responses(
+    State(state): State<AppState>,
+    ClientIp(ip): ClientIp,
+    req: Request,
+) -> Response {
     proxy::forward(state, Endpoint::Responses, ip, req).await
 }
 
@@ -108,7 +112,11 @@ async fn messages(State(state): State<AppState>, ClientIp(ip): ClientIp, req: Re
     request_body(content = serde_json::Value, description = "A Messages request without `max_tokens`", content_type = "application/json"),
     responses((status = 200, description = "`{\"input_tokens\": n}`"), (status = 400, description = "Anthropic-shaped error")),
     security(("gateway_key" = []), ("gateway_key_header" = [])))]
-async fn count_tokens(State(state): State<AppState>, ClientIp(ip): ClientIp, req: Request) -> Response {
+async fn count_tokens(
+    State(state): State<AppState>,
+    ClientIp(ip): ClientIp,
+    req: Request,
+) -> Response {
     proxy::forward(state, Endpoint::CountTokens, ip, req).await
 }
 

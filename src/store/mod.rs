@@ -2,6 +2,8 @@
 
 pub mod audit;
 pub mod billing;
+pub mod completions;
+pub mod conversations;
 pub mod gateway_keys;
 pub mod ip_records;
 pub mod leases;
@@ -13,6 +15,7 @@ pub mod plans;
 pub mod provider_keys;
 pub mod providers;
 pub mod rekey;
+pub mod responses;
 pub mod retention;
 pub mod sessions;
 pub mod settings;

@@ -15,6 +15,10 @@ pub struct Overview {
     pub active_keys: u64,
     /// Usage since `since`, across all users.
     pub usage: UsageTotals,
+    /// Stored state (API.md §9): counts only, never content.
+    pub stored_responses: u64,
+    pub conversations: u64,
+    pub stored_completions: u64,
 }
 
 pub async fn overview(
@@ -44,5 +48,8 @@ pub async fn overview(
         users,
         active_keys,
         usage,
+        stored_responses: super::responses::count(db).await?,
+        conversations: super::conversations::count(db).await?,
+        stored_completions: super::completions::count(db).await?,
     })
 }

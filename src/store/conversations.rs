@@ -1,0 +1,246 @@
+//! Queries of conversations and their items (`conversations`, `conversation_items`).
+//!
+//! Every read and write names the owner: a conversation of another user is "not found".
+//!
+//! Order under concurrent appends: [`append`] bumps the conversation row's `next_position` by the
+//! number of items first (an `UPDATE`, so PostgreSQL and MySQL hold the row lock and SQLite the
+//! write lock until commit), reads the new value back, and inserts the items at the positions it
+//! reserved. Appends to one conversation are therefore serialized: each takes a consecutive run
+//! of positions, the runs never overlap (`(conversation_id, position)` is unique besides), and an
+//! append's items become visible only after every earlier append's did. Callers run it inside
+//! their transaction with no read before it (a SQLite read lock cannot be upgraded without
+//! failing as busy).
+
+use chrono::{DateTime, Utc};
+use entity::{conversation_items, conversations};
+use sea_orm::sea_query::{Expr, ExprTrait};
+use sea_orm::{
+    ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder,
+    QuerySelect,
+};
+
+/// Order of a listing.
+pub use crate::conversations::paging::Order;
+
+pub async fn insert(
+    db: &impl ConnectionTrait,
+    row: conversations::Model,
+) -> Result<(), sea_orm::DbErr> {
+    conversations::Entity::insert(conversations::ActiveModel {
+        id: Set(row.id),
+        user_id: Set(row.user_id),
+        metadata: Set(row.metadata),
+        title: Set(row.title),
+        model: Set(row.model),
+        next_position: Set(row.next_position),
+        created_at: Set(row.created_at),
+        updated_at: Set(row.updated_at),
+    })
+    .exec_without_returning(db)
+    .await?;
+    Ok(())
+}
+
+/// The user's conversation `id`.
+pub async fn get(
+    db: &impl ConnectionTrait,
+    user_id: &str,
+    id: &str,
+) -> Result<Option<conversations::Model>, sea_orm::DbErr> {
+    conversations::Entity::find_by_id(id.to_owned())
+        .filter(conversations::Column::UserId.eq(user_id))
+        .one(db)
+        .await
+}
+
+/// Replaces the metadata; false when the user has no such conversation.
+pub async fn set_metadata(
+    db: &impl ConnectionTrait,
+    user_id: &str,
+    id: &str,
+    metadata: String,
+    now: DateTime<Utc>,
+) -> Result<bool, sea_orm::DbErr> {
+    let res = conversations::Entity::update_many()
+        .col_expr(conversations::Column::Metadata, Expr::value(metadata))
+        .col_expr(conversations::Column::UpdatedAt, Expr::value(now))
+        .filter(conversations::Column::Id.eq(id))
+        .filter(conversations::Column::UserId.eq(user_id))
+        .exec(db)
+        .await?;
+    Ok(res.rows_affected > 0)
+}
+
+/// Deletes the conversation and its items; false when the user has no such conversation.
+pub async fn delete(
+    db: &impl ConnectionTrait,
+    user_id: &str,
+    id: &str,
+) -> Result<bool, sea_orm::DbErr> {
+    let res = conversations::Entity::delete_many()
+        .filter(conversations::Column::Id.eq(id))
+        .filter(conversations::Column::UserId.eq(user_id))
+        .exec(db)
+        .await?;
+    if res.rows_affected == 0 {
+        return Ok(false);
+    }
+    conversation_items::Entity::delete_many()
+        .filter(conversation_items::Column::ConversationId.eq(id))
+        .exec(db)
+        .await?;
+    Ok(true)
+}
+
+/// One item to append: its id, its JSON, the response it came from.
+#[derive(Debug, Clone)]
+pub struct NewItem {
+    pub item_id: String,
+    pub item: String,
+    pub response_id: Option<String>,
+}
+
+/// Appends `items` in order at the end of the user's conversation (see the module docs for the
+/// ordering guarantee; run it in a transaction, before any read in it). Returns the first
+/// position taken, or `None` when the user has no such conversation (nothing written).
+pub async fn append(
+    db: &impl ConnectionTrait,
+    user_id: &str,
+    conversation_id: &str,
+    items: Vec<NewItem>,
+    now: DateTime<Utc>,
+) -> Result<Option<i64>, sea_orm::DbErr> {
+    let n = i64::try_from(items.len()).unwrap_or(i64::MAX);
+    let res = conversations::Entity::update_many()
+        .col_expr(
+            conversations::Column::NextPosition,
+            Expr::col(conversations::Column::NextPosition).add(n),
+        )
+        .col_expr(conversations::Column::UpdatedAt, Expr::value(now))
+        .filter(conversations::Column::Id.eq(conversation_id))
+        .filter(conversations::Column::UserId.eq(user_id))
+        .exec(db)
+        .await?;
+    if res.rows_affected == 0 {
+        return Ok(None);
+    }
+    let end: Option<i64> = conversations::Entity::find_by_id(conversation_id.to_owned())
+        .select_only()
+        .column(conversations::Column::NextPosition)
+        .into_tuple()
+        .one(db)
+        .await?;
+    let Some(end) = end else {
+        return Ok(None);
+    };
+    let first = end - n;
+    if items.is_empty() {
+        return Ok(Some(first));
+    }
+    let rows = items
+        .into_iter()
+        .enumerate()
+        .map(|(i, it)| conversation_items::ActiveModel {
+            conversation_id: Set(conversation_id.to_owned()),
+            position: Set(first + i as i64),
+            item_id: Set(it.item_id),
+            user_id: Set(user_id.to_owned()),
+            item: Set(it.item),
+            response_id: Set(it.response_id),
+            created_at: Set(now),
+            ..Default::default()
+        });
+    conversation_items::Entity::insert_many(rows)
+        .exec_without_returning(db)
+        .await?;
+    Ok(Some(first))
+}
+
+/// The item `item_id` of a conversation (its first occurrence, should a client have sent one id
+/// twice). The caller has checked the conversation is the user's.
+pub async fn find_item(
+    db: &impl ConnectionTrait,
+    conversation_id: &str,
+    item_id: &str,
+) -> Result<Option<conversation_items::Model>, sea_orm::DbErr> {
+    conversation_items::Entity::find()
+        .filter(conversation_items::Column::ConversationId.eq(conversation_id))
+        .filter(conversation_items::Column::ItemId.eq(item_id))
+        .order_by_asc(conversation_items::Column::Position)
+        .one(db)
+        .await
+}
+
+/// Up to `limit` items of a conversation in `order`, strictly after position `after` in that
+/// order when given.
+pub async fn list_items(
+    db: &impl ConnectionTrait,
+    conversation_id: &str,
+    after: Option<i64>,
+    limit: u64,
+    order: Order,
+) -> Result<Vec<conversation_items::Model>, sea_orm::DbErr> {
+    let mut q = conversation_items::Entity::find()
+        .filter(conversation_items::Column::ConversationId.eq(conversation_id));
+    q = match (order, after) {
+        (Order::Asc, Some(p)) => q.filter(conversation_items::Column::Position.gt(p)),
+        (Order::Desc, Some(p)) => q.filter(conversation_items::Column::Position.lt(p)),
+        _ => q,
+    };
+    q = match order {
+        Order::Asc => q.order_by_asc(conversation_items::Column::Position),
+        Order::Desc => q.order_by_desc(conversation_items::Column::Position),
+    };
+    q.limit(limit).all(db).await
+}
+
+/// Deletes one item (its first occurrence); false when there is none. Touches `updated_at`.
+pub async fn delete_item(
+    db: &impl ConnectionTrait,
+    conversation_id: &str,
+    item_id: &str,
+    now: DateTime<Utc>,
+) -> Result<bool, sea_orm::DbErr> {
+    let Some(item) = find_item(db, conversation_id, item_id).await? else {
+        return Ok(false);
+    };
+    let res = conversation_items::Entity::delete_by_id(item.seq)
+        .exec(db)
+        .await?;
+    conversations::Entity::update_many()
+        .col_expr(conversations::Column::UpdatedAt, Expr::value(now))
+        .filter(conversations::Column::Id.eq(conversation_id))
+        .exec(db)
+        .await?;
+    Ok(res.rows_affected > 0)
+}
+
+/// Deletes up to `limit` conversation items created before `cutoff`; returns how many.
+pub async fn prune_items_batch(
+    db: &impl ConnectionTrait,
+    cutoff: DateTime<Utc>,
+    limit: u64,
+) -> Result<u64, sea_orm::DbErr> {
+    let seqs: Vec<i64> = conversation_items::Entity::find()
+        .select_only()
+        .column(conversation_items::Column::Seq)
+        .filter(conversation_items::Column::CreatedAt.lt(cutoff))
+        .limit(limit)
+        .into_tuple()
+        .all(db)
+        .await?;
+    if seqs.is_empty() {
+        return Ok(0);
+    }
+    let res = conversation_items::Entity::delete_many()
+        .filter(conversation_items::Column::Seq.is_in(seqs))
+        .exec(db)
+        .await?;
+    Ok(res.rows_affected)
+}
+
+/// Every conversation (for the admin's counts; never their content).
+pub async fn count(db: &impl ConnectionTrait) -> Result<u64, sea_orm::DbErr> {
+    use sea_orm::PaginatorTrait;
+    conversations::Entity::find().count(db).await
+}

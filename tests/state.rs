@@ -1,0 +1,1147 @@
+//! Stored state (API.md §9): the Conversations API, stored responses and stored chat
+//! completions over HTTP with gateway keys, and the domain functions the hot path calls
+//! (`history_for`, `save_response`, `save_completion`), on whichever database
+//! `TOLLGATE_TEST_DATABASE_URL` names (SQLite otherwise).
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use chrono::{Duration, Utc};
+use common::accounts::{ensure_user, user_token};
+use common::gateway::new_key;
+use common::{TestApp, TestDb, assert_error};
+use sea_orm::{EntityTrait, PaginatorTrait};
+use serde_json::{Map, Value, json};
+use tollgate::accounts::signup::Role;
+use tollgate::conversations::{
+    StoredCompletion, StoredResponse, history_for, ids, save_completion, save_response,
+};
+
+/// A user with a gateway key: (user id, key secret, key id).
+async fn user_with_key(app: &TestApp, name: &str) -> (String, String, String) {
+    let user = ensure_user(app, name, Role::User).await;
+    let token = user_token(app, name).await;
+    let (key, key_id) = new_key(app, &token, json!({"name": format!("{name}-key")})).await;
+    (user.id, key, key_id)
+}
+
+fn ids_of(list: &Value) -> Vec<String> {
+    list["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+fn msg(text: &str) -> Value {
+    json!({"role": "user", "content": text})
+}
+
+async fn conversation_count(app: &TestApp) -> u64 {
+    entity::conversations::Entity::find()
+        .count(&app.state.db)
+        .await
+        .unwrap()
+}
+
+async fn item_count(app: &TestApp) -> u64 {
+    entity::conversation_items::Entity::find()
+        .count(&app.state.db)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn conversations_create_list_page_get_delete() {
+    let app = TestApp::spawn().await;
+    let (_, key, _) = user_with_key(&app, "alice").await;
+    let k = Some(key.as_str());
+
+    let (s, conv) = app
+        .post(
+            "/v1/conversations",
+            k,
+            json!({"items": [msg("one"), msg("two"), {"type": "message", "role": "assistant", "content": "three"}],
+                   "metadata": {"topic": "demo"}}),
+        )
+        .await;
+    assert_eq!(s, 200, "{conv}");
+    let id = conv["id"].as_str().unwrap().to_owned();
+    assert!(id.starts_with("conv_"), "{id}");
+    assert_eq!(conv["object"], "conversation");
+    assert_eq!(conv["metadata"], json!({"topic": "demo"}));
+    assert!(conv["created_at"].as_i64().unwrap() > 1_700_000_000);
+    assert_eq!(
+        conv.as_object().unwrap().keys().collect::<HashSet<_>>(),
+        ["id", "object", "created_at", "metadata"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect::<HashSet<_>>()
+            .iter()
+            .collect()
+    );
+
+    // No body at all is a conversation with nothing in it.
+    let resp = app
+        .client
+        .post(app.url("/v1/conversations"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let empty: Value = resp.json().await.unwrap();
+    assert_eq!(empty["metadata"], json!({}));
+
+    let (s, got) = app.get(&format!("/v1/conversations/{id}"), k).await;
+    assert_eq!((s, &got), (200, &conv));
+
+    // Default: newest first, 20.
+    let (s, list) = app.get(&format!("/v1/conversations/{id}/items"), k).await;
+    assert_eq!(s, 200, "{list}");
+    assert_eq!(list["object"], "list");
+    let desc = ids_of(&list);
+    assert_eq!(desc.len(), 3);
+    assert_eq!(list["has_more"], false);
+    assert_eq!(list["first_id"], desc[0].as_str());
+    assert_eq!(list["last_id"], desc[2].as_str());
+    let texts: Vec<&str> = list["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["content"][0]["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(texts, ["three", "two", "one"]);
+    let first = &list["data"][2];
+    assert_eq!(first["type"], "message");
+    assert_eq!(first["role"], "user");
+    assert_eq!(first["status"], "completed");
+    assert_eq!(
+        first["content"],
+        json!([{"type": "input_text", "text": "one"}])
+    );
+    assert!(desc[0].starts_with("msg_"));
+    assert_eq!(list["data"][0]["content"][0]["type"], "output_text");
+
+    // Add two more: 5 in all, in order.
+    let (s, added) = app
+        .post(
+            &format!("/v1/conversations/{id}/items"),
+            k,
+            json!({"items": [msg("four"), {"type": "function_call", "call_id": "call_1", "name": "f", "arguments": "{}"}]}),
+        )
+        .await;
+    assert_eq!(s, 200, "{added}");
+    assert_eq!(added["object"], "list");
+    let added_ids = ids_of(&added);
+    assert_eq!(added_ids.len(), 2);
+    assert!(added_ids[1].starts_with("fc_"), "{added}");
+    assert_eq!(added["first_id"], added_ids[0].as_str());
+    assert_eq!(added["last_id"], added_ids[1].as_str());
+
+    let mut asc: Vec<String> = desc.iter().rev().cloned().collect();
+    asc.extend(added_ids.clone());
+
+    // Paging ascending, two at a time.
+    let (s, p1) = app
+        .get(
+            &format!("/v1/conversations/{id}/items?order=asc&limit=2"),
+            k,
+        )
+        .await;
+    assert_eq!(s, 200);
+    assert_eq!(ids_of(&p1), asc[0..2]);
+    assert_eq!(p1["has_more"], true);
+    assert_eq!(p1["first_id"], asc[0].as_str());
+    assert_eq!(p1["last_id"], asc[1].as_str());
+    let (_, p2) = app
+        .get(
+            &format!(
+                "/v1/conversations/{id}/items?order=asc&limit=2&after={}",
+                asc[1]
+            ),
+            k,
+        )
+        .await;
+    assert_eq!(ids_of(&p2), asc[2..4]);
+    assert_eq!(p2["has_more"], true);
+    let (_, p3) = app
+        .get(
+            &format!(
+                "/v1/conversations/{id}/items?order=asc&limit=2&after={}",
+                asc[3]
+            ),
+            k,
+        )
+        .await;
+    assert_eq!(ids_of(&p3), asc[4..5]);
+    assert_eq!(p3["has_more"], false);
+    assert_eq!(p3["first_id"], asc[4].as_str());
+    assert_eq!(p3["last_id"], asc[4].as_str());
+    // Descending after the 4th: the 3 before it, newest first.
+    let (_, d) = app
+        .get(
+            &format!("/v1/conversations/{id}/items?limit=100&after={}", asc[3]),
+            k,
+        )
+        .await;
+    assert_eq!(
+        ids_of(&d),
+        asc[0..3].iter().rev().cloned().collect::<Vec<_>>()
+    );
+    // An exact fit has no more.
+    let (_, exact) = app
+        .get(&format!("/v1/conversations/{id}/items?limit=5"), k)
+        .await;
+    assert_eq!(exact["has_more"], false);
+    // Past the end: empty, nulls.
+    let (_, end) = app
+        .get(
+            &format!("/v1/conversations/{id}/items?order=asc&after={}", asc[4]),
+            k,
+        )
+        .await;
+    assert_eq!(end["data"], json!([]));
+    assert!(end["first_id"].is_null() && end["last_id"].is_null());
+    assert_eq!(end["has_more"], false);
+
+    // Bad paging input: 400 naming the parameter.
+    for (q, param) in [
+        ("order=up", "order"),
+        ("limit=0", "limit"),
+        ("limit=101", "limit"),
+        ("limit=x", "limit"),
+        ("after=msg_nope", "after"),
+    ] {
+        let (s, b) = app
+            .get(&format!("/v1/conversations/{id}/items?{q}"), k)
+            .await;
+        assert_error(s, &b, 400, "invalid_value");
+        assert_eq!(b["error"]["param"], param, "{q}: {b}");
+    }
+
+    // One item; then delete it: the answer is the conversation.
+    let (s, item) = app
+        .get(&format!("/v1/conversations/{id}/items/{}", asc[1]), k)
+        .await;
+    assert_eq!(s, 200);
+    assert_eq!(item["content"][0]["text"], "two");
+    let (s, after_delete) = app
+        .delete(&format!("/v1/conversations/{id}/items/{}", asc[1]), k)
+        .await;
+    assert_eq!(s, 200, "{after_delete}");
+    assert_eq!(after_delete["id"], id.as_str());
+    assert_eq!(after_delete["object"], "conversation");
+    let (s, b) = app
+        .get(&format!("/v1/conversations/{id}/items/{}", asc[1]), k)
+        .await;
+    assert_error(s, &b, 404, "not_found");
+    let (_, left) = app
+        .get(&format!("/v1/conversations/{id}/items?order=asc"), k)
+        .await;
+    assert_eq!(
+        ids_of(&left),
+        [&asc[0], &asc[2], &asc[3], &asc[4]]
+            .iter()
+            .map(|s| s.to_string())
+            .collect::<Vec<_>>()
+    );
+
+    // More than 20 items at a time: 400, nothing added.
+    let before = item_count(&app).await;
+    let many: Vec<Value> = (0..21).map(|i| msg(&i.to_string())).collect();
+    let (s, b) = app
+        .post(
+            &format!("/v1/conversations/{id}/items"),
+            k,
+            json!({ "items": many }),
+        )
+        .await;
+    assert_error(s, &b, 400, "invalid_value");
+    let (s, b) = app
+        .post(
+            &format!("/v1/conversations/{id}/items"),
+            k,
+            json!({"items": [msg("ok"), {"role": "robot", "content": "x"}]}),
+        )
+        .await;
+    assert_error(s, &b, 400, "invalid_value");
+    assert_eq!(b["error"]["param"], "items[1]");
+    assert_eq!(item_count(&app).await, before);
+
+    // Update metadata.
+    let (s, up) = app
+        .post(
+            &format!("/v1/conversations/{id}"),
+            k,
+            json!({"metadata": {"topic": "changed", "x": "y"}}),
+        )
+        .await;
+    assert_eq!(s, 200, "{up}");
+    assert_eq!(up["metadata"], json!({"topic": "changed", "x": "y"}));
+
+    // Delete: the deleted object, then 404, and the items are gone.
+    let (s, del) = app.delete(&format!("/v1/conversations/{id}"), k).await;
+    assert_eq!(s, 200);
+    assert_eq!(
+        del,
+        json!({"id": id, "object": "conversation.deleted", "deleted": true})
+    );
+    let (s, b) = app.get(&format!("/v1/conversations/{id}"), k).await;
+    assert_error(s, &b, 404, "not_found");
+    assert!(
+        b["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("Conversation with id '{id}' not found"))
+    );
+    let (s, b) = app.get(&format!("/v1/conversations/{id}/items"), k).await;
+    assert_error(s, &b, 404, "not_found");
+    assert_eq!(item_count(&app).await, 0);
+
+    // Without a gateway key: 401.
+    let (s, b) = app.get(&format!("/v1/conversations/{id}"), None).await;
+    assert_error(s, &b, 401, "invalid_api_key");
+}
+
+#[tokio::test]
+async fn metadata_beyond_openai_limits_is_400_and_creates_nothing() {
+    let app = TestApp::spawn().await;
+    let (_, key, _) = user_with_key(&app, "alice").await;
+    let k = Some(key.as_str());
+    let seventeen: Map<String, Value> = (0..17).map(|i| (format!("k{i}"), json!("v"))).collect();
+    for bad in [
+        Value::Object(seventeen),
+        json!({"k".repeat(65): "v"}),
+        json!({"k": "v".repeat(513)}),
+        json!({"k": 5}),
+        json!("text"),
+    ] {
+        let (s, b) = app
+            .post("/v1/conversations", k, json!({ "metadata": bad }))
+            .await;
+        assert_error(s, &b, 400, "invalid_value");
+        assert_eq!(b["error"]["param"], "metadata");
+    }
+    assert_eq!(conversation_count(&app).await, 0);
+    // At the limits: fine.
+    let sixteen: Map<String, Value> = (0..16)
+        .map(|i| (format!("{i:0>64}"), json!("é".repeat(512))))
+        .collect();
+    let (s, c) = app
+        .post(
+            "/v1/conversations",
+            k,
+            json!({ "metadata": Value::Object(sixteen.clone()) }),
+        )
+        .await;
+    assert_eq!(s, 200, "{c}");
+    assert_eq!(c["metadata"], Value::Object(sixteen));
+    // An update past the limit changes nothing.
+    let id = c["id"].as_str().unwrap();
+    let (s, b) = app
+        .post(
+            &format!("/v1/conversations/{id}"),
+            k,
+            json!({"metadata": {"k": "v".repeat(600)}}),
+        )
+        .await;
+    assert_error(s, &b, 400, "invalid_value");
+    let (_, again) = app.get(&format!("/v1/conversations/{id}"), k).await;
+    assert_eq!(again["metadata"], c["metadata"]);
+}
+
+/// Seeds a chain r1 ← r2 ← r3 for `user`; returns the ids.
+async fn seed_chain(app: &TestApp, user: &str, key_id: &str) -> Vec<String> {
+    let mut prev: Option<String> = None;
+    let mut out = Vec::new();
+    for (i, (input, output)) in [("A", "B"), ("C", "D"), ("E", "F")].iter().enumerate() {
+        let id = ids::response_id();
+        save_response(
+            &app.state.db,
+            StoredResponse {
+                id: id.clone(),
+                user_id: user.to_owned(),
+                key_id: key_id.to_owned(),
+                model: "gpt-test".into(),
+                status: "completed".into(),
+                previous_response_id: prev.clone(),
+                conversation_id: None,
+                input_items: vec![json!({"role": "user", "content": input})],
+                response: json!({
+                    "id": id, "object": "response", "created_at": 1_750_000_000 + i as i64,
+                    "status": "completed", "model": "gpt-test",
+                    "previous_response_id": prev,
+                    "output": [{"type": "message", "id": format!("msg_out{i}"), "status": "completed",
+                                "role": "assistant", "content": [{"type": "output_text", "text": output, "annotations": []}]}],
+                    "usage": {"input_tokens": 3, "output_tokens": 1, "total_tokens": 4}
+                }),
+                input_tokens: 3,
+                output_tokens: 1,
+                created_at: Utc::now(),
+            },
+        )
+        .await
+        .unwrap();
+        prev = Some(id.clone());
+        out.push(id);
+    }
+    out
+}
+
+fn texts(items: &[Value]) -> Vec<String> {
+    items
+        .iter()
+        .map(|v| v["content"][0]["text"].as_str().unwrap_or("?").to_owned())
+        .collect()
+}
+
+#[tokio::test]
+async fn responses_history_chain_and_routes() {
+    let app = TestApp::spawn().await;
+    let (alice, key, key_id) = user_with_key(&app, "alice").await;
+    let (bob, bob_key, _) = user_with_key(&app, "bob").await;
+    let db = &app.state.db;
+    let chain = seed_chain(&app, &alice, &key_id).await;
+
+    let h = history_for(db, &alice, Some(&chain[2]), None)
+        .await
+        .unwrap();
+    assert_eq!(texts(&h), ["A", "B", "C", "D", "E", "F"]);
+    assert!(h[0]["id"].as_str().unwrap().starts_with("msg_"));
+    assert_eq!(h[1]["id"], "msg_out0");
+    let h = history_for(db, &alice, Some(&chain[0]), None)
+        .await
+        .unwrap();
+    assert_eq!(texts(&h), ["A", "B"]);
+    assert!(
+        history_for(db, &alice, None, None)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    // Another user's response: 404, OpenAI's message.
+    let e = history_for(db, &bob, Some(&chain[2]), None)
+        .await
+        .unwrap_err();
+    assert_eq!(e.parts().0.as_u16(), 404);
+    assert!(e.to_string().contains("No response found with id"), "{e}");
+    // Both: 400.
+    let e = history_for(db, &alice, Some(&chain[2]), Some("conv_x"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.parts().0.as_u16(), 400);
+
+    // GET over HTTP: the stored object; bob: 404.
+    let k = Some(key.as_str());
+    let (s, r) = app.get(&format!("/v1/responses/{}", chain[1]), k).await;
+    assert_eq!(s, 200, "{r}");
+    assert_eq!(r["id"], chain[1].as_str());
+    assert_eq!(r["object"], "response");
+    assert_eq!(r["output"][0]["content"][0]["text"], "D");
+    let (s, b) = app
+        .get(&format!("/v1/responses/{}", chain[1]), Some(&bob_key))
+        .await;
+    assert_error(s, &b, 404, "not_found");
+
+    // Input items: this turn's own.
+    let (s, items) = app
+        .get(&format!("/v1/responses/{}/input_items", chain[1]), k)
+        .await;
+    assert_eq!(s, 200, "{items}");
+    assert_eq!(texts(items["data"].as_array().unwrap()), ["C"]);
+    assert_eq!(items["has_more"], false);
+    assert_eq!(items["first_id"], items["data"][0]["id"]);
+    let (s, b) = app
+        .get(
+            &format!("/v1/responses/{}/input_items?limit=0", chain[1]),
+            k,
+        )
+        .await;
+    assert_error(s, &b, 400, "invalid_value");
+
+    // Deleting the oldest: the chain replays from what is left.
+    let (s, b) = app
+        .delete(&format!("/v1/responses/{}", chain[0]), Some(&bob_key))
+        .await;
+    assert_error(s, &b, 404, "not_found");
+    let (s, del) = app.delete(&format!("/v1/responses/{}", chain[0]), k).await;
+    assert_eq!(s, 200);
+    assert_eq!(
+        del,
+        json!({"id": chain[0], "object": "response", "deleted": true})
+    );
+    let (s, b) = app.get(&format!("/v1/responses/{}", chain[0]), k).await;
+    assert_error(s, &b, 404, "not_found");
+    let h = history_for(db, &alice, Some(&chain[2]), None)
+        .await
+        .unwrap();
+    assert_eq!(texts(&h), ["C", "D", "E", "F"]);
+    let e = history_for(db, &alice, Some(&chain[0]), None)
+        .await
+        .unwrap_err();
+    assert_eq!(e.parts().0.as_u16(), 404);
+}
+
+#[tokio::test]
+async fn responses_in_a_conversation_append_atomically() {
+    let app = TestApp::spawn().await;
+    let (alice, key, key_id) = user_with_key(&app, "alice").await;
+    let (bob, _, bob_key_id) = user_with_key(&app, "bob").await;
+    let db = &app.state.db;
+    let k = Some(key.as_str());
+    let (_, conv) = app
+        .post("/v1/conversations", k, json!({"items": [msg("hello")]}))
+        .await;
+    let conv_id = conv["id"].as_str().unwrap().to_owned();
+
+    let resp = |user: &str, key_id: &str, text: &str| {
+        let id = ids::response_id();
+        StoredResponse {
+            id: id.clone(),
+            user_id: user.to_owned(),
+            key_id: key_id.to_owned(),
+            model: "gpt-test".into(),
+            status: "completed".into(),
+            previous_response_id: None,
+            conversation_id: Some(conv_id.clone()),
+            input_items: vec![json!({"role": "user", "content": format!("q-{text}")})],
+            response: json!({"id": id, "object": "response", "output": [
+                {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
+                {"type": "message", "role": "assistant", "status": "completed",
+                 "content": [{"type": "output_text", "text": format!("a-{text}"), "annotations": []}]}]}),
+            input_tokens: 1,
+            output_tokens: 1,
+            created_at: Utc::now(),
+        }
+    };
+    let r1 = resp(&alice, &key_id, "1");
+    let r1_id = r1.id.clone();
+    save_response(db, r1).await.unwrap();
+
+    let h = history_for(db, &alice, None, Some(&conv_id)).await.unwrap();
+    assert_eq!(h.len(), 4, "{h:?}");
+    assert_eq!(h[0]["content"][0]["text"], "hello");
+    assert_eq!(h[1]["content"][0]["text"], "q-1");
+    assert_eq!(h[2]["type"], "function_call");
+    assert!(h[2]["id"].as_str().unwrap().starts_with("fc_"));
+    assert_eq!(h[3]["content"][0]["text"], "a-1");
+    // The stored response's output carries the same ids as the conversation's items.
+    let (_, stored) = app.get(&format!("/v1/responses/{r1_id}"), k).await;
+    assert_eq!(stored["output"][0]["id"], h[2]["id"]);
+    let (_, items) = app
+        .get(&format!("/v1/conversations/{conv_id}/items?order=asc"), k)
+        .await;
+    assert_eq!(items["data"], Value::Array(h.clone()));
+
+    // Bob's response naming alice's conversation: 404, and neither the response nor items land.
+    let items_before = item_count(&app).await;
+    let r2 = resp(&bob, &bob_key_id, "2");
+    let r2_id = r2.id.clone();
+    let e = save_response(db, r2).await.unwrap_err();
+    assert_eq!(e.parts().0.as_u16(), 404);
+    assert!(e.to_string().contains("Conversation with id"), "{e}");
+    assert_eq!(item_count(&app).await, items_before);
+    assert!(
+        entity::responses::Entity::find_by_id(r2_id)
+            .one(db)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let e = history_for(db, &bob, None, Some(&conv_id))
+        .await
+        .unwrap_err();
+    assert_eq!(e.parts().0.as_u16(), 404);
+}
+
+#[tokio::test]
+async fn another_users_ids_are_404_on_every_route_and_every_key_of_the_owner_sees_them() {
+    let app = TestApp::spawn().await;
+    let (alice, key, key_id) = user_with_key(&app, "alice").await;
+    let (_, bob_key, _) = user_with_key(&app, "bob").await;
+    let alice_token = user_token(&app, "alice").await;
+    let (key2, _) = new_key(&app, &alice_token, json!({"name": "second"})).await;
+    let k = Some(key.as_str());
+    let (_, conv) = app
+        .post("/v1/conversations", k, json!({"items": [msg("hi")]}))
+        .await;
+    let conv_id = conv["id"].as_str().unwrap().to_owned();
+    let (_, items) = app
+        .get(&format!("/v1/conversations/{conv_id}/items"), k)
+        .await;
+    let item_id = items["data"][0]["id"].as_str().unwrap().to_owned();
+    let resp_id = seed_chain(&app, &alice, &key_id).await.remove(0);
+    let cmpl_id = ids::completion_id();
+    save_completion(
+        &app.state.db,
+        completion(&cmpl_id, &alice, &key_id, "gpt-test", json!({"a": "1"})),
+    )
+    .await
+    .unwrap();
+
+    let gets = [
+        format!("/v1/conversations/{conv_id}"),
+        format!("/v1/conversations/{conv_id}/items"),
+        format!("/v1/conversations/{conv_id}/items/{item_id}"),
+        format!("/v1/responses/{resp_id}"),
+        format!("/v1/responses/{resp_id}/input_items"),
+        format!("/v1/chat/completions/{cmpl_id}"),
+        format!("/v1/chat/completions/{cmpl_id}/messages"),
+    ];
+    for path in &gets {
+        let (s, b) = app.get(path, Some(&bob_key)).await;
+        assert_error(s, &b, 404, "not_found");
+        let (s, b) = app.get(path, Some(&key2)).await;
+        assert_eq!(s, 200, "second key of the owner, {path}: {b}");
+    }
+    let posts = [
+        (
+            format!("/v1/conversations/{conv_id}"),
+            json!({"metadata": {"x": "y"}}),
+        ),
+        (
+            format!("/v1/conversations/{conv_id}/items"),
+            json!({"items": [msg("intruder")]}),
+        ),
+        (
+            format!("/v1/chat/completions/{cmpl_id}"),
+            json!({"metadata": {"x": "y"}}),
+        ),
+    ];
+    for (path, body) in &posts {
+        let (s, b) = app.post(path, Some(&bob_key), body.clone()).await;
+        assert_error(s, &b, 404, "not_found");
+    }
+    let deletes = [
+        format!("/v1/conversations/{conv_id}/items/{item_id}"),
+        format!("/v1/conversations/{conv_id}"),
+        format!("/v1/responses/{resp_id}"),
+        format!("/v1/chat/completions/{cmpl_id}"),
+    ];
+    for path in &deletes {
+        let (s, b) = app.delete(path, Some(&bob_key)).await;
+        assert_error(s, &b, 404, "not_found");
+    }
+    // Bob's list of stored completions is empty; nothing of alice's changed.
+    let (s, list) = app.get("/v1/chat/completions", Some(&bob_key)).await;
+    assert_eq!(s, 200);
+    assert_eq!(list["data"], json!([]));
+    let (_, c) = app.get(&format!("/v1/conversations/{conv_id}"), k).await;
+    assert_eq!(c["metadata"], json!({}));
+    let (_, it) = app
+        .get(&format!("/v1/conversations/{conv_id}/items"), k)
+        .await;
+    assert_eq!(ids_of(&it), [item_id]);
+    let (_, sc) = app.get(&format!("/v1/chat/completions/{cmpl_id}"), k).await;
+    assert_eq!(sc["metadata"], json!({"a": "1"}));
+    // The owner deletes with the second key.
+    for path in &deletes {
+        let (s, b) = app.delete(path, Some(&key2)).await;
+        assert_eq!(s, 200, "{path}: {b}");
+    }
+    // Admins see counts, never content.
+    let admin = common::accounts::admin_token(&app).await;
+    let (s, stats) = app.get("/api/admin/stats", Some(&admin)).await;
+    assert_eq!(s, 200, "{stats}");
+    assert_eq!(stats["conversations"], 0);
+    assert_eq!(stats["stored_responses"], 2);
+    assert_eq!(stats["stored_completions"], 0);
+}
+
+fn completion(
+    id: &str,
+    user: &str,
+    key_id: &str,
+    model: &str,
+    metadata: Value,
+) -> StoredCompletion {
+    StoredCompletion {
+        id: id.to_owned(),
+        user_id: user.to_owned(),
+        key_id: key_id.to_owned(),
+        model: model.to_owned(),
+        metadata: metadata.as_object().cloned().unwrap_or_default(),
+        messages: vec![
+            json!({"role": "system", "content": "Be brief."}),
+            json!({"role": "user", "content": [{"type": "text", "text": "Hello "}, {"type": "text", "text": "there"}]}),
+        ],
+        response: json!({
+            "id": id, "object": "chat.completion", "created": 1_750_000_000, "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hi."}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}
+        }),
+        created_at: Utc::now(),
+    }
+}
+
+#[tokio::test]
+async fn stored_completions_filter_page_update_delete() {
+    let app = TestApp::spawn().await;
+    let (alice, key, key_id) = user_with_key(&app, "alice").await;
+    let k = Some(key.as_str());
+    let db = &app.state.db;
+    let mut all = Vec::new();
+    for (model, meta) in [
+        ("m1", json!({"env": "prod", "team": "a"})),
+        ("m2", json!({"env": "prod"})),
+        ("m1", json!({"env": "dev", "team": "a"})),
+        ("m1", json!({})),
+    ] {
+        let id = ids::completion_id();
+        save_completion(db, completion(&id, &alice, &key_id, model, meta))
+            .await
+            .unwrap();
+        all.push(id);
+    }
+    // The same id again: 409, nothing written twice.
+    let e = save_completion(db, completion(&all[0], &alice, &key_id, "m1", json!({})))
+        .await
+        .unwrap_err();
+    assert_eq!(e.parts().0.as_u16(), 409);
+    // Metadata past the limit is refused before anything is written.
+    let e = save_completion(
+        db,
+        completion(
+            &ids::completion_id(),
+            &alice,
+            &key_id,
+            "m1",
+            json!({"k": "v".repeat(513)}),
+        ),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.parts().0.as_u16(), 400);
+
+    // Default: oldest first.
+    let (s, list) = app.get("/v1/chat/completions", k).await;
+    assert_eq!(s, 200, "{list}");
+    assert_eq!(list["object"], "list");
+    assert_eq!(ids_of(&list), all);
+    assert_eq!(list["has_more"], false);
+    assert_eq!(list["first_id"], all[0].as_str());
+    assert_eq!(list["last_id"], all[3].as_str());
+    assert_eq!(list["data"][0]["object"], "chat.completion");
+    assert_eq!(
+        list["data"][0]["metadata"],
+        json!({"env": "prod", "team": "a"})
+    );
+
+    let (_, m1) = app.get("/v1/chat/completions?model=m1", k).await;
+    assert_eq!(ids_of(&m1), [&all[0], &all[2], &all[3]].map(|s| s.clone()));
+    let (_, prod) = app.get("/v1/chat/completions?metadata[env]=prod", k).await;
+    assert_eq!(ids_of(&prod), [&all[0], &all[1]].map(|s| s.clone()));
+    let (_, both) = app
+        .get(
+            "/v1/chat/completions?metadata%5Benv%5D=prod&metadata%5Bteam%5D=a",
+            k,
+        )
+        .await;
+    assert_eq!(ids_of(&both), [all[0].clone()]);
+    let (_, m1a) = app
+        .get(
+            "/v1/chat/completions?model=m1&metadata[team]=a&order=desc",
+            k,
+        )
+        .await;
+    assert_eq!(ids_of(&m1a), [&all[2], &all[0]].map(|s| s.clone()));
+    let (_, none) = app
+        .get("/v1/chat/completions?metadata[env]=staging", k)
+        .await;
+    assert_eq!(none["data"], json!([]));
+
+    // Paging.
+    let (_, p1) = app.get("/v1/chat/completions?limit=3", k).await;
+    assert_eq!(ids_of(&p1), all[0..3]);
+    assert_eq!(p1["has_more"], true);
+    assert_eq!(p1["last_id"], all[2].as_str());
+    let (_, p2) = app
+        .get(&format!("/v1/chat/completions?limit=3&after={}", all[2]), k)
+        .await;
+    assert_eq!(ids_of(&p2), all[3..4]);
+    assert_eq!(p2["has_more"], false);
+    let (_, d) = app
+        .get(
+            &format!("/v1/chat/completions?order=desc&after={}", all[2]),
+            k,
+        )
+        .await;
+    assert_eq!(ids_of(&d), [&all[1], &all[0]].map(|s| s.clone()));
+    for (q, param) in [
+        ("order=sideways", "order"),
+        ("limit=101", "limit"),
+        ("after=chatcmpl-unknown", "after"),
+    ] {
+        let (s, b) = app.get(&format!("/v1/chat/completions?{q}"), k).await;
+        assert_error(s, &b, 400, "invalid_value");
+        assert_eq!(b["error"]["param"], param);
+    }
+
+    // One, its messages, update, delete.
+    let (s, one) = app
+        .get(&format!("/v1/chat/completions/{}", all[1]), k)
+        .await;
+    assert_eq!(s, 200, "{one}");
+    assert_eq!(one["id"], all[1].as_str());
+    assert_eq!(one["choices"][0]["message"]["content"], "Hi.");
+    assert_eq!(one["metadata"], json!({"env": "prod"}));
+    let (s, msgs) = app
+        .get(&format!("/v1/chat/completions/{}/messages", all[1]), k)
+        .await;
+    assert_eq!(s, 200, "{msgs}");
+    assert_eq!(
+        ids_of(&msgs),
+        [format!("{}-0", all[1]), format!("{}-1", all[1])]
+    );
+    assert_eq!(msgs["data"][0]["content"], "Be brief.");
+    assert_eq!(msgs["data"][1]["content"], "Hello there");
+    assert_eq!(msgs["data"][1]["content_parts"][1]["text"], "there");
+    let (_, m2) = app
+        .get(
+            &format!(
+                "/v1/chat/completions/{}/messages?limit=1&order=desc",
+                all[1]
+            ),
+            k,
+        )
+        .await;
+    assert_eq!(ids_of(&m2), [format!("{}-1", all[1])]);
+    assert_eq!(m2["has_more"], true);
+
+    let (s, up) = app
+        .post(
+            &format!("/v1/chat/completions/{}", all[1]),
+            k,
+            json!({"metadata": {"env": "staging"}}),
+        )
+        .await;
+    assert_eq!(s, 200, "{up}");
+    assert_eq!(up["metadata"], json!({"env": "staging"}));
+    let (_, staging) = app
+        .get("/v1/chat/completions?metadata[env]=staging", k)
+        .await;
+    assert_eq!(ids_of(&staging), [all[1].clone()]);
+    let (_, prod) = app.get("/v1/chat/completions?metadata[env]=prod", k).await;
+    assert_eq!(ids_of(&prod), [all[0].clone()]);
+    let (s, b) = app
+        .post(
+            &format!("/v1/chat/completions/{}", all[1]),
+            k,
+            json!({"metadata": {"k": "v".repeat(513)}}),
+        )
+        .await;
+    assert_error(s, &b, 400, "invalid_value");
+
+    let (s, del) = app
+        .delete(&format!("/v1/chat/completions/{}", all[1]), k)
+        .await;
+    assert_eq!(s, 200);
+    assert_eq!(
+        del,
+        json!({"object": "chat.completion.deleted", "id": all[1], "deleted": true})
+    );
+    let (s, b) = app
+        .get(&format!("/v1/chat/completions/{}", all[1]), k)
+        .await;
+    assert_error(s, &b, 404, "not_found");
+    let (_, staging) = app
+        .get("/v1/chat/completions?metadata[env]=staging", k)
+        .await;
+    assert_eq!(staging["data"], json!([]));
+    assert_eq!(
+        entity::stored_completion_metadata::Entity::find()
+            .count(db)
+            .await
+            .unwrap(),
+        4,
+        "2 + 2 pairs left: the deleted completion's metadata rows are gone"
+    );
+}
+
+#[tokio::test]
+async fn concurrent_appends_keep_one_total_order_without_duplicates() {
+    let app = Arc::new(TestApp::spawn().await);
+    let (_, key, _) = user_with_key(&app, "alice").await;
+    let (_, conv) = app.post("/v1/conversations", Some(&key), json!({})).await;
+    let conv_id = conv["id"].as_str().unwrap().to_owned();
+    const WRITERS: usize = 8;
+    const CALLS: usize = 5;
+    let mut tasks = Vec::new();
+    for w in 0..WRITERS {
+        let (app, key, conv_id) = (app.clone(), key.clone(), conv_id.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut added = Vec::new();
+            for c in 0..CALLS {
+                let (s, b) = app
+                    .post(
+                        &format!("/v1/conversations/{conv_id}/items"),
+                        Some(&key),
+                        json!({"items": [msg(&format!("{w}-{c}-a")), msg(&format!("{w}-{c}-b")), msg(&format!("{w}-{c}-c"))]}),
+                    )
+                    .await;
+                assert_eq!(s, 200, "{b}");
+                added.push(ids_of(&b));
+            }
+            added
+        }));
+    }
+    let mut calls = Vec::new();
+    for t in tasks {
+        calls.extend(t.await.unwrap());
+    }
+    // Read everything back, ascending, 7 per page.
+    let mut seen = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let q = match &after {
+            Some(a) => format!("?order=asc&limit=7&after={a}"),
+            None => "?order=asc&limit=7".into(),
+        };
+        let (s, page) = app
+            .get(&format!("/v1/conversations/{conv_id}/items{q}"), Some(&key))
+            .await;
+        assert_eq!(s, 200, "{page}");
+        let ids = ids_of(&page);
+        seen.extend(ids.clone());
+        if page["has_more"] == false {
+            break;
+        }
+        after = ids.last().cloned();
+    }
+    let total = WRITERS * CALLS * 3;
+    assert_eq!(seen.len(), total);
+    assert_eq!(
+        seen.iter().collect::<HashSet<_>>().len(),
+        total,
+        "no duplicates"
+    );
+    // Each call's three items are adjacent and in order, and each writer's calls in its order.
+    for call in &calls {
+        let at = seen.iter().position(|i| i == &call[0]).unwrap();
+        assert_eq!(&seen[at..at + 3], &call[..], "an append stays contiguous");
+    }
+    // The descending listing is exactly the reverse.
+    let mut desc = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let q = match &after {
+            Some(a) => format!("?limit=100&after={a}"),
+            None => "?limit=100".into(),
+        };
+        let (_, page) = app
+            .get(&format!("/v1/conversations/{conv_id}/items{q}"), Some(&key))
+            .await;
+        let ids = ids_of(&page);
+        desc.extend(ids.clone());
+        if page["has_more"] == false {
+            break;
+        }
+        after = ids.last().cloned();
+    }
+    desc.reverse();
+    assert_eq!(desc, seen);
+    // Positions are 0..total with no gap.
+    let mut positions: Vec<i64> = entity::conversation_items::Entity::find()
+        .all(&app.state.db)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.position)
+        .collect();
+    positions.sort_unstable();
+    assert_eq!(positions, (0..total as i64).collect::<Vec<_>>());
+}
+
+#[tokio::test]
+async fn retention_deletes_old_stored_objects_daily_and_keeps_the_rest() {
+    let db = Arc::new(TestDb::new().await);
+    let app = TestApp::spawn_on(db.clone(), |_| {}).await;
+    let (alice, key, key_id) = user_with_key(&app, "alice").await;
+    let k = Some(key.as_str());
+    let conn = &app.state.db;
+    let old = Utc::now() - Duration::days(40);
+    // Old and new of each kind.
+    let (_, conv) = app
+        .post("/v1/conversations", k, json!({"items": [msg("new item")]}))
+        .await;
+    let conv_id = conv["id"].as_str().unwrap().to_owned();
+    let mut ids_by_age = Vec::new();
+    for at in [old, Utc::now()] {
+        let rid = ids::response_id();
+        save_response(
+            conn,
+            StoredResponse {
+                id: rid.clone(),
+                user_id: alice.clone(),
+                key_id: key_id.clone(),
+                model: "m".into(),
+                status: "completed".into(),
+                previous_response_id: None,
+                conversation_id: Some(conv_id.clone()),
+                input_items: vec![msg("q")],
+                response: json!({"id": rid, "object": "response", "output": []}),
+                input_tokens: 0,
+                output_tokens: 0,
+                created_at: at,
+            },
+        )
+        .await
+        .unwrap();
+        let cid = ids::completion_id();
+        let mut c = completion(&cid, &alice, &key_id, "m", json!({"a": "b"}));
+        c.created_at = at;
+        save_completion(conn, c).await.unwrap();
+        ids_by_age.push((rid, cid));
+    }
+    assert_eq!(item_count(&app).await, 3);
+    app.stop().await;
+
+    // A restart with storage.retention_days = 30 prunes at start.
+    let app = TestApp::spawn_on(db, |c| c.storage.retention_days = 30).await;
+    let conn = &app.state.db;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while entity::responses::Entity::find().count(conn).await.unwrap() > 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "old response not pruned"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    while entity::stored_completions::Entity::find()
+        .count(conn)
+        .await
+        .unwrap()
+        > 1
+        || item_count(&app).await > 2
+    {
+        assert!(std::time::Instant::now() < deadline, "old rows not pruned");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let (old_ids, new_ids) = (&ids_by_age[0], &ids_by_age[1]);
+    let (s, _) = app.get(&format!("/v1/responses/{}", old_ids.0), k).await;
+    assert_eq!(s, 404);
+    let (s, _) = app.get(&format!("/v1/responses/{}", new_ids.0), k).await;
+    assert_eq!(s, 200);
+    let (s, _) = app
+        .get(&format!("/v1/chat/completions/{}", old_ids.1), k)
+        .await;
+    assert_eq!(s, 404);
+    let (s, _) = app
+        .get(&format!("/v1/chat/completions/{}", new_ids.1), k)
+        .await;
+    assert_eq!(s, 200);
+    // The conversation stays, with its recent items.
+    let (s, items) = app
+        .get(&format!("/v1/conversations/{conv_id}/items?order=asc"), k)
+        .await;
+    assert_eq!(s, 200);
+    assert_eq!(texts(items["data"].as_array().unwrap()), ["new item", "q"]);
+    assert_eq!(
+        entity::stored_completion_metadata::Entity::find()
+            .count(conn)
+            .await
+            .unwrap(),
+        1
+    );
+    // And the direct prune: nothing is older than a day now.
+    let n = tollgate::store::retention::prune_stored(conn, Utc::now() - Duration::days(1))
+        .await
+        .unwrap();
+    assert_eq!(n, 0);
+}
+
+#[tokio::test]
+async fn storage_disabled_still_serves_what_is_stored() {
+    let app = TestApp::spawn_with(|c| c.storage.enabled = false).await;
+    let (_, key, _) = user_with_key(&app, "alice").await;
+    let (s, conv) = app
+        .post(
+            "/v1/conversations",
+            Some(&key),
+            json!({"items": [msg("x")]}),
+        )
+        .await;
+    assert_eq!(s, 200, "{conv}");
+    let id = conv["id"].as_str().unwrap();
+    let (s, items) = app
+        .get(&format!("/v1/conversations/{id}/items"), Some(&key))
+        .await;
+    assert_eq!(s, 200);
+    assert_eq!(ids_of(&items).len(), 1);
+}
+
+#[test]
+fn openapi_documents_the_state_routes() {
+    let doc = serde_json::to_value(tollgate::app::openapi()).unwrap();
+    let paths = &doc["paths"];
+    for (path, methods) in [
+        ("/v1/conversations", &["post"][..]),
+        ("/v1/conversations/{id}", &["get", "post", "delete"][..]),
+        ("/v1/conversations/{id}/items", &["get", "post"][..]),
+        (
+            "/v1/conversations/{id}/items/{item_id}",
+            &["get", "delete"][..],
+        ),
+        ("/v1/responses/{id}", &["get", "delete"][..]),
+        ("/v1/responses/{id}/input_items", &["get"][..]),
+        ("/v1/chat/completions", &["get", "post"][..]),
+        ("/v1/chat/completions/{id}", &["get", "post", "delete"][..]),
+        ("/v1/chat/completions/{id}/messages", &["get"][..]),
+    ] {
+        for m in methods {
+            assert!(paths[path][m].is_object(), "{m} {path} undocumented");
+        }
+    }
+}
+
+#[tokio::test]
+async fn every_stored_state_call_writes_one_free_usage_record() {
+    let app = TestApp::spawn().await;
+    let (_, key, key_id) = user_with_key(&app, "alice").await;
+    let token = user_token(&app, "alice").await;
+    let k = Some(key.as_str());
+    let (s, conv) = app.post("/v1/conversations", k, json!({})).await;
+    assert_eq!(s, 200);
+    let id = conv["id"].as_str().unwrap();
+    let (s, _) = app.get(&format!("/v1/conversations/{id}/items"), k).await;
+    assert_eq!(s, 200);
+    let (s, _) = app.get("/v1/responses/resp_missing", k).await;
+    assert_eq!(s, 404);
+    let (s, _) = app.get("/v1/chat/completions", k).await;
+    assert_eq!(s, 200);
+    // No key: no user to charge, no record.
+    let (s, _) = app.get("/v1/chat/completions", None).await;
+    assert_eq!(s, 401);
+    let records = common::gateway::wait_records(&app, &token, 4).await;
+    assert_eq!(records.len(), 4, "{records:?}");
+    let mut seen: Vec<(String, i64)> = records
+        .iter()
+        .map(|r| {
+            assert_eq!(r["key_id"], key_id.as_str());
+            assert_eq!(r["prompt_tokens"], 0);
+            assert_eq!(r["completion_tokens"], 0);
+            assert_eq!(r["cost_usd"], 0.0);
+            assert!(!r["request_id"].as_str().unwrap().is_empty());
+            (
+                r["endpoint"].as_str().unwrap().to_owned(),
+                r["status"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    seen.sort();
+    assert_eq!(
+        seen,
+        [
+            ("chat.completions.stored".to_owned(), 200),
+            ("conversations".to_owned(), 200),
+            ("conversations".to_owned(), 200),
+            ("responses.stored".to_owned(), 404),
+        ]
+    );
+}
