@@ -574,17 +574,27 @@ async fn forwarding_rules_and_compressed_bodies() {
     let v: Value = resp.json().await.expect("json");
     assert_eq!(v["error"]["code"], "unsupported_encoding");
 
-    // A declared length over the limit is refused before the body is read.
+    // A declared length over the limit is refused before the body is read: the answer comes
+    // while the client has sent nothing but the head.
     let limit = app.state.config.server.max_body_bytes;
-    let resp = app
-        .client
-        .post(app.url("/v1/chat/completions"))
-        .header("authorization", &auth)
-        .body(vec![b' '; limit + 1])
-        .send()
-        .await
-        .expect("send");
-    assert_eq!(resp.status(), 413);
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut conn = tokio::net::TcpStream::connect(app.addr)
+            .await
+            .expect("connect");
+        let head = format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: {auth}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+            limit + 1
+        );
+        conn.write_all(head.as_bytes()).await.expect("write head");
+        let mut buf = vec![0u8; 1024];
+        let n = tokio::time::timeout(std::time::Duration::from_secs(10), conn.read(&mut buf))
+            .await
+            .expect("answered without the body")
+            .expect("read");
+        let answer = String::from_utf8_lossy(&buf[..n]);
+        assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    }
     // A gzip bomb: small on the wire, over the limit decoded.
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
     gz.write_all(&vec![b' '; limit + 1024]).expect("gzip");
@@ -605,5 +615,330 @@ async fn forwarding_rules_and_compressed_bodies() {
         before,
         "no refused body went upstream"
     );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn responses_translated_to_chat_with_state_kept_by_the_gateway() {
+    let app = TestApp::spawn().await;
+    let w = gateway::setup(&app).await;
+    let auth = bearer(&w.key);
+
+    // Non-stream: a response object; the chat upstream got instructions as a system message.
+    let (s, _, body) = post_raw(
+        &app,
+        "/v1/responses",
+        &[("authorization", &auth)],
+        json!({"model": "gpt-test", "instructions": "Be brief.", "input": "Hi there",
+               "metadata": {"topic": "greeting"}}),
+    )
+    .await;
+    assert_eq!(s, 200, "{body}");
+    let first: Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(first["object"], "response");
+    assert_eq!(first["status"], "completed");
+    assert_eq!(first["model"], "gpt-test");
+    let id = first["id"].as_str().expect("id").to_owned();
+    assert!(id.starts_with("resp_"), "{id}");
+    let msg = first["output"]
+        .as_array()
+        .and_then(|o| o.iter().find(|i| i["type"] == "message"))
+        .expect("a message item");
+    assert_eq!(msg["content"][0]["type"], "output_text");
+    assert_eq!(msg["content"][0]["text"], "Hello from mock");
+    assert_eq!(first["usage"]["input_tokens"], 11);
+    assert_eq!(first["usage"]["output_tokens"], 7);
+    let up = w.mock.last();
+    assert_eq!(up.path, "/v1/chat/completions");
+    assert_eq!(up.body["messages"][0]["role"], "system");
+    assert_eq!(up.body["messages"][0]["content"], "Be brief.");
+    assert!(up.body.get("store").is_none() && up.body.get("metadata").is_none());
+
+    // Stored: GET answers it (after the background write).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let resp = app
+            .client
+            .get(app.url(&format!("/v1/responses/{id}")))
+            .header("authorization", &auth)
+            .send()
+            .await
+            .expect("get");
+        if resp.status() == 200 {
+            let v: Value = resp.json().await.expect("json");
+            assert_eq!(v["id"], id.as_str());
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "never stored");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+
+    // previous_response_id: the gateway sends the whole history, statelessly.
+    let (s, _, body) = post_raw(
+        &app,
+        "/v1/responses",
+        &[("authorization", &auth)],
+        json!({"model": "gpt-test", "input": "And again", "previous_response_id": id}),
+    )
+    .await;
+    assert_eq!(s, 200, "{body}");
+    let up = w.mock.last();
+    let roles: Vec<_> = up.body["messages"]
+        .as_array()
+        .expect("messages")
+        .iter()
+        .map(|m| m["role"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(
+        roles,
+        ["user", "assistant", "user"],
+        "history then input; instructions are not inherited: {}",
+        up.body
+    );
+    assert_eq!(up.body["messages"][1]["content"], "Hello from mock");
+
+    // Another user's response id is 404, and an unknown one too.
+    let other = common::accounts::user_token(&app, "mallory").await;
+    let (s, b) = app
+        .post(
+            "/api/provider-keys",
+            Some(&other),
+            json!({"provider": "mock", "api_key": "sk-mallory-own-key-0123456789"}),
+        )
+        .await;
+    assert_eq!(s, 201, "{b}");
+    let (okey, _) = gateway::new_key(&app, &other, json!({"name": "m"})).await;
+    let (s, _, body) = post_raw(
+        &app,
+        "/v1/responses",
+        &[("authorization", &bearer(&okey))],
+        json!({"model": "gpt-test", "input": "x", "previous_response_id": id}),
+    )
+    .await;
+    assert_eq!(s, 404, "{body}");
+
+    // Streamed: response.* events with increasing sequence numbers, completed with usage.
+    let (s, _, body) = post_raw(
+        &app,
+        "/v1/responses",
+        &[("authorization", &auth)],
+        json!({"model": "gpt-test", "input": "Hi", "stream": true, "store": false}),
+    )
+    .await;
+    assert_eq!(s, 200, "{body}");
+    let events = sse(&body);
+    let names: Vec<_> = events.iter().filter_map(|e| e.0.clone()).collect();
+    assert_eq!(names.first().map(String::as_str), Some("response.created"));
+    assert_eq!(names.last().map(String::as_str), Some("response.completed"));
+    assert!(names.iter().any(|n| n == "response.output_text.delta"));
+    let seqs: Vec<u64> = events
+        .iter()
+        .filter_map(|e| serde_json::from_str::<Value>(&e.1).ok()?["sequence_number"].as_u64())
+        .collect();
+    assert_eq!(seqs, (0..seqs.len() as u64).collect::<Vec<_>>());
+    let done: Value = serde_json::from_str(&events.last().expect("last").1).expect("json");
+    assert_eq!(done["response"]["usage"]["output_tokens"], 7);
+
+    // A conversation collects both turns' items.
+    let (s, conv) = app.post("/v1/conversations", None, json!({})).await;
+    assert_eq!(s, 401, "{conv}");
+    let resp = app
+        .client
+        .post(app.url("/v1/conversations"))
+        .header("authorization", &auth)
+        .json(&json!({}))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(resp.status(), 200);
+    let conv: Value = resp.json().await.expect("json");
+    let conv_id = conv["id"].as_str().expect("conv id").to_owned();
+    for text in ["one", "two"] {
+        let (s, _, body) = post_raw(
+            &app,
+            "/v1/responses",
+            &[("authorization", &auth)],
+            json!({"model": "gpt-test", "input": text, "conversation": conv_id}),
+        )
+        .await;
+        assert_eq!(s, 200, "{body}");
+        // The second turn saw the first one's items.
+        if text == "two" {
+            let n = w.mock.last().body["messages"]
+                .as_array()
+                .map(Vec::len)
+                .unwrap_or(0);
+            assert_eq!(n, 3, "{}", w.mock.last().body);
+        } else {
+            // Items are appended off the request path: wait until they are there.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            loop {
+                let v: Value = app
+                    .client
+                    .get(app.url(&format!("/v1/conversations/{conv_id}/items?order=asc")))
+                    .header("authorization", &auth)
+                    .send()
+                    .await
+                    .expect("items")
+                    .json()
+                    .await
+                    .expect("json");
+                if v["data"].as_array().map(Vec::len) == Some(2) {
+                    break;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "items never appended: {v}"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+
+    let records = gateway::wait_records(&app, &w.user, 5).await;
+    let r = records
+        .iter()
+        .find(|r| r["endpoint"] == "responses" && r["response_id"] == id.as_str())
+        .expect("the first response's record carries its id");
+    assert_eq!(r["prompt_tokens"], 11);
+    app.stop().await;
+}
+
+/// A Responses-capable upstream: answers `/v1/responses` with its own ids.
+async fn responses_upstream() -> (Arc<Mutex<Vec<Value>>>, String) {
+    let seen: Arc<Mutex<Vec<Value>>> = Arc::default();
+    let s2 = seen.clone();
+    let app = Router::new().fallback(move |body: Bytes| {
+        let seen = s2.clone();
+        async move {
+            let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+            seen.lock().expect("lock").push(v.clone());
+            let response = json!({"id": "resp_upstream", "object": "response", "created_at": 1, "status": "completed",
+                "model": v["model"], "output": [{"type": "message", "id": "msg_up", "status": "completed", "role": "assistant",
+                "content": [{"type": "output_text", "text": "Upstream says hi", "annotations": []}]}],
+                "usage": {"input_tokens": 9, "input_tokens_details": {"cached_tokens": 2}, "output_tokens": 4,
+                          "output_tokens_details": {"reasoning_tokens": 1}, "total_tokens": 13}});
+            if v["stream"] == true {
+                let text = format!(
+                    "event: response.created\ndata: {}\n\nevent: response.output_text.delta\ndata: {}\n\nevent: response.completed\ndata: {}\n\n",
+                    json!({"type": "response.created", "sequence_number": 0, "response": {"id": "resp_upstream", "object": "response", "status": "in_progress", "model": v["model"], "output": []}}),
+                    json!({"type": "response.output_text.delta", "sequence_number": 1, "item_id": "msg_up", "output_index": 0, "content_index": 0, "delta": "Upstream says hi"}),
+                    json!({"type": "response.completed", "sequence_number": 2, "response": response}),
+                );
+                Response::builder()
+                    .header(header::CONTENT_TYPE, "text/event-stream")
+                    .body(Body::from(text))
+                    .expect("response")
+            } else {
+                axum::Json(response).into_response()
+            }
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    (seen, format!("http://{addr}/v1"))
+}
+
+#[tokio::test]
+async fn responses_to_a_responses_capable_upstream_go_statelessly_with_our_ids() {
+    let app = TestApp::spawn().await;
+    let w = gateway::setup(&app).await;
+    let (seen, base) = responses_upstream().await;
+    let (s, b) = app
+        .post(
+            "/api/admin/providers",
+            Some(&w.admin),
+            json!({"key": "oai", "display_name": "OpenAI-like", "base_url": base, "kind": "openai", "supports_responses": true}),
+        )
+        .await;
+    assert_eq!(s, 201, "{b}");
+    let (s, b) = app
+        .post(
+            "/api/admin/models",
+            Some(&w.admin),
+            json!({"name": "o-resp", "provider": "oai", "upstream_model": "o-up", "type": "chat",
+                   "input_price_per_1m": 1.0, "output_price_per_1m": 2.0}),
+        )
+        .await;
+    assert_eq!(s, 201, "{b}");
+    let (s, b) = app
+        .post(
+            "/api/provider-keys",
+            Some(&w.user),
+            json!({"provider": "oai", "api_key": PROVIDER_SECRET}),
+        )
+        .await;
+    assert_eq!(s, 201, "{b}");
+    let auth = bearer(&w.key);
+
+    let (s, _, body) = post_raw(
+        &app,
+        "/v1/responses",
+        &[("authorization", &auth)],
+        json!({"model": "o-resp", "input": "Hi", "reasoning": {"effort": "low"}}),
+    )
+    .await;
+    assert_eq!(s, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).expect("json");
+    let id = v["id"].as_str().expect("id").to_owned();
+    assert_ne!(id, "resp_upstream", "the client sees tollgate's id");
+    assert!(id.starts_with("resp_"));
+    assert_eq!(v["model"], "o-resp");
+    let up = seen.lock().expect("lock").last().cloned().expect("request");
+    assert_eq!(up["model"], "o-up");
+    assert_eq!(up["store"], false, "upstreams are stateless");
+    assert!(
+        up["include"]
+            .as_array()
+            .is_some_and(|i| i.iter().any(|x| x == "reasoning.encrypted_content"))
+    );
+
+    // The follow-up's history comes from tollgate, not the upstream.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let (s, _, body) = post_raw(
+            &app,
+            "/v1/responses",
+            &[("authorization", &auth)],
+            json!({"model": "o-resp", "input": "More", "previous_response_id": id, "stream": true}),
+        )
+        .await;
+        if s == 404 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            continue;
+        }
+        assert_eq!(s, 200, "{body}");
+        let events = sse(&body);
+        for (_, data) in &events {
+            let e: Value = serde_json::from_str(data).expect("event json");
+            if let Some(r) = e.get("response") {
+                assert_ne!(r["id"], "resp_upstream", "{e}");
+                assert_eq!(r["model"], "o-resp", "{e}");
+            }
+        }
+        assert_eq!(
+            events.last().and_then(|e| e.0.as_deref()),
+            Some("response.completed")
+        );
+        break;
+    }
+    let up = seen.lock().expect("lock").last().cloned().expect("request");
+    assert!(up.get("previous_response_id").is_none(), "{up}");
+    let input = up["input"].as_array().expect("input array");
+    assert_eq!(input.len(), 3, "user, assistant, user: {up}");
+
+    let records = gateway::wait_records(&app, &w.user, 2).await;
+    let r = records
+        .iter()
+        .find(|r| r["endpoint"] == "responses" && r["stream"] == true)
+        .expect("stream record");
+    assert_eq!(r["prompt_tokens"], 9);
+    assert_eq!(r["cached_tokens"], 2);
+    assert_eq!(r["reasoning_tokens"], 1);
     app.stop().await;
 }

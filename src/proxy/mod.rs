@@ -237,7 +237,15 @@ async fn run(
     // ④ upstream — from here the request is billed even if the process is killed.
     meter.spool(&state.spool);
     let adapter = match route.adapter {
-        Some(a) if route.passes_through(endpoint) => a,
+        Some(a)
+            if route.passes_through(endpoint)
+                && matches!(
+                    endpoint,
+                    Endpoint::ChatCompletions | Endpoint::Completions | Endpoint::Embeddings
+                ) =>
+        {
+            a
+        }
         _ => {
             let call = Call {
                 endpoint,
