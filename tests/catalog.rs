@@ -1278,7 +1278,12 @@ async fn catalog_kinds_migration_is_reversible_and_marks_openai() {
     let db = common::TestDb::new().await;
     let conn = store::connect(&db.url, 2).await.unwrap();
     let all = Migrator::migrations().len() as u32;
-    Migrator::up(&conn, Some(all - 1)).await.unwrap();
+    // Everything before this migration (later ones come after it).
+    let before = Migrator::migrations()
+        .iter()
+        .position(|m| m.name() == "m20261203_000002_catalog_kinds")
+        .expect("the catalog migration") as u32;
+    Migrator::up(&conn, Some(before)).await.unwrap();
     for (key, url) in [
         ("openai", "https://api.openai.com/v1"),
         ("groq", "https://api.groq.com/openai/v1"),
@@ -1321,7 +1326,7 @@ async fn catalog_kinds_migration_is_reversible_and_marks_openai() {
         .unwrap();
     assert!(openai.supports_responses && !groq.supports_responses);
     assert_eq!((groq.api_version, groq.region), (None, None));
-    Migrator::down(&conn, Some(1)).await.unwrap();
+    Migrator::down(&conn, Some(all - before)).await.unwrap();
     Migrator::up(&conn, None).await.unwrap();
     assert!(
         Migrator::get_pending_migrations(&conn)
