@@ -528,3 +528,127 @@ impl UpstreamError {
         }
     }
 }
+
+/// Adds up a stream's chunks into the complete answer they make (for storing a streamed chat
+/// completion). Holds what the stream said, nothing more.
+#[derive(Debug, Clone, Default)]
+pub struct ChunkAccumulator {
+    id: String,
+    created: i64,
+    model: String,
+    choices: std::collections::BTreeMap<u32, Choice>,
+    usage: Option<WireUsage>,
+    system_fingerprint: Option<String>,
+}
+
+impl ChunkAccumulator {
+    pub fn push(&mut self, c: &ChatChunk) {
+        if self.id.is_empty() {
+            self.id.clone_from(&c.id);
+            self.created = c.created;
+            self.model.clone_from(&c.model);
+        }
+        if c.usage.is_some() {
+            self.usage = c.usage;
+        }
+        if c.system_fingerprint.is_some() {
+            self.system_fingerprint.clone_from(&c.system_fingerprint);
+        }
+        for ch in &c.choices {
+            let choice = self.choices.entry(ch.index).or_insert_with(|| Choice {
+                index: ch.index,
+                message: Message {
+                    role: Role::Assistant,
+                    ..Message::default()
+                },
+                ..Choice::default()
+            });
+            let d = &ch.delta;
+            let m = &mut choice.message;
+            if let Some(t) = &d.content {
+                match &mut m.content {
+                    Some(Content::Text(s)) => s.push_str(t),
+                    _ => m.content = Some(Content::Text(t.clone())),
+                }
+            }
+            if let Some(t) = &d.refusal {
+                m.refusal.get_or_insert_with(String::new).push_str(t);
+            }
+            if let Some(t) = &d.reasoning_content {
+                m.reasoning_content
+                    .get_or_insert_with(String::new)
+                    .push_str(t);
+            }
+            m.reasoning_blocks
+                .extend(d.reasoning_blocks.iter().cloned());
+            for tc in &d.tool_calls {
+                let at = tc.index as usize;
+                while m.tool_calls.len() <= at {
+                    m.tool_calls.push(ToolCall {
+                        kind: "function".into(),
+                        ..ToolCall::default()
+                    });
+                }
+                let call = &mut m.tool_calls[at];
+                if let Some(id) = &tc.id {
+                    call.id.clone_from(id);
+                }
+                if let Some(n) = &tc.function.name {
+                    call.function.name.push_str(n);
+                }
+                if let Some(a) = &tc.function.arguments {
+                    call.function.arguments.push_str(a);
+                }
+            }
+            if ch.finish_reason.is_some() {
+                choice.finish_reason.clone_from(&ch.finish_reason);
+            }
+        }
+    }
+
+    /// The `chat.completion` the chunks add up to.
+    pub fn finish(self) -> ChatResponse {
+        ChatResponse {
+            id: self.id,
+            object: completion_object(),
+            created: self.created,
+            model: self.model,
+            choices: self.choices.into_values().collect(),
+            usage: self.usage,
+            system_fingerprint: self.system_fingerprint,
+            extra: Map::new(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunk(json: serde_json::Value) -> ChatChunk {
+        serde_json::from_value(json).expect("chunk")
+    }
+
+    #[test]
+    fn chunks_add_up_to_the_completion() {
+        let mut acc = ChunkAccumulator::default();
+        for c in [
+            serde_json::json!({"id": "c1", "created": 5, "model": "m", "choices": [{"index": 0, "delta": {"role": "assistant", "content": "Hel"}}]}),
+            serde_json::json!({"id": "c1", "model": "m", "choices": [{"index": 0, "delta": {"content": "lo", "tool_calls": [{"index": 0, "id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{\"a\""}}]}}]}),
+            serde_json::json!({"id": "c1", "model": "m", "choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": ":1}"}}]}, "finish_reason": "tool_calls"}]}),
+            serde_json::json!({"id": "c1", "model": "m", "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}}),
+        ] {
+            acc.push(&chunk(c));
+        }
+        let r = acc.finish();
+        assert_eq!(r.id, "c1");
+        assert_eq!(r.created, 5);
+        let m = &r.choices[0].message;
+        assert_eq!(m.text_content(), "Hello");
+        assert_eq!(m.tool_calls[0].id, "call_1");
+        assert_eq!(m.tool_calls[0].function.name, "f");
+        assert_eq!(m.tool_calls[0].function.arguments, "{\"a\":1}");
+        assert_eq!(r.choices[0].finish_reason.as_deref(), Some("tool_calls"));
+        assert_eq!(r.usage.map(|u| u.completion_tokens), Some(4));
+    }
+}

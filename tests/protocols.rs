@@ -942,3 +942,105 @@ async fn responses_to_a_responses_capable_upstream_go_statelessly_with_our_ids()
     assert_eq!(r["reasoning_tokens"], 1);
     app.stop().await;
 }
+
+#[tokio::test]
+async fn chat_completions_with_store_are_kept_by_the_gateway_not_the_upstream() {
+    let app = TestApp::spawn().await;
+    let w = world(&app).await;
+    let auth = bearer(&w.g.key);
+    let mut ids = Vec::new();
+    for (model, stream) in [
+        ("gpt-test", false),
+        ("gpt-test", true),
+        ("claude", false),
+        ("claude", true),
+    ] {
+        let (s, _, body) = post_raw(
+            &app,
+            "/v1/chat/completions",
+            &[("authorization", &auth)],
+            json!({"model": model, "stream": stream, "store": true, "metadata": {"run": "t1"},
+                   "messages": [{"role": "user", "content": format!("Hi {model} {stream}")}]}),
+        )
+        .await;
+        assert_eq!(s, 200, "{body}");
+        let id = if stream {
+            let events = sse(&body);
+            let ids: std::collections::BTreeSet<String> = events
+                .iter()
+                .filter(|e| e.1 != "[DONE]")
+                .filter_map(|e| {
+                    serde_json::from_str::<Value>(&e.1).ok()?["id"]
+                        .as_str()
+                        .map(str::to_owned)
+                })
+                .collect();
+            assert_eq!(ids.len(), 1, "one id on every chunk: {ids:?}");
+            ids.into_iter().next().expect("id")
+        } else {
+            serde_json::from_str::<Value>(&body).expect("json")["id"]
+                .as_str()
+                .expect("id")
+                .to_owned()
+        };
+        assert!(id.starts_with("chatcmpl-"), "{id}");
+        ids.push(id);
+        if model == "gpt-test" {
+            let up = w.g.mock.last().body;
+            assert!(up.get("store").is_none(), "store is not forwarded: {up}");
+            assert!(
+                up.get("metadata").is_none(),
+                "metadata is not forwarded: {up}"
+            );
+        }
+    }
+    // Each is stored under the id its client saw, with the whole answer.
+    for id in &ids {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let v = loop {
+            let resp = app
+                .client
+                .get(app.url(&format!("/v1/chat/completions/{id}")))
+                .header("authorization", &auth)
+                .send()
+                .await
+                .expect("get");
+            if resp.status() == 200 {
+                break resp.json::<Value>().await.expect("json");
+            }
+            assert!(std::time::Instant::now() < deadline, "{id} never stored");
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        };
+        assert_eq!(v["id"], id.as_str());
+        let text = v["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap_or_default();
+        assert!(text.starts_with("Hello from"), "{v}");
+        assert_eq!(v["metadata"]["run"], "t1", "{v}");
+    }
+    let list: Value = app
+        .client
+        .get(app.url("/v1/chat/completions?metadata[run]=t1&limit=10"))
+        .header("authorization", &auth)
+        .send()
+        .await
+        .expect("list")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(list["data"].as_array().map(Vec::len), Some(4), "{list}");
+
+    // Bad metadata is refused before anything is sent.
+    let before = w.g.mock.requests().len();
+    let (s, _, body) = post_raw(
+        &app,
+        "/v1/chat/completions",
+        &[("authorization", &auth)],
+        json!({"model": "gpt-test", "store": true, "metadata": {"k": 5},
+               "messages": [{"role": "user", "content": "Hi"}]}),
+    )
+    .await;
+    assert_eq!(s, 400, "{body}");
+    assert_eq!(w.g.mock.requests().len(), before);
+    app.stop().await;
+}

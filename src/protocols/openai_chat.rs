@@ -7,7 +7,7 @@ use bytes::BytesMut;
 
 use super::{ChunkEncoder, ClientProtocol, EncodeCtx};
 use crate::error::ApiError;
-use crate::pivot::{ChatChunk, ChatRequest, ChatResponse, UpstreamError};
+use crate::pivot::{ChatChunk, ChatRequest, ChatResponse, ChunkAccumulator, UpstreamError};
 use crate::providers::Usage;
 
 pub struct OpenAiChat;
@@ -45,14 +45,19 @@ impl ClientProtocol for OpenAiChat {
     fn encode_response(&self, resp: &ChatResponse, ctx: &EncodeCtx) -> Vec<u8> {
         let mut resp = resp.clone();
         resp.model.clone_from(&ctx.client_model);
+        if let Some(id) = &ctx.id {
+            resp.id.clone_from(id);
+        }
         serde_json::to_vec(&resp).unwrap_or_default()
     }
 
     fn stream_encoder(&self, ctx: &EncodeCtx) -> Box<dyn ChunkEncoder> {
         Box::new(ChatStream {
             ctx: ctx.clone(),
-            id: None,
+            id: ctx.id.clone(),
             usage_sent: false,
+            // Only a completion the gateway stores is added up.
+            acc: ctx.id.as_ref().map(|_| ChunkAccumulator::default()),
         })
     }
 
@@ -65,6 +70,7 @@ struct ChatStream {
     ctx: EncodeCtx,
     id: Option<String>,
     usage_sent: bool,
+    acc: Option<ChunkAccumulator>,
 }
 
 impl ChunkEncoder for ChatStream {
@@ -73,8 +79,13 @@ impl ChunkEncoder for ChatStream {
     fn chunk(&mut self, chunk: &ChatChunk, out: &mut BytesMut) {
         let mut chunk = chunk.clone();
         chunk.model.clone_from(&self.ctx.client_model);
-        if self.id.is_none() && !chunk.id.is_empty() {
-            self.id = Some(chunk.id.clone());
+        match &self.id {
+            Some(id) if self.ctx.id.is_some() => chunk.id.clone_from(id),
+            None if !chunk.id.is_empty() => self.id = Some(chunk.id.clone()),
+            _ => {}
+        }
+        if let Some(acc) = self.acc.as_mut() {
+            acc.push(&chunk);
         }
         if chunk.usage.is_some() {
             if !self.ctx.include_usage {
@@ -112,5 +123,10 @@ impl ChunkEncoder for ChatStream {
 
     fn fail(&mut self, err: &UpstreamError, out: &mut BytesMut) {
         push_data(out, &error_json(err));
+    }
+
+    fn final_object(&self) -> Option<serde_json::Value> {
+        let acc = self.acc.clone()?;
+        serde_json::to_value(acc.finish()).ok()
     }
 }

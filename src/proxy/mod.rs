@@ -11,6 +11,7 @@ pub mod request;
 pub mod reserve;
 pub mod responses;
 pub mod route;
+pub mod stored;
 pub mod stream;
 pub mod translate;
 pub mod upstream;
@@ -142,6 +143,15 @@ async fn run(
         )
         .into_response();
     }
+    // `store: true` on a chat completion: tollgate keeps it (its metadata checked now).
+    let mut to_store = if endpoint == Endpoint::ChatCompletions {
+        match stored::requested(&state, &view, &key.user_id, &key.key_id) {
+            Ok(t) => t,
+            Err(e) => return e.into_response(),
+        }
+    } else {
+        None
+    };
 
     // ② admit
     let catalog = match state.caches.catalog(&state.db).await {
@@ -254,11 +264,16 @@ async fn run(
                 request_id: request_id_header.as_ref(),
                 headers: &parts.headers,
             };
-            let resp = translated(&state, &route, &call, meter).await;
+            let resp = translated(&state, &route, &call, meter, to_store).await;
             return with_rate(resp, &rate);
         }
     };
-    let upstream_body = adapter.map_request(&view, &m.upstream_model);
+    let upstream_body =
+        if endpoint == Endpoint::ChatCompletions && stored::has_private_fields(&view) {
+            Bytes::from(view.rewrite_without(&m.upstream_model, &stored::NOT_FORWARDED))
+        } else {
+            adapter.map_request(&view, &m.upstream_model)
+        };
     let cfg = &state.config.upstream;
     let resp = match upstream::send(
         &state.http,
@@ -307,7 +322,7 @@ async fn run(
             resp.into_body(),
             StreamMapping {
                 adapter: Some(adapter),
-                reader: None,
+                reader: to_store.take().map(stored::ToStore::observer),
                 client_model: view.model.clone(),
                 upstream_model: m.upstream_model.clone(),
                 client_wants_usage: view.include_usage,
@@ -359,7 +374,10 @@ async fn run(
             KeptPayloads::default()
         };
         meter.finish(status.as_u16(), usage, kept, None);
-        mapped
+        match to_store.take() {
+            Some(t) => t.answer(mapped),
+            None => mapped,
+        }
     } else {
         let kind = if status.is_client_error() {
             "status_4xx"
@@ -404,6 +422,7 @@ async fn translated(
     route: &route::Route,
     call: &Call<'_>,
     mut meter: Meter,
+    to_store: Option<stored::ToStore>,
 ) -> Response {
     let Call {
         endpoint,
@@ -457,8 +476,12 @@ async fn translated(
         client_model: view.model.clone(),
         include_usage: pivot.include_usage(),
         created: chrono::Utc::now().timestamp(),
-        id: None,
+        id: to_store.as_ref().map(|t| t.id.clone()),
     };
+    let on_done = to_store.map(|t| {
+        Box::new(move |answer: serde_json::Value, _usage: Option<Usage>| t.save(answer))
+            as translate::OnDone
+    });
     translate::forward(
         state,
         route,
@@ -466,7 +489,7 @@ async fn translated(
             protocol,
             pivot,
             ctx,
-            on_done: None,
+            on_done,
         },
         meter,
         request_id,

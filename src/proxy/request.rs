@@ -256,16 +256,22 @@ impl<'a> RequestView<'a> {
     /// Serialises the fields back, replacing `model`, and for streams forcing
     /// `stream_options.include_usage = true` (other stream options kept).
     pub fn rewrite(&self, upstream_model: &str) -> Vec<u8> {
-        self.build(upstream_model, true)
+        self.build(upstream_model, true, &[])
+    }
+
+    /// [`RequestView::rewrite`] without the fields in `skip` (the gateway's own: `store`,
+    /// `metadata` of a chat completion tollgate stores itself).
+    pub fn rewrite_without(&self, upstream_model: &str, skip: &[&str]) -> Vec<u8> {
+        self.build(upstream_model, true, skip)
     }
 
     /// The body with only `model` replaced: for protocols that have no `stream_options`
     /// (Anthropic's Messages API, the Responses API).
     pub fn with_model(&self, upstream_model: &str) -> Vec<u8> {
-        self.build(upstream_model, false)
+        self.build(upstream_model, false, &[])
     }
 
-    fn build(&self, upstream_model: &str, inject_usage: bool) -> Vec<u8> {
+    fn build(&self, upstream_model: &str, inject_usage: bool, skip: &[&str]) -> Vec<u8> {
         let inject = inject_usage && self.stream;
         let cap = self
             .fields
@@ -287,6 +293,9 @@ impl<'a> RequestView<'a> {
         };
         let mut saw_options = false;
         for (k, v) in &self.fields {
+            if skip.contains(&k.as_ref()) {
+                continue;
+            }
             push_key(&mut out, k);
             match k.as_ref() {
                 "model" => {

@@ -378,7 +378,26 @@ impl<B> MeteredStream<B> {
             self.kept.clear();
         } else if self.usage.is_none() {
             // Kept for an estimate should the usage never come (events without output count 0).
-            self.kept.push(data);
+            self.kept.push(data.clone());
+        }
+        // An observer (a stored completion) sees what the client sees, and may rewrite it.
+        if let Some(r) = self.map.reader.as_mut() {
+            match mapped.out {
+                EventOut::Unchanged => {
+                    r.on_event(&data);
+                    match r.rewrite(&data) {
+                        Some(p) => push_data(&mut self.out, &p),
+                        None => self.out.extend_from_slice(&ev.raw),
+                    }
+                }
+                EventOut::Replace(payload) => {
+                    r.on_event(&payload);
+                    let p = r.rewrite(&payload).unwrap_or(payload);
+                    push_data(&mut self.out, &p);
+                }
+                EventOut::Drop => r.on_event(&data),
+            }
+            return;
         }
         match mapped.out {
             EventOut::Unchanged => self.out.extend_from_slice(&ev.raw),
