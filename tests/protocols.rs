@@ -932,12 +932,23 @@ async fn responses_to_a_responses_capable_upstream_go_statelessly_with_our_ids()
     let input = up["input"].as_array().expect("input array");
     assert_eq!(input.len(), 3, "user, assistant, user: {up}");
 
-    let records = gateway::wait_records(&app, &w.user, 2).await;
-    let r = records
-        .iter()
-        // (Follow-ups that came before the first response was stored are 404 records.)
-        .find(|r| r["endpoint"] == "responses" && r["stream"] == true && r["status"] == 200)
-        .expect("stream record");
+    // (Follow-ups that came before the first response was stored are 404 records: wait for the
+    // answered stream's own.)
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    let r = loop {
+        let records = gateway::wait_records(&app, &w.user, 2).await;
+        if let Some(r) = records
+            .iter()
+            .find(|r| r["endpoint"] == "responses" && r["stream"] == true && r["status"] == 200)
+        {
+            break r.clone();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no stream record: {records:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
     assert_eq!(r["prompt_tokens"], 9);
     assert_eq!(r["cached_tokens"], 2);
     assert_eq!(r["reasoning_tokens"], 1);
