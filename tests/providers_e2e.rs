@@ -1377,6 +1377,7 @@ fn bedrock(s: &Seen) -> Response {
         return r;
     }
     match action {
+        "invoke" => json_response(200, parse(&fixture("bedrock/titan_embedding.json"))),
         "converse" => json_response(
             200,
             json!({"output": {"message": {"role": "assistant", "content": [{"text": "Hello from bedrock"}]}},
@@ -1439,6 +1440,7 @@ async fn bedrock_world(app: &TestApp) -> (Gateway, Upstream) {
             ("claude-br", CLAUDE_ID, "chat"),
             ("br-busy", "anthropic.claude-busy-v1:0", "chat"),
             ("br-cut", "anthropic.claude-cut-v1:0", "chat"),
+            ("titan", "amazon.titan-embed-text-v2:0", "embedding"),
         ],
         &aws_key(),
     )
@@ -2225,6 +2227,62 @@ async fn responses_to_bedrock_are_translated_stream_and_not() {
     assert_eq!(r.len(), 2, "{records:?}");
     for r in r {
         assert_record(r, BEDROCK_COUNTS);
+    }
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn bedrock_titan_embeddings_through_invoke_model() {
+    let app = TestApp::spawn().await;
+    let (g, up) = bedrock_world(&app).await;
+    for format in ["float", "base64"] {
+        let (s, body) = call(
+            &app,
+            &g.key,
+            "/v1/embeddings",
+            json!({"model": "titan", "input": "hello world", "dimensions": 256, "encoding_format": format}),
+        )
+        .await;
+        assert_eq!(s, 200, "{body}");
+        let v = parse(&body);
+        assert_eq!(v["model"], "titan");
+        assert_eq!(v["usage"]["prompt_tokens"], 7);
+        let e = &v["data"][0]["embedding"];
+        if format == "float" {
+            assert_eq!(e.as_array().map(Vec::len), Some(4), "{v}");
+        } else {
+            use base64::Engine;
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(e.as_str().unwrap_or_else(|| panic!("base64: {v}")))
+                .expect("base64");
+            assert_eq!(bytes.len(), 16, "four f32: {v}");
+            assert_eq!(
+                f32::from_le_bytes(bytes[..4].try_into().expect("4 bytes")),
+                0.019_531_25
+            );
+        }
+        let seen = up.last();
+        assert_eq!(seen.path, "/model/amazon.titan-embed-text-v2%3A0/invoke");
+        assert_sigv4(&seen, &g.key);
+        assert_eq!(
+            seen.json(),
+            json!({"inputText": "hello world", "dimensions": 256})
+        );
+    }
+    let records = gateway::wait_records(&app, &g.user, 2).await;
+    let rs = records_for(&records, "titan", "embeddings");
+    assert_eq!(rs.len(), 2, "{records:?}");
+    for r in rs {
+        assert_record(
+            r,
+            Counts {
+                prompt: 7,
+                completion: 0,
+                cached: 0,
+                cache_write: 0,
+                reasoning: 0,
+            },
+        );
     }
     app.stop().await;
 }
