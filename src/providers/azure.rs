@@ -119,6 +119,22 @@ pub fn set_api_key(headers: &mut HeaderMap, provider_key: &str) -> Result<(), Ap
     Ok(())
 }
 
+/// Azure's error code as OpenAI's: Azure echoes the HTTP status as its code (`"401"`, `"429"`)
+/// and names a missing deployment `DeploymentNotFound`; an OpenAI client acts on
+/// `invalid_api_key`, `rate_limit_exceeded` and `model_not_found`. Other codes
+/// (`content_filter`, …) are kept.
+fn openai_code(status: u16, code: Option<String>) -> Option<String> {
+    match code.as_deref() {
+        Some(c) if !c.is_empty() && c.bytes().all(|b| b.is_ascii_digit()) => match status {
+            401 => Some("invalid_api_key".into()),
+            429 => Some("rate_limit_exceeded".into()),
+            _ => None,
+        },
+        Some("DeploymentNotFound") => Some("model_not_found".into()),
+        _ => code,
+    }
+}
+
 /// OpenAI's chunk stream without Azure's filter-only chunks.
 struct AzureStream {
     inner: Box<dyn ChunkDecoder>,
@@ -188,7 +204,9 @@ impl Translator for Azure {
     }
 
     fn decode_error(&self, status: u16, body: &[u8]) -> UpstreamError {
-        decode_openai_error(status, body)
+        let mut e = decode_openai_error(status, body);
+        e.code = openai_code(e.status, e.code.take());
+        e
     }
 
     fn encode_embeddings(
@@ -391,5 +409,42 @@ mod tests {
         assert_eq!(e.kind, "invalid_request_error");
         assert_eq!(e.code.as_deref(), Some("content_filter"));
         assert!(e.message.contains("content management policy"));
+    }
+
+    #[test]
+    fn azure_codes_become_openai_codes() {
+        let cases = [
+            (
+                401,
+                r#"{"error": {"code": "401", "message": "Access denied due to invalid subscription key or wrong API endpoint."}}"#,
+                "authentication_error",
+                Some("invalid_api_key"),
+            ),
+            (
+                429,
+                r#"{"error": {"code": "429", "message": "Requests to the ChatCompletions_Create Operation under Azure OpenAI API version 2024-10-21 have exceeded token rate limit of your current OpenAI S0 pricing tier. Please retry after 6 seconds."}}"#,
+                "rate_limit_error",
+                Some("rate_limit_exceeded"),
+            ),
+            (
+                404,
+                r#"{"error": {"code": "DeploymentNotFound", "message": "The API deployment for this resource does not exist."}}"#,
+                "invalid_request_error",
+                Some("model_not_found"),
+            ),
+            (
+                500,
+                r#"{"error": {"code": "500", "message": "Internal server error"}}"#,
+                "api_error",
+                None,
+            ),
+        ];
+        for (status, body, kind, code) in cases {
+            let e = Azure.decode_error(status, body.as_bytes());
+            assert_eq!(e.status, status, "{body}");
+            assert_eq!(e.kind, kind, "{body}");
+            assert_eq!(e.code.as_deref(), code, "{body}");
+            assert!(!e.message.is_empty());
+        }
     }
 }

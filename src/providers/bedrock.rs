@@ -20,7 +20,8 @@
 //! - `response_format: json_schema` becomes `outputConfig.textFormat`; `json_object` (JSON
 //!   without a schema) has no Converse equivalent and is refused.
 //! - Embeddings: Titan text (one input per call, a longer array is refused) and Cohere embed;
-//!   the answer is always floats (the OpenAI SDKs accept floats when they asked for base64).
+//!   the answer is floats, which the gateway encodes as OpenAI does when the client asked for
+//!   `encoding_format: "base64"`.
 
 pub mod eventstream;
 pub mod sigv4;
@@ -87,11 +88,12 @@ struct AwsKey {
     session_token: Option<String>,
 }
 
-/// The expected shape, never the key itself (serde's message would quote what it read).
+/// The expected shape, never the key itself (serde's message would quote what it read). The
+/// example has no spaces: `POST /api/provider-keys` refuses a key with spaces in it.
 fn bad_key() -> ApiError {
     ApiError::bad_request(
         "invalid_provider_key",
-        "A Bedrock provider key must be JSON: {\"access_key_id\": \"AKIA…\", \"secret_access_key\": \"…\", \"session_token\": \"…\"} (session_token only for temporary credentials).",
+        "A Bedrock provider key must be JSON without spaces: {\"access_key_id\":\"AKIA…\",\"secret_access_key\":\"…\",\"session_token\":\"…\"} (session_token only for temporary credentials).",
     )
 }
 

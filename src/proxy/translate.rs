@@ -479,9 +479,11 @@ pub async fn embeddings(
             .into_response();
     };
     let t = route.target();
+    let mut base64 = false;
     let prepared = serde_json::from_slice::<serde_json::Value>(body)
         .map_err(|e| ApiError::bad_request("invalid_json", format!("The body is not JSON: {e}")))
         .and_then(|req| {
+            base64 = crate::providers::embeddings::wants_base64(&req);
             translator.encode_embeddings(&req, &t).unwrap_or_else(|| {
                 Err(ApiError::invalid_param(
                     "model",
@@ -570,6 +572,10 @@ pub async fn embeddings(
         Ok((mut v, usage)) => {
             if let Some(o) = v.as_object_mut() {
                 o.insert("model".into(), client_model.into());
+            }
+            // The upstream answered floats; the client asked for OpenAI's base64.
+            if base64 {
+                crate::providers::embeddings::to_base64(&mut v);
             }
             meter.finish(200, usage, KeptPayloads::default(), None);
             let mut resp = Response::new(Body::from(serde_json::to_vec(&v).unwrap_or_default()));
