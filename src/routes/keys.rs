@@ -51,15 +51,27 @@ fn check_label(s: String) -> ApiResult<String> {
 }
 
 /// An upstream API key goes into an HTTP header: printable ASCII, no spaces, bounded.
-fn check_api_key(s: &str) -> ApiResult<&str> {
+/// A provider key: 1–4096 printable ASCII characters without spaces. A JSON object (Bedrock's
+/// `{"access_key_id", "secret_access_key", "session_token"?}`) may be written readably: it is
+/// stored compacted.
+fn check_api_key(s: &str) -> ApiResult<String> {
     let s = s.trim();
+    let compact;
+    let s = if s.starts_with('{')
+        && let Ok(v @ serde_json::Value::Object(_)) = serde_json::from_str::<serde_json::Value>(s)
+    {
+        compact = v.to_string();
+        compact.as_str()
+    } else {
+        s
+    };
     if s.is_empty() || s.len() > 4096 || !s.bytes().all(|b| b.is_ascii_graphic()) {
         return Err(ApiError::invalid_param(
             "api_key",
-            "api_key must be 1–4096 printable ASCII characters without spaces",
+            "api_key must be 1–4096 printable ASCII characters without spaces (or a JSON object)",
         ));
     }
-    Ok(s)
+    Ok(s.to_owned())
 }
 
 /// A user-supplied base URL: http(s), and (unless `security.allow_private_base_urls`) not a
@@ -196,7 +208,7 @@ async fn create_provider_key(
         NewProviderKey {
             user_id: me.id(),
             provider_key: &b.provider,
-            api_key,
+            api_key: &api_key,
             base_url,
             label,
             shared,
@@ -256,7 +268,7 @@ async fn update_provider_key(
     let api_key = b
         .api_key
         .as_deref()
-        .map(|k| check_api_key(k).map(str::to_owned))
+        .map(check_api_key)
         .transpose()?;
     let base_url = match b.base_url {
         Some(Some(u)) => Some(Some(check_user_base_url(&state, &u).await?)),
