@@ -93,8 +93,14 @@ struct AwsKey {
 fn bad_key() -> ApiError {
     ApiError::bad_request(
         "invalid_provider_key",
-        "A Bedrock provider key must be JSON without spaces: {\"access_key_id\":\"AKIA…\",\"secret_access_key\":\"…\",\"session_token\":\"…\"} (session_token only for temporary credentials).",
+        "A Bedrock provider key must be the JSON {\"access_key_id\":\"AKIA…\",\"secret_access_key\":\"…\",\"session_token\":\"…\"} (session_token only for temporary credentials).",
     )
+}
+
+/// Checks a provider key for a `bedrock` provider when it is saved (400 `invalid_provider_key`
+/// with the expected shape, never the key).
+pub fn check_key(key: &str) -> Result<(), ApiError> {
+    parse_key(key).map(|_| ())
 }
 
 fn parse_key(key: &str) -> Result<AwsKey, ApiError> {

@@ -188,14 +188,14 @@ async fn create_provider_key(
         return Err(shared_forbidden());
     }
     let api_key = check_api_key(&b.api_key)?;
-    if store::providers::find(&state.db, &b.provider)
-        .await?
-        .is_none()
-    {
+    let Some(provider) = store::providers::find(&state.db, &b.provider).await? else {
         return Err(ApiError::invalid_param(
             "provider",
             format!("unknown provider {:?}", b.provider),
         ));
+    };
+    if provider.kind == "bedrock" {
+        crate::providers::bedrock::check_key(&api_key)?;
     }
     let base_url = match b.base_url.as_deref() {
         Some(u) => Some(check_user_base_url(&state, u).await?),
@@ -270,6 +270,13 @@ async fn update_provider_key(
         .as_deref()
         .map(check_api_key)
         .transpose()?;
+    if let Some(k) = &api_key
+        && store::providers::find(&state.db, &before.provider_key)
+            .await?
+            .is_some_and(|p| p.kind == "bedrock")
+    {
+        crate::providers::bedrock::check_key(k)?;
+    }
     let base_url = match b.base_url {
         Some(Some(u)) => Some(Some(check_user_base_url(&state, &u).await?)),
         Some(None) => Some(None),
