@@ -1,43 +1,188 @@
-//! The real OpenAI Python SDK against tollgate: non-stream, stream, stream with usage,
-//! embeddings, errors, model list.
+//! The real OpenAI and Anthropic Python SDKs against tollgate: chat completions, embeddings,
+//! errors and the model list (`openai_sdk.py`); the Responses API with its stored state, the
+//! Conversations API and stored chat completions (`openai_responses.py`); the Anthropic Messages
+//! API passed through and translated (`anthropic_sdk.py`).
 //!
-//! Needs a Python with the `openai` package: `TOLLGATE_TEST_PYTHON=/path/to/venv/bin/python`.
-//! `.ci/run` creates that venv and sets the variable, so in CI this test always runs (and fails
-//! if the interpreter or the package is missing); without the variable it only says so.
+//! Needs a Python with the `openai` and `anthropic` packages:
+//! `TOLLGATE_TEST_PYTHON=/path/to/venv/bin/python`. `.ci/run` creates that venv and sets the
+//! variable, so in CI these tests always run (and fail if the interpreter or a package is
+//! missing); without the variable they only say so.
 
 mod common;
 
+use std::sync::{Arc, Mutex};
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
 use common::TestApp;
-use common::gateway::{setup, wait_records};
-use serde_json::Value;
+use common::gateway::{Gateway, PROVIDER_SECRET, new_key, setup, wait_records};
+use common::mock::{TOOL_ARGS, TOOL_CALL_ID};
+use serde_json::{Value, json};
+
+/// The interpreter to run the SDK scripts with, or `None` (and a note) when it is not set.
+fn python() -> Option<String> {
+    let p = std::env::var("TOLLGATE_TEST_PYTHON").ok();
+    if p.is_none() {
+        eprintln!(
+            "TOLLGATE_TEST_PYTHON is not set: the SDK tests need a Python with `openai` and `anthropic` installed (see .ci/run)"
+        );
+    }
+    p
+}
+
+/// Runs `tests/sdk/<script>` with `env`; returns the JSON it printed. A script that exits
+/// non-zero fails the test with every step's error.
+async fn run_script(python: &str, script: &str, env: &[(&str, String)]) -> Value {
+    let path = format!("{}/tests/sdk/{script}", env!("CARGO_MANIFEST_DIR"));
+    let mut cmd = tokio::process::Command::new(python);
+    cmd.arg(&path);
+    for name in [
+        "OPENAI_ORG_ID",
+        "OPENAI_PROJECT_ID",
+        "OPENAI_BASE_URL",
+        "OPENAI_API_KEY",
+        "ANTHROPIC_BASE_URL",
+        "ANTHROPIC_API_KEY",
+        "ANTHROPIC_AUTH_TOKEN",
+    ] {
+        cmd.env_remove(name);
+    }
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd
+        .output()
+        .await
+        .unwrap_or_else(|e| panic!("running {python} {path}: {e}"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let parsed: Option<Value> = serde_json::from_str(stdout.trim()).ok();
+    if !out.status.success() {
+        let errors = parsed
+            .as_ref()
+            .and_then(|v| v["errors"].as_object())
+            .map(|e| {
+                e.iter()
+                    .map(|(step, tb)| format!("--- step {step}:\n{}", tb.as_str().unwrap_or("")))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            })
+            .unwrap_or_default();
+        panic!("{script} failed\n{errors}\nstdout: {stdout}\nstderr: {stderr}");
+    }
+    parsed.unwrap_or_else(|| panic!("{script} printed no JSON: {stdout}\nstderr: {stderr}"))
+}
+
+/// Usage records of the signed-in user that `pred` picks, polled until `n` of them exist.
+async fn records_where(
+    app: &TestApp,
+    token: &str,
+    n: usize,
+    pred: impl Fn(&Value) -> bool,
+) -> Vec<Value> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        let (s, b) = app
+            .get("/api/me/usage/records?per_page=100", Some(token))
+            .await;
+        assert_eq!(s, 200, "{b}");
+        let picked: Vec<Value> = b["data"]
+            .as_array()
+            .map(|d| d.iter().filter(|r| pred(r)).cloned().collect())
+            .unwrap_or_default();
+        if picked.len() >= n {
+            return picked;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "only {} of {n} usage records arrived: {b}",
+            picked.len()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+}
+
+/// Adds a chat model to a provider the gateway already has.
+async fn add_model(app: &TestApp, g: &Gateway, name: &str, provider: &str, upstream: &str) {
+    let (s, b) = app
+        .post(
+            "/api/admin/models",
+            Some(&g.admin),
+            json!({"name": name, "provider": provider, "upstream_model": upstream, "type": "chat",
+                   "input_price_per_1m": 3.0, "output_price_per_1m": 15.0,
+                   "cached_input_price_per_1m": 0.3, "cache_write_input_price_per_1m": 3.75,
+                   "max_output_tokens": 1000}),
+        )
+        .await;
+    assert_eq!(s, 201, "model {name}: {b}");
+}
+
+/// Adds a provider of `kind` at `base_url` (extra fields merged in), and the user's key for it.
+async fn add_provider(
+    app: &TestApp,
+    g: &Gateway,
+    key: &str,
+    kind: &str,
+    base_url: &str,
+    extra: Value,
+) {
+    let mut body = json!({"key": key, "display_name": key, "base_url": base_url, "kind": kind});
+    if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
+        b.extend(e.clone());
+    }
+    let (s, b) = app.post("/api/admin/providers", Some(&g.admin), body).await;
+    assert_eq!(s, 201, "provider {key}: {b}");
+    let (s, b) = app
+        .post(
+            "/api/provider-keys",
+            Some(&g.user),
+            json!({"provider": key, "api_key": PROVIDER_SECRET}),
+        )
+        .await;
+    assert_eq!(s, 201, "provider key {key}: {b}");
+}
+
+/// Starts `app` on 127.0.0.1:0; returns its base URL (`…/v1`).
+async fn serve(app: Router) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    format!("http://{addr}/v1")
+}
+
+fn sse_response(events: &[(&str, Value)]) -> Response {
+    let text: String = events
+        .iter()
+        .map(|(name, data)| format!("event: {name}\ndata: {data}\n\n"))
+        .collect();
+    Response::builder()
+        .header(header::CONTENT_TYPE, "text/event-stream")
+        .body(Body::from(text))
+        .expect("response")
+}
 
 #[tokio::test]
 async fn openai_python_sdk_works_unchanged() {
-    let Ok(python) = std::env::var("TOLLGATE_TEST_PYTHON") else {
-        eprintln!(
-            "TOLLGATE_TEST_PYTHON is not set: the OpenAI SDK test needs a Python with `openai` installed (see .ci/run)"
-        );
-        return;
-    };
+    let Some(python) = python() else { return };
     let app = TestApp::spawn().await;
     let gw = setup(&app).await;
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sdk/openai_sdk.py");
-    let out = tokio::process::Command::new(&python)
-        .arg(script)
-        .env("OPENAI_BASE_URL", app.url("/v1"))
-        .env("OPENAI_API_KEY", &gw.key)
-        .env_remove("OPENAI_ORG_ID")
-        .env_remove("OPENAI_PROJECT_ID")
-        .output()
-        .await
-        .unwrap_or_else(|e| panic!("running {python}: {e}"));
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "SDK script failed\nstdout: {stdout}\nstderr: {stderr}"
-    );
-    let r: Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}"));
+    let r = run_script(
+        &python,
+        "openai_sdk.py",
+        &[
+            ("OPENAI_BASE_URL", app.url("/v1")),
+            ("OPENAI_API_KEY", gw.key.clone()),
+        ],
+    )
+    .await;
 
     assert_eq!(r["non_stream"]["model"], "gpt-test");
     assert_eq!(r["non_stream"]["content"], "Hello from mock");
@@ -67,4 +212,827 @@ async fn openai_python_sdk_works_unchanged() {
     let recs = wait_records(&app, &gw.user, 5).await;
     assert_eq!(recs.len(), 5);
     assert!(recs.iter().all(|r| r["tokens_estimated"] == false));
+}
+
+// ------------------------------------------------------------------------------------------------
+// A Responses-capable upstream (`supports_responses: true`), in the shapes of OpenAI's API
+// reference: the full event sequence a real one streams, so the SDK's stream accumulator is
+// exercised on relayed events, not only on tollgate's own.
+// ------------------------------------------------------------------------------------------------
+
+const UPSTREAM_TEXT: [&str; 2] = ["Upstream", " says hi"];
+
+/// The response object for request `req`: its `instructions` and `metadata` echoed, as OpenAI's.
+fn upstream_response(req: &Value, status: &str, done: bool) -> Value {
+    let text = UPSTREAM_TEXT.concat();
+    let output = if done {
+        json!([{"id": "msg_up", "type": "message", "status": "completed", "role": "assistant",
+                "content": [{"type": "output_text", "text": text, "annotations": []}]}])
+    } else {
+        json!([])
+    };
+    let usage = if done {
+        json!({"input_tokens": 9, "input_tokens_details": {"cached_tokens": 2}, "output_tokens": 4,
+               "output_tokens_details": {"reasoning_tokens": 1}, "total_tokens": 13})
+    } else {
+        Value::Null
+    };
+    json!({"id": "resp_upstream", "object": "response", "created_at": 1_741_476_542, "status": status,
+        "error": null, "incomplete_details": null, "instructions": req["instructions"], "max_output_tokens": null,
+        "model": req["model"], "output": output, "parallel_tool_calls": true, "previous_response_id": null,
+        "reasoning": {"effort": null, "summary": null}, "store": false, "temperature": 1.0,
+        "text": {"format": {"type": "text"}}, "tool_choice": "auto", "tools": [], "top_p": 1.0,
+        "truncation": "disabled", "usage": usage, "user": null,
+        "metadata": req.get("metadata").cloned().unwrap_or_else(|| json!({}))})
+}
+
+async fn responses_upstream() -> (Arc<Mutex<Vec<Value>>>, String) {
+    let seen: Arc<Mutex<Vec<Value>>> = Arc::default();
+    let s2 = seen.clone();
+    let app = Router::new().fallback(move |body: Bytes| {
+        let seen = s2.clone();
+        async move {
+            let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+            seen.lock().expect("lock").push(v.clone());
+            if v["stream"] != true {
+                return axum::Json(upstream_response(&v, "completed", true)).into_response();
+            }
+            let text = UPSTREAM_TEXT.concat();
+            let part = |t: &str| json!({"type": "output_text", "text": t, "annotations": []});
+            let mut events = vec![
+                ("response.created", json!({"type": "response.created", "response": upstream_response(&v, "in_progress", false)})),
+                ("response.in_progress", json!({"type": "response.in_progress", "response": upstream_response(&v, "in_progress", false)})),
+                ("response.output_item.added", json!({"type": "response.output_item.added", "output_index": 0,
+                    "item": {"id": "msg_up", "type": "message", "status": "in_progress", "role": "assistant", "content": []}})),
+                ("response.content_part.added", json!({"type": "response.content_part.added", "item_id": "msg_up",
+                    "output_index": 0, "content_index": 0, "part": part("")})),
+            ];
+            for d in UPSTREAM_TEXT {
+                events.push(("response.output_text.delta", json!({"type": "response.output_text.delta",
+                    "item_id": "msg_up", "output_index": 0, "content_index": 0, "delta": d, "logprobs": []})));
+            }
+            events.extend([
+                ("response.output_text.done", json!({"type": "response.output_text.done", "item_id": "msg_up",
+                    "output_index": 0, "content_index": 0, "text": text, "logprobs": []})),
+                ("response.content_part.done", json!({"type": "response.content_part.done", "item_id": "msg_up",
+                    "output_index": 0, "content_index": 0, "part": part(&text)})),
+                ("response.output_item.done", json!({"type": "response.output_item.done", "output_index": 0,
+                    "item": {"id": "msg_up", "type": "message", "status": "completed", "role": "assistant",
+                             "content": [part(&text)]}})),
+                ("response.completed", json!({"type": "response.completed", "response": upstream_response(&v, "completed", true)})),
+            ]);
+            for (i, (_, e)) in events.iter_mut().enumerate() {
+                e["sequence_number"] = json!(i);
+            }
+            sse_response(&events)
+        }
+    });
+    (seen, serve(app).await)
+}
+
+/// The text of a chat message's `content` (a string, or text parts).
+fn content_text(m: &Value) -> String {
+    match &m["content"] {
+        Value::String(s) => s.clone(),
+        Value::Array(parts) => parts.iter().filter_map(|p| p["text"].as_str()).collect(),
+        _ => String::new(),
+    }
+}
+
+/// The chat request the mock upstream received whose last message says `text`.
+fn upstream_chat_ending_with(g: &Gateway, text: &str) -> Value {
+    g.mock
+        .requests()
+        .into_iter()
+        .rev()
+        .find(|r| {
+            r.body["messages"]
+                .as_array()
+                .and_then(|m| m.last())
+                .is_some_and(|m| content_text(m) == text)
+        })
+        .unwrap_or_else(|| panic!("no upstream request ends with {text:?}"))
+        .body
+}
+
+fn roles_and_texts(req: &Value) -> Vec<(String, String)> {
+    req["messages"]
+        .as_array()
+        .expect("messages")
+        .iter()
+        .map(|m| {
+            (
+                m["role"].as_str().unwrap_or_default().to_owned(),
+                content_text(m),
+            )
+        })
+        .collect()
+}
+
+fn pairs(v: &[(&str, &str)]) -> Vec<(String, String)> {
+    v.iter()
+        .map(|(a, b)| ((*a).to_owned(), (*b).to_owned()))
+        .collect()
+}
+
+#[tokio::test]
+async fn openai_sdk_responses_conversations_and_stored_completions() {
+    let Some(python) = python() else { return };
+    let app = TestApp::spawn().await;
+    let g = setup(&app).await;
+    add_model(&app, &g, "gpt-tool", "mock", "tool").await;
+    let (seen, base) = responses_upstream().await;
+    add_provider(
+        &app,
+        &g,
+        "oai",
+        "openai",
+        &base,
+        json!({"supports_responses": true}),
+    )
+    .await;
+    add_model(&app, &g, "o-resp", "oai", "o-up").await;
+    let openai_env = |model: &str| {
+        vec![
+            ("OPENAI_BASE_URL", app.url("/v1")),
+            ("OPENAI_API_KEY", g.key.clone()),
+            ("TG_MODEL", model.to_owned()),
+        ]
+    };
+
+    // ---- A chat-only upstream: /v1/responses translated, state kept by tollgate. ----
+    let mut env = openai_env("gpt-test");
+    env.push(("TG_TOOL_MODEL", "gpt-tool".to_owned()));
+    env.push(("TG_FULL", "1".to_owned()));
+    let r = run_script(&python, "openai_responses.py", &env).await;
+    const TEXT: &str = "Hello from mock";
+    let want_usage = json!({"input_tokens": 11, "output_tokens": 7, "total_tokens": 18,
+                            "cached_tokens": 0, "reasoning_tokens": 0});
+
+    let c = &r["create"];
+    let first_id = c["id"].as_str().expect("id").to_owned();
+    assert!(first_id.starts_with("resp_"), "{c}");
+    assert_eq!(c["object"], "response");
+    assert_eq!(c["status"], "completed");
+    assert_eq!(c["model"], "gpt-test");
+    assert_eq!(c["text"], TEXT);
+    assert_eq!(c["output_types"], json!(["message"]));
+    assert_eq!(c["usage"], want_usage);
+    assert_eq!(c["instructions"], "Be brief.");
+    assert_eq!(c["metadata"], json!({"run": "sdk"}));
+    let up = upstream_chat_ending_with(&g, "Hi there");
+    assert_eq!(
+        roles_and_texts(&up),
+        pairs(&[("system", "Be brief."), ("user", "Hi there")])
+    );
+
+    for name in ["stream", "streamed_follow_up"] {
+        let s = &r[name];
+        assert_eq!(s["first"], "response.created", "{name}: {s}");
+        assert_eq!(s["last"], "response.completed", "{name}: {s}");
+        assert_eq!(s["completed_events"], 1, "{name}: {s}");
+        assert_eq!(s["sequence_ok"], true, "{name}: {s}");
+        assert_eq!(s["deltas"], TEXT, "{name}: {s}");
+        assert_eq!(s["final_text"], TEXT, "{name}: {s}");
+        assert_eq!(s["done_texts"], json!([TEXT]), "{name}: {s}");
+        assert_eq!(s["usage"], want_usage, "{name}: {s}");
+        let id = s["final_id"].as_str().expect("final id");
+        assert!(id.starts_with("resp_") && id != first_id, "{name}: {s}");
+        assert_eq!(
+            s["created_id"], id,
+            "{name}: one id from created to completed"
+        );
+    }
+    let h = &r["stream_helper"];
+    assert_eq!(h["deltas"], TEXT, "{h}");
+    assert_eq!(h["final_text"], TEXT, "{h}");
+    assert_eq!(h["usage"], want_usage, "{h}");
+    assert!(
+        h["id"].as_str().is_some_and(|i| i.starts_with("resp_")),
+        "{h}"
+    );
+
+    // previous_response_id: tollgate sends the whole chain; instructions are not inherited.
+    let f = &r["follow_up"];
+    assert_eq!(f["text"], TEXT);
+    assert_eq!(f["previous_response_id"], first_id.as_str(), "{f}");
+    let up = upstream_chat_ending_with(&g, "And again");
+    assert_eq!(
+        roles_and_texts(&up),
+        pairs(&[
+            ("user", "Hi there"),
+            ("assistant", TEXT),
+            ("user", "And again")
+        ])
+    );
+    let up = upstream_chat_ending_with(&g, "Once more");
+    assert_eq!(
+        roles_and_texts(&up),
+        pairs(&[
+            ("user", "Hi there"),
+            ("assistant", TEXT),
+            ("user", "And again"),
+            ("assistant", TEXT),
+            ("user", "Once more"),
+        ]),
+        "a stream chained on a response made just before it"
+    );
+
+    let got = &r["retrieve"];
+    assert_eq!(got["id"], first_id.as_str());
+    assert_eq!(got["status"], "completed");
+    assert_eq!(got["model"], "gpt-test");
+    assert_eq!(got["text"], TEXT);
+    assert_eq!(got["usage"], want_usage);
+    assert_eq!(got["metadata"], json!({"run": "sdk"}));
+    let items = r["input_items"]["items"].as_array().expect("items");
+    assert!(
+        items
+            .iter()
+            .any(|i| i["type"] == "message" && i["role"] == "user" && i["text"] == "And again"),
+        "{items:?}"
+    );
+    assert!(
+        items
+            .iter()
+            .all(|i| i["id"].as_str().is_some_and(|id| !id.is_empty())),
+        "every input item has an id: {items:?}"
+    );
+    assert_eq!(r["delete"]["retrieve_after"], 404);
+    assert_eq!(r["delete"]["delete_again"], 404);
+
+    // A function tool, called by the upstream, answered with function_call_output.
+    let t = &r["tool_round_trip"];
+    assert_eq!(t["calls"], 1, "{t}");
+    assert_eq!(t["name"], "get_weather");
+    assert_eq!(t["arguments"], json!({"city": "Paris"}));
+    assert_eq!(t["call_id"], TOOL_CALL_ID);
+    assert!(
+        t["item_id"].as_str().is_some_and(|i| i.starts_with("fc_")),
+        "{t}"
+    );
+    assert_eq!(t["text_after"], TEXT);
+    assert_eq!(t["output_types_after"], json!(["message"]));
+    let tool_turns: Vec<Value> = g
+        .mock
+        .requests()
+        .into_iter()
+        .filter(|q| q.body["model"] == "tool")
+        .map(|q| q.body)
+        .collect();
+    assert_eq!(tool_turns.len(), 4, "two round trips");
+    let first_turn = &tool_turns[0];
+    assert_eq!(first_turn["tools"][0]["type"], "function");
+    assert_eq!(first_turn["tools"][0]["function"]["name"], "get_weather");
+    assert_eq!(
+        first_turn["tools"][0]["function"]["parameters"]["required"],
+        json!(["city"])
+    );
+    for (turn, output) in [
+        (
+            &tool_turns[1],
+            r#"{"temp_c": 21, "sky": "clear"}"#.to_owned(),
+        ),
+        (&tool_turns[3], "21C".to_owned()),
+    ] {
+        let msgs = turn["messages"].as_array().expect("messages");
+        assert_eq!(msgs.len(), 3, "user, assistant's call, tool result: {turn}");
+        assert_eq!(msgs[1]["role"], "assistant");
+        assert_eq!(msgs[1]["tool_calls"][0]["id"], TOOL_CALL_ID, "{turn}");
+        assert_eq!(msgs[1]["tool_calls"][0]["function"]["name"], "get_weather");
+        assert_eq!(
+            msgs[1]["tool_calls"][0]["function"]["arguments"],
+            TOOL_ARGS.concat()
+        );
+        assert_eq!(msgs[2]["role"], "tool");
+        assert_eq!(msgs[2]["tool_call_id"], TOOL_CALL_ID);
+        assert_eq!(content_text(&msgs[2]), output, "{turn}");
+    }
+    let t = &r["tool_stream"];
+    assert!(
+        t["added"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|x| x == "function_call")),
+        "{t}"
+    );
+    assert_eq!(t["arg_deltas"], TOOL_ARGS.concat());
+    assert_eq!(t["name"], "get_weather");
+    assert_eq!(t["arguments"], json!({"city": "Paris"}));
+    assert_eq!(t["call_id"], TOOL_CALL_ID);
+    assert_eq!(t["text_after"], TEXT);
+    assert_eq!(t["store_after"], false);
+
+    // The Conversations API: initial items, two turns, listed in order, deleted.
+    let cv = &r["conversation"];
+    let conv_id = cv["id"].as_str().expect("conv id").to_owned();
+    assert!(conv_id.starts_with("conv_"), "{cv}");
+    assert_eq!(cv["object"], "conversation");
+    assert_eq!(cv["metadata"], json!({"topic": "sdk"}));
+    assert_eq!(cv["first_text"], TEXT);
+    assert_eq!(cv["second_text"], TEXT);
+    assert_eq!(cv["response_conversation"], conv_id.as_str());
+    let listed: Vec<(String, String)> = cv["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .map(|i| {
+            assert_eq!(i["type"], "message", "{i}");
+            (
+                i["role"].as_str().unwrap_or_default().to_owned(),
+                i["text"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    let want = pairs(&[
+        ("user", "My colour is blue."),
+        ("user", "What colour?"),
+        ("assistant", TEXT),
+        ("user", "And now?"),
+        ("assistant", TEXT),
+    ]);
+    assert_eq!(listed, want, "a turn's items are there for the next call");
+    assert_eq!(cv["has_more"], false);
+    assert_eq!(
+        roles_and_texts(&upstream_chat_ending_with(&g, "And now?")),
+        want[..4].to_vec()
+    );
+    assert_eq!(
+        cv["deleted"],
+        json!({"id": conv_id, "object": "conversation.deleted", "deleted": true})
+    );
+    assert_eq!(cv["retrieve_after"], 404);
+
+    // Stored chat completions: kept by tollgate, listed by metadata, updated, deleted.
+    let sc = &r["stored_completions"];
+    let ids: Vec<String> = sc["ids"]
+        .as_array()
+        .expect("ids")
+        .iter()
+        .map(|i| i.as_str().expect("id").to_owned())
+        .collect();
+    assert!(ids.iter().all(|i| i.starts_with("chatcmpl-")), "{ids:?}");
+    assert_eq!(sc["retrieved"]["id"], ids[0].as_str());
+    assert_eq!(sc["retrieved"]["model"], "gpt-test");
+    assert_eq!(sc["retrieved"]["text"], TEXT);
+    assert_eq!(sc["retrieved"]["metadata"], json!({"run": "sdk", "n": "0"}));
+    assert_eq!(sc["retrieved"]["prompt_tokens"], 11);
+    let mut sorted = ids.clone();
+    sorted.sort();
+    assert_eq!(sc["listed"], json!(sorted), "only the stored ones");
+    assert_eq!(sc["listed_n1"], json!([ids[1]]));
+    let msgs = sc["messages"].as_array().expect("messages");
+    assert!(
+        msgs.iter()
+            .any(|m| m["role"] == "user" && m["content"] == "Hi 0"),
+        "{msgs:?}"
+    );
+    assert_eq!(
+        sc["updated_metadata"],
+        json!({"run": "sdk", "n": "0", "x": "y"})
+    );
+    assert_eq!(
+        sc["deleted"],
+        json!({"id": ids[1], "object": "chat.completion.deleted", "deleted": true})
+    );
+    assert_eq!(sc["retrieve_after"], 404);
+    let stored_turn = upstream_chat_ending_with(&g, "Hi 0");
+    assert!(
+        stored_turn.get("store").is_none() && stored_turn.get("metadata").is_none(),
+        "store and metadata stay with the gateway: {stored_turn}"
+    );
+
+    // ---- A Responses-capable upstream: relayed statelessly, under tollgate's ids. ----
+    let r = run_script(&python, "openai_responses.py", &openai_env("o-resp")).await;
+    const UP: &str = "Upstream says hi";
+    let up_usage = json!({"input_tokens": 9, "output_tokens": 4, "total_tokens": 13,
+                          "cached_tokens": 2, "reasoning_tokens": 1});
+    let c = &r["create"];
+    let up_first = c["id"].as_str().expect("id").to_owned();
+    assert!(
+        up_first.starts_with("resp_") && up_first != "resp_upstream",
+        "{c}"
+    );
+    assert_eq!(c["model"], "o-resp");
+    assert_eq!(c["text"], UP);
+    assert_eq!(c["usage"], up_usage);
+    assert_eq!(c["instructions"], "Be brief.", "forwarded, and echoed: {c}");
+    assert_eq!(c["metadata"], json!({"run": "sdk"}), "{c}");
+    assert_eq!(r["retrieve"]["metadata"], json!({"run": "sdk"}));
+    for name in ["stream", "streamed_follow_up"] {
+        let s = &r[name];
+        assert_eq!(s["deltas"], UP, "{name}: {s}");
+        assert_eq!(s["final_text"], UP, "{name}: {s}");
+        assert_eq!(s["sequence_ok"], true, "{name}: {s}");
+        assert_eq!(s["usage"], up_usage, "{name}: {s}");
+        let id = s["final_id"].as_str().expect("final id");
+        assert!(
+            id.starts_with("resp_") && id != "resp_upstream",
+            "{name}: {s}"
+        );
+        assert_eq!(s["created_id"], id, "{name}: {s}");
+    }
+    assert_eq!(r["stream_helper"]["final_text"], UP);
+    assert_eq!(r["follow_up"]["text"], UP);
+    assert_eq!(r["retrieve"]["id"], up_first.as_str());
+    assert_eq!(r["retrieve"]["text"], UP);
+    assert_eq!(r["retrieve"]["model"], "o-resp");
+    assert_eq!(r["delete"]["retrieve_after"], 404);
+    let seen = seen.lock().expect("lock").clone();
+    assert!(
+        seen.iter()
+            .all(|q| q["store"] == false && q.get("previous_response_id").is_none())
+    );
+    let last = seen.last().expect("a request");
+    let input = last["input"].as_array().expect("input");
+    assert_eq!(input.len(), 5, "the whole chain, sent by tollgate: {last}");
+
+    // ---- Every call is one usage record with the upstream's own counts. ----
+    let ok = |r: &Value, model: &str, endpoint: &str| {
+        r["model"] == model && r["endpoint"] == endpoint && r["status"] == 200
+    };
+    let recs = records_where(&app, &g.user, 7, |r| ok(r, "gpt-test", "responses")).await;
+    assert_eq!(
+        recs.len(),
+        7,
+        "create, stream, helper, 2 follow-ups, 2 conversation turns"
+    );
+    for rec in &recs {
+        assert_eq!(rec["prompt_tokens"], 11, "{rec}");
+        assert_eq!(rec["completion_tokens"], 7, "{rec}");
+        assert_eq!(rec["tokens_estimated"], false, "{rec}");
+    }
+    assert!(recs.iter().any(|x| x["response_id"] == first_id.as_str()));
+    assert_eq!(
+        recs.iter()
+            .filter(|x| x["conversation_id"] == conv_id.as_str())
+            .count(),
+        2
+    );
+    let recs = records_where(&app, &g.user, 4, |r| ok(r, "gpt-tool", "responses")).await;
+    assert_eq!(recs.len(), 4);
+    let recs = records_where(&app, &g.user, 3, |r| ok(r, "gpt-test", "chat.completions")).await;
+    assert_eq!(recs.len(), 3);
+    let recs = records_where(&app, &g.user, 5, |r| ok(r, "o-resp", "responses")).await;
+    assert_eq!(recs.len(), 5, "create, stream, helper, 2 follow-ups");
+    for rec in &recs {
+        assert_eq!(rec["prompt_tokens"], 9, "{rec}");
+        assert_eq!(rec["cached_tokens"], 2, "{rec}");
+        assert_eq!(rec["reasoning_tokens"], 1, "{rec}");
+    }
+    // Stored-state calls are metered too (cost 0): per run a retrieve, the input items, a delete,
+    // and the retrieve and delete that found nothing.
+    let recs = records_where(&app, &g.user, 10, |r| r["endpoint"] == "responses.stored").await;
+    assert_eq!(recs.len(), 10);
+    assert!(recs.iter().all(|r| r["cost_usd"].as_f64() == Some(0.0)));
+    app.stop().await;
+}
+
+// ------------------------------------------------------------------------------------------------
+// A scripted Anthropic Messages API (as tests/protocols.rs's): `claude-ok` answers text, or a
+// `tool_use` of the request's first tool when it has tools and the last turn is not a
+// `tool_result`; `claude-overloaded` is a 529; `count_tokens` says 42.
+// ------------------------------------------------------------------------------------------------
+
+const CLAUDE_TEXT: [&str; 2] = ["Hello", " from claude"];
+const TOOLU_ID: &str = "toolu_mock_1";
+
+#[derive(Clone, Default)]
+struct Anthropic {
+    requests: Arc<Mutex<Vec<(String, Value)>>>,
+}
+
+fn wants_tool_use(body: &Value) -> Option<String> {
+    let name = body["tools"][0]["name"].as_str()?.to_owned();
+    let last = body["messages"].as_array()?.last()?;
+    let answered = last["content"]
+        .as_array()
+        .is_some_and(|c| c.iter().any(|b| b["type"] == "tool_result"));
+    (!answered).then_some(name)
+}
+
+async fn anthropic_handle(State(m): State<Anthropic>, uri: Uri, body: Bytes) -> Response {
+    let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    m.requests
+        .lock()
+        .expect("lock")
+        .push((uri.path().to_owned(), body.clone()));
+    if uri.path().ends_with("/messages/count_tokens") {
+        return axum::Json(json!({"input_tokens": 42})).into_response();
+    }
+    if body["model"] == "claude-overloaded" {
+        return (
+            StatusCode::from_u16(529).expect("status"),
+            axum::Json(json!({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}})),
+        )
+            .into_response();
+    }
+    let tool = wants_tool_use(&body);
+    let usage = json!({"input_tokens": 20, "cache_read_input_tokens": 30, "cache_creation_input_tokens": 10, "output_tokens": 6});
+    let stop = if tool.is_some() {
+        "tool_use"
+    } else {
+        "end_turn"
+    };
+    if body["stream"] != true {
+        let mut content = vec![json!({"type": "text", "text": CLAUDE_TEXT.concat()})];
+        if let Some(name) = &tool {
+            content.push(json!({"type": "tool_use", "id": TOOLU_ID, "name": name, "input": {"city": "Paris"}}));
+        }
+        return axum::Json(json!({
+            "id": "msg_mock", "type": "message", "role": "assistant", "model": body["model"],
+            "content": content, "stop_reason": stop, "stop_sequence": null, "usage": usage
+        }))
+        .into_response();
+    }
+    let mut events = vec![
+        (
+            "message_start",
+            json!({"type": "message_start", "message": {"id": "msg_mock", "type": "message", "role": "assistant",
+            "model": body["model"], "content": [], "stop_reason": null, "stop_sequence": null,
+            "usage": {"input_tokens": 20, "cache_read_input_tokens": 30, "cache_creation_input_tokens": 10, "output_tokens": 1}}}),
+        ),
+        (
+            "content_block_start",
+            json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+        ),
+        ("ping", json!({"type": "ping"})),
+    ];
+    for t in CLAUDE_TEXT {
+        events.push(("content_block_delta", json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": t}})));
+    }
+    events.push((
+        "content_block_stop",
+        json!({"type": "content_block_stop", "index": 0}),
+    ));
+    if let Some(name) = &tool {
+        events.push((
+            "content_block_start",
+            json!({"type": "content_block_start", "index": 1,
+            "content_block": {"type": "tool_use", "id": TOOLU_ID, "name": name, "input": {}}}),
+        ));
+        for piece in TOOL_ARGS {
+            events.push((
+                "content_block_delta",
+                json!({"type": "content_block_delta", "index": 1,
+                "delta": {"type": "input_json_delta", "partial_json": piece}}),
+            ));
+        }
+        events.push((
+            "content_block_stop",
+            json!({"type": "content_block_stop", "index": 1}),
+        ));
+    }
+    events.extend([
+        ("message_delta", json!({"type": "message_delta", "delta": {"stop_reason": stop, "stop_sequence": null}, "usage": {"output_tokens": 6}})),
+        ("message_stop", json!({"type": "message_stop"})),
+    ]);
+    sse_response(&events)
+}
+
+impl Anthropic {
+    async fn start() -> (Self, String) {
+        let m = Anthropic::default();
+        let app = Router::new()
+            .fallback(anthropic_handle)
+            .with_state(m.clone());
+        (m.clone(), serve(app).await)
+    }
+
+    fn requests(&self) -> Vec<(String, Value)> {
+        self.requests.lock().expect("lock").clone()
+    }
+}
+
+#[tokio::test]
+async fn anthropic_sdk_passed_through_and_translated() {
+    let Some(python) = python() else { return };
+    let app = TestApp::spawn().await;
+    let g = setup(&app).await;
+    add_model(&app, &g, "gpt-tool", "mock", "tool").await;
+    let (anthropic, base) = Anthropic::start().await;
+    add_provider(&app, &g, "claude", "anthropic", &base, json!({})).await;
+    add_model(&app, &g, "claude", "claude", "claude-ok").await;
+    add_model(&app, &g, "claude-overloaded", "claude", "claude-overloaded").await;
+    // A key whose budget covers no request (each may cost up to 1000 × $15 / 1M).
+    let (poor, _) = new_key(
+        &app,
+        &g.user,
+        json!({"name": "poor", "budget_usd": 0.000001}),
+    )
+    .await;
+    let env = |model: &str, tool: &str, error: &str| {
+        vec![
+            ("ANTHROPIC_BASE_URL", app.base.clone()),
+            ("ANTHROPIC_API_KEY", g.key.clone()),
+            ("TG_MODEL", model.to_owned()),
+            ("TG_TOOL_MODEL", tool.to_owned()),
+            ("TG_ERROR_MODEL", error.to_owned()),
+            ("TG_POOR_KEY", poor.clone()),
+        ]
+    };
+
+    // ---- (a) An `anthropic` provider: passed through, model replaced. ----
+    let r = run_script(
+        &python,
+        "anthropic_sdk.py",
+        &env("claude", "claude", "claude-overloaded"),
+    )
+    .await;
+    let claude_usage = json!({"input_tokens": 20, "output_tokens": 6,
+                              "cache_read_input_tokens": 30, "cache_creation_input_tokens": 10});
+    let m = &r["create"];
+    assert_eq!(m["type"], "message");
+    assert_eq!(m["role"], "assistant");
+    // The answer comes back untouched (README, "Other protocols and providers"): the upstream's
+    // model name, unlike the OpenAI chat pass-through which puts the client's back.
+    assert_eq!(m["model"], "claude-ok", "{m}");
+    assert_eq!(m["text"], CLAUDE_TEXT.concat());
+    assert_eq!(m["stop_reason"], "end_turn");
+    assert_eq!(m["usage"], claude_usage);
+    let s = &r["stream"];
+    assert_eq!(s["first_event"], "message_start");
+    assert_eq!(s["saw_stop"], true);
+    assert_eq!(s["deltas"], CLAUDE_TEXT.concat());
+    assert_eq!(s["text"], CLAUDE_TEXT.concat());
+    assert_eq!(s["model"], "claude-ok", "{s}");
+    assert_eq!(s["stop_reason"], "end_turn");
+    assert_eq!(s["usage"], claude_usage);
+    for name in ["tool_use", "tool_use_stream"] {
+        let t = &r[name];
+        assert_eq!(t["uses"], 1, "{name}: {t}");
+        assert_eq!(t["id"], TOOLU_ID, "{name}: {t}");
+        assert_eq!(t["name"], "get_weather");
+        assert_eq!(t["input"], json!({"city": "Paris"}), "{name}: {t}");
+        assert_eq!(t["stop_reason"], "tool_use");
+        assert_eq!(t["after"]["text"], CLAUDE_TEXT.concat());
+        assert_eq!(t["after"]["stop_reason"], "end_turn");
+    }
+    assert_eq!(r["tool_use_stream"]["partial_json"], TOOL_ARGS.concat());
+    assert_eq!(r["count_tokens"]["input_tokens"], 42);
+    let reqs = anthropic.requests();
+    let results: Vec<&Value> = reqs
+        .iter()
+        .filter(|(_, b)| {
+            b["messages"]
+                .as_array()
+                .and_then(|m| m.last())
+                .is_some_and(|m| m["content"][0]["type"] == "tool_result")
+        })
+        .map(|(_, b)| b)
+        .collect();
+    assert_eq!(results.len(), 2, "two tool_result turns");
+    for b in results {
+        assert_eq!(b["model"], "claude-ok");
+        assert_eq!(b["messages"][1]["content"][1]["type"], "tool_use", "{b}");
+        assert_eq!(b["messages"][2]["content"][0]["tool_use_id"], TOOLU_ID);
+        assert_eq!(b["messages"][2]["content"][0]["content"], "21C and clear");
+    }
+    assert!(reqs.iter().any(|(p, _)| p == "/v1/messages/count_tokens"));
+    let e = &r["errors"];
+    assert_eq!(e.as_object().map(|o| o.len()), Some(0), "{e}");
+    let e = &r["errors_seen"];
+    // A 529 is `OverloadedError` (an `InternalServerError`) in the SDKs that know it.
+    let class = e["upstream"]["class"].as_str().unwrap_or_default();
+    assert!(
+        class == "OverloadedError" || class == "InternalServerError",
+        "{e}"
+    );
+    check_errors(
+        e,
+        json!({"class": class, "expected_class": true, "status": 529,
+               "type": "overloaded_error", "should_retry": null}),
+    );
+
+    // ---- (b) An OpenAI-compatible provider: translated both ways. ----
+    let r = run_script(
+        &python,
+        "anthropic_sdk.py",
+        &env("gpt-test", "gpt-tool", "gpt-500"),
+    )
+    .await;
+    let mock_usage = json!({"input_tokens": 11, "output_tokens": 7,
+                            "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0});
+    let m = &r["create"];
+    assert!(
+        m["id"].as_str().is_some_and(|i| i.starts_with("msg_")),
+        "{m}"
+    );
+    assert_eq!(m["model"], "gpt-test");
+    assert_eq!(m["content_types"], json!(["text"]));
+    assert_eq!(m["text"], "Hello from mock");
+    assert_eq!(m["stop_reason"], "end_turn");
+    assert_eq!(m["usage"], mock_usage, "{m}");
+    let up = upstream_chat_ending_with(&g, "Hello there");
+    assert_eq!(
+        roles_and_texts(&up),
+        pairs(&[("system", "Be brief."), ("user", "Hello there")])
+    );
+    assert_eq!(up["max_tokens"], 100);
+    let s = &r["stream"];
+    assert_eq!(s["first_event"], "message_start");
+    assert_eq!(s["saw_stop"], true);
+    assert_eq!(s["deltas"], "Hello from mock");
+    assert_eq!(s["text"], "Hello from mock");
+    assert_eq!(s["stop_reason"], "end_turn");
+    assert_eq!(s["usage"]["output_tokens"], 7, "{s}");
+    assert_eq!(s["usage"]["input_tokens"], 11, "{s}");
+    assert_eq!(
+        roles_and_texts(&upstream_chat_ending_with(&g, "Again")),
+        pairs(&[
+            ("system", "Be brief."),
+            ("user", "Hi"),
+            ("assistant", "Hello."),
+            ("user", "Again")
+        ])
+    );
+    for name in ["tool_use", "tool_use_stream"] {
+        let t = &r[name];
+        assert_eq!(t["uses"], 1, "{name}: {t}");
+        assert_eq!(t["id"], TOOL_CALL_ID, "{name}: {t}");
+        assert_eq!(t["name"], "get_weather");
+        assert_eq!(t["input"], json!({"city": "Paris"}), "{name}: {t}");
+        assert_eq!(t["stop_reason"], "tool_use", "{name}: {t}");
+        assert_eq!(t["after"]["text"], "Hello from mock");
+        assert_eq!(t["after"]["stop_reason"], "end_turn");
+    }
+    assert_eq!(r["tool_use_stream"]["partial_json"], TOOL_ARGS.concat());
+    let tool_turns: Vec<Value> = g
+        .mock
+        .requests()
+        .into_iter()
+        .filter(|q| q.body["model"] == "tool")
+        .map(|q| q.body)
+        .collect();
+    assert_eq!(tool_turns.len(), 4, "two round trips");
+    assert_eq!(tool_turns[0]["tools"][0]["function"]["name"], "get_weather");
+    for turn in [&tool_turns[1], &tool_turns[3]] {
+        let msgs = turn["messages"].as_array().expect("messages");
+        assert_eq!(msgs.len(), 3, "user, assistant's call, tool result: {turn}");
+        assert_eq!(msgs[1]["tool_calls"][0]["id"], TOOL_CALL_ID, "{turn}");
+        assert_eq!(msgs[2]["role"], "tool");
+        assert_eq!(msgs[2]["tool_call_id"], TOOL_CALL_ID);
+        assert_eq!(content_text(&msgs[2]), "21C and clear", "{turn}");
+    }
+    let counted = r["count_tokens"]["input_tokens"].as_i64().expect("count");
+    assert!(
+        counted > 0 && counted < 100,
+        "the gateway's own count: {counted}"
+    );
+    check_errors(
+        &r["errors_seen"],
+        json!({"class": "InternalServerError", "expected_class": true,
+                                            "status": 500, "type": "api_error", "should_retry": null}),
+    );
+
+    // ---- Usage records: one per call, with the upstream's own counts. ----
+    let ok = |r: &Value, model: &str, endpoint: &str| {
+        r["model"] == model && r["endpoint"] == endpoint && r["status"] == 200
+    };
+    let recs = records_where(&app, &g.user, 6, |r| ok(r, "claude", "messages")).await;
+    assert_eq!(recs.len(), 6, "create, stream, 2 × 2 tool turns");
+    for rec in &recs {
+        assert_eq!(rec["prompt_tokens"], 60, "{rec}");
+        assert_eq!(rec["cached_tokens"], 30, "{rec}");
+        assert_eq!(rec["cache_write_tokens"], 10, "{rec}");
+        assert_eq!(rec["completion_tokens"], 6, "{rec}");
+        assert_eq!(rec["tokens_estimated"], false, "{rec}");
+    }
+    assert_eq!(recs.iter().filter(|x| x["stream"] == true).count(), 2);
+    let recs = records_where(&app, &g.user, 2, |r| ok(r, "gpt-test", "messages")).await;
+    assert_eq!(recs.len(), 2);
+    assert!(
+        recs.iter()
+            .all(|x| x["prompt_tokens"] == 11 && x["completion_tokens"] == 7)
+    );
+    let recs = records_where(&app, &g.user, 4, |r| ok(r, "gpt-tool", "messages")).await;
+    assert_eq!(recs.len(), 4);
+    let recs = records_where(&app, &g.user, 2, |r| {
+        r["endpoint"] == "messages.count_tokens"
+    })
+    .await;
+    assert_eq!(recs.len(), 2);
+    let recs = records_where(&app, &g.user, 1, |r| r["model"] == "claude-overloaded").await;
+    assert_eq!(recs[0]["status"], 529, "{:?}", recs[0]);
+    app.stop().await;
+}
+
+/// The error classes the Anthropic SDK raised: the gateway's own (a wrong key, an exhausted
+/// budget, an unknown model) and `upstream`'s.
+#[track_caller]
+fn check_errors(e: &Value, upstream: Value) {
+    assert_eq!(
+        e["wrong_key"],
+        json!({"class": "AuthenticationError", "expected_class": true, "status": 401,
+               "type": "authentication_error", "should_retry": null}),
+        "{e}"
+    );
+    assert_eq!(
+        e["over_budget"],
+        json!({"class": "RateLimitError", "expected_class": true, "status": 429,
+               "type": "rate_limit_error", "should_retry": "false"}),
+        "{e}"
+    );
+    assert_eq!(e["unknown_model"]["class"], "NotFoundError", "{e}");
+    assert_eq!(e["unknown_model"]["type"], "not_found_error", "{e}");
+    assert_eq!(e["upstream"], upstream, "{e}");
 }

@@ -86,6 +86,7 @@ async fn find(
     user_id: &str,
     id: &str,
 ) -> Result<stored_completions::Model, ApiError> {
+    super::pending::settled(id).await;
     store::get(db, user_id, id)
         .await?
         .ok_or_else(|| find_err(id))
@@ -98,6 +99,7 @@ pub async fn list(
     query: &[(String, String)],
 ) -> Result<Value, ApiError> {
     let params = ListParams::parse(query, Order::Asc)?;
+    super::pending::settled(&super::pending::completions_of(user_id)).await;
     let mut filter = Filter::default();
     for (k, v) in query {
         if k == "model" && !v.is_empty() {
@@ -145,6 +147,7 @@ pub async fn update(
 ) -> Result<Value, ApiError> {
     let metadata = items::metadata(metadata)?;
     let pairs = pairs_of(&metadata);
+    super::pending::settled(id).await;
     let txn = db.begin().await?;
     if !store::set_metadata(
         &txn,
@@ -163,6 +166,7 @@ pub async fn update(
 
 /// `DELETE /v1/chat/completions/{id}`.
 pub async fn delete(db: &DatabaseConnection, user_id: &str, id: &str) -> Result<Value, ApiError> {
+    super::pending::settled(id).await;
     let txn = db.begin().await?;
     if !store::delete(&txn, user_id, id).await? {
         return Err(find_err(id));

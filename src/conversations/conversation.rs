@@ -106,6 +106,7 @@ pub async fn find(
     user_id: &str,
     id: &str,
 ) -> Result<conversations::Model, ApiError> {
+    super::pending::settled(id).await;
     store::get(db, user_id, id)
         .await?
         .ok_or_else(|| not_found_conversation(id))
@@ -140,6 +141,7 @@ pub async fn update(
 
 /// `DELETE /v1/conversations/{id}`: the conversation and its items.
 pub async fn delete(db: &DatabaseConnection, user_id: &str, id: &str) -> Result<Value, ApiError> {
+    super::pending::settled(id).await;
     let txn = db.begin().await?;
     if !store::delete(&txn, user_id, id).await? {
         return Err(not_found_conversation(id));

@@ -147,6 +147,7 @@ async fn chain_history(
             ),
         )
     };
+    super::pending::settled(id).await;
     let mut links = Vec::new();
     let mut bytes = 0usize;
     let mut next = Some(id.to_owned());
@@ -196,6 +197,7 @@ async fn conversation_history(
             format!("Conversation '{id}' is too long to replay: {what}."),
         )
     };
+    super::pending::settled(id).await;
     let conv = store::conversations::get(db, user_id, id)
         .await?
         .ok_or_else(|| not_found_conversation(id))?;
@@ -229,6 +231,7 @@ async fn find(
     user_id: &str,
     id: &str,
 ) -> Result<responses::Model, ApiError> {
+    super::pending::settled(id).await;
     store::responses::get(db, user_id, id)
         .await?
         .ok_or_else(|| not_found_response(id))
@@ -241,6 +244,7 @@ pub async fn get(db: &DatabaseConnection, user_id: &str, id: &str) -> Result<Val
 
 /// `DELETE /v1/responses/{id}`. Items it added to a conversation stay there (as OpenAI).
 pub async fn delete(db: &DatabaseConnection, user_id: &str, id: &str) -> Result<Value, ApiError> {
+    super::pending::settled(id).await;
     if !store::responses::delete(db, user_id, id).await? {
         return Err(not_found_response(id));
     }

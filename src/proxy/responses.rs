@@ -102,6 +102,10 @@ pub struct Stored {
     pub request: ResponsesRequest,
     pub input_items: Vec<Item>,
     pub ctx: ResponseCtx,
+    /// The response id is being written from the start: a reader of it (the SDKs' `retrieve`
+    /// or the next turn's `previous_response_id`, even one sent as soon as the stream ends)
+    /// waits for the save instead of a 404.
+    pub writing: crate::conversations::pending::Writing,
 }
 
 pub async fn forward(state: &AppState, route: &Route, call: &Call<'_>, meter: Meter) -> Response {
@@ -128,6 +132,7 @@ pub async fn forward(state: &AppState, route: &Route, call: &Call<'_>, meter: Me
         request: req.clone(),
         input_items: input_items.clone(),
         ctx: ctx.clone(),
+        writing: crate::conversations::pending::writing(vec![ctx.id.clone()]),
     });
     let save = stored.map(|s| {
         Box::new(move |response: serde_json::Value, usage: Option<Usage>| {
@@ -294,7 +299,12 @@ fn save_later(s: Stored, response: serde_json::Value, usage: Option<Usage>) {
         request,
         input_items,
         ctx,
+        writing,
     } = s;
+    // The conversation is marked only now, when the answer is complete (a reader of it must not
+    // wait for a turn still being generated).
+    let conversation =
+        crate::conversations::pending::writing(request.conversation.iter().cloned().collect());
     let status = response
         .get("status")
         .and_then(|v| v.as_str())
@@ -320,6 +330,7 @@ fn save_later(s: Stored, response: serde_json::Value, usage: Option<Usage>) {
         if let Err(e) = crate::conversations::save_response(&state.db, stored).await {
             tracing::error!(error = %e, response_id = %ctx.id, "storing a response failed");
         }
+        drop((writing, conversation));
     });
 }
 

@@ -26,6 +26,9 @@ pub struct ToStore {
     model: String,
     metadata: Map<String, Value>,
     messages: Vec<Value>,
+    /// The id is being written from the start: `retrieve` right after the answer waits for the
+    /// save instead of a 404.
+    writing: crate::conversations::pending::Writing,
 }
 
 /// The request's `store` is `true` (and storage is on): what to save, its `metadata` checked
@@ -51,8 +54,10 @@ pub fn requested(
         .get("messages")
         .and_then(|raw| serde_json::from_str::<Vec<Value>>(raw.get()).ok())
         .unwrap_or_default();
+    let id = ids::completion_id();
     Ok(Some(ToStore {
-        id: ids::completion_id(),
+        writing: crate::conversations::pending::writing(vec![id.clone()]),
+        id,
         state: state.clone(),
         user_id: user_id.to_owned(),
         key_id: key_id.to_owned(),
@@ -85,11 +90,17 @@ impl ToStore {
             created_at: chrono::Utc::now(),
         };
         let db = self.state.db.clone();
+        // A list of the user's completions waits for this one too.
+        let listed = crate::conversations::pending::writing(vec![
+            crate::conversations::pending::completions_of(&c.user_id),
+        ]);
+        let writing = self.writing;
         tokio::spawn(async move {
             let id = c.id.clone();
             if let Err(e) = save_completion(&db, c).await {
                 tracing::error!(error = %e, completion_id = %id, "storing a chat completion failed");
             }
+            drop((writing, listed));
         });
     }
 

@@ -1,6 +1,8 @@
 //! A scripted OpenAI-compatible upstream on 127.0.0.1:0. The behaviour is chosen by the upstream
 //! model name the gateway sends: `normal`, `cached`, `nousage`, `slow`, `cut`, `hang`, `err400`,
-//! `err500`, `embed`. Every request is recorded (path, headers, JSON body) for assertions.
+//! `err500`, `embed`, `tool` (a chat completion that calls the request's first function tool, or
+//! `get_weather`, with `{"city":"Paris"}` — unless the last message is a tool result, which is
+//! answered with text). Every request is recorded (path, headers, JSON body) for assertions.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -106,6 +108,10 @@ fn usage(cached: bool) -> Value {
 
 const WORDS: [&str; 3] = ["Hello", " from", " mock"];
 
+/// What the `tool` behaviour calls: the call's id and its arguments, in the pieces a stream sends.
+pub const TOOL_CALL_ID: &str = "call_mock_1";
+pub const TOOL_ARGS: [&str; 2] = ["{\"city\":", "\"Paris\"}"];
+
 async fn handle(
     State(inner): State<Arc<Inner>>,
     uri: Uri,
@@ -156,8 +162,23 @@ async fn handle(
     }
     let with_usage = behaviour != "nousage";
     let cached = behaviour == "cached";
+    // `tool`: call a function unless the conversation already ends with a tool result.
+    let tool_call = (chat && behaviour == "tool" && {
+        let last = body["messages"].as_array().and_then(|m| m.last());
+        last.is_none_or(|m| m["role"] != "tool")
+    })
+    .then(|| {
+        body["tools"][0]["function"]["name"]
+            .as_str()
+            .unwrap_or("get_weather")
+            .to_owned()
+    });
     if !stream {
-        let choice = if chat {
+        let choice = if let Some(name) = &tool_call {
+            json!({"index": 0, "message": {"role": "assistant", "content": null, "tool_calls": [
+                {"id": TOOL_CALL_ID, "type": "function", "function": {"name": name, "arguments": TOOL_ARGS.concat()}}
+            ]}, "finish_reason": "tool_calls"})
+        } else if chat {
             json!({"index": 0, "message": {"role": "assistant", "content": WORDS.concat()}, "finish_reason": "stop"})
         } else {
             json!({"index": 0, "text": WORDS.concat(), "finish_reason": "stop"})
@@ -178,7 +199,27 @@ async fn handle(
         _ => Duration::ZERO,
     };
     let cut = behaviour == "cut";
-    let mut events: Vec<Vec<u8>> = WORDS
+    let sse = |chunk: Value| format!("data: {chunk}\n\n").into_bytes();
+    let mut events: Vec<Vec<u8>> = if let Some(name) = &tool_call {
+        // The call's id and name first, the arguments in pieces, then the finish reason.
+        let mut ev = vec![sse(
+            json!({"id": "c", "object": "chat.completion.chunk", "created": 1, "model": model,
+            "choices": [{"index": 0, "delta": {"role": "assistant", "content": null, "tool_calls": [
+                {"index": 0, "id": TOOL_CALL_ID, "type": "function", "function": {"name": name, "arguments": ""}}]},
+                "finish_reason": null}]}),
+        )];
+        for piece in TOOL_ARGS {
+            ev.push(sse(json!({"id": "c", "object": "chat.completion.chunk", "created": 1, "model": model,
+                "choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": piece}}]},
+                "finish_reason": null}]})));
+        }
+        ev.push(sse(
+            json!({"id": "c", "object": "chat.completion.chunk", "created": 1, "model": model,
+            "choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]}),
+        ));
+        ev
+    } else {
+        WORDS
         .iter()
         .map(|w| {
             let choice = if chat {
@@ -189,7 +230,8 @@ async fn handle(
             let chunk = json!({"id": "c", "object": "chat.completion.chunk", "created": 1, "model": model, "choices": [choice]});
             format!("data: {chunk}\n\n").into_bytes()
         })
-        .collect();
+        .collect()
+    };
     if behaviour == "slow" {
         // A long stream: 30 more chunks.
         for _ in 0..30 {
