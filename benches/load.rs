@@ -1296,8 +1296,9 @@ impl Tollgate {
     }
 
     /// Runs `bin` on a database of its own in `tmp/name`. With `own_schema` the binary migrates
-    /// the database itself (an older build does not know this build's migrations), and the
-    /// fixture goes in through this build's store modules afterwards.
+    /// the database itself (an older build does not know this build's migrations); the fixture
+    /// goes in through this build's store modules on this build's schema, whose later
+    /// migrations are then rolled back so the older build finds exactly its own.
     fn start_bin(
         ctl: &Runtime,
         tmp: &Path,
@@ -1335,11 +1336,34 @@ impl Tollgate {
             );
         }
         let fixture = ctl.block_on(async {
+            use migration::{Migrator, MigratorTrait};
+            use sea_orm::ConnectionTrait;
             let db = store::connect(&db_url, 2).await?;
-            if !own_schema {
-                store::migrate(&db, &db_url).await?;
-            }
+            // The migrations the older build knows (it applied them), so this build's later ones
+            // can be rolled back once the fixture is in: the older build then finds its schema.
+            let known: Vec<String> = if own_schema {
+                db.query_all_raw(sea_orm::Statement::from_string(
+                    db.get_database_backend(),
+                    "SELECT version FROM seaql_migrations",
+                ))
+                .await?
+                .iter()
+                .filter_map(|r| r.try_get::<String>("", "version").ok())
+                .collect()
+            } else {
+                Vec::new()
+            };
+            store::migrate(&db, &db_url).await?;
             let fx = common::create_fixture(&db, &ring, &cfg, upstream_base).await?;
+            if own_schema {
+                let newer = Migrator::migrations()
+                    .iter()
+                    .filter(|m| !known.iter().any(|k| k == m.name()))
+                    .count();
+                if newer > 0 {
+                    Migrator::down(&db, Some(newer as u32)).await?;
+                }
+            }
             db.close().await?;
             anyhow::Ok(fx)
         })?;

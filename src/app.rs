@@ -137,6 +137,7 @@ impl App {
             },
         );
         let state = AppState(std::sync::Arc::new(Inner {
+            background: tokio_util::task::TaskTracker::new(),
             db_kind: DbKind::of(&db),
             db,
             keyring: secrets.keyring,

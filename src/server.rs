@@ -194,6 +194,17 @@ pub async fn serve(
     if let Some(pruner) = retention {
         pruner.shutdown().await;
     }
+    // Stored responses and completions still being written.
+    state.background.close();
+    if tokio::time::timeout(FLUSH_LIMIT, state.background.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            pending = state.background.len(),
+            "stored-state writes still running at shutdown"
+        );
+    }
     usage_writer.shutdown(FLUSH_LIMIT).await;
     // Close the pool so SQLite checkpoints its WAL and PostgreSQL/MySQL see a clean goodbye.
     if let Err(e) = state.db.close_by_ref().await {

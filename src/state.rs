@@ -24,6 +24,9 @@ pub struct AppState(pub Arc<Inner>);
 
 pub struct Inner {
     pub config: Config,
+    /// Writes that run after the answer (stored responses and completions): shutdown waits for
+    /// them before the database closes.
+    pub background: tokio_util::task::TaskTracker,
     pub db: DatabaseConnection,
     pub db_kind: DbKind,
     /// Opens provider keys and TOTP secrets; seals with the newest master key.

@@ -326,7 +326,8 @@ fn save_later(s: Stored, response: serde_json::Value, usage: Option<Usage>) {
         created_at: chrono::DateTime::from_timestamp(ctx.created_at, 0)
             .unwrap_or_else(chrono::Utc::now),
     };
-    tokio::spawn(async move {
+    let tracker = state.background.clone();
+    tracker.spawn(async move {
         if let Err(e) = crate::conversations::save_response(&state.db, stored).await {
             tracing::error!(error = %e, response_id = %ctx.id, "storing a response failed");
         }

@@ -95,7 +95,7 @@ impl ToStore {
             crate::conversations::pending::completions_of(&c.user_id),
         ]);
         let writing = self.writing;
-        tokio::spawn(async move {
+        self.state.background.spawn(async move {
             let id = c.id.clone();
             if let Err(e) = save_completion(&db, c).await {
                 tracing::error!(error = %e, completion_id = %id, "storing a chat completion failed");

@@ -265,11 +265,7 @@ async fn update_provider_key(
     if b.shared == Some(true) && !me.is_admin() {
         return Err(shared_forbidden());
     }
-    let api_key = b
-        .api_key
-        .as_deref()
-        .map(check_api_key)
-        .transpose()?;
+    let api_key = b.api_key.as_deref().map(check_api_key).transpose()?;
     if let Some(k) = &api_key
         && store::providers::find(&state.db, &before.provider_key)
             .await?
