@@ -37,7 +37,7 @@ use hyper::service::service_fn;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use sea_orm::{ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter};
+use sea_orm::{ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter, QuerySelect};
 use tokio::net::TcpListener;
 use tokio::runtime::Runtime;
 use tollgate::crypto::{KeyRing, generate_master_key, parse_master_key};
@@ -1288,11 +1288,20 @@ impl Tollgate {
         upstream_base: &str,
         billing: bool,
     ) -> anyhow::Result<Self> {
-        let bin = match std::env::var_os("LOAD_TOLLGATE_BIN") {
-            Some(p) => PathBuf::from(p),
-            None => PathBuf::from(env!("CARGO_BIN_EXE_tollgate")),
+        // Another binary (LOAD_TOLLGATE_BIN) may be an older build: it migrates its own schema.
+        let (bin, own_schema) = match std::env::var_os("LOAD_TOLLGATE_BIN") {
+            Some(p) => (PathBuf::from(p), true),
+            None => (PathBuf::from(env!("CARGO_BIN_EXE_tollgate")), false),
         };
-        Self::start_bin(ctl, tmp, "tollgate", bin, false, upstream_base, billing)
+        Self::start_bin(
+            ctl,
+            tmp,
+            "tollgate",
+            bin,
+            own_schema,
+            upstream_base,
+            billing,
+        )
     }
 
     /// Runs `bin` on a database of its own in `tmp/name`. With `own_schema` the binary migrates
@@ -1421,7 +1430,10 @@ impl Tollgate {
         db: &sea_orm::DatabaseConnection,
         filter: Option<sea_orm::Condition>,
     ) -> Result<u64, sea_orm::DbErr> {
-        let mut q = usage_records::Entity::find();
+        // Only `id`: an older build's schema lacks this build's later columns.
+        let mut q = usage_records::Entity::find()
+            .select_only()
+            .column(usage_records::Column::Id);
         if let Some(f) = filter {
             q = q.filter(f);
         }
