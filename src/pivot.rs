@@ -529,10 +529,19 @@ impl UpstreamError {
     }
 }
 
+/// The most text a [`ChunkAccumulator`] adds up (the bound of a complete upstream answer).
+pub const MAX_ACCUMULATED_BYTES: usize = 64 * 1024 * 1024;
+/// The most choices, and tool calls per choice, it keeps: an index beyond is the upstream's
+/// nonsense, not a reason to allocate.
+pub const MAX_ACCUMULATED_INDEX: u32 = 128;
+
 /// Adds up a stream's chunks into the complete answer they make (for storing a streamed chat
-/// completion). Holds what the stream said, nothing more.
+/// completion). Holds what the stream said, nothing more, and at most
+/// [`MAX_ACCUMULATED_BYTES`] of it: past that it stops and says so ([`Self::overflowed`]).
 #[derive(Debug, Clone, Default)]
 pub struct ChunkAccumulator {
+    bytes: usize,
+    overflowed: bool,
     id: String,
     created: i64,
     model: String,
@@ -542,7 +551,59 @@ pub struct ChunkAccumulator {
 }
 
 impl ChunkAccumulator {
+    /// The stream said more than it keeps: the sum is incomplete and must not be stored.
+    pub fn overflowed(&self) -> bool {
+        self.overflowed
+    }
+
     pub fn push(&mut self, c: &ChatChunk) {
+        if self.overflowed {
+            return;
+        }
+        let size: usize = c
+            .choices
+            .iter()
+            .map(|ch| {
+                let d = &ch.delta;
+                let text = [&d.content, &d.refusal, &d.reasoning_content]
+                    .iter()
+                    .filter_map(|t| t.as_ref().map(String::len))
+                    .sum::<usize>();
+                let calls = d
+                    .tool_calls
+                    .iter()
+                    .map(|t| {
+                        t.id.as_ref().map_or(0, String::len)
+                            + t.function.name.as_ref().map_or(0, String::len)
+                            + t.function.arguments.as_ref().map_or(0, String::len)
+                    })
+                    .sum::<usize>();
+                let blocks = d
+                    .reasoning_blocks
+                    .iter()
+                    .map(|b| {
+                        [&b.text, &b.signature, &b.data]
+                            .iter()
+                            .filter_map(|t| t.as_ref().map(String::len))
+                            .sum::<usize>()
+                    })
+                    .sum::<usize>();
+                text + calls + blocks
+            })
+            .sum();
+        self.bytes = self.bytes.saturating_add(size);
+        let too_wide = c.choices.iter().any(|ch| {
+            ch.index >= MAX_ACCUMULATED_INDEX
+                || ch
+                    .delta
+                    .tool_calls
+                    .iter()
+                    .any(|t| t.index >= MAX_ACCUMULATED_INDEX)
+        });
+        if self.bytes > MAX_ACCUMULATED_BYTES || too_wide {
+            self.overflowed = true;
+            return;
+        }
         if self.id.is_empty() {
             self.id.clone_from(&c.id);
             self.created = c.created;
@@ -650,5 +711,25 @@ mod tests {
         assert_eq!(m.tool_calls[0].function.arguments, "{\"a\":1}");
         assert_eq!(r.choices[0].finish_reason.as_deref(), Some("tool_calls"));
         assert_eq!(r.usage.map(|u| u.completion_tokens), Some(4));
+    }
+
+    #[test]
+    fn a_hostile_stream_is_not_added_up_without_bound() {
+        // A tool-call index of four billion must not allocate four billion calls.
+        let mut acc = ChunkAccumulator::default();
+        acc.push(&chunk(serde_json::json!({"id": "c", "choices": [{"index": 0, "delta": {"tool_calls": [
+            {"index": 4_000_000_000u32, "id": "x", "function": {"name": "f", "arguments": "{}"}}]}}]})));
+        assert!(acc.overflowed());
+        assert!(acc.finish().choices.is_empty());
+
+        // Text past the byte bound stops the sum, and it says so.
+        let mut acc = ChunkAccumulator::default();
+        let piece = "x".repeat(1024 * 1024);
+        for _ in 0..=MAX_ACCUMULATED_BYTES / piece.len() {
+            acc.push(&chunk(serde_json::json!({"id": "c", "choices": [{"index": 0, "delta": {"content": piece}}]})));
+        }
+        assert!(acc.overflowed());
+        let kept = acc.finish().choices[0].message.text_content().len();
+        assert!(kept <= MAX_ACCUMULATED_BYTES, "{kept}");
     }
 }

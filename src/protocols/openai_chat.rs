@@ -126,7 +126,7 @@ impl ChunkEncoder for ChatStream {
     }
 
     fn final_object(&self) -> Option<serde_json::Value> {
-        let acc = self.acc.clone()?;
+        let acc = self.acc.clone().filter(|a| !a.overflowed())?;
         serde_json::to_value(acc.finish()).ok()
     }
 }

@@ -157,6 +157,13 @@ impl UsageReader for StreamStore {
 
     fn on_end(&mut self) {
         if let Some(t) = self.to_store.take() {
+            if self.acc.overflowed() {
+                tracing::warn!(
+                    completion_id = %t.id,
+                    "a streamed completion larger than the gateway adds up is not stored"
+                );
+                return;
+            }
             let acc = std::mem::take(&mut self.acc);
             if let Ok(v) = serde_json::to_value(acc.finish()) {
                 t.save(v);
