@@ -531,7 +531,9 @@ fn check_event(data: &[u8], ctx: &EventCtx<'_>) -> Result<(), String> {
     let plain = |name: &str| raw_key_count(data, name) == Some(reference::count(&ms, name));
     if plain("usage") {
         let want = reference::usage(data);
-        let got = mapped.usage.map(|u| (u.prompt, u.completion, u.cached));
+        let got = mapped
+            .usage
+            .map(|u| (u.prompt, u.completion, u.cached, u.reasoning));
         if got != want {
             return Err(format!("usage: mapper {got:?}, serde_json {want:?}"));
         }

@@ -62,7 +62,7 @@ pub fn value(raw: &RawValue) -> Option<serde_json::Value> {
 /// The usage an OpenAI event or body reports, read as the gateway defines it (`prompt` includes
 /// `cached`; negative counts are 0; `cached` at most `prompt`), from the last `usage` member.
 /// `None` when absent, `null` or not a usage object (a repeated field makes it unreadable).
-pub fn usage(data: &[u8]) -> Option<(i64, i64, i64)> {
+pub fn usage(data: &[u8]) -> Option<(i64, i64, i64, i64)> {
     let ms = members(data)?;
     let u = members(last(&ms, "usage")?.get().as_bytes())?;
     let int = |raw: Option<&RawValue>| -> Result<i64, ()> {
@@ -84,8 +84,26 @@ pub fn usage(data: &[u8]) -> Option<(i64, i64, i64)> {
             }
         }
     };
+    let reasoning = match field(&u, "completion_tokens_details").ok()? {
+        None => 0,
+        Some(r) if r.get() == "null" => 0,
+        Some(r) => {
+            let d = members(r.get().as_bytes())?;
+            match field(&d, "reasoning_tokens").ok()? {
+                None => 0,
+                Some(c) if c.get() == "null" => 0,
+                Some(c) => serde_json::from_str::<i64>(c.get()).ok()?,
+            }
+        }
+    };
     let prompt = prompt.max(0);
-    Some((prompt, completion.max(0), cached.clamp(0, prompt)))
+    let completion = completion.max(0);
+    Some((
+        prompt,
+        completion,
+        cached.clamp(0, prompt),
+        reasoning.clamp(0, completion),
+    ))
 }
 
 /// A field: absent (None), once (its value) or repeated (unreadable: Err).
