@@ -20,6 +20,7 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use common::TestApp;
 use common::gateway::{Gateway, PROVIDER_SECRET, new_key, setup, wait_records};
+use common::kinds::{self, Counts};
 use common::mock::{TOOL_ARGS, TOOL_CALL_ID};
 use serde_json::{Value, json};
 
@@ -843,9 +844,9 @@ async fn anthropic_sdk_passed_through_and_translated() {
     let m = &r["create"];
     assert_eq!(m["type"], "message");
     assert_eq!(m["role"], "assistant");
-    // The answer comes back untouched (README, "Other protocols and providers"): the upstream's
-    // model name, unlike the OpenAI chat pass-through which puts the client's back.
-    assert_eq!(m["model"], "claude-ok", "{m}");
+    // The answer comes back untouched but for the model: the name the client asked for (as on
+    // every other path), not the upstream's `claude-ok`.
+    assert_eq!(m["model"], "claude", "{m}");
     assert_eq!(m["text"], CLAUDE_TEXT.concat());
     assert_eq!(m["stop_reason"], "end_turn");
     assert_eq!(m["usage"], claude_usage);
@@ -854,7 +855,7 @@ async fn anthropic_sdk_passed_through_and_translated() {
     assert_eq!(s["saw_stop"], true);
     assert_eq!(s["deltas"], CLAUDE_TEXT.concat());
     assert_eq!(s["text"], CLAUDE_TEXT.concat());
-    assert_eq!(s["model"], "claude-ok", "{s}");
+    assert_eq!(s["model"], "claude", "{s}");
     assert_eq!(s["stop_reason"], "end_turn");
     assert_eq!(s["usage"], claude_usage);
     for name in ["tool_use", "tool_use_stream"] {
@@ -1035,4 +1036,204 @@ fn check_errors(e: &Value, upstream: Value) {
     assert_eq!(e["unknown_model"]["class"], "NotFoundError", "{e}");
     assert_eq!(e["unknown_model"]["type"], "not_found_error", "{e}");
     assert_eq!(e["upstream"], upstream, "{e}");
+}
+
+// ------------------------------------------------------------------------------------------------
+// Every client SDK to every provider kind: the `openai` SDK's chat completions and Responses API
+// and the `anthropic` SDK's Messages API, streamed and not (`tests/sdk/matrix.py`), against one
+// model of each kind. Per step the client reads the upstream's text and the upstream's usage in
+// its own protocol's terms, and the usage record carries exactly the upstream's counts and cost.
+// ------------------------------------------------------------------------------------------------
+
+/// The steps of `matrix.py`: (step, endpoint of its usage record, streamed).
+const MATRIX_STEPS: [(&str, &str, bool); 6] = [
+    ("chat", "chat.completions", false),
+    ("chat_stream", "chat.completions", true),
+    ("messages", "messages", false),
+    ("messages_stream", "messages", true),
+    ("responses", "responses", false),
+    ("responses_stream", "responses", true),
+];
+
+/// What one kind's upstream answers `model`: the text, and its counts per step.
+struct Kind<'a> {
+    model: &'a str,
+    text: fn(&str) -> &'static str,
+    counts: fn(&str) -> Counts,
+}
+
+/// Runs `matrix.py` against `kind.model` and checks what each client read and what was metered.
+async fn sdk_matrix(python: &str, app: &TestApp, g: &Gateway, kind: Kind<'_>) {
+    let r = run_script(
+        python,
+        "matrix.py",
+        &[
+            ("OPENAI_BASE_URL", app.url("/v1")),
+            ("OPENAI_API_KEY", g.key.clone()),
+            ("ANTHROPIC_BASE_URL", app.base.clone()),
+            ("ANTHROPIC_API_KEY", g.key.clone()),
+            ("TG_MODEL", kind.model.to_owned()),
+        ],
+    )
+    .await;
+    for (step, _, _) in MATRIX_STEPS {
+        let seen = &r[step];
+        assert_eq!(seen["text"], (kind.text)(step), "{step} text: {seen}");
+        // The client is told the model it asked for, never the upstream's name.
+        let models = match &seen["model"] {
+            Value::Array(ms) => ms.clone(),
+            m => vec![m.clone()],
+        };
+        assert!(
+            models.iter().all(|m| m == kind.model),
+            "{step} model: {seen}"
+        );
+        let want = (kind.counts)(step);
+        let u = &seen["usage"];
+        assert_eq!(u["prompt"], want.prompt, "{step} prompt: {seen}");
+        assert_eq!(
+            u["completion"], want.completion,
+            "{step} completion: {seen}"
+        );
+        assert_eq!(u["cached"], want.cached, "{step} cached: {seen}");
+        if step.starts_with("messages") {
+            // Anthropic's usage has cache writes and no reasoning count.
+            assert_eq!(u["cache_write"], want.cache_write, "{step}: {seen}");
+        } else {
+            assert_eq!(u["reasoning"], want.reasoning, "{step} reasoning: {seen}");
+        }
+    }
+    let recs = records_where(app, &g.user, MATRIX_STEPS.len(), |r| {
+        r["model"] == kind.model
+    })
+    .await;
+    assert_eq!(recs.len(), MATRIX_STEPS.len(), "{recs:?}");
+    for (step, endpoint, stream) in MATRIX_STEPS {
+        let rec = recs
+            .iter()
+            .find(|r| r["endpoint"] == endpoint && r["stream"] == stream)
+            .unwrap_or_else(|| panic!("no {endpoint} record (stream {stream}): {recs:?}"));
+        kinds::assert_record(rec, (kind.counts)(step));
+    }
+}
+
+/// A chat model at the provider tests' prices ($1 input, $0.50 cached, $2 output per 1M).
+async fn add_priced_model(app: &TestApp, g: &Gateway, name: &str, provider: &str, upstream: &str) {
+    let (s, b) = app
+        .post(
+            "/api/admin/models",
+            Some(&g.admin),
+            json!({"name": name, "provider": provider, "upstream_model": upstream, "type": "chat",
+                   "input_price_per_1m": 1.0, "output_price_per_1m": 2.0,
+                   "cached_input_price_per_1m": 0.5, "max_output_tokens": 1000}),
+        )
+        .await;
+    assert_eq!(s, 201, "model {name}: {b}");
+}
+
+#[tokio::test]
+async fn every_sdk_to_an_openai_compatible_provider() {
+    let Some(python) = python() else { return };
+    let app = TestApp::spawn().await;
+    let g = setup(&app).await;
+    // The mock's `cached` behaviour: 11 prompt tokens of which 4 cached, 7 completion.
+    add_priced_model(&app, &g, "m-openai", "mock", "cached").await;
+    let kind = Kind {
+        model: "m-openai",
+        text: |_| "Hello from mock",
+        counts: |_| Counts {
+            prompt: 11,
+            completion: 7,
+            cached: 4,
+            cache_write: 0,
+            reasoning: 0,
+        },
+    };
+    sdk_matrix(&python, &app, &g, kind).await;
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn every_sdk_to_an_anthropic_provider() {
+    let Some(python) = python() else { return };
+    let app = TestApp::spawn().await;
+    let g = setup(&app).await;
+    let (_, base) = Anthropic::start().await;
+    add_provider(&app, &g, "claude", "anthropic", &base, json!({})).await;
+    add_priced_model(&app, &g, "m-anthropic", "claude", "claude-ok").await;
+    // 20 uncached input + 30 read from the cache + 10 written to it; 6 output.
+    let kind = Kind {
+        model: "m-anthropic",
+        text: |_| "Hello from claude",
+        counts: |_| Counts {
+            prompt: 60,
+            completion: 6,
+            cached: 30,
+            cache_write: 10,
+            reasoning: 0,
+        },
+    };
+    sdk_matrix(&python, &app, &g, kind).await;
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn every_sdk_to_a_gemini_provider() {
+    let Some(python) = python() else { return };
+    let app = TestApp::spawn().await;
+    let (g, _up) = kinds::gemini_world(&app).await;
+    let kind = Kind {
+        model: "gem",
+        text: |_| "Hello from gemini",
+        counts: |_| kinds::GEMINI_COUNTS,
+    };
+    sdk_matrix(&python, &app, &g, kind).await;
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn every_sdk_to_an_azure_provider() {
+    let Some(python) = python() else { return };
+    let app = TestApp::spawn().await;
+    let (g, _up) = kinds::azure_world(&app).await;
+    // Chat and Messages go to the deployment's chat completions (whose recorded answers differ
+    // streamed and not); Responses to Azure's own Responses API.
+    let kind = Kind {
+        model: "az-gpt",
+        text: |step| match step {
+            "chat" | "messages" => "Paris is the capital of France.",
+            "chat_stream" | "messages_stream" => "Paris.",
+            _ => "Azure says hi",
+        },
+        counts: |step| {
+            let (prompt, completion, cached, reasoning) = match step {
+                "chat" | "messages" => (24, 8, 0, 0),
+                "chat_stream" | "messages_stream" => (14, 2, 0, 0),
+                _ => (21, 9, 5, 3),
+            };
+            Counts {
+                prompt,
+                completion,
+                cached,
+                cache_write: 0,
+                reasoning,
+            }
+        },
+    };
+    sdk_matrix(&python, &app, &g, kind).await;
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn every_sdk_to_a_bedrock_provider() {
+    let Some(python) = python() else { return };
+    let app = TestApp::spawn().await;
+    let (g, _up) = kinds::bedrock_world(&app).await;
+    let kind = Kind {
+        model: "claude-br",
+        text: |_| "Hello from bedrock",
+        counts: |_| kinds::BEDROCK_COUNTS,
+    };
+    sdk_matrix(&python, &app, &g, kind).await;
+    app.stop().await;
 }

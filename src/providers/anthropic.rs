@@ -118,17 +118,60 @@ pub fn usage_of_message(body: &[u8]) -> Option<Usage> {
     acc.usage()
 }
 
+/// `object` (a JSON object's text) with its top-level `model` member's value replaced by
+/// `model_json`; `None` when it has no such member (or is not an object).
+pub fn with_model(object: &[u8], model_json: &[u8]) -> Option<Vec<u8>> {
+    let members = scan::top_level_members(object)?;
+    let m = members.iter().find(|m| m.is("model"))?;
+    let start = m.end - m.value.len();
+    let mut out = Vec::with_capacity(object.len() + model_json.len());
+    out.extend_from_slice(&object[..start]);
+    out.extend_from_slice(model_json);
+    out.extend_from_slice(&object[m.end..]);
+    Some(out)
+}
+
 /// The usage of a relayed Messages stream, fed each event's `data` payload, for the
 /// pass-through: `message_start`'s `message.usage`, then each `message_delta`'s `usage` (the last
-/// value of each field wins).
+/// value of each field wins). With a client model name, `message_start`'s `message.model` is
+/// replaced by it (the client is told the model it asked for, not the upstream's name).
 #[derive(Debug, Default)]
 pub struct PassthroughUsage {
     acc: UsageAcc,
+    /// The client's model name as a JSON string, until `message_start` has been renamed.
+    rename_to: Option<Vec<u8>>,
 }
 
 impl PassthroughUsage {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A reader that also renames the model in `message_start` to `client_model`.
+    pub fn renaming(client_model: &str) -> Self {
+        Self {
+            rename_to: Some(super::model_json(client_model)),
+            ..Self::default()
+        }
+    }
+
+    /// `data` with `message.model` renamed, for the one `message_start` event; `None` for every
+    /// other event (and once renamed, without looking).
+    pub fn rewrite(&mut self, data: &[u8]) -> Option<Vec<u8>> {
+        let model = self.rename_to.as_deref()?;
+        let members = scan::top_level_members(data)?;
+        if members.iter().find(|m| m.is("type"))?.value != b"\"message_start\"" {
+            return None;
+        }
+        let message = members.iter().find(|m| m.is("message"))?;
+        let renamed = with_model(message.value, model)?;
+        self.rename_to = None;
+        let start = message.end - message.value.len();
+        let mut out = Vec::with_capacity(data.len() + renamed.len());
+        out.extend_from_slice(&data[..start]);
+        out.extend_from_slice(&renamed);
+        out.extend_from_slice(&data[message.end..]);
+        Some(out)
     }
 
     /// One event's `data:` payload. Only `message_start` and `message_delta` are parsed beyond
@@ -1194,6 +1237,45 @@ mod tests {
     const MESSAGE: &str = include_str!("../../tests/fixtures/anthropic/message.json");
     const STREAM: &str = include_str!("../../tests/fixtures/anthropic/stream.sse");
     const ERROR: &str = include_str!("../../tests/fixtures/anthropic/error.json");
+
+    #[test]
+    fn the_pass_through_renames_the_model_in_the_message_and_in_message_start_only() {
+        let body =
+            with_model(MESSAGE.as_bytes(), &super::super::model_json("mine")).expect("renamed");
+        let v: Value = serde_json::from_slice(&body).expect("json");
+        let orig: Value = serde_json::from_str(MESSAGE).expect("json");
+        assert_eq!(v["model"], "mine");
+        assert_eq!(v["content"], orig["content"], "nothing else changes");
+        assert_eq!(v["usage"], orig["usage"]);
+        assert!(with_model(b"[1]", b"\"x\"").is_none());
+
+        let mut r = PassthroughUsage::renaming("a \"quoted\" name");
+        let mut starts = 0;
+        for line in STREAM.lines() {
+            let Some(data) = line.strip_prefix("data: ") else {
+                continue;
+            };
+            let out = r.rewrite(data.as_bytes());
+            let kind = serde_json::from_str::<Value>(data).expect("json")["type"].clone();
+            if kind == "message_start" {
+                starts += 1;
+                let v: Value = serde_json::from_slice(&out.expect("renamed")).expect("json");
+                assert_eq!(v["message"]["model"], "a \"quoted\" name");
+                assert!(v["message"]["usage"]["input_tokens"].as_i64().is_some());
+            } else {
+                assert!(out.is_none(), "{kind} untouched");
+            }
+            r.on_event(data.as_bytes());
+        }
+        assert_eq!(starts, 1);
+        assert!(r.usage().is_some());
+        // Without a name nothing is rewritten.
+        assert!(
+            PassthroughUsage::new()
+                .rewrite(br#"{"type":"message_start","message":{"model":"m"}}"#)
+                .is_none()
+        );
+    }
 
     fn target() -> Target<'static> {
         Target {

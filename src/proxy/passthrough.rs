@@ -225,6 +225,10 @@ impl UsageReader for crate::providers::anthropic::PassthroughUsage {
     fn usage(&self) -> Option<Usage> {
         crate::providers::anthropic::PassthroughUsage::usage(self)
     }
+
+    fn rewrite(&mut self, data: &[u8]) -> Option<Vec<u8>> {
+        crate::providers::anthropic::PassthroughUsage::rewrite(self, data)
+    }
 }
 
 /// An Anthropic client to an `anthropic` provider: `/v1/messages` (and `count_tokens`) with
@@ -282,10 +286,16 @@ pub async fn anthropic(
             headers,
             body: Bytes::from(body),
             stream: call.view.stream && !count,
-            reader: Box::new(anthropic::PassthroughUsage::new()),
+            reader: Box::new(anthropic::PassthroughUsage::renaming(&call.view.model)),
             usage_of_body,
             protocol,
-            on_body: None,
+            // The client is told the model it asked for, not the upstream's name.
+            on_body: (!count).then(|| -> OnBody {
+                let model = crate::providers::model_json(&call.view.model);
+                Box::new(move |body: Bytes, _| {
+                    anthropic::with_model(&body, &model).map_or(body, Bytes::from)
+                })
+            }),
         },
         &call.view.model,
         meter,
