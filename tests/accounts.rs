@@ -57,6 +57,60 @@ async fn register_confirmed(app: &TestApp, username: &str) -> TestUser {
     }
 }
 
+/// Confirming the enrolment signs the user in: the answer carries an access token (as login's
+/// does) that works on `/api` at once, because the confirming code cannot be used to log in again.
+#[tokio::test]
+async fn totp_confirm_signs_in() {
+    let app = TestApp::spawn().await;
+    let (id, secret) = register(&app, "carol").await;
+    let code = fresh_code(&app, &id, &secret).await;
+    let (s, b) = app
+        .post(
+            "/api/auth/totp/confirm",
+            None,
+            json!({ "username": "carol", "password": PASSWORD, "code": code }),
+        )
+        .await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(b["user"]["status"], "active");
+    assert_eq!(b["user"]["username"], "carol");
+    assert_eq!(b["token_type"], "Bearer");
+    assert_eq!(
+        b["expires_in"].as_u64(),
+        Some(app.state.config.auth.access_token_ttl_secs),
+        "{b}"
+    );
+    assert!(b["user"]["last_login_at"].is_string(), "{b}");
+    let token = b["access_token"].as_str().expect("access_token").to_owned();
+    let (s, me) = app.get("/api/me", Some(&token)).await;
+    assert_eq!(s, 200, "{me}");
+    assert_eq!(me["id"], id.as_str());
+    let (s, v) = app.get("/api/auth/verify", Some(&token)).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["valid"], true);
+    let actions = audit_actions(&app, &id).await;
+    assert!(
+        actions.iter().any(|a| a == "totp.confirm") && actions.iter().any(|a| a == "login"),
+        "{actions:?}"
+    );
+    // Signing out ends that session like any other.
+    let (s, _) = app.post("/api/auth/logout", Some(&token), json!({})).await;
+    assert_eq!(s, 204);
+    let (s, e) = app.get("/api/me", Some(&token)).await;
+    assert_eq!(s, 401, "{e}");
+    // A second confirmation is refused and issues nothing.
+    let code = fresh_code(&app, &id, &secret).await;
+    let (s, e) = app
+        .post(
+            "/api/auth/totp/confirm",
+            None,
+            json!({ "username": "carol", "password": PASSWORD, "code": code }),
+        )
+        .await;
+    assert_ne!(s, 200, "{e}");
+    assert!(e.get("access_token").is_none(), "{e}");
+}
+
 async fn login_with(app: &TestApp, username: &str, password: &str, code: &str) -> (u16, Value) {
     app.post(
         "/api/auth/login",

@@ -14,7 +14,7 @@ use crate::accounts::signin::{self, Credentials, Purpose};
 use crate::accounts::signup::{self, NewUser, Role};
 use crate::accounts::{password, totp::Enrolment};
 use crate::error::{ApiError, ApiResult, Json};
-use crate::routes::me::{UserEnvelope, UserView, reload, user_target};
+use crate::routes::me::{UserView, reload, user_target};
 use crate::routes::{ClientIp, UserAgent, rfc3339};
 use crate::state::AppState;
 use crate::store;
@@ -106,9 +106,10 @@ pub struct ConfirmEnrolment {
     pub code: String,
 }
 
-/// Proves the TOTP enrolment with a first code; the account becomes `active`.
+/// Proves the TOTP enrolment with a first code; the account becomes `active` and is signed in
+/// (the code is single-use, so an immediate `login` with it would fail until the next one).
 #[utoipa::path(post, path = "/api/auth/totp/confirm", tag = "auth", request_body = ConfirmEnrolment,
-    responses((status = 200, body = UserEnvelope), (status = 401, body = crate::error::ErrorBody),
+    responses((status = 200, body = LoginResponse), (status = 401, body = crate::error::ErrorBody),
               (status = 409, description = "Already confirmed", body = crate::error::ErrorBody),
               (status = 429, body = crate::error::ErrorBody)))]
 async fn confirm_totp(
@@ -116,7 +117,7 @@ async fn confirm_totp(
     ip: ClientIp,
     ua: UserAgent,
     Json(body): Json<ConfirmEnrolment>,
-) -> ApiResult<Json<UserEnvelope>> {
+) -> ApiResult<Json<LoginResponse>> {
     let ip = ip.string();
     let user = signin::check(
         &state,
@@ -142,7 +143,7 @@ async fn confirm_totp(
         },
     )
     .await?;
-    Ok(UserEnvelope::of(&reload(&state, &user.id).await?))
+    start_session(&state, &user.id, ip.as_deref(), ua.0.as_deref()).await
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -188,6 +189,18 @@ async fn login(
         },
     )
     .await?;
+    start_session(&state, &user.id, ip.as_deref(), ua.0.as_deref()).await
+}
+
+/// Opens a session for a user whose credentials were just checked: the access token, the
+/// last-login time, the IP record and the `login` audit entry. Login and the enrolment
+/// confirmation both end here.
+async fn start_session(
+    state: &AppState,
+    user_id: &str,
+    ip: Option<&str>,
+    user_agent: Option<&str>,
+) -> ApiResult<Json<LoginResponse>> {
     let now = Utc::now();
     let ttl = state.config.auth.access_token_ttl_secs;
     // Config validation keeps the TTL sane; the clamp only guards the arithmetic (≤ 10 years).
@@ -195,42 +208,35 @@ async fn login(
         .unwrap_or(i64::MAX)
         .min(10 * 365 * 86_400);
     let expires_at = now + Duration::seconds(ttl_secs);
-    let session = store::sessions::create(
-        &state.db,
-        &user.id,
-        expires_at,
-        ip.as_deref(),
-        ua.0.as_deref(),
-    )
-    .await?;
+    let session = store::sessions::create(&state.db, user_id, expires_at, ip, user_agent).await?;
     let access_token = state
         .jwt
-        .issue(&user.id, &session.id, expires_at)
+        .issue(user_id, &session.id, expires_at)
         .map_err(ApiError::internal)?;
     store::users::update(
         &state.db,
-        &user.id,
+        user_id,
         store::users::UserChanges {
             last_login_at: Some(now),
             ..Default::default()
         },
     )
     .await?;
-    if let Some(ip) = ip.as_deref() {
-        store::ip_records::touch(&state.db, &user.id, ip, now).await?;
+    if let Some(ip) = ip {
+        store::ip_records::touch(&state.db, user_id, ip, now).await?;
     }
     store::audit::record(
         &state.db,
         AuditEntry {
-            actor_id: Some(&user.id),
+            actor_id: Some(user_id),
             action: "login",
-            target: Some(user_target(&user.id)),
-            ip: ip.as_deref(),
+            target: Some(user_target(user_id)),
+            ip,
             detail: None,
         },
     )
     .await?;
-    let user = reload(&state, &user.id).await?;
+    let user = reload(state, user_id).await?;
     Ok(Json(LoginResponse {
         access_token,
         token_type: "Bearer",
