@@ -174,12 +174,13 @@ impl App {
 
     /// The routes and the layer stack, outermost first: drop a bad client request id → request id
     /// → propagate it → access log,
-    /// metrics and timeout → CORS → body limit → routes.
+    /// metrics and timeout → CORS → body limit → routes (the API, `/docs`, the web console).
     pub fn router(state: AppState) -> Router {
         let (routes, api) = api_router().split_for_parts();
         let cfg = &state.config.server;
         let routes = routes
             .merge(SwaggerUi::new("/docs").url("/openapi.json", api))
+            .merge(crate::console::router())
             .fallback(|| async { ApiError::not_found("route").into_response() })
             .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed.into_response() });
         let x_request_id = crate::edge::X_REQUEST_ID;

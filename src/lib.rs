@@ -9,6 +9,7 @@ pub mod cache;
 pub mod cli;
 pub mod cluster;
 pub mod config;
+pub mod console;
 pub mod conversations;
 pub mod crypto;
 pub mod edge;
