@@ -683,7 +683,29 @@ async fn console_in_chromium_user_and_admin_flows() {
     // must show as text and run nothing.
     nav(&user, "Gateway keys").await;
     let hostile = "<img src=x onerror=\"window.__xss=1\"><script>window.__xss=2</script>";
-    fill(&user, "main details form", &[("name", hostile)]).await;
+    // The API's refusal is shown in its words next to the field its `param` names, and nothing
+    // is created.
+    fill(
+        &user,
+        "main details form",
+        &[("name", "bad"), ("allowed_ips", "not-a-cidr")],
+    )
+    .await;
+    submit(&user, "main details form").await;
+    find(&user, "input[name=allowed_ips][aria-invalid=true]").await;
+    find_text(
+        &user,
+        "main details form .field-error",
+        "is not an IP address or CIDR",
+    )
+    .await;
+    find_text(&user, "main .state", "No gateway keys yet").await;
+    fill(
+        &user,
+        "main details form",
+        &[("name", hostile), ("allowed_ips", "")],
+    )
+    .await;
     // The session ends behind the page's back (signed out elsewhere): submitting asks to sign in
     // again, over the page, and then finishes the half-done form.
     let token = session_token(&user).await.expect("signed in");
@@ -797,6 +819,25 @@ async fn console_in_chromium_user_and_admin_flows() {
         tokio::time::sleep(Duration::from_millis(500)).await;
         click_button(&find(&user, "form.filters").await, "Filter").await;
     }
+    // The CSV export quotes what needs quoting and defuses spreadsheet formulas.
+    let csv = user
+        .execute_async(
+            r#"const done = arguments[arguments.length - 1];
+            const app = document.querySelector('script[type=module]').src;
+            import(app.replace(/app\.js$/, 'lib/ui.js')).then((m) => done(m.csv(
+              [['model', (r) => r.m], ['cost_usd', (r) => r.c]],
+              [{ m: '=HYPERLINK("http://x")', c: 0.000025 }, { m: 'a,"b"', c: -1 }])),
+              (e) => done(String(e)));"#,
+            vec![],
+        )
+        .await
+        .expect("csv");
+    assert_eq!(
+        csv,
+        json!(
+            "model,cost_usd\r\n\"'=HYPERLINK(\"\"http://x\"\")\",0.000025\r\n\"a,\"\"b\"\"\",-1\r\n"
+        )
+    );
     find_text(&user, "figure", "Spend per day").await;
     screenshot(&user, "console-usage.png").await;
     nav(&user, "Overview").await;
