@@ -845,6 +845,21 @@ async fn console_in_chromium_user_and_admin_flows() {
     find(&user, "svg.chart rect").await;
     screenshot(&user, "console-overview.png").await;
 
+    // ---- The chat page loads its modules (Markdown renderer included) and offers the catalog's
+    // chat models; its conversations need the chat API (§12), reported in words when missing.
+    nav(&user, "Chat").await;
+    find_text(&user, "#chat-model option", "gpt-test").await;
+    let aside = find(&user, "aside[aria-label=Conversations]").await;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let text = aside.text().await.expect("aside");
+        if text.contains("No conversations yet") || text.contains("not available on this server") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "conversation list: {text}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
     // ---- A phone-sized screen still shows the page and its navigation.
     user.set_window_size(375, 800).await.expect("resize");
     nav(&user, "Balance").await;
