@@ -171,10 +171,10 @@ fn stage_route(c: &mut Criterion, e: &Env) {
     let ctx = key_ctx(e);
     let catalog = e.rt.block_on(s.caches.catalog(&s.db)).expect("catalog");
     let model = catalog.get(MODEL).expect("model").clone();
-    let entry =
-        e.rt.block_on(s.caches.provider_key(&s.db, &ctx.user_id, PROVIDER))
-            .expect("provider key lookup")
-            .expect("the fixture's provider key");
+    let pool =
+        e.rt.block_on(s.caches.provider_keys(&s.db, &ctx.user_id, PROVIDER))
+            .expect("provider key lookup");
+    let entry = pool.keys.first().expect("the fixture's provider key");
     assert_eq!(
         s.keyring
             .open_string(&entry.secret_enc, &entry.id)
@@ -189,7 +189,8 @@ fn stage_route(c: &mut Criterion, e: &Env) {
                 .open_string(black_box(&entry.secret_enc), black_box(&entry.id))
         })
     });
-    // The whole stage: model type check, adapter, provider key from the cache, open, URL.
+    // The whole stage: model type check, the plan (key pool from the cache, first pick), adapter,
+    // open, URL.
     g.bench_function("route", |b| {
         b.to_async(&e.rt).iter(|| async {
             black_box(route::route(&s, &ctx, &model, Endpoint::ChatCompletions).await)
@@ -337,6 +338,7 @@ fn usage_rows(fx: &Fixture) -> Vec<Settled> {
                 extra_cost_nanos: 0,
                 response_id: None,
                 conversation_id: None,
+                routed: Default::default(),
                 reservation: Reservation::default(),
                 charged: true,
                 ticket: Ticket::new(),

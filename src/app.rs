@@ -115,6 +115,18 @@ impl App {
         let metrics = Metrics::new();
         let mut cluster = Cluster::new(&config, &db, &metrics)?;
         let caches = Caches::with_bus(cluster.bus.clone());
+        let health = crate::routing::Health::with_breaker_gauge(
+            config.routing.failure_threshold,
+            Duration::from_secs(config.routing.cooldown_secs),
+            {
+                let gauge = metrics.routing_breakers_open.clone();
+                move |provider, delta| gauge.with_label_values(&[provider]).add(delta)
+            },
+        );
+        caches.attach_health(health.clone());
+        if let Some(bus) = cluster.bus.clone() {
+            crate::routing::share_health(&health, bus);
+        }
         cluster.listen(&caches).await;
         let leases = Leases::default();
         let lease_ttl = Duration::from_secs(config.billing.lease_ttl_secs);
@@ -144,6 +156,7 @@ impl App {
             jwt: accounts::tokens::JwtKeys::new(&secrets.jwt_secret),
             metrics,
             caches,
+            health,
             http: upstream::client(
                 &config.upstream,
                 config.security.allow_private_base_urls,

@@ -113,13 +113,18 @@ pub struct RuntimeDefaults {
 #[derive(Debug, Clone, PartialEq)]
 pub struct CatalogModel {
     pub model: models::Model,
+    /// The provider of the model's row (its first deployment).
     pub provider: providers::Model,
+    /// Where the model is served (at least one; the row's own provider when it lists none).
+    pub deployments: Vec<crate::routing::deployment::Deployment>,
+    /// Catalog model names tried in order when every deployment failed.
+    pub fallbacks: Vec<String>,
 }
 
 impl CatalogModel {
-    /// `/v1` serves it: the model and its provider are both active.
+    /// `/v1` serves it: the model is active and so is one of its deployments' providers.
     pub fn is_servable(&self) -> bool {
-        self.model.is_active && self.provider.is_active
+        self.model.is_active && self.deployments.iter().any(|d| d.provider.is_active)
     }
 }
 
@@ -134,13 +139,22 @@ pub struct Catalog {
 impl Catalog {
     /// Builds from rows; a model whose provider row is missing is left out.
     pub fn new(models: Vec<models::Model>, providers: Vec<providers::Model>) -> Self {
-        let providers: HashMap<String, providers::Model> =
-            providers.into_iter().map(|p| (p.key.clone(), p)).collect();
+        let providers: HashMap<String, Arc<providers::Model>> = providers
+            .into_iter()
+            .map(|p| (p.key.clone(), Arc::new(p)))
+            .collect();
         let mut ordered: Vec<Arc<CatalogModel>> = models
             .into_iter()
             .filter_map(|m| {
-                let provider = providers.get(&m.provider_key)?.clone();
-                Some(Arc::new(CatalogModel { model: m, provider }))
+                let provider = (**providers.get(&m.provider_key)?).clone();
+                let deployments = crate::routing::deployment::from_row(&m, &providers);
+                let fallbacks = crate::routing::deployment::fallbacks_of(&m);
+                Some(Arc::new(CatalogModel {
+                    model: m,
+                    provider,
+                    deployments,
+                    fallbacks,
+                }))
             })
             .collect();
         ordered.sort_by(|a, b| {
@@ -188,8 +202,21 @@ pub struct ProviderKeyEntry {
     /// The caller borrows someone else's shared key (the platform's), so the request is charged
     /// to the caller's balance. An admin using their own key gets `false`.
     pub shared: bool,
+    /// Share of the pool (1–100).
+    pub weight: u32,
+    /// Display form (`sk-ab…wxyz`) for the health report.
+    pub masked: String,
     /// The key, opened by the first request that used this entry (see `proxy::route`).
     pub opened: OpenedKey,
+}
+
+/// The provider keys one user's requests to one provider may use (spec §11): the user's own
+/// active keys, else the shared platform ones. Empty: the user has no key for the provider.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProviderKeyPool {
+    pub keys: Vec<ProviderKeyEntry>,
+    /// When it was read (`routing::health::now_ms`): a key marked invalid after this is skipped.
+    pub loaded_ms: u64,
 }
 
 /// A provider key opened once per cache entry, so a request does not run AES-GCM (and allocate)
@@ -248,6 +275,10 @@ pub enum Invalidation {
     ProviderKeys { user_id: String },
     /// A shared provider key changed: it may serve anyone.
     AllProviderKeys,
+    /// Routing health another replica saw (cool-downs, open breakers, invalid keys).
+    Health {
+        events: Vec<crate::routing::health::HealthEvent>,
+    },
 }
 
 type KeyEntry = Option<Arc<KeyCtx>>;
@@ -314,7 +345,9 @@ struct Inner {
     /// Runtime settings the hot path reads (default rate limits).
     defaults: Cache<(), RuntimeDefaults>,
     defaults_snapshot: Snapshot<RuntimeDefaults>,
-    provider_keys: Cache<ProviderKeyCacheKey, Option<Arc<ProviderKeyEntry>>>,
+    provider_keys: Cache<ProviderKeyCacheKey, Arc<ProviderKeyPool>>,
+    /// Routing health, which remote [`Invalidation::Health`] messages update.
+    health: std::sync::OnceLock<crate::routing::Health>,
     /// Bumped by every invalidation (see the module comment).
     generation: AtomicU64,
     /// Tells the other replicas; `None` when this one is alone.
@@ -377,6 +410,7 @@ impl Caches {
                     .support_invalidation_closures()
                     .build(),
                 generation: AtomicU64::new(0),
+                health: std::sync::OnceLock::new(),
                 bus,
             }),
         }
@@ -487,33 +521,60 @@ impl Caches {
         .await
     }
 
-    /// The provider key a request by `user_id` to `provider` uses: the user's own newest active
-    /// key, else an active shared one; `None` when there is neither.
-    pub async fn provider_key(
+    /// The provider-key pool a request by `user_id` to `provider` uses: the user's own active
+    /// keys, else the active shared ones (empty when there are neither).
+    pub async fn provider_keys(
         &self,
         db: &DatabaseConnection,
         user_id: &str,
         provider: &str,
-    ) -> Result<Option<Arc<ProviderKeyEntry>>, DbErr> {
+    ) -> Result<Arc<ProviderKeyPool>, DbErr> {
         let key = (user_id.to_owned(), provider.to_owned());
         if let Some(hit) = self.inner.provider_keys.get(&key).await {
             return Ok(hit);
         }
         self.load(&self.inner.provider_keys, key, async {
-            let row = store::provider_keys::find_for_use(db, user_id, provider).await?;
-            Ok(row.map(|r| {
-                Arc::new(ProviderKeyEntry {
-                    shared: r.shared && r.user_id != user_id,
-                    id: r.id,
-                    user_id: r.user_id,
-                    provider: r.provider_key,
-                    secret_enc: r.secret_enc,
-                    base_url: r.base_url,
-                    opened: OpenedKey::default(),
-                })
+            let loaded_ms = crate::routing::health::now_ms();
+            let rows = store::provider_keys::find_pool(db, user_id, provider).await?;
+            Ok(Arc::new(ProviderKeyPool {
+                keys: rows
+                    .into_iter()
+                    .map(|r| ProviderKeyEntry {
+                        shared: r.shared && r.user_id != user_id,
+                        weight: r.weight.clamp(1, 100) as u32,
+                        masked: r.masked,
+                        id: r.id,
+                        user_id: r.user_id,
+                        provider: r.provider_key,
+                        secret_enc: r.secret_enc,
+                        base_url: r.base_url,
+                        opened: OpenedKey::default(),
+                    })
+                    .collect(),
+                loaded_ms,
             }))
         })
         .await
+    }
+
+    /// The newest key of that pool (`None`: the user has no key for the provider).
+    pub async fn provider_key(
+        &self,
+        db: &DatabaseConnection,
+        user_id: &str,
+        provider: &str,
+    ) -> Result<Option<ProviderKeyEntry>, DbErr> {
+        Ok(self
+            .provider_keys(db, user_id, provider)
+            .await?
+            .keys
+            .first()
+            .cloned())
+    }
+
+    /// The routing health remote health messages apply to (set once at start).
+    pub fn attach_health(&self, health: crate::routing::Health) {
+        let _ = self.inner.health.set(health);
     }
 
     /// Applies one invalidation to this replica's caches and publishes it to the others. Every
@@ -528,6 +589,15 @@ impl Caches {
     /// Applies one invalidation to this replica's caches only (one another replica published).
     pub async fn apply_local(&self, inv: &Invalidation) {
         let inner = &self.inner;
+        if let Invalidation::Health { events } = inv {
+            // Not a cached fact: nothing to drop, the snapshots stay valid.
+            if let Some(h) = inner.health.get() {
+                for e in events {
+                    h.apply_remote(e);
+                }
+            }
+            return;
+        }
         inner.generation.fetch_add(1, Ordering::SeqCst);
         match inv {
             Invalidation::GatewayKey { hash } => inner.gateway_keys.invalidate(hash).await,
@@ -546,6 +616,7 @@ impl Caches {
             Invalidation::Settings => inner.defaults.invalidate_all(),
             Invalidation::ProviderKeys { user_id } => self.invalidate_provider_keys_of(user_id),
             Invalidation::AllProviderKeys => inner.provider_keys.invalidate_all(),
+            Invalidation::Health { .. } => {}
         }
     }
 
@@ -564,8 +635,8 @@ impl Caches {
         let cache = &self.inner.provider_keys;
         // The user's own lookups, and everyone else's that the user's shared key answered.
         if cache
-            .invalidate_entries_if(move |(caller, _), entry| {
-                *caller == uid || entry.as_ref().is_some_and(|e| e.user_id == uid)
+            .invalidate_entries_if(move |(caller, _), pool| {
+                *caller == uid || pool.keys.iter().any(|e| e.user_id == uid)
             })
             .is_err()
         {

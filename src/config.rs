@@ -36,6 +36,7 @@ pub struct Config {
     pub usage: UsageConfig,
     pub storage: StorageConfig,
     pub redis: RedisConfig,
+    pub routing: RoutingConfig,
     /// Providers created at first start when absent.
     pub providers: Vec<ProviderSeed>,
     pub plans: Vec<PlanConfig>,
@@ -252,6 +253,31 @@ impl Default for StorageConfig {
     }
 }
 
+/// Retries, fallbacks and health (API.md §11).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RoutingConfig {
+    /// Upstream attempts per client request at most (1 = no retries), fallbacks included.
+    pub max_attempts: u32,
+    /// No new attempt starts this many seconds after the first one began.
+    pub retry_budget_secs: u64,
+    /// Consecutive failures (connect, timeout, 5xx) that open a deployment + key's breaker.
+    pub failure_threshold: u32,
+    /// Seconds an open breaker waits before one half-open probe.
+    pub cooldown_secs: u64,
+}
+
+impl Default for RoutingConfig {
+    fn default() -> Self {
+        Self {
+            max_attempts: 3,
+            retry_budget_secs: 30,
+            failure_threshold: 5,
+            cooldown_secs: 30,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RedisConfig {
@@ -409,6 +435,18 @@ impl Config {
                 "database.url",
                 "must start with sqlite:, postgres://, postgresql:// or mysql://",
             ));
+        }
+        if !(1..=10).contains(&self.routing.max_attempts) {
+            return Err(invalid("routing.max_attempts", "must be 1–10"));
+        }
+        if self.routing.failure_threshold == 0 {
+            return Err(invalid("routing.failure_threshold", "must be at least 1"));
+        }
+        if !(1..=3600).contains(&self.routing.cooldown_secs) {
+            return Err(invalid("routing.cooldown_secs", "must be 1–3600"));
+        }
+        if self.routing.retry_budget_secs > 3600 {
+            return Err(invalid("routing.retry_budget_secs", "must be at most 3600"));
         }
         if let Some(url) = self.redis_url()
             && !url.starts_with("redis://")

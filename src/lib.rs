@@ -20,6 +20,7 @@ pub mod protocols;
 pub mod providers;
 pub mod proxy;
 pub mod routes;
+pub mod routing;
 pub mod secrets;
 pub mod server;
 pub mod settings;

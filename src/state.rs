@@ -35,6 +35,8 @@ pub struct Inner {
     pub metrics: Metrics,
     /// Gateway keys, catalog and provider-key ciphertexts, so the hot path skips the database.
     pub caches: Caches,
+    /// Routing health per deployment + provider key (cool-downs, breakers, invalid keys).
+    pub health: crate::routing::Health,
     /// The pooled upstream client.
     pub http: HttpClient,
     /// Per-key and per-user rate limiters.

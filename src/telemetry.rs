@@ -287,6 +287,13 @@ pub struct MetricsInner {
     pub auth_cache_hits_total: IntCounter,
     pub auth_cache_misses_total: IntCounter,
     pub upstream_errors_total: IntCounterVec,
+    /// Upstream attempts by provider and outcome (ok, rate_limited, refused, failed): a client
+    /// request that was retried counts each attempt.
+    pub routing_attempts_total: IntCounterVec,
+    /// Attempts after the first of a client request, by the provider retried on.
+    pub routing_retries_total: IntCounterVec,
+    /// Circuit breakers (deployment + key) open or half-open now, by provider.
+    pub routing_breakers_open: prometheus::IntGaugeVec,
     /// Failed Redis calls by operation (rate_limit, publish, subscribe); while Redis is down,
     /// limits fall back to each replica's own.
     pub redis_errors_total: IntCounterVec,
@@ -428,6 +435,27 @@ impl Metrics {
                 "tollgate_upstream_errors_total",
                 "Upstream failures by kind (connect, timeout, body, status_4xx, status_5xx).",
                 &["kind"],
+            ),
+            routing_attempts_total: counter_vec(
+                "tollgate_routing_attempts_total",
+                "Upstream attempts by provider and outcome (ok, rate_limited, refused, failed).",
+                &["provider", "outcome"],
+            ),
+            routing_retries_total: counter_vec(
+                "tollgate_routing_retries_total",
+                "Attempts after a client request's first, by the provider retried on.",
+                &["provider"],
+            ),
+            routing_breakers_open: reg(
+                &r,
+                prometheus::IntGaugeVec::new(
+                    Opts::new(
+                        "tollgate_routing_breakers_open",
+                        "Circuit breakers (deployment + provider key) open or half-open, by provider.",
+                    ),
+                    &["provider"],
+                )
+                .unwrap_or_else(|e| panic!("tollgate_routing_breakers_open: {e}")),
             ),
             redis_errors_total: counter_vec(
                 "tollgate_redis_errors_total",

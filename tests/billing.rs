@@ -446,6 +446,7 @@ async fn cache_writes_reasoning_and_ids_reach_the_records() {
         extra_cost_nanos: extra,
         response_id: Some("resp_0123456789abcdef".into()),
         conversation_id: Some("conv_0123456789abcdef".into()),
+        routed: Default::default(),
         reservation: Reservation::default(),
         charged: true,
         ticket: Ticket::new(),

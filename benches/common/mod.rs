@@ -287,6 +287,7 @@ pub async fn create_fixture(
             base_url: None,
             label: Some("bench".into()),
             shared: false,
+            weight: 1,
         },
     )
     .await?;

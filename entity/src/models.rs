@@ -36,6 +36,11 @@ pub struct Model {
     pub description: Option<String>,
     pub is_active: bool,
     pub sort_order: i32,
+    /// JSON `[{provider, upstream_model, weight, priority}]` when the model has several
+    /// deployments (the first is also in `provider_key` / `upstream_model`); `None`: one.
+    pub deployments: Option<String>,
+    /// JSON `["model-b", …]`: catalog models tried in order when every deployment failed.
+    pub fallbacks: Option<String>,
     pub created_at: DateTimeUtc,
     pub updated_at: DateTimeUtc,
 }

@@ -21,6 +21,10 @@ pub struct Model {
     /// An admin's key that serves every user without one for this provider.
     pub shared: bool,
     pub is_active: bool,
+    /// Share of the pool's requests (1–100) among the owner's keys for the provider.
+    pub weight: i32,
+    /// `active` | `invalid` (the upstream answered 401/403; out of use until edited or verified).
+    pub status: String,
     pub created_at: DateTimeUtc,
     pub updated_at: DateTimeUtc,
     pub last_used_at: Option<DateTimeUtc>,

@@ -40,6 +40,10 @@ pub struct Model {
     pub response_id: Option<String>,
     /// The conversation this request ran in or read (`conv_…`), if any.
     pub conversation_id: Option<String>,
+    /// Upstream attempts behind this request (≥ 1; retries and fallbacks included).
+    pub attempts: i32,
+    /// The model the client asked for, when a fallback model answered (`model` is that one).
+    pub fallback_from: Option<String>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -348,6 +348,8 @@ pub struct UsageEvent {
     pub response_id: Option<String>,
     /// The conversation (`conv_…`) the call ran in, if any.
     pub conversation_id: Option<String>,
+    /// The attempts behind the answer (retries, fallbacks).
+    pub routed: Routed,
     /// Amounts reserved at admission, released when this event is settled.
     pub reservation: Reservation,
     /// The cost is debited from the user's balance (shared platform key, or
@@ -362,6 +364,15 @@ impl UsageEvent {
     pub fn cost_nanos(&self) -> i64 {
         cost_nanos(self.usage, self.prices).saturating_add(self.extra_cost_nanos.max(0))
     }
+}
+
+/// What routing adds to a usage record (spec §11).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Routed {
+    /// Upstream attempts (0 is read as 1: a request the gateway answered itself made none).
+    pub attempts: u32,
+    /// The model the client asked for, when a fallback model answered.
+    pub fallback_from: Option<String>,
 }
 
 /// What admission reserved against the balance and the key budget.
@@ -633,6 +644,7 @@ mod tests {
             ),
             response_id: None,
             conversation_id: None,
+            routed: Routed::default(),
             reservation: Reservation::default(),
             charged: true,
             ticket: crate::metering::spool::Ticket::new(),

@@ -148,6 +148,11 @@ struct Common<'a> {
     response_id: Option<Cow<'a, str>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     conversation_id: Option<Cow<'a, str>>,
+    /// Upstream attempts (absent: 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    attempts: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    fallback_from: Option<Cow<'a, str>>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -311,6 +316,7 @@ impl Spool {
                         charged: e.charged,
                         response_id: e.response_id.as_deref(),
                         conversation_id: e.conversation_id.as_deref(),
+                        routed: &e.routed,
                     },
                 ),
                 status: e.status,
@@ -439,6 +445,7 @@ struct Parts<'a> {
     charged: bool,
     response_id: Option<&'a str>,
     conversation_id: Option<&'a str>,
+    routed: &'a crate::metering::event::Routed,
 }
 
 fn facts_parts(f: &RequestFacts) -> Parts<'_> {
@@ -455,6 +462,7 @@ fn facts_parts(f: &RequestFacts) -> Parts<'_> {
         charged: f.charged,
         response_id: f.response_id.as_deref(),
         conversation_id: f.conversation_id.as_deref(),
+        routed: &f.routed,
     }
 }
 
@@ -482,6 +490,8 @@ fn common<'a>(id: Uuid, at: DateTime<Utc>, p: Parts<'a>) -> Common<'a> {
         charged: p.charged,
         response_id: p.response_id.map(Cow::Borrowed),
         conversation_id: p.conversation_id.map(Cow::Borrowed),
+        attempts: (p.routed.attempts > 1).then_some(p.routed.attempts),
+        fallback_from: p.routed.fallback_from.as_deref().map(Cow::Borrowed),
     }
 }
 
@@ -513,6 +523,10 @@ fn event(c: Common<'_>) -> UsageEvent {
         extra_cost_nanos: 0,
         response_id: c.response_id.map(Cow::into_owned),
         conversation_id: c.conversation_id.map(Cow::into_owned),
+        routed: crate::metering::event::Routed {
+            attempts: c.attempts.unwrap_or(1),
+            fallback_from: c.fallback_from.map(Cow::into_owned),
+        },
         // The dead process's leases are reclaimed whole (`reservation_leases`): nothing of
         // them is settled here.
         reservation: Reservation::default(),
@@ -686,6 +700,7 @@ mod tests {
             request_len: 4000,
             response_id: None,
             conversation_id: None,
+            routed: Default::default(),
             extra_cost_nanos: 0,
             units_metered: false,
         };
@@ -749,6 +764,10 @@ mod tests {
             extra_cost_nanos: 77,
             response_id: Some("resp_1".into()),
             conversation_id: Some("conv_1".into()),
+            routed: crate::metering::event::Routed {
+                attempts: 3,
+                fallback_from: Some("gpt-big".into()),
+            },
             reservation: Reservation::default(),
             charged: true,
             ticket: Ticket::new(),
@@ -772,6 +791,8 @@ mod tests {
         assert_eq!(e.extra_cost_nanos, 77);
         assert_eq!(e.response_id.as_deref(), Some("resp_1"));
         assert_eq!(e.conversation_id.as_deref(), Some("conv_1"));
+        assert_eq!(e.routed.attempts, 3);
+        assert_eq!(e.routed.fallback_from.as_deref(), Some("gpt-big"));
         assert_eq!(back.cost_nanos, rows[0].cost_nanos);
 
         // Lines as the previous release wrote them.

@@ -236,6 +236,8 @@ impl Settled {
             event_id: e.ticket.id.to_string(),
             response_id: e.response_id.as_deref(),
             conversation_id: e.conversation_id.as_deref(),
+            attempts: e.routed.attempts.max(1),
+            fallback_from: e.routed.fallback_from.as_deref(),
         }
     }
 }
@@ -417,6 +419,7 @@ mod tests {
             extra_cost_nanos: 0,
             response_id: None,
             conversation_id: None,
+            routed: Default::default(),
             reservation: Reservation {
                 user_nanos: r.0,
                 key_nanos: r.1,

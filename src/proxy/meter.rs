@@ -18,8 +18,8 @@ use tokio::sync::mpsc::OwnedPermit;
 
 use crate::metering::estimate;
 use crate::metering::event::{
-    ESTIMATE_KEEP_BYTES, EstimateInput, KeptPayloads, Prices, Reservation, TokenBounds, Units,
-    UsageEvent, bound_usage, units_cost_nanos,
+    ESTIMATE_KEEP_BYTES, EstimateInput, KeptPayloads, Prices, Reservation, Routed, TokenBounds,
+    Units, UsageEvent, bound_usage, units_cost_nanos,
 };
 use crate::metering::spool::{Spool, Ticket};
 use crate::providers::{Endpoint, Usage};
@@ -48,6 +48,8 @@ pub struct RequestFacts {
     pub response_id: Option<String>,
     /// The conversation (`conv_…`) the call ran in, if any.
     pub conversation_id: Option<String>,
+    /// Attempts behind the answer and the model it fell back from.
+    pub routed: Routed,
     /// A non-token cost ([`Meter::meter_units`]), added to the tokens' cost.
     pub extra_cost_nanos: i64,
     /// [`Meter::meter_units`] ran: the call was metered in units, so no tokens are estimated
@@ -198,6 +200,7 @@ impl Meter {
             extra_cost_nanos: f.extra_cost_nanos.max(0),
             response_id: f.response_id.take(),
             conversation_id: f.conversation_id.take(),
+            routed: std::mem::take(&mut f.routed),
             reservation: f.reservation,
             charged: f.charged,
             ticket: std::mem::take(&mut self.ticket),

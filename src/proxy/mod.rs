@@ -32,6 +32,8 @@ use crate::proxy::admit::{RateInfo, rate_headers};
 use crate::proxy::meter::{Meter, RequestFacts};
 use crate::proxy::request::RequestView;
 use crate::proxy::stream::{MeteredStream, StreamLimits, StreamMapping};
+use crate::routing::plan::Plan;
+use crate::routing::{Failure, Next, Outcome, judge};
 use crate::state::AppState;
 
 /// Largest complete (non-streamed) upstream body the gateway will hold.
@@ -98,6 +100,9 @@ fn reshape_error(
     resp
 }
 
+/// A client request's life, top to bottom: ① auth ② admit ③ plan ④ attempt (until one answers,
+/// retrying only before any byte reached the client) ⑤ relay ⑥ meter (inside relay: one usage
+/// record per client request, whatever happens).
 async fn run(
     state: AppState,
     endpoint: Endpoint,
@@ -107,29 +112,10 @@ async fn run(
     let (parts, body) = req.into_parts();
     // Set by `edge` (or the router's layer) when the client sent none; forwarded upstream as is.
     let request_id_header = parts.headers.get(crate::edge::X_REQUEST_ID).cloned();
-    let request_id = request_id_header
-        .as_ref()
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_owned();
 
     // ① auth
-    let key = match auth::authenticate(&state, &parts.headers).await {
-        Ok(k) => k,
-        Err(e) => return e.into_response(),
-    };
-    let body = match decoded_body(&parts.headers, body, state.config.server.max_body_bytes) {
-        Ok(b) => b,
-        Err(e) => return e.into_response(),
-    };
-    let bytes = match read_body(
-        body,
-        state.config.server.max_body_bytes,
-        state.config.server.body_read_timeout_secs,
-    )
-    .await
-    {
-        Ok(b) => b,
+    let (key, bytes) = match auth(&state, &parts.headers, body).await {
+        Ok(x) => x,
         Err(e) => return e.into_response(),
     };
     let view = match RequestView::parse(&bytes) {
@@ -144,7 +130,7 @@ async fn run(
         .into_response();
     }
     // `store: true` on a chat completion: tollgate keeps it (its metadata checked now).
-    let mut to_store = if endpoint == Endpoint::ChatCompletions {
+    let to_store = if endpoint == Endpoint::ChatCompletions {
         match stored::requested(&state, &view, &key.user_id, &key.key_id) {
             Ok(t) => t,
             Err(e) => return e.into_response(),
@@ -152,16 +138,69 @@ async fn run(
     } else {
         None
     };
+    let call = Call {
+        endpoint,
+        view: &view,
+        bytes: &bytes,
+        request_id: request_id_header.as_ref(),
+        headers: &parts.headers,
+    };
 
-    // ② admit
+    // ② admit, ③ plan
+    let admitted = match admit(&state, &key, ip, &call).await {
+        Ok(a) => a,
+        Err(resp) => return resp,
+    };
+    let rate = admitted.rate.clone();
+
+    // ④ attempt, ⑤ relay, ⑥ meter
+    let resp = attempt(&state, &key, &call, admitted, to_store).await;
+    with_rate(resp, &rate)
+}
+
+/// ① auth: the gateway key, then the body (decoded, bounded, read within its timeout).
+async fn auth(
+    state: &AppState,
+    headers: &http::HeaderMap,
+    body: Body,
+) -> Result<(std::sync::Arc<crate::cache::KeyCtx>, Bytes), ApiError> {
+    let key = auth::authenticate(state, headers).await?;
+    let body = decoded_body(headers, body, state.config.server.max_body_bytes)?;
+    let bytes = read_body(
+        body,
+        state.config.server.max_body_bytes,
+        state.config.server.body_read_timeout_secs,
+    )
+    .await?;
+    Ok((key, bytes))
+}
+
+/// What admission decided: the model, its plan, the limits that apply, the meter holding the
+/// request's usage slot and reservation.
+struct Admitted {
+    model: std::sync::Arc<crate::cache::CatalogModel>,
+    plan: Plan,
+    rate: RateInfo,
+    meter: Meter,
+}
+
+/// ② admit (allow-lists, rate limits, the usage slot, budget and balance — charged once per
+/// client request, whatever the attempts) and ③ plan (the model's deployments and key pools).
+async fn admit(
+    state: &AppState,
+    key: &std::sync::Arc<crate::cache::KeyCtx>,
+    ip: Option<IpAddr>,
+    call: &Call<'_>,
+) -> Result<Admitted, Response> {
+    let (view, bytes, endpoint) = (call.view, call.bytes, call.endpoint);
     let catalog = match state.caches.catalog(&state.db).await {
         Ok(c) => c,
-        Err(e) => return ApiError::from(e).into_response(),
+        Err(e) => return Err(ApiError::from(e).into_response()),
     };
     let approx_tokens = (bytes.len() / 4).max(1).min(u32::MAX as usize) as u32;
     let (model, rate) = match admit::admit(
-        &state,
-        &key,
+        state,
+        key,
         ip,
         &view.model,
         catalog.get(&view.model),
@@ -170,37 +209,36 @@ async fn run(
     .await
     {
         Ok(x) => x,
-        Err(refusal) => return with_rate(refusal.error.into_response(), &refusal.rate),
+        Err(refusal) => return Err(with_rate(refusal.error.into_response(), &refusal.rate)),
     };
 
     // ⑥ meter: the usage slot is taken before anything is reserved or sent upstream.
     let Some(permit) = state.usage.reserve(USAGE_SLOT_WAIT).await else {
-        return with_rate(
+        return Err(with_rate(
             ApiError::Unavailable {
                 message: "The gateway is overloaded (usage queue full); retry shortly.".into(),
             }
             .into_response(),
             &rate,
-        );
+        ));
     };
 
-    // ③ route — its errors are reported after the budget and balance checks, in the contract's order.
-    let route = route::route(&state, &key, &model, endpoint).await;
+    // ③ plan — its errors are reported after the budget and balance checks, in the contract's order.
+    let plan = plan(state, key, &model, endpoint).await;
 
     // ② admit, continued: budget and balance.
     let charged =
-        state.config.billing.enforce_balance || route.as_ref().is_ok_and(|r| r.shared_key);
-    let max_cost = reserve::max_cost(&view, bytes.len(), &model, endpoint);
-    let reservation = match reserve::reserve(&state, &key, charged && route.is_ok(), max_cost).await
-    {
+        state.config.billing.enforce_balance || plan.as_ref().is_ok_and(Plan::may_use_shared);
+    let max_cost = reserve::max_cost(view, bytes.len(), &model, endpoint);
+    let reservation = match reserve::reserve(state, key, charged && plan.is_ok(), max_cost).await {
         Ok(r) => r,
-        Err(e) => return with_rate(e.into_response(), &rate),
+        Err(e) => return Err(with_rate(e.into_response(), &rate)),
     };
-    let route = match route {
-        Ok(r) => r,
+    let plan = match plan {
+        Ok(p) => p,
         Err(e) => {
-            reserve::release(&state, &key, reservation);
-            return with_rate(e.into_response(), &rate);
+            reserve::release(state, key, reservation);
+            return Err(with_rate(e.into_response(), &rate));
         }
     };
     let m = &model.model;
@@ -214,21 +252,26 @@ async fn run(
             endpoint,
             stream: view.stream,
             prices: Prices::from_model(m),
-            request_id: request_id.clone(),
-            shared_key: route.shared_key,
+            request_id: call
+                .request_id
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_owned(),
+            shared_key: false,
             reservation,
             charged,
-            bounds: reserve::token_bounds(&view, bytes.len(), &model, endpoint),
+            bounds: reserve::token_bounds(view, bytes.len(), &model, endpoint),
             request_body: Bytes::new(),
             request_len: 0,
             response_id: None,
             conversation_id: None,
+            routed: Default::default(),
             extra_cost_nanos: 0,
             units_metered: false,
         },
         state.metrics.clone(),
     );
-    meter.facts.keep_body(&bytes);
+    meter.facts.keep_body(bytes);
     {
         let limiters = state.limiters.clone();
         let key = key.clone();
@@ -243,55 +286,348 @@ async fn run(
             limiters.consume_tokens(&key, Some(user_tpm), n);
         });
     }
+    Ok(Admitted {
+        model,
+        plan,
+        rate,
+        meter,
+    })
+}
 
+/// ③ plan: the model serves this endpoint, and the user has a key for one of its deployments.
+async fn plan(
+    state: &AppState,
+    key: &crate::cache::KeyCtx,
+    model: &std::sync::Arc<crate::cache::CatalogModel>,
+    endpoint: Endpoint,
+) -> Result<Plan, ApiError> {
+    route::check_endpoint(model, endpoint)?;
+    let mut plan = Plan::new(model.clone());
+    route::load_pools(state, key, &mut plan).await?;
+    if !plan.has_keys() {
+        return Err(route::key_missing(model));
+    }
+    Ok(plan)
+}
+
+/// The next fallback model with a usable plan: servable, allowed for the key, of the
+/// endpoint's type, with a key for one of its deployments.
+async fn next_fallback(
+    state: &AppState,
+    key: &crate::cache::KeyCtx,
+    requested: &crate::cache::CatalogModel,
+    next: &mut usize,
+    endpoint: Endpoint,
+) -> Option<Plan> {
+    let catalog = state.caches.catalog(&state.db).await.ok()?;
+    while *next < requested.fallbacks.len() {
+        let name = &requested.fallbacks[*next];
+        *next += 1;
+        let Some(m) = catalog.servable(name) else {
+            continue;
+        };
+        if !key.allows_model(name) {
+            continue;
+        }
+        if let Ok(p) = plan(state, key, m, endpoint).await {
+            return Some(p);
+        }
+    }
+    None
+}
+
+/// How a failed attempt ended (nothing of it reached the client).
+enum Failed {
+    /// The upstream's error answer, its body read.
+    Answer {
+        head: http::response::Parts,
+        body: Bytes,
+    },
+    /// No answer: connect error or timeout.
+    NoAnswer(ApiError),
+}
+
+/// ④ attempt: walks the plan — the requested model's deployments and keys, then its fallback
+/// models in order — until an attempt answers. A failure (connect error, timeout before headers,
+/// 401/403, 408, 429, 5xx) moves on while `routing.max_attempts` and `routing.retry_budget_secs`
+/// allow; any other answer, or the last failure, goes to the client through ⑤ relay.
+async fn attempt(
+    state: &AppState,
+    key: &crate::cache::KeyCtx,
+    call: &Call<'_>,
+    admitted: Admitted,
+    to_store: Option<stored::ToStore>,
+) -> Response {
+    let Admitted {
+        model: requested,
+        mut plan,
+        mut meter,
+        ..
+    } = admitted;
+    let cfg = &state.config;
+    let budget = Duration::from_secs(cfg.routing.retry_budget_secs);
+    let max_attempts = cfg.routing.max_attempts.max(1);
+    let health = &state.health;
+    let mut fallback_at = 0usize;
+    let mut attempts = 0u32;
+    let mut started: Option<std::time::Instant> = None;
+    // The last failure, answered when nothing else can be tried.
+    let mut last: Option<Failed> = None;
     // ④ upstream — from here the request is billed even if the process is killed.
     meter.spool(&state.spool);
-    let adapter = match route.adapter {
-        Some(a)
-            if route.passes_through(endpoint)
-                && matches!(
-                    endpoint,
-                    Endpoint::ChatCompletions | Endpoint::Completions | Endpoint::Embeddings
-                ) =>
-        {
-            a
-        }
-        _ => {
-            let call = Call {
-                endpoint,
-                view: &view,
-                bytes: &bytes,
-                request_id: request_id_header.as_ref(),
-                headers: &parts.headers,
-            };
-            let resp = translated(&state, &route, &call, meter, to_store).await;
-            return with_rate(resp, &rate);
-        }
-    };
-    let upstream_body =
-        if endpoint == Endpoint::ChatCompletions && stored::has_private_fields(&view) {
-            Bytes::from(view.rewrite_without(&m.upstream_model, &stored::NOT_FORWARDED))
+    loop {
+        let within = attempts < max_attempts && started.is_none_or(|t| t.elapsed() < budget);
+        let pick = if !within {
+            None
         } else {
-            adapter.map_request(&view, &m.upstream_model)
+            match plan.next(health, false) {
+                Some(p) => Some(p),
+                None => loop {
+                    match next_fallback(state, key, &requested, &mut fallback_at, call.endpoint)
+                        .await
+                    {
+                        Some(p) => {
+                            plan = p;
+                            if let Some(pick) = plan.next(health, false) {
+                                break Some(pick);
+                            }
+                        }
+                        // Nothing healthy anywhere: the pair that recovers soonest, once.
+                        None if attempts == 0 => break plan.next(health, true),
+                        None => break None,
+                    }
+                },
+            }
         };
-    let cfg = &state.config.upstream;
-    let resp = match upstream::send(
+        let Some(pick) = pick else {
+            return answer_failure(state, meter, last, &plan, attempts);
+        };
+        let route = match route::build(state, &plan, pick, call.endpoint) {
+            Ok(r) => r,
+            Err(e) => {
+                meter.facts.routed.attempts = attempts.max(1);
+                meter.finish(
+                    e.parts().0.as_u16(),
+                    None,
+                    KeptPayloads::default(),
+                    e.parts().2,
+                );
+                return e.into_response();
+            }
+        };
+        attempts += 1;
+        started.get_or_insert_with(std::time::Instant::now);
+        let provider = plan.deployments()[pick.deployment].provider.key.as_str();
+        if attempts > 1 {
+            state
+                .metrics
+                .routing_retries_total
+                .with_label_values(&[provider])
+                .inc();
+        }
+        answering(&mut meter, &requested, &plan, &route, provider, attempts);
+        let began = std::time::Instant::now();
+        let pair = plan.pair_of(pick);
+        let masked = plan.masked_of(pick);
+
+        let passes = route.adapter.is_some()
+            && route.passes_through(call.endpoint)
+            && matches!(
+                call.endpoint,
+                Endpoint::ChatCompletions | Endpoint::Completions | Endpoint::Embeddings
+            );
+        if !passes {
+            // Through the pivot (or another protocol's pass-through): one attempt, its answer
+            // is the client's; health still learns from it.
+            let resp = translated(state, &route, call, meter, to_store).await;
+            let outcome = outcome_of_status(resp.status(), resp.headers());
+            if let Some(pair) = pair {
+                note(state, pair, masked, &route, outcome, began.elapsed());
+            }
+            return with_routing(resp, &plan.model.model.name, attempts);
+        }
+
+        let head = match send(state, &route, call).await {
+            Ok(r) if r.status().is_success() || r.status().is_redirection() => {
+                if let Some(pair) = pair {
+                    note(state, pair, masked, &route, Outcome::Ok, began.elapsed());
+                }
+                let out = relay(state, &route, call, r, meter, to_store).await;
+                return with_routing(out, &plan.model.model.name, attempts);
+            }
+            Ok(r) => r,
+            Err(e) => {
+                let failure = if e.parts().0 == StatusCode::GATEWAY_TIMEOUT {
+                    Failure::Timeout
+                } else {
+                    Failure::Connect
+                };
+                let (_, outcome) = judge(failure);
+                if let Some(pair) = pair {
+                    note(state, pair, masked, &route, outcome, began.elapsed());
+                }
+                last = Some(Failed::NoAnswer(e));
+                continue;
+            }
+        };
+        // An error answer: its body (small, bounded) says whether the context was too long.
+        let status = head.status();
+        let retry_after = crate::routing::retry_after(head.headers());
+        let (head, body) = head.into_parts();
+        let idle = Duration::from_secs(cfg.upstream.idle_timeout_secs);
+        let body = collect(body, idle, &mut meter).await.unwrap_or_default();
+        let (next, outcome) = judge(Failure::Status {
+            status,
+            retry_after,
+            context_too_long: status == StatusCode::BAD_REQUEST
+                && crate::routing::is_context_too_long(&body),
+        });
+        if let Some(pair) = pair {
+            note(state, pair, masked, &route, outcome, began.elapsed());
+        }
+        let failed = Failed::Answer { head, body };
+        match next {
+            Next::Answer => return answer_failure(state, meter, Some(failed), &plan, attempts),
+            Next::Retry => {}
+            Next::Fallback => plan.give_up(),
+        }
+        last = Some(failed);
+    }
+}
+
+/// The meter's facts follow the attempt that may answer: its provider, model and prices, its
+/// key (a shared one is charged to the balance), the attempts so far.
+fn answering(
+    meter: &mut Meter,
+    requested: &crate::cache::CatalogModel,
+    plan: &Plan,
+    route: &route::Route,
+    provider: &str,
+    attempts: u32,
+) {
+    let f = &mut meter.facts;
+    f.routed.attempts = attempts;
+    if f.provider != provider {
+        provider.clone_into(&mut f.provider);
+    }
+    f.shared_key = route.shared_key;
+    f.charged |= route.shared_key;
+    let answering = &plan.model.model;
+    if answering.id != requested.model.id {
+        if f.routed.fallback_from.is_none() {
+            f.routed.fallback_from = Some(requested.model.name.clone());
+        }
+        answering.name.clone_into(&mut f.model);
+        f.prices = Prices::from_model(answering);
+    }
+}
+
+/// Health and metrics learn one attempt's outcome; a refused key is marked invalid.
+fn note(
+    state: &AppState,
+    pair: crate::routing::health::PairRef<'_>,
+    masked: &str,
+    route: &route::Route,
+    outcome: Outcome,
+    took: Duration,
+) {
+    state.health.record(pair, masked, outcome, took);
+    let label = match outcome {
+        Outcome::Ok => "ok",
+        Outcome::RateLimited(_) => "rate_limited",
+        Outcome::Refused => "refused",
+        Outcome::Failed => "failed",
+    };
+    state
+        .metrics
+        .routing_attempts_total
+        .with_label_values(&[pair.provider, label])
+        .inc();
+    if outcome == Outcome::Refused {
+        crate::routing::invalidate_key(state, route.provider_key_id.clone(), 401);
+    }
+}
+
+/// What a finished response (the gateway's own, or translated) says about its attempt.
+fn outcome_of_status(status: StatusCode, headers: &http::HeaderMap) -> Outcome {
+    match status.as_u16() {
+        401 | 403 => Outcome::Refused,
+        429 => Outcome::RateLimited(crate::routing::retry_after(headers)),
+        408 | 500.. => Outcome::Failed,
+        _ => Outcome::Ok,
+    }
+}
+
+/// `x-tollgate-model` (the model that answered) and `x-tollgate-attempts`.
+fn with_routing(mut resp: Response, model: &str, attempts: u32) -> Response {
+    let h = resp.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(model) {
+        h.insert("x-tollgate-model", v);
+    }
+    h.insert("x-tollgate-attempts", HeaderValue::from(attempts.max(1)));
+    resp
+}
+
+/// One pass-through attempt: the request for this route's deployment, up to its response head.
+async fn send(
+    state: &AppState,
+    route: &route::Route,
+    call: &Call<'_>,
+) -> Result<http::Response<upstream::ResponseBody>, ApiError> {
+    let Some(adapter) = route.adapter else {
+        return Err(ApiError::internal(anyhow::anyhow!(
+            "no pass-through adapter"
+        )));
+    };
+    let view = call.view;
+    let upstream_body =
+        if call.endpoint == Endpoint::ChatCompletions && stored::has_private_fields(view) {
+            Bytes::from(view.rewrite_without(&route.upstream_model, &stored::NOT_FORWARDED))
+        } else {
+            adapter.map_request(view, &route.upstream_model)
+        };
+    let res = upstream::send(
         &state.http,
-        &route,
+        route,
         upstream_body,
         view.stream,
-        request_id_header.as_ref(),
-        &parts.headers,
-        Duration::from_secs(cfg.first_byte_timeout_secs),
+        call.request_id,
+        call.headers,
+        Duration::from_secs(state.config.upstream.first_byte_timeout_secs),
     )
-    .await
-    {
-        Ok(r) => r,
-        Err(e) => {
-            let kind = if e.parts().0 == StatusCode::GATEWAY_TIMEOUT {
-                "timeout"
+    .await;
+    if let Err(e) = &res {
+        let kind = if e.parts().0 == StatusCode::GATEWAY_TIMEOUT {
+            "timeout"
+        } else {
+            "connect"
+        };
+        state
+            .metrics
+            .upstream_errors_total
+            .with_label_values(&[kind])
+            .inc();
+    }
+    res
+}
+
+/// The last failure goes to the client as it was: the upstream's error answer (status and
+/// body), or 502/504 for no answer; metered once.
+fn answer_failure(
+    state: &AppState,
+    mut meter: Meter,
+    last: Option<Failed>,
+    plan: &Plan,
+    attempts: u32,
+) -> Response {
+    meter.facts.routed.attempts = attempts.max(1);
+    let resp = match last {
+        Some(Failed::Answer { head, body }) => {
+            let status = head.status;
+            let kind = if status.is_client_error() {
+                "status_4xx"
             } else {
-                "connect"
+                "status_5xx"
             };
             state
                 .metrics
@@ -299,14 +635,71 @@ async fn run(
                 .with_label_values(&[kind])
                 .inc();
             meter.finish(
+                status.as_u16(),
+                None,
+                KeptPayloads::default(),
+                Some("upstream_status"),
+            );
+            let mut out = Response::new(Body::from(body));
+            *out.status_mut() = status;
+            out.headers_mut()
+                .extend(passthrough::passed_headers(&head.headers));
+            out.headers_mut().insert(
+                header::CONTENT_TYPE,
+                head.headers
+                    .get(header::CONTENT_TYPE)
+                    .cloned()
+                    .unwrap_or_else(|| HeaderValue::from_static("application/json")),
+            );
+            out
+        }
+        Some(Failed::NoAnswer(e)) => {
+            meter.finish(
                 e.parts().0.as_u16(),
                 None,
                 KeptPayloads::default(),
                 e.parts().2,
             );
-            return with_rate(e.into_response(), &rate);
+            e.into_response()
+        }
+        None => {
+            let e = ApiError::Upstream {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                message: format!(
+                    "No deployment of `{}` can take the request now (cooling down or failing); retry shortly.",
+                    plan.model.model.name
+                ),
+                code: "upstream_unavailable",
+            };
+            meter.finish(
+                503,
+                None,
+                KeptPayloads::default(),
+                Some("no_healthy_deployment"),
+            );
+            e.into_response()
         }
     };
+    with_routing(resp, &plan.model.model.name, attempts)
+}
+
+/// ⑤ relay: an answer that succeeded goes to the client — a stream event by event, a complete
+/// body mapped once — and ⑥ the meter records it when it ends.
+async fn relay(
+    state: &AppState,
+    route: &route::Route,
+    call: &Call<'_>,
+    resp: http::Response<upstream::ResponseBody>,
+    mut meter: Meter,
+    mut to_store: Option<stored::ToStore>,
+) -> Response {
+    let view = call.view;
+    let Some(adapter) = route.adapter else {
+        return ApiError::internal(anyhow::anyhow!("no pass-through adapter")).into_response();
+    };
+    let cfg = &state.config.upstream;
+    // The model the client sees: the one that answered (a fallback's name when one did).
+    let client_model = meter.facts.model.clone();
     let status = resp.status();
     let passed = passthrough::passed_headers(resp.headers());
     let idle = Duration::from_secs(cfg.idle_timeout_secs);
@@ -316,15 +709,14 @@ async fn run(
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("text/event-stream"));
 
-    // ⑤ stream
-    if status.is_success() && view.stream && is_sse {
+    if view.stream && is_sse {
         let mut body = MeteredStream::new(
             resp.into_body(),
             StreamMapping {
                 adapter: Some(adapter),
                 reader: to_store.take().map(stored::ToStore::observer),
-                client_model: view.model.clone(),
-                upstream_model: m.upstream_model.clone(),
+                client_model,
+                upstream_model: route.upstream_model.clone(),
                 client_wants_usage: view.include_usage,
             },
             meter,
@@ -344,10 +736,10 @@ async fn run(
         );
         h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
         h.insert("x-accel-buffering", HeaderValue::from_static("no"));
-        return with_rate(out, &rate);
+        return out;
     }
 
-    // A complete body: an upstream error, or a non-streamed success.
+    // A complete body.
     let content_type = resp.headers().get(header::CONTENT_TYPE).cloned();
     let body = match collect(resp.into_body(), idle, &mut meter).await {
         Ok(b) => b,
@@ -363,39 +755,19 @@ async fn run(
                 KeptPayloads::default(),
                 Some("upstream_body"),
             );
-            return with_rate(e.into_response(), &rate);
+            return e.into_response();
         }
     };
-    let out_body = if status.is_success() {
-        let (mapped, usage) = adapter.map_response(body.clone(), &view.model, &m.upstream_model);
-        let kept = if usage.is_none() {
-            KeptPayloads::one(body)
-        } else {
-            KeptPayloads::default()
-        };
-        meter.finish(status.as_u16(), usage, kept, None);
-        match to_store.take() {
-            Some(t) => t.answer(mapped),
-            None => mapped,
-        }
+    let (mapped, usage) = adapter.map_response(body.clone(), &client_model, &route.upstream_model);
+    let kept = if usage.is_none() {
+        KeptPayloads::one(body)
     } else {
-        let kind = if status.is_client_error() {
-            "status_4xx"
-        } else {
-            "status_5xx"
-        };
-        state
-            .metrics
-            .upstream_errors_total
-            .with_label_values(&[kind])
-            .inc();
-        meter.finish(
-            status.as_u16(),
-            None,
-            KeptPayloads::default(),
-            Some("upstream_status"),
-        );
-        body
+        KeptPayloads::default()
+    };
+    meter.finish(status.as_u16(), usage, kept, None);
+    let out_body = match to_store.take() {
+        Some(t) => t.answer(mapped),
+        None => mapped,
     };
     let mut out = Response::new(Body::from(out_body));
     *out.status_mut() = status;
@@ -404,7 +776,7 @@ async fn run(
         header::CONTENT_TYPE,
         content_type.unwrap_or_else(|| HeaderValue::from_static("application/json")),
     );
-    with_rate(out, &rate)
+    out
 }
 
 /// What the client sent, as the stages after admission need it.

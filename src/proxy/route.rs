@@ -8,6 +8,7 @@ use secrecy::SecretString;
 use crate::cache::{CatalogModel, KeyCtx};
 use crate::error::ApiError;
 use crate::providers::{self, Adapter, Endpoint, Target, Translator};
+use crate::routing::plan::{Pick, Plan};
 use crate::state::AppState;
 
 /// Where and how to send one request.
@@ -73,12 +74,8 @@ impl Route {
     }
 }
 
-pub async fn route(
-    state: &AppState,
-    key: &KeyCtx,
-    model: &Arc<CatalogModel>,
-    endpoint: Endpoint,
-) -> Result<Route, ApiError> {
+/// The model can serve `endpoint` (its type), else 400.
+pub fn check_endpoint(model: &CatalogModel, endpoint: Endpoint) -> Result<(), ApiError> {
     if model.model.model_type != endpoint.model_type() {
         return Err(ApiError::invalid_param(
             "model",
@@ -90,7 +87,71 @@ pub async fn route(
             ),
         ));
     }
-    let provider = &model.provider;
+    Ok(())
+}
+
+/// 400 `provider_key_missing` for a model none of whose providers the user has a key for.
+pub fn key_missing(model: &CatalogModel) -> ApiError {
+    ApiError::BadRequest {
+        message: format!(
+            "You have no API key for the provider `{}`. Add one with POST /api/provider-keys.",
+            model.provider.key
+        ),
+        code: "provider_key_missing",
+        param: Some("model".into()),
+    }
+}
+
+/// The route of a request's first attempt (no retries): the model's plan, its first pick.
+pub async fn route(
+    state: &AppState,
+    key: &KeyCtx,
+    model: &Arc<CatalogModel>,
+    endpoint: Endpoint,
+) -> Result<Route, ApiError> {
+    check_endpoint(model, endpoint)?;
+    let mut plan = Plan::new(model.clone());
+    load_pools(state, key, &mut plan).await?;
+    let pick = plan
+        .next(&state.health, true)
+        .ok_or_else(|| key_missing(model))?;
+    build(state, &plan, pick, endpoint)
+}
+
+/// Loads the key pool of every deployment of `plan`'s model (cache hits on the hot path).
+pub async fn load_pools(state: &AppState, key: &KeyCtx, plan: &mut Plan) -> Result<(), ApiError> {
+    for i in 0..plan.deployments().len() {
+        let provider = plan.deployments()[i].provider.clone();
+        // Deployments on one provider share a pool: read it once.
+        let pool = match (0..i).find(|j| plan.deployments()[*j].provider.key == provider.key) {
+            Some(j) => plan.pool(j).cloned(),
+            None => Some(
+                state
+                    .caches
+                    .provider_keys(&state.db, &key.user_id, &provider.key)
+                    .await?,
+            ),
+        };
+        plan.set_pool(i, pool);
+    }
+    Ok(())
+}
+
+/// The route of one attempt: deployment `pick.deployment` of the plan's model with key
+/// `pick.key` of its pool, the key opened with the master key ring.
+pub fn build(
+    state: &AppState,
+    plan: &Plan,
+    pick: Pick,
+    endpoint: Endpoint,
+) -> Result<Route, ApiError> {
+    let model = &plan.model;
+    let dep = &plan.deployments()[pick.deployment];
+    let entry = plan
+        .pool(pick.deployment)
+        .and_then(|p| p.keys.get(pick.key))
+        .ok_or_else(|| key_missing(model))?;
+    let provider = &dep.provider;
     let adapter = providers::adapter(&provider.kind);
     let translator = providers::translator(&provider.kind);
     if adapter.is_none() && translator.is_none() {
@@ -100,18 +161,6 @@ pub async fn route(
             provider.kind
         )));
     }
-    let entry = state
-        .caches
-        .provider_key(&state.db, &key.user_id, &provider.key)
-        .await?
-        .ok_or_else(|| ApiError::BadRequest {
-            message: format!(
-                "You have no API key for the provider `{}`. Add one with POST /api/provider-keys.",
-                provider.key
-            ),
-            code: "provider_key_missing",
-            param: Some("model".into()),
-        })?;
     let secret = entry
         .opened
         .get_or_open(|| state.keyring.open_string(&entry.secret_enc, &entry.id))
@@ -128,7 +177,7 @@ pub async fn route(
         kind: provider.kind.clone(),
         url: adapter.map(|a| a.url(base, endpoint)).unwrap_or_default(),
         base_url: base.to_owned(),
-        upstream_model: model.model.upstream_model.clone(),
+        upstream_model: dep.upstream_model.clone(),
         api_version: provider.api_version.clone(),
         region: provider.region.clone(),
         // Azure serves the Responses API too (spec §9).

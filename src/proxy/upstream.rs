@@ -281,6 +281,44 @@ pub struct Outbound<'a> {
 }
 
 /// Sends `out`; resolves when the upstream's response headers arrive.
+/// A GET (a provider's models list, for `POST /api/provider-keys/{id}/verify`), with `headers`,
+/// answered within `timeout`.
+pub async fn get(
+    client: &HttpClient,
+    url: &str,
+    guarded: bool,
+    headers: http::HeaderMap,
+    timeout: Duration,
+) -> Result<Response<ResponseBody>, ApiError> {
+    let mut req = Request::get(url)
+        .body(Full::new(Bytes::new()))
+        .map_err(|e| ApiError::internal(anyhow::anyhow!("building upstream request: {e}")))?;
+    req.headers_mut().extend(headers);
+    req.headers_mut().insert(
+        header::ACCEPT_ENCODING,
+        HeaderValue::from_static("identity"),
+    );
+    let decoding = tower_http::decompression::Decompression::new(tower::service_fn(|req| {
+        client.request(req, guarded)
+    }));
+    match tokio::time::timeout(timeout, tower::ServiceExt::oneshot(decoding, req)).await {
+        Ok(Ok(resp)) => Ok(resp),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, url = %url, "upstream request failed");
+            Err(ApiError::Upstream {
+                status: http::StatusCode::BAD_GATEWAY,
+                message: "Could not reach the upstream provider.".into(),
+                code: "upstream_unreachable",
+            })
+        }
+        Err(_) => Err(ApiError::Upstream {
+            status: http::StatusCode::GATEWAY_TIMEOUT,
+            message: "The upstream provider did not answer in time.".into(),
+            code: "upstream_timeout",
+        }),
+    }
+}
+
 pub async fn send_to(
     client: &HttpClient,
     out: Outbound<'_>,

@@ -20,6 +20,7 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(usage_report))
         .routes(routes!(usage_records))
         .routes(routes!(stats))
+        .routes(routes!(routing_health))
 }
 
 /// `?from=&to=&group_by=&user_id=&model=&key_id=`.
@@ -149,5 +150,26 @@ async fn stats(State(state): State<AppState>, _admin: AdminUser) -> ApiResult<Js
         stored_responses: o.stored_responses,
         conversations: o.conversations,
         stored_completions: o.stored_completions,
+    }))
+}
+
+/// Routing health as this replica sees it (spec §11).
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct RoutingHealth {
+    /// One entry per deployment (provider, upstream model) and provider key (masked) this
+    /// replica has routed to; counts and p50 over the last five minutes.
+    pub data: Vec<crate::routing::health::PairReport>,
+}
+
+/// Per deployment and provider key: `healthy` | `cooling_down` | `open` | `invalid`, requests,
+/// failures and p50 latency over the last five minutes, as this replica saw them.
+#[utoipa::path(get, path = "/api/admin/routing/health", tag = "admin", security(("access_token" = [])),
+    responses((status = 200, body = RoutingHealth), (status = 403, body = crate::error::ErrorBody)))]
+async fn routing_health(
+    State(state): State<AppState>,
+    _admin: AdminUser,
+) -> ApiResult<Json<RoutingHealth>> {
+    Ok(Json(RoutingHealth {
+        data: state.health.report(),
     }))
 }

@@ -14,6 +14,7 @@ use crate::accounts::session::{AdminUser, CurrentUser};
 use crate::error::{ApiError, ApiResult, Json, Path, Query};
 use crate::routes::audit;
 use crate::routes::{ClientIp, PageParams, Paginated, rfc3339};
+use crate::routing::deployment::{self, DeploymentSpec};
 use crate::state::AppState;
 use crate::store::models::{ModelFilter, ModelPatch, NewModel};
 use crate::store::providers::{NewProvider, ProviderPatch};
@@ -495,13 +496,22 @@ pub struct ModelView {
     pub description: Option<String>,
     pub is_active: bool,
     pub sort_order: i32,
+    /// Where the model is served: the lowest `priority` tier with a healthy deployment takes
+    /// the requests, shared by `weight`. One entry (`provider`, `upstream_model`) for most models.
+    pub deployments: Vec<DeploymentSpec>,
+    /// Catalog models tried in order when every deployment failed or the context was too long.
+    pub fallbacks: Vec<String>,
     pub created_at: String,
     pub updated_at: String,
 }
 
 impl From<entity::models::Model> for ModelView {
     fn from(m: entity::models::Model) -> Self {
+        let deployments = deployment::specs_of(&m);
+        let fallbacks = deployment::fallbacks_of(&m);
         Self {
+            deployments,
+            fallbacks,
             id: m.id,
             name: m.name,
             display_name: m.display_name,
@@ -588,8 +598,12 @@ pub struct CreateModel {
     pub name: String,
     /// Default: the name.
     pub display_name: Option<String>,
-    /// A provider key.
-    pub provider: String,
+    /// A provider key (one deployment); required unless `deployments` is given.
+    pub provider: Option<String>,
+    /// Several deployments (1–16) instead of `provider` / `upstream_model`.
+    pub deployments: Option<Vec<DeploymentSpec>>,
+    /// Catalog model names (at most 8) tried in order when every deployment failed.
+    pub fallbacks: Option<Vec<String>>,
     /// Default: the name.
     pub upstream_model: Option<String>,
     /// `chat` (default) | `completion` | `embedding` | `image` | `audio` | `moderation` |
@@ -686,15 +700,63 @@ fn check_description(s: String) -> ApiResult<String> {
     Ok(s)
 }
 
-/// The provider must exist (active or not).
-async fn check_provider_exists(state: &AppState, key: &str) -> ApiResult<()> {
-    if store::providers::find(&state.db, key).await?.is_none() {
-        return Err(ApiError::invalid_param(
-            "provider",
-            format!("unknown provider {key:?}"),
-        ));
+/// A deployment list checked (spec §11: known active providers, weights 1–100) and ordered by
+/// tier: the first deployment's provider and upstream model (the row's own columns), and the
+/// list to store (`None` for a single deployment).
+async fn checked_deployments(
+    state: &AppState,
+    mut specs: Vec<DeploymentSpec>,
+    default_upstream: &str,
+    param: &str,
+) -> ApiResult<(String, String, Option<String>)> {
+    let providers: std::collections::HashMap<String, bool> = store::providers::all(&state.db)
+        .await?
+        .into_iter()
+        .map(|p| (p.key, p.is_active))
+        .collect();
+    deployment::check_deployments(&specs, &providers)
+        .map_err(|r| ApiError::invalid_param(param, r.message))?;
+    specs.sort_by_key(|s| s.priority);
+    for s in &mut specs {
+        if s.upstream_model.is_none() {
+            s.upstream_model = Some(default_upstream.to_owned());
+        }
     }
-    Ok(())
+    let first = &specs[0];
+    let provider = first.provider.clone();
+    let upstream = first
+        .upstream_model
+        .clone()
+        .unwrap_or_else(|| default_upstream.to_owned());
+    let stored = (specs.len() > 1)
+        .then(|| serde_json::to_string(&specs))
+        .transpose()
+        .map_err(|e| ApiError::internal(anyhow::anyhow!(e)))?;
+    Ok((provider, upstream, stored))
+}
+
+/// A fallback list checked against the catalog (existing models, no cycle); `None` when empty.
+/// `id`: the model being changed (its stored fallbacks are replaced by these).
+async fn checked_fallbacks(
+    state: &AppState,
+    id: Option<&str>,
+    name: &str,
+    fallbacks: Vec<String>,
+) -> ApiResult<Option<String>> {
+    let edges: std::collections::HashMap<String, Vec<String>> = store::models::all(&state.db)
+        .await?
+        .iter()
+        .filter(|m| Some(m.id.as_str()) != id)
+        .map(|m| (m.name.clone(), deployment::fallbacks_of(m)))
+        .collect();
+    deployment::check_fallbacks(name, &fallbacks, &edges)
+        .map_err(|r| ApiError::invalid_param(r.param, r.message))?;
+    if fallbacks.is_empty() {
+        return Ok(None);
+    }
+    serde_json::to_string(&fallbacks)
+        .map(Some)
+        .map_err(|e| ApiError::internal(anyhow::anyhow!(e)))
 }
 
 fn duplicate_model() -> ApiError {
@@ -722,7 +784,7 @@ async fn create_model(
             "upstream_model",
             b.upstream_model.as_deref().unwrap_or(&name),
         )?,
-        provider_key: b.provider.clone(),
+        provider_key: String::new(),
         model_type: check_model_type(b.model_type.as_deref().unwrap_or("chat"))?,
         input_price_nanos: check_price("input_price_per_1m", b.input_price_per_1m.unwrap_or(0.0))?,
         output_price_nanos: check_price(
@@ -754,9 +816,42 @@ async fn create_model(
         description: b.description.map(check_description).transpose()?,
         is_active: b.is_active.unwrap_or(true),
         sort_order: b.sort_order.unwrap_or(0),
+        deployments: None,
+        fallbacks: None,
         name,
     };
-    check_provider_exists(&state, &new.provider_key).await?;
+    let mut new = new;
+    let param = if b.deployments.is_some() {
+        "deployments"
+    } else {
+        "provider"
+    };
+    let specs = match (b.provider, b.deployments) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::invalid_param(
+                "deployments",
+                "give either provider (and upstream_model) or deployments, not both",
+            ));
+        }
+        (None, None) => {
+            return Err(ApiError::invalid_param(
+                "provider",
+                "provider (or deployments) is required",
+            ));
+        }
+        (Some(p), None) => vec![DeploymentSpec {
+            provider: p,
+            upstream_model: Some(new.upstream_model.clone()),
+            weight: 1,
+            priority: 0,
+        }],
+        (None, Some(d)) => d,
+    };
+    (new.provider_key, new.upstream_model, new.deployments) =
+        checked_deployments(&state, specs, &new.upstream_model, param).await?;
+    if let Some(f) = b.fallbacks {
+        new.fallbacks = checked_fallbacks(&state, None, &new.name, f).await?;
+    }
     let row = match store::models::create(&state.db, new).await {
         Ok(row) => row,
         Err(e) if is_unique_violation(&e) => return Err(duplicate_model()),
@@ -780,7 +875,12 @@ async fn create_model(
 pub struct UpdateModel {
     pub name: Option<String>,
     pub display_name: Option<String>,
+    /// The (first) deployment's provider.
     pub provider: Option<String>,
+    /// Replaces every deployment (1–16).
+    pub deployments: Option<Vec<DeploymentSpec>>,
+    /// Replaces the fallback models (`[]` for none).
+    pub fallbacks: Option<Vec<String>>,
     pub upstream_model: Option<String>,
     #[serde(rename = "type")]
     #[schema(rename = "type")]
@@ -891,9 +991,55 @@ async fn update_model(
             .transpose()?,
         is_active: b.is_active,
         sort_order: b.sort_order,
+        deployments: None,
+        fallbacks: None,
     };
-    if let Some(p) = &patch.provider_key {
-        check_provider_exists(&state, p).await?;
+    let mut patch = patch;
+    let Some(before) = store::models::find(&state.db, &id).await? else {
+        return Err(ApiError::not_found("model"));
+    };
+    if b.deployments.is_some() && (patch.provider_key.is_some() || patch.upstream_model.is_some()) {
+        return Err(ApiError::invalid_param(
+            "deployments",
+            "give either provider / upstream_model or deployments, not both",
+        ));
+    }
+    let name = patch.name.clone().unwrap_or_else(|| before.name.clone());
+    let default_upstream = patch
+        .upstream_model
+        .clone()
+        .unwrap_or_else(|| before.upstream_model.clone());
+    let param = if b.deployments.is_some() {
+        "deployments"
+    } else {
+        "provider"
+    };
+    let specs = match b.deployments {
+        Some(d) => Some(d),
+        None if patch.provider_key.is_some() || patch.upstream_model.is_some() => {
+            // The first deployment changes; the others stay.
+            let mut specs = deployment::specs_of(&before);
+            if let Some(first) = specs.first_mut() {
+                if let Some(p) = &patch.provider_key {
+                    first.provider.clone_from(p);
+                }
+                if let Some(u) = &patch.upstream_model {
+                    first.upstream_model = Some(u.clone());
+                }
+            }
+            Some(specs)
+        }
+        None => None,
+    };
+    if let Some(specs) = specs {
+        let (provider, upstream, stored) =
+            checked_deployments(&state, specs, &default_upstream, param).await?;
+        patch.provider_key = Some(provider);
+        patch.upstream_model = Some(upstream);
+        patch.deployments = Some(stored);
+    }
+    if let Some(f) = b.fallbacks {
+        patch.fallbacks = Some(checked_fallbacks(&state, Some(&id), &name, f).await?);
     }
     let row = match store::models::update(&state.db, &id, patch).await {
         Ok(Some(row)) => row,

@@ -100,6 +100,7 @@ pub(crate) async fn metered(
                 ticket: Default::default(),
                 response_id: None,
                 conversation_id: None,
+                routed: Default::default(),
                 extra_cost_nanos: 0,
             }),
         ),

@@ -34,6 +34,7 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(list_provider_keys, create_provider_key))
         .routes(routes!(update_provider_key, delete_provider_key))
         .routes(routes!(toggle_provider_key))
+        .routes(routes!(verify_provider_key))
         .routes(routes!(list_keys, create_key))
         .routes(routes!(get_key, update_key, delete_key))
         .routes(routes!(toggle_key))
@@ -88,6 +89,17 @@ async fn check_user_base_url(state: &AppState, raw: &str) -> ApiResult<String> {
     Ok(url)
 }
 
+/// A pool weight: 1–100 (spec §11).
+pub(crate) fn check_weight(w: i32) -> ApiResult<i32> {
+    if !(1..=100).contains(&w) {
+        return Err(ApiError::invalid_param(
+            "weight",
+            "weight must be an integer from 1 to 100",
+        ));
+    }
+    Ok(w)
+}
+
 fn shared_forbidden() -> ApiError {
     ApiError::forbidden(
         "forbidden",
@@ -112,6 +124,11 @@ pub struct ProviderKeyView {
     /// An admin's key that serves every user without a key of their own for this provider.
     pub shared: bool,
     pub is_active: bool,
+    /// Share of the pool (1–100) among your keys for this provider.
+    pub weight: i32,
+    /// `active` | `invalid`: the upstream answered 401/403 with this key, so the gateway no
+    /// longer uses it until you edit it or `POST /api/provider-keys/{id}/verify` succeeds.
+    pub status: String,
     pub created_at: String,
     pub updated_at: String,
     pub last_used_at: Option<String>,
@@ -127,6 +144,8 @@ impl From<entity::provider_keys::Model> for ProviderKeyView {
             masked: k.masked,
             shared: k.shared,
             is_active: k.is_active,
+            weight: k.weight,
+            status: k.status,
             created_at: rfc3339(k.created_at),
             updated_at: rfc3339(k.updated_at),
             last_used_at: k.last_used_at.map(rfc3339),
@@ -170,6 +189,8 @@ pub struct CreateProviderKey {
     pub label: Option<String>,
     /// Admins only: serve every user who has no key of their own for this provider.
     pub shared: Option<bool>,
+    /// Share of the pool (1–100, default 1) among your keys for this provider.
+    pub weight: Option<i32>,
 }
 
 /// Stores a provider key, encrypted (AES-256-GCM under the master key).
@@ -212,6 +233,7 @@ async fn create_provider_key(
             base_url,
             label,
             shared,
+            weight: check_weight(b.weight.unwrap_or(1))?,
         },
     )
     .await?;
@@ -244,6 +266,8 @@ pub struct UpdateProviderKey {
     /// Admins only when setting it to true.
     pub shared: Option<bool>,
     pub is_active: Option<bool>,
+    /// Share of the pool (1–100).
+    pub weight: Option<i32>,
 }
 
 /// Changes one of your provider keys.
@@ -285,6 +309,7 @@ async fn update_provider_key(
         (b.label.is_some(), "label"),
         (b.shared.is_some(), "shared"),
         (b.is_active.is_some(), "is_active"),
+        (b.weight.is_some(), "weight"),
     ] {
         if set {
             fields.push(name);
@@ -299,10 +324,12 @@ async fn update_provider_key(
             .transpose()?,
         shared: b.shared,
         is_active: b.is_active,
+        weight: b.weight.map(check_weight).transpose()?,
     };
     let row = store::provider_keys::update_owned(&state.db, &state.keyring, me.id(), &id, patch)
         .await?
         .ok_or_else(|| ApiError::not_found("provider key"))?;
+    state.health.key_restored(&id);
     invalidate_provider_key(&state, me.id(), before.shared || row.shared).await;
     audit(
         &state,
@@ -378,6 +405,49 @@ async fn toggle_provider_key(
     )
     .await?;
     Ok(Json(row.into()))
+}
+
+/// Checks one of your provider keys against its provider (its models list, or a one-token call
+/// where the provider has no OpenAI-compatible list). A key the provider accepts is back in use
+/// (`status: active`); one it refuses (401/403) is marked `invalid`.
+#[utoipa::path(post, path = "/api/provider-keys/{id}/verify", tag = "keys", security(("access_token" = [])),
+    params(("id" = String, Path, description = "Provider key id")),
+    responses((status = 200, body = crate::routing::verify::Verification), (status = 404, body = crate::error::ErrorBody)))]
+async fn verify_provider_key(
+    State(state): State<AppState>,
+    me: CurrentUser,
+    ip: ClientIp,
+    Path(id): Path<String>,
+) -> ApiResult<Json<crate::routing::verify::Verification>> {
+    let row = store::provider_keys::find_owned(&state.db, me.id(), &id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("provider key"))?;
+    let v = crate::routing::verify::verify(&state, &row).await?;
+    let status = if v.ok {
+        Some(store::provider_keys::STATUS_ACTIVE)
+    } else if matches!(v.status, 401 | 403) {
+        Some(store::provider_keys::STATUS_INVALID)
+    } else {
+        None
+    };
+    if let Some(status) = status
+        && store::provider_keys::set_status(&state.db, &id, status).await?
+    {
+        if v.ok {
+            state.health.key_restored(&id);
+        }
+        invalidate_provider_key(&state, me.id(), row.shared).await;
+    }
+    audit(
+        &state,
+        &me,
+        &ip,
+        "provider_key.verify",
+        format!("provider_key:{id}"),
+        Some(serde_json::json!({ "ok": v.ok, "status": v.status })),
+    )
+    .await?;
+    Ok(Json(v))
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -54,6 +54,10 @@ pub struct UsageRecordView {
     pub response_id: Option<String>,
     /// The conversation (`conv_…`) the call ran in, if any.
     pub conversation_id: Option<String>,
+    /// Upstream attempts behind the answer (≥ 1: retries on other keys, deployments, fallbacks).
+    pub attempts: i32,
+    /// The model the client asked for, when a fallback model answered (`model` is that one).
+    pub fallback_from: Option<String>,
 }
 
 impl From<entity::usage_records::Model> for UsageRecordView {
@@ -79,6 +83,8 @@ impl From<entity::usage_records::Model> for UsageRecordView {
             request_id: r.request_id,
             response_id: r.response_id,
             conversation_id: r.conversation_id,
+            attempts: r.attempts.max(1),
+            fallback_from: r.fallback_from,
         }
     }
 }

@@ -34,6 +34,10 @@ pub struct NewModel {
     pub description: Option<String>,
     pub is_active: bool,
     pub sort_order: i32,
+    /// JSON list of deployments when there are several (see `routing::deployment`).
+    pub deployments: Option<String>,
+    /// JSON list of fallback model names.
+    pub fallbacks: Option<String>,
 }
 
 /// Fields an admin may change: `None` = unchanged; `Some(None)` clears a nullable column.
@@ -59,6 +63,8 @@ pub struct ModelPatch {
     pub description: Option<Option<String>>,
     pub is_active: Option<bool>,
     pub sort_order: Option<i32>,
+    pub deployments: Option<Option<String>>,
+    pub fallbacks: Option<Option<String>>,
 }
 
 /// `GET /api/models` filters.
@@ -143,6 +149,8 @@ pub async fn create(db: &impl ConnectionTrait, m: NewModel) -> Result<models::Mo
         description: Set(m.description),
         is_active: Set(m.is_active),
         sort_order: Set(m.sort_order),
+        deployments: Set(m.deployments),
+        fallbacks: Set(m.fallbacks),
         created_at: Set(now),
         updated_at: Set(now),
     }
@@ -187,7 +195,9 @@ pub async fn update(
         supports_vision,
         description,
         is_active,
-        sort_order
+        sort_order,
+        deployments,
+        fallbacks
     );
     am.updated_at = Set(Utc::now());
     am.update(db).await.map(Some)

@@ -19,6 +19,8 @@ pub struct NewProviderKey<'a> {
     pub base_url: Option<String>,
     pub label: Option<String>,
     pub shared: bool,
+    /// Share of the pool (1–100).
+    pub weight: i32,
 }
 
 /// Fields an owner may change: `None` = unchanged; `Some(None)` clears a nullable column.
@@ -30,7 +32,17 @@ pub struct ProviderKeyPatch {
     pub label: Option<Option<String>>,
     pub shared: Option<bool>,
     pub is_active: Option<bool>,
+    pub weight: Option<i32>,
 }
+
+/// A key in use.
+pub const STATUS_ACTIVE: &str = "active";
+/// A key its upstream answered 401/403: out of use until its owner edits or re-verifies it.
+pub const STATUS_INVALID: &str = "invalid";
+
+/// The most keys one pool holds (a user's own for one provider, or the shared ones): the
+/// newest are used.
+pub const MAX_POOL: u64 = 32;
 
 /// Seals `api_key` under the ring's newest key with the new row's id as associated data.
 pub async fn create(
@@ -51,6 +63,8 @@ pub async fn create(
         base_url: Set(k.base_url),
         shared: Set(k.shared),
         is_active: Set(true),
+        weight: Set(k.weight),
+        status: Set(STATUS_ACTIVE.to_owned()),
         created_at: Set(now),
         updated_at: Set(now),
         last_used_at: Set(None),
@@ -118,6 +132,11 @@ pub async fn update_owned(
     if let Some(v) = p.is_active {
         am.is_active = Set(v);
     }
+    if let Some(v) = p.weight {
+        am.weight = Set(v);
+    }
+    // An owner's edit puts a key its upstream refused back into use (spec §11).
+    am.status = Set(STATUS_ACTIVE.to_owned());
     am.updated_at = Set(Utc::now());
     am.update(db).await.map(Some)
 }
@@ -135,6 +154,74 @@ pub async fn delete_owned(
         .exec(db)
         .await?;
     Ok(Some(row))
+}
+
+/// The pool a request by `user_id` to `provider` uses: the user's own active keys, else the
+/// active keys an admin marked shared (while that admin is still an active administrator);
+/// newest first, at most [`MAX_POOL`], keys marked invalid left out.
+pub async fn find_pool(
+    db: &impl ConnectionTrait,
+    user_id: &str,
+    provider: &str,
+) -> Result<Vec<provider_keys::Model>, DbErr> {
+    let own = provider_keys::Entity::find()
+        .filter(provider_keys::Column::UserId.eq(user_id))
+        .filter(provider_keys::Column::ProviderKey.eq(provider))
+        .filter(provider_keys::Column::IsActive.eq(true))
+        .filter(provider_keys::Column::Status.ne(STATUS_INVALID))
+        .order_by_desc(provider_keys::Column::CreatedAt)
+        .order_by_desc(provider_keys::Column::Id)
+        .limit(MAX_POOL)
+        .all(db)
+        .await?;
+    if !own.is_empty() {
+        return Ok(own);
+    }
+    let active_admins = sea_orm::sea_query::Query::select()
+        .column(entity::users::Column::Id)
+        .from(entity::users::Entity)
+        .and_where(entity::users::Column::Status.eq("active"))
+        .and_where(entity::users::Column::Role.eq("admin"))
+        .to_owned();
+    provider_keys::Entity::find()
+        .filter(provider_keys::Column::ProviderKey.eq(provider))
+        .filter(provider_keys::Column::Shared.eq(true))
+        .filter(provider_keys::Column::IsActive.eq(true))
+        .filter(provider_keys::Column::Status.ne(STATUS_INVALID))
+        .filter(provider_keys::Column::UserId.in_subquery(active_admins))
+        .order_by_desc(provider_keys::Column::CreatedAt)
+        .order_by_desc(provider_keys::Column::Id)
+        .limit(MAX_POOL)
+        .all(db)
+        .await
+}
+
+/// Any row by id (the gateway marking a key its upstream refused; the owner is in the row).
+pub async fn find(
+    db: &impl ConnectionTrait,
+    id: &str,
+) -> Result<Option<provider_keys::Model>, DbErr> {
+    provider_keys::Entity::find_by_id(id.to_owned())
+        .one(db)
+        .await
+}
+
+/// Sets `status` (`active` | `invalid`); true when the row changed.
+pub async fn set_status(db: &impl ConnectionTrait, id: &str, status: &str) -> Result<bool, DbErr> {
+    let res = provider_keys::Entity::update_many()
+        .col_expr(
+            provider_keys::Column::Status,
+            sea_orm::sea_query::Expr::value(status),
+        )
+        .col_expr(
+            provider_keys::Column::UpdatedAt,
+            sea_orm::sea_query::Expr::value(Utc::now()),
+        )
+        .filter(provider_keys::Column::Id.eq(id))
+        .filter(provider_keys::Column::Status.ne(status))
+        .exec(db)
+        .await?;
+    Ok(res.rows_affected > 0)
 }
 
 /// The key a request by `user_id` to `provider` uses: the user's own newest active key, else the
