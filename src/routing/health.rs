@@ -168,6 +168,8 @@ struct Entry {
     probe_at: AtomicU64,
     cool_until: AtomicU64,
     cool_step: AtomicU32,
+    /// Times the breaker opened.
+    opens: AtomicU64,
     /// Marked invalid at (ms); 0 = not.
     invalid_at: AtomicU64,
     window: Mutex<Window>,
@@ -238,6 +240,8 @@ pub struct PairReport {
     pub requests: u64,
     pub failures: u64,
     pub consecutive_failures: u32,
+    /// Times this replica saw the breaker open.
+    pub breaker_opens: u64,
     pub p50_latency_ms: Option<u32>,
 }
 
@@ -327,6 +331,7 @@ impl Health {
                         probe_at: AtomicU64::new(0),
                         cool_until: AtomicU64::new(0),
                         cool_step: AtomicU32::new(0),
+                        opens: AtomicU64::new(0),
                         invalid_at: AtomicU64::new(0),
                         window: Mutex::new(Window::default()),
                     })
@@ -467,6 +472,7 @@ impl Health {
 
     fn opened(&self, e: &Entry) {
         self.0.open.fetch_add(1, Ordering::Relaxed);
+        e.opens.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(provider = %e.provider, upstream_model = %e.upstream_model, "circuit breaker open");
         if let Some(f) = &self.0.on_breaker {
             f(&e.provider, 1);
@@ -569,6 +575,7 @@ impl Health {
                     requests,
                     failures,
                     consecutive_failures: e.consecutive.load(Ordering::Relaxed),
+                    breaker_opens: e.opens.load(Ordering::Relaxed),
                     p50_latency_ms: p50,
                 }
             })

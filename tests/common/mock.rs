@@ -3,6 +3,12 @@
 //! `err500`, `embed`, `tool` (a chat completion that calls the request's first function tool, or
 //! `get_weather`, with `{"city":"Paris"}` — unless the last message is a tool result, which is
 //! answered with text). Every request is recorded (path, headers, JSON body) for assertions.
+//!
+//! Faults, for routing: `fail503` (always 503), `r429` (429 with `retry-after: 1`), `r429bare`
+//! (429 without it), `auth401`, `reset` (the connection closes before any response head),
+//! `stall` (no response head for 30 s), `ctx400` (400 `context_length_exceeded`), and `flaky`:
+//! bursts of five failures (503, a reset, 429 with `retry-after: 1`, 500, 502) then five answers —
+//! half its requests fail — until [`Mock::heal`]. [`Mock::count`] counts the requests per model.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -31,6 +37,10 @@ struct Inner {
     /// Streams whose body was dropped before it finished (the gateway cancelled them).
     cancelled: AtomicUsize,
     finished: AtomicUsize,
+    /// `flaky` requests so far.
+    flaky: AtomicUsize,
+    /// `flaky` answers every request from now on.
+    healed: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Clone)]
@@ -73,6 +83,53 @@ impl Mock {
     pub fn finished(&self) -> usize {
         self.inner.finished.load(Ordering::SeqCst)
     }
+
+    /// `flaky` stops failing.
+    pub fn heal(&self) {
+        self.inner.healed.store(true, Ordering::SeqCst);
+    }
+
+    /// Requests received for this upstream model.
+    pub fn count(&self, model: &str) -> usize {
+        self.requests()
+            .iter()
+            .filter(|r| r.body["model"] == model)
+            .count()
+    }
+}
+
+/// Ends the connection without a response: the handler's task unwinds and hyper drops the
+/// socket. The panic message is recognised and silenced by [`quiet_resets`].
+fn reset() -> ! {
+    quiet_resets();
+    std::panic::panic_any(RESET)
+}
+
+const RESET: &str = "mock: connection reset";
+
+fn quiet_resets() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if info.payload().downcast_ref::<&str>() != Some(&RESET) {
+                previous(info);
+            }
+        }));
+    });
+}
+
+fn status_error(status: StatusCode, code: &str, retry_after: Option<&str>) -> Response {
+    let mut resp = (
+        status,
+        axum::Json(json!({"error": {"message": format!("mock {code}"), "type": "server_error", "param": null, "code": code}})),
+    )
+        .into_response();
+    if let Some(r) = retry_after {
+        resp.headers_mut()
+            .insert("retry-after", r.parse().expect("header"));
+    }
+    resp
 }
 
 /// Counts how a streamed body ended.
@@ -131,7 +188,42 @@ async fn handle(
         .unwrap_or(false);
     let behaviour = model.split(':').next().unwrap_or_default().to_owned();
     let chat = uri.path().ends_with("/chat/completions");
+    let behaviour = if behaviour == "flaky" {
+        let n = inner.flaky.fetch_add(1, Ordering::SeqCst);
+        if inner.healed.load(Ordering::SeqCst) || n % 10 >= 5 {
+            "normal".to_owned()
+        } else {
+            ["fail503", "reset", "r429", "fail500", "fail502"][n % 5].to_owned()
+        }
+    } else {
+        behaviour
+    };
     match behaviour.as_str() {
+        "fail503" => return status_error(StatusCode::SERVICE_UNAVAILABLE, "overloaded", None),
+        "fail500" => return status_error(StatusCode::INTERNAL_SERVER_ERROR, "boom", None),
+        "fail502" => return status_error(StatusCode::BAD_GATEWAY, "bad_gateway", None),
+        "r429" => {
+            return status_error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_exceeded",
+                Some("1"),
+            );
+        }
+        "r429bare" => {
+            return status_error(StatusCode::TOO_MANY_REQUESTS, "rate_limit_exceeded", None);
+        }
+        "auth401" => return status_error(StatusCode::UNAUTHORIZED, "invalid_api_key", None),
+        "ctx400" => {
+            return (
+                StatusCode::BAD_REQUEST,
+                axum::Json(json!({"error": {"message": "This model's maximum context length is 8 tokens.", "type": "invalid_request_error", "param": "messages", "code": "context_length_exceeded"}})),
+            )
+                .into_response();
+        }
+        "reset" => reset(),
+        "stall" => {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+        }
         "err400" => {
             return (
                 StatusCode::BAD_REQUEST,
