@@ -613,3 +613,75 @@ async fn five_hundred_requests_through_a_flaky_deployment() {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
+
+/// With two replicas and Redis, health one replica learned reaches the other within a second: a
+/// key refused on one is not tried by the other, a pair cooling down on one is skipped by both.
+#[tokio::test]
+async fn health_reaches_the_other_replica() {
+    let Ok(url) = std::env::var("TOLLGATE_TEST_REDIS_URL") else {
+        eprintln!(
+            "health_reaches_the_other_replica: skipped: set TOLLGATE_TEST_REDIS_URL=redis://127.0.0.1:6379 to run it"
+        );
+        return;
+    };
+    let prefix = format!("tgtest:{}:", uuid::Uuid::new_v4().simple());
+    let redis = |c: &mut tollgate::config::Config| {
+        c.redis.url = Some(secrecy::SecretString::from(url.clone()));
+        c.redis.key_prefix = prefix.clone();
+    };
+    let a = TestApp::spawn_with(redis).await;
+    let b = TestApp::spawn_on(a.db.clone(), redis).await;
+    let e = env(&a).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while !(a.state.cluster.is_listening() && b.state.cluster.is_listening()) {
+        assert!(std::time::Instant::now() < deadline, "listeners");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    model(
+        &a,
+        &e,
+        json!({"name": "m401", "deployments": [dep("p3", "auth401", 0), dep("p2", "normal", 1)]}),
+    )
+    .await;
+    model(
+        &a,
+        &e,
+        json!({"name": "m429", "deployments": [dep("p1", "r429bare", 0), dep("p2", "normal", 1)]}),
+    )
+    .await;
+    for m in ["m401", "m429"] {
+        let (s, h, _) = chat(&a, &e.key, m).await;
+        assert_eq!((s, attempts(&h)), (200, 2), "{m}");
+    }
+    // b hears of both within a second.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+    loop {
+        let (_, h) = b.get("/api/admin/routing/health", Some(&e.admin)).await;
+        let state = |up: &str| {
+            h["data"]
+                .as_array()
+                .and_then(|d| d.iter().find(|x| x["upstream_model"] == up))
+                .map(|x| x["state"].clone())
+        };
+        if state("auth401") == Some(json!("invalid"))
+            && state("r429bare") == Some(json!("cooling_down"))
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not on b within a second: {h}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    for m in ["m401", "m429"] {
+        let (s, h, _) = chat(&b, &e.key, m).await;
+        assert_eq!((s, attempts(&h)), (200, 1), "{m} on b");
+    }
+    assert_eq!(e.mock.count("auth401"), 1, "b never tried the refused key");
+    assert_eq!(
+        e.mock.count("r429bare"),
+        1,
+        "b skipped the pair cooling down"
+    );
+}
