@@ -544,7 +544,7 @@ fn note(
         .with_label_values(&[pair.provider, label])
         .inc();
     if outcome == Outcome::Refused {
-        crate::routing::invalidate_key(state, route.provider_key_id.clone(), 401);
+        crate::routing::invalidate_key(state, route.provider_key_id.clone());
     }
 }
 

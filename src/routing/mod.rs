@@ -96,7 +96,7 @@ pub fn is_context_too_long(body: &[u8]) -> bool {
 /// The upstream refused a provider key (401/403): it is marked `invalid` in the database (its
 /// owner sees it in `GET /api/provider-keys`), an audit entry goes in the owner's log, and every
 /// replica's pool drops it. Runs in the background; the request goes on to its next attempt.
-pub fn invalidate_key(state: &AppState, key_id: String, status: u16) {
+pub fn invalidate_key(state: &AppState, key_id: String) {
     let state2 = state.clone();
     state.background.spawn(async move {
         let state = state2;
@@ -122,7 +122,7 @@ pub fn invalidate_key(state: &AppState, key_id: String, status: u16) {
                 return;
             }
         }
-        tracing::warn!(provider = %row.provider_key, key = %row.masked, status, "provider key refused upstream: marked invalid");
+        tracing::warn!(provider = %row.provider_key, key = %row.masked, "provider key refused upstream (401/403): marked invalid");
         if let Err(e) = store::audit::record(
             &state.db,
             store::audit::AuditEntry {
@@ -132,7 +132,7 @@ pub fn invalidate_key(state: &AppState, key_id: String, status: u16) {
                 ip: None,
                 detail: Some(serde_json::json!({
                     "provider": row.provider_key,
-                    "upstream_status": status,
+                    "reason": "the upstream answered 401/403 to this key",
                     "by": "gateway",
                 })),
             },
