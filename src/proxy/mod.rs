@@ -5,7 +5,9 @@
 
 pub mod admit;
 pub mod auth;
+pub mod media;
 pub mod meter;
+pub mod multipart;
 pub mod passthrough;
 pub mod request;
 pub mod reserve;
@@ -72,7 +74,13 @@ pub async fn forward(
     // state, each time they move their futures. Bound by `let`: a temporary in the awaited
     // expression would keep the unboxed future's storage in this future's state as well.
     let run = Box::pin(run(state, endpoint, ip, req));
-    let resp = run.await;
+    let mut resp = run.await;
+    if endpoint.multipart() && !resp.status().is_success() {
+        // A refused upload may be unread past its head: the connection cannot carry another
+        // request, so the client is told to open a new one rather than find it closed.
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
     if endpoint.anthropic_errors() {
         // The gateway's own errors (auth, admission, bad input) in Anthropic's shape; upstream
         // errors and translated ones already are.
@@ -122,15 +130,30 @@ async fn run(
         Ok(b) => b,
         Err(e) => return e.into_response(),
     };
-    let bytes = match read_body(
-        body,
-        state.config.server.max_body_bytes,
-        state.config.server.body_read_timeout_secs,
-    )
-    .await
-    {
-        Ok(b) => b,
-        Err(e) => return e.into_response(),
+    // A multipart upload is read only as far as its `model` field; the rest streams upstream.
+    let (bytes, upload) = if endpoint.multipart() {
+        match multipart::read_head(
+            &parts.headers,
+            body,
+            state.config.server.max_body_bytes,
+            state.config.server.body_read_timeout_secs,
+        )
+        .await
+        {
+            Ok(u) => (Bytes::from(u.view_json()), Some(u)),
+            Err(e) => return e.into_response(),
+        }
+    } else {
+        match read_body(
+            body,
+            state.config.server.max_body_bytes,
+            state.config.server.body_read_timeout_secs,
+        )
+        .await
+        {
+            Ok(b) => (b, None),
+            Err(e) => return e.into_response(),
+        }
     };
     let view = match RequestView::parse(&bytes) {
         Ok(v) => v,
@@ -264,7 +287,7 @@ async fn run(
                 request_id: request_id_header.as_ref(),
                 headers: &parts.headers,
             };
-            let resp = translated(&state, &route, &call, meter, to_store).await;
+            let resp = translated(&state, &route, &call, meter, to_store, upload).await;
             return with_rate(resp, &rate);
         }
     };
@@ -423,7 +446,11 @@ async fn translated(
     call: &Call<'_>,
     mut meter: Meter,
     to_store: Option<stored::ToStore>,
+    upload: Option<multipart::Upload>,
 ) -> Response {
+    if call.endpoint.media() {
+        return media::forward(state, route, call, meter, upload).await;
+    }
     let Call {
         endpoint,
         view,

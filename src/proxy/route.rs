@@ -69,6 +69,14 @@ impl Route {
             Endpoint::Conversations | Endpoint::StoredResponses | Endpoint::StoredCompletions => {
                 false
             }
+            // OpenAI's own operations: an OpenAI-compatible upstream or Azure (`proxy::media`).
+            Endpoint::ImageGenerations
+            | Endpoint::ImageEdits
+            | Endpoint::ImageVariations
+            | Endpoint::AudioSpeech
+            | Endpoint::AudioTranscriptions
+            | Endpoint::AudioTranslations
+            | Endpoint::Moderations => self.adapter.is_some() || self.kind == "azure",
         }
     }
 }
@@ -99,6 +107,17 @@ pub async fn route(
             provider.key,
             provider.kind
         )));
+    }
+    if endpoint.media() && adapter.is_none() && provider.kind != "azure" {
+        return Err(ApiError::invalid_param(
+            "model",
+            format!(
+                "{} is served only by OpenAI-compatible (`openai`) and `azure` providers; the model `{}` is on a `{}` provider.",
+                endpoint.v1_path(),
+                model.model.name,
+                provider.kind
+            ),
+        ));
     }
     let entry = state
         .caches

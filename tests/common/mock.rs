@@ -23,6 +23,8 @@ pub struct Recorded {
     pub path: String,
     pub headers: HeaderMap,
     pub body: Value,
+    /// The body exactly as received (multipart uploads are not JSON).
+    pub raw: Bytes,
 }
 
 #[derive(Default)]
@@ -42,7 +44,10 @@ pub struct Mock {
 impl Mock {
     pub async fn start() -> Self {
         let inner = Arc::new(Inner::default());
-        let app = Router::new().fallback(handle).with_state(inner.clone());
+        let app = Router::new()
+            .fallback(handle)
+            .layer(axum::extract::DefaultBodyLimit::disable())
+            .with_state(inner.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind mock");
@@ -116,14 +121,18 @@ async fn handle(
     State(inner): State<Arc<Inner>>,
     uri: Uri,
     headers: HeaderMap,
-    body: Bytes,
+    raw: Bytes,
 ) -> Response {
-    let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let body: Value = serde_json::from_slice(&raw).unwrap_or(Value::Null);
     inner.requests.lock().expect("lock").push(Recorded {
         path: uri.path().to_owned(),
         headers: headers.clone(),
         body: body.clone(),
+        raw: raw.clone(),
     });
+    if let Some(resp) = super::media_mock::answer(uri.path(), &headers, &body, &raw) {
+        return resp;
+    }
     let model = body["model"].as_str().unwrap_or_default().to_owned();
     let stream = body["stream"].as_bool().unwrap_or(false);
     let include_usage = body["stream_options"]["include_usage"]
