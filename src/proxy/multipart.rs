@@ -237,6 +237,7 @@ async fn scan(mut body: Body, boundary: &[u8], limit: usize) -> Result<Scanned, 
     let mut model_at: Option<Range<usize>> = None;
     let mut fields: Vec<(&'static str, String)> = Vec::new();
     let mut ended = false;
+    let mut preamble_from = 0;
     loop {
         // Take every step the bytes at hand allow.
         loop {
@@ -245,9 +246,14 @@ async fn scan(mut body: Body, boundary: &[u8], limit: usize) -> Result<Scanned, 
                     let found = if buf.starts_with(&first) {
                         Some(0)
                     } else {
-                        memchr::memmem::find(&buf, &delimiter).map(|i| i + 2)
+                        memchr::memmem::find(&buf[preamble_from..], &delimiter)
+                            .map(|i| preamble_from + i + 2)
                     };
-                    let Some(i) = found else { break };
+                    let Some(i) = found else {
+                        // Each byte searched once: only a delimiter's length is searched again.
+                        preamble_from = buf.len().saturating_sub(delimiter.len());
+                        break;
+                    };
                     let after = i + first.len();
                     if buf.len() < after + 2 {
                         break;
@@ -294,7 +300,9 @@ async fn scan(mut body: Body, boundary: &[u8], limit: usize) -> Result<Scanned, 
                         *searched = buf.len().saturating_sub(delimiter.len()).max(*searched);
                         if !part.file {
                             let name = part.name.as_str();
-                            if READ_FIELDS.contains(&name) && buf.len() - *start > MAX_FIELD_BYTES {
+                            if READ_FIELDS.contains(&name)
+                                && buf.len() - *start > MAX_FIELD_BYTES + delimiter.len()
+                            {
                                 return Err(ApiError::invalid_param(
                                     name,
                                     format!("The form field `{name}` is too long."),
@@ -304,6 +312,12 @@ async fn scan(mut body: Body, boundary: &[u8], limit: usize) -> Result<Scanned, 
                         break;
                     };
                     let end = *searched + i;
+                    let after = end + delimiter.len();
+                    if buf.len() < after + 2 {
+                        // Wait for what follows the delimiter: rescan from it.
+                        *searched = end;
+                        break;
+                    }
                     let value = *start..end;
                     if !part.file
                         && let Some(name) = READ_FIELDS.iter().find(|n| **n == part.name)
@@ -325,12 +339,6 @@ async fn scan(mut body: Body, boundary: &[u8], limit: usize) -> Result<Scanned, 
                             model_at = Some(value);
                         }
                         fields.push((name, text));
-                    }
-                    let after = end + delimiter.len();
-                    if buf.len() < after + 2 {
-                        // Wait for what follows the delimiter: rescan from it.
-                        *searched = end;
-                        break;
                     }
                     if &buf[after..after + 2] == b"--" {
                         ended = true;
@@ -446,5 +454,198 @@ impl http_body::Body for Rest {
             Some(n) => SizeHint::with_exact(n),
             None => SizeHint::default(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const B: &str = "XyZ";
+
+    fn form(parts: &[(&str, bool, &str)]) -> Vec<u8> {
+        let mut out = b"preamble to ignore\r\n".to_vec();
+        for (name, file, value) in parts {
+            let disp = if *file {
+                format!(
+                    "Content-Disposition: form-data; name=\"{name}\"; filename=\"f.bin\"\r\nContent-Type: application/octet-stream"
+                )
+            } else {
+                format!("content-disposition: form-data; name={name}")
+            };
+            out.extend_from_slice(format!("--{B}\r\n{disp}\r\n\r\n{value}\r\n").as_bytes());
+        }
+        out.extend_from_slice(format!("--{B}--\r\n").as_bytes());
+        out
+    }
+
+    fn headers(len: Option<usize>) -> http::HeaderMap {
+        let mut h = http::HeaderMap::new();
+        h.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_str(&format!("multipart/form-data; boundary=\"{B}\"")).unwrap(),
+        );
+        if let Some(n) = len {
+            h.insert(http::header::CONTENT_LENGTH, n.into());
+        }
+        h
+    }
+
+    /// `bytes` as a body arriving `chunk` bytes at a time.
+    fn body(bytes: &[u8], chunk: usize) -> Body {
+        let pieces: Vec<Result<Bytes, std::io::Error>> = bytes
+            .chunks(chunk)
+            .map(|c| Ok(Bytes::copy_from_slice(c)))
+            .collect();
+        Body::from_stream(futures_util::stream::iter(pieces))
+    }
+
+    async fn upstream_bytes(u: Upload, model: &str) -> (Vec<u8>, Option<u64>) {
+        let (b, over) = u.into_body(model);
+        let exact = http_body::Body::size_hint(&b).exact();
+        let out = b.collect().await.expect("body").to_bytes().to_vec();
+        assert!(!over.load(Ordering::SeqCst));
+        (out, exact)
+    }
+
+    #[tokio::test]
+    async fn the_model_is_found_and_renamed_however_the_body_is_split() {
+        let sent = form(&[
+            ("prompt", false, "a --XyZ lookalike"),
+            ("model", false, "whisper-1"),
+            ("stream", false, "true"),
+            ("file", true, "\r\n-XyZ --XyZ\r\n\r\nbinary"),
+            ("language", false, "en"),
+        ]);
+        let want = String::from_utf8(sent.clone())
+            .unwrap()
+            .replace("\r\n\r\nwhisper-1\r\n", "\r\n\r\nup-model\r\n");
+        for chunk in 1..=sent.len() {
+            let u = read_head(&headers(Some(sent.len())), body(&sent, chunk), 1 << 20, 5)
+                .await
+                .unwrap_or_else(|e| panic!("chunk {chunk}: {:?}", e.parts()));
+            assert_eq!(u.field("model"), Some("whisper-1"), "chunk {chunk}");
+            assert_eq!(u.field("stream"), Some("true"), "chunk {chunk}");
+            assert_eq!(
+                serde_json::from_slice::<serde_json::Value>(&u.view_json()).unwrap(),
+                serde_json::json!({"model": "whisper-1", "stream": true})
+            );
+            let (out, exact) = upstream_bytes(u, "up-model").await;
+            assert_eq!(String::from_utf8(out).unwrap(), want, "chunk {chunk}");
+            assert_eq!(exact, Some(want.len() as u64));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_model_after_the_file_is_found_within_the_limit() {
+        let file = "x".repeat(10_000);
+        let sent = form(&[("file", true, &file), ("model", false, "m")]);
+        let u = read_head(&headers(None), body(&sent, 777), sent.len(), 5)
+            .await
+            .expect("read");
+        let (out, exact) = upstream_bytes(u, "mm").await;
+        assert_eq!(out.len(), sent.len() + 1);
+        assert_eq!(exact, None, "no declared length, none sent on");
+        // One byte less than the body: refused while looking for the model.
+        let err = read_head(&headers(None), body(&sent, 777), sent.len() - 1, 5)
+            .await
+            .err()
+            .expect("over the limit");
+        assert_eq!(err.parts().0, http::StatusCode::PAYLOAD_TOO_LARGE);
+    }
+
+    #[tokio::test]
+    async fn the_rest_of_an_upload_is_held_to_the_limit() {
+        let file = "y".repeat(5_000);
+        let sent = form(&[("model", false, "m"), ("file", true, &file)]);
+        let u = read_head(&headers(None), body(&sent, 100), 4_000, 5)
+            .await
+            .expect("the head fits");
+        let (b, over) = u.into_body("m");
+        assert!(b.collect().await.is_err(), "the body fails past the limit");
+        assert!(over.load(Ordering::SeqCst));
+    }
+
+    #[tokio::test]
+    async fn malformed_forms_are_refused() {
+        let cases: Vec<(Vec<u8>, &str)> = vec![
+            (form(&[("file", true, "abc")]), "missing_field"),
+            (
+                form(&[("model", false, "a"), ("model", false, "b")]),
+                "invalid_value",
+            ),
+            (
+                form(&[("model", false, &"m".repeat(MAX_FIELD_BYTES + 1))]),
+                "invalid_value",
+            ),
+            (
+                format!("--{B}\r\nX-Other: 1\r\n\r\nv\r\n--{B}--").into_bytes(),
+                "invalid_multipart",
+            ),
+            (
+                format!(
+                    "--{B}\r\nX: {}\r\n\r\nv\r\n--{B}--",
+                    "h".repeat(MAX_PART_HEADERS)
+                )
+                .into_bytes(),
+                "invalid_multipart",
+            ),
+            (
+                format!("--{B}\r\ncontent-disposition: form-data; name=model\r\n\r\nm")
+                    .into_bytes(),
+                "missing_field",
+            ),
+            (
+                format!(
+                    "--{B}\r\ncontent-disposition: form-data; name=model\r\n\r\nm\r\n--{B}\r\n"
+                )
+                .into_bytes(),
+                "invalid_multipart",
+            ),
+            (
+                format!("--{B}Xcontent-disposition").into_bytes(),
+                "invalid_multipart",
+            ),
+        ];
+        for (sent, code) in cases {
+            let err = read_head(&headers(None), body(&sent, 64), 1 << 20, 5)
+                .await
+                .err()
+                .unwrap_or_else(|| panic!("accepted {}", String::from_utf8_lossy(&sent)));
+            assert_eq!(
+                err.parts().2,
+                Some(code),
+                "{}",
+                String::from_utf8_lossy(&sent)
+            );
+        }
+        let mut h = headers(None);
+        h.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        let err = read_head(&h, body(b"{}", 2), 1024, 5)
+            .await
+            .err()
+            .expect("not a form");
+        assert_eq!(err.parts().2, Some("invalid_value"));
+    }
+
+    #[test]
+    fn boundaries_are_read_from_the_content_type() {
+        assert_eq!(
+            boundary("multipart/form-data; boundary=abc").as_deref(),
+            Some("abc")
+        );
+        assert_eq!(
+            boundary("Multipart/Form-Data;charset=utf-8; BOUNDARY=\"a b\"").as_deref(),
+            Some("a b")
+        );
+        assert_eq!(boundary("multipart/mixed; boundary=abc"), None);
+        assert_eq!(boundary("multipart/form-data"), None);
+        assert_eq!(
+            boundary(&format!("multipart/form-data; boundary={}", "b".repeat(71))),
+            None
+        );
     }
 }
