@@ -792,3 +792,87 @@ async fn every_media_route_is_in_the_openapi_document() {
             .is_object()
     );
 }
+
+#[tokio::test]
+async fn speech_is_relayed_before_the_upstream_has_finished() {
+    let app = TestApp::spawn().await;
+    let gw = setup_media(&app).await;
+    let gate = gw.mock.speech_gate();
+    let mut r = app
+        .client
+        .post(app.url("/v1/audio/speech"))
+        .bearer_auth(&gw.key)
+        .json(&json!({"model": "tts-held", "input": "abc", "voice": "alloy"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let audio = speech_audio();
+    let mut got = Vec::new();
+    while got.len() < 16 * 1024 {
+        got.extend_from_slice(&r.chunk().await.unwrap().expect("the first chunk"));
+    }
+    // The client has the first chunk while the upstream still holds the rest: nothing buffered.
+    assert!(
+        !gate.sent_all.load(std::sync::atomic::Ordering::SeqCst),
+        "the gateway waited for the whole answer"
+    );
+    gate.release
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    while let Some(c) = r.chunk().await.unwrap() {
+        got.extend_from_slice(&c);
+    }
+    assert!(got == audio, "audio intact");
+    let records = wait_records(&app, &gw.user, 1).await;
+    assert_cost(
+        record(&records, "audio.speech", "tts-held"),
+        3.0 * 15.0 / 1e6,
+    );
+}
+
+#[tokio::test]
+async fn an_upload_reaches_the_upstream_before_the_client_has_sent_it_all() {
+    let app = TestApp::spawn().await;
+    let gw = setup_media(&app).await;
+    let file = file_bytes(512 * 1024);
+    let body = form(&[("model", None, b"whisper"), ("file", Some("a.mp3"), &file)]);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(4);
+    let first = body[..64 * 1024].to_vec();
+    let rest = body[64 * 1024..].to_vec();
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    });
+    let req = app
+        .client
+        .post(app.url("/v1/audio/transcriptions"))
+        .bearer_auth(&gw.key)
+        .header(
+            "content-type",
+            format!("multipart/form-data; boundary={BOUNDARY}"),
+        )
+        .body(reqwest::Body::wrap_stream(stream))
+        .send();
+    let sending = tokio::spawn(req);
+    tx.send(Ok(first)).await.unwrap();
+    // The upstream sees the upload begin while the client still holds most of it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while gw.mock.bodies_started() == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the gateway held the upload back"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    for c in rest.chunks(100 * 1024) {
+        tx.send(Ok(c.to_vec())).await.unwrap();
+    }
+    drop(tx);
+    let r = sending.await.unwrap().unwrap();
+    assert_eq!(r.status(), 200);
+    let up = gw.mock.last();
+    let want = form(&[
+        ("model", None, b"stt-seconds"),
+        ("file", Some("a.mp3"), &file),
+    ]);
+    assert!(up.raw.as_ref() == want.as_slice(), "upload intact");
+}

@@ -10,6 +10,10 @@
 //! - moderations: one result per request;
 //! - `err500` anywhere: a 500 in OpenAI's shape.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
 use axum::body::Body;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -18,6 +22,14 @@ use serde_json::{Value, json};
 
 use super::TestApp;
 use super::gateway::{Gateway, setup};
+
+/// The `tts-held` behaviour: the first 16 KiB of audio at once, the rest once `release` is set
+/// (or after 20 s, so a test that fails does not hang); `sent_all` when the last byte went out.
+#[derive(Clone, Default)]
+pub struct SpeechGate {
+    pub release: Arc<AtomicBool>,
+    pub sent_all: Arc<AtomicBool>,
+}
 
 /// The bytes the mock speaks: 256 KiB that no two chunks share, so a reordering shows.
 pub fn speech_audio() -> Vec<u8> {
@@ -49,7 +61,13 @@ fn sse(events: Vec<Value>) -> Response {
         .expect("response")
 }
 
-pub fn answer(path: &str, headers: &HeaderMap, body: &Value, raw: &Bytes) -> Option<Response> {
+pub fn answer(
+    path: &str,
+    headers: &HeaderMap,
+    body: &Value,
+    raw: &Bytes,
+    gate: &SpeechGate,
+) -> Option<Response> {
     let multipart = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -118,6 +136,32 @@ pub fn answer(path: &str, headers: &HeaderMap, body: &Value, raw: &Bytes) -> Opt
                     json!({"type": "speech.audio.delta", "audio": "AAEC"}),
                     json!({"type": "speech.audio.done", "usage": {"input_tokens": 14, "output_tokens": 101, "total_tokens": 115}}),
                 ])
+            } else if model == "tts-held" {
+                let audio = Bytes::from(speech_audio());
+                let gate = gate.clone();
+                let s = futures_util::stream::unfold(0u8, move |step| {
+                    let (audio, gate) = (audio.clone(), gate.clone());
+                    async move {
+                        match step {
+                            0 => Some((Ok::<_, std::io::Error>(audio.slice(..16 * 1024)), 1)),
+                            1 => {
+                                for _ in 0..2000 {
+                                    if gate.release.load(Ordering::SeqCst) {
+                                        break;
+                                    }
+                                    tokio::time::sleep(Duration::from_millis(10)).await;
+                                }
+                                gate.sent_all.store(true, Ordering::SeqCst);
+                                Some((Ok(audio.slice(16 * 1024..)), 2))
+                            }
+                            _ => None,
+                        }
+                    }
+                });
+                Response::builder()
+                    .header(header::CONTENT_TYPE, "audio/mpeg")
+                    .body(Body::from_stream(s))
+                    .expect("response")
             } else {
                 let audio = speech_audio();
                 let chunks: Vec<Result<Bytes, std::io::Error>> = audio
@@ -188,6 +232,12 @@ pub fn media_models() -> Vec<(&'static str, &'static str, &'static str, Value)> 
             "stt-seconds",
             "audio",
             json!({"price_per_minute": 0.006}),
+        ),
+        (
+            "tts-held",
+            "tts-held",
+            "audio",
+            json!({"price_per_1m_chars": 15.0}),
         ),
         (
             "transcribe",

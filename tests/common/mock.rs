@@ -33,6 +33,9 @@ struct Inner {
     /// Streams whose body was dropped before it finished (the gateway cancelled them).
     cancelled: AtomicUsize,
     finished: AtomicUsize,
+    /// Requests whose body had begun to arrive (counted at its first bytes, before the rest).
+    bodies_started: AtomicUsize,
+    speech_gate: super::media_mock::SpeechGate,
 }
 
 #[derive(Clone)]
@@ -78,6 +81,16 @@ impl Mock {
     pub fn finished(&self) -> usize {
         self.inner.finished.load(Ordering::SeqCst)
     }
+
+    /// Requests whose body had begun to arrive.
+    pub fn bodies_started(&self) -> usize {
+        self.inner.bodies_started.load(Ordering::SeqCst)
+    }
+
+    /// Holds the `tts-held` behaviour's audio after its first chunk.
+    pub fn speech_gate(&self) -> super::media_mock::SpeechGate {
+        self.inner.speech_gate.clone()
+    }
 }
 
 /// Counts how a streamed body ended.
@@ -121,8 +134,19 @@ async fn handle(
     State(inner): State<Arc<Inner>>,
     uri: Uri,
     headers: HeaderMap,
-    raw: Bytes,
+    body: Body,
 ) -> Response {
+    // Read as it comes, so a test can see an upload begin before the client has sent it all.
+    let mut raw = Vec::new();
+    let mut frames = body.into_data_stream();
+    while let Some(chunk) = frames.next().await {
+        let Ok(chunk) = chunk else { break };
+        if raw.is_empty() && !chunk.is_empty() {
+            inner.bodies_started.fetch_add(1, Ordering::SeqCst);
+        }
+        raw.extend_from_slice(&chunk);
+    }
+    let raw = Bytes::from(raw);
     let body: Value = serde_json::from_slice(&raw).unwrap_or(Value::Null);
     inner.requests.lock().expect("lock").push(Recorded {
         path: uri.path().to_owned(),
@@ -130,7 +154,9 @@ async fn handle(
         body: body.clone(),
         raw: raw.clone(),
     });
-    if let Some(resp) = super::media_mock::answer(uri.path(), &headers, &body, &raw) {
+    if let Some(resp) =
+        super::media_mock::answer(uri.path(), &headers, &body, &raw, &inner.speech_gate)
+    {
         return resp;
     }
     let model = body["model"].as_str().unwrap_or_default().to_owned();
