@@ -1,7 +1,8 @@
 //! The real OpenAI and Anthropic Python SDKs against tollgate: chat completions, embeddings,
 //! errors and the model list (`openai_sdk.py`); the Responses API with its stored state, the
-//! Conversations API and stored chat completions (`openai_responses.py`); the Anthropic Messages
-//! API passed through and translated (`anthropic_sdk.py`).
+//! Conversations API and stored chat completions (`openai_responses.py`); images, audio and
+//! moderations (`openai_media.py`); the Anthropic Messages API passed through and translated
+//! (`anthropic_sdk.py`).
 //!
 //! Needs a Python with the `openai` and `anthropic` packages:
 //! `TOLLGATE_TEST_PYTHON=/path/to/venv/bin/python`. `.ci/run` creates that venv and sets the
@@ -213,6 +214,113 @@ async fn openai_python_sdk_works_unchanged() {
     let recs = wait_records(&app, &gw.user, 5).await;
     assert_eq!(recs.len(), 5);
     assert!(recs.iter().all(|r| r["tokens_estimated"] == false));
+}
+
+/// The bytes `openai_media.py` uploads.
+fn media_file() -> Vec<u8> {
+    (0..150_000u32)
+        .map(|i| ((i * 131 + 7) % 256) as u8)
+        .collect()
+}
+
+#[tokio::test]
+async fn openai_python_sdk_media_calls_work_unchanged() {
+    let Some(python) = python() else { return };
+    let app = TestApp::spawn().await;
+    let gw = common::media_mock::setup_media(&app).await;
+    let r = run_script(
+        &python,
+        "openai_media.py",
+        &[
+            ("OPENAI_BASE_URL", app.url("/v1")),
+            ("OPENAI_API_KEY", gw.key.clone()),
+        ],
+    )
+    .await;
+
+    assert_eq!(r["generate"]["n"], 2);
+    assert_eq!(r["generate"]["b64"], "aW1hZ2U0");
+    assert_eq!(r["edit"]["n"], 1);
+    let audio = common::media_mock::speech_audio();
+    let hex: String = audio.iter().map(|b| format!("{b:02x}")).collect();
+    assert!(r["speech"]["hex"] == hex.as_str(), "speech bytes intact");
+    assert!(
+        r["speech_streamed"]["hex"] == hex.as_str(),
+        "streamed speech bytes intact"
+    );
+    assert_eq!(r["speech_streamed"]["content_type"], "audio/mpeg");
+    assert_eq!(r["transcription"]["text"], "hello world");
+    assert!(
+        r["transcription_srt"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("00:02:00,000"),
+        "{r}"
+    );
+    assert_eq!(
+        r["transcription_stream"]["types"],
+        json!(["transcript.text.delta", "transcript.text.done"])
+    );
+    assert_eq!(r["transcription_stream"]["text"], "hello world");
+    assert_eq!(r["translation"]["text"], "hello world");
+    assert_eq!(r["moderation"]["model"], "omni-mod");
+    assert_eq!(r["moderation"]["flagged"], false);
+
+    // Each upload reached the upstream whole, under the upstream's model name.
+    let file = media_file();
+    let uploads: Vec<_> = gw
+        .mock
+        .requests()
+        .into_iter()
+        .filter(|q| q.path.contains("/audio/trans") || q.path.ends_with("/images/edits"))
+        .collect();
+    assert_eq!(uploads.len(), 5);
+    for q in &uploads {
+        assert!(
+            q.raw.windows(file.len()).any(|w| w == file.as_slice()),
+            "{} upload intact",
+            q.path
+        );
+        let model = common::media_mock::form_field(&q.raw, "model").expect("model field");
+        assert!(
+            ["img-units", "stt-seconds", "stt-tokens"].contains(&model.as_str()),
+            "{model}"
+        );
+    }
+
+    // One record per call, each at its exact cost.
+    let recs = wait_records(&app, &gw.user, 9).await;
+    assert_eq!(recs.len(), 9);
+    let cost = |endpoint: &str, model: &str| -> Vec<f64> {
+        let mut v: Vec<f64> = recs
+            .iter()
+            .filter(|r| r["endpoint"] == endpoint && r["model"] == model)
+            .map(|r| r["cost_usd"].as_f64().unwrap())
+            .collect();
+        v.sort_by(f64::total_cmp);
+        v
+    };
+    let close = |a: &[f64], b: &[f64]| {
+        a.len() == b.len() && a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-12)
+    };
+    assert!(close(&cost("images.generations", "dall-e"), &[0.08]));
+    assert!(close(&cost("images.edits", "dall-e"), &[0.04]));
+    // "Hello there": 11 characters at $15 per 1M, twice.
+    assert!(close(
+        &cost("audio.speech", "tts"),
+        &[11.0 * 15.0 / 1e6, 11.0 * 15.0 / 1e6]
+    ));
+    // 90 s at $0.006 a minute (json), 120 s (srt's last cue).
+    assert!(
+        close(&cost("audio.transcriptions", "whisper"), &[0.009, 0.012]),
+        "{recs:?}"
+    );
+    assert!(close(
+        &cost("audio.transcriptions", "transcribe"),
+        &[(120.0 * 2.5 + 30.0 * 10.0) / 1e6]
+    ));
+    assert!(close(&cost("audio.translations", "whisper"), &[0.009]));
+    assert_eq!(cost("moderations", "omni-mod").len(), 1);
 }
 
 // ------------------------------------------------------------------------------------------------

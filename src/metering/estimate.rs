@@ -80,7 +80,15 @@ fn prompt_tokens_counted(endpoint: Endpoint, body: &[u8], tokenized: &mut usize)
             framing += 3;
         }
         Endpoint::Completions => req.prompt.iter().for_each(|p| strings(p, &mut text, "\n")),
-        Endpoint::Embeddings => req.input.iter().for_each(|p| strings(p, &mut text, "\n")),
+        Endpoint::Embeddings | Endpoint::Moderations | Endpoint::AudioSpeech => {
+            req.input.iter().for_each(|p| strings(p, &mut text, "\n"))
+        }
+        Endpoint::ImageGenerations => req.prompt.iter().for_each(|p| strings(p, &mut text, "\n")),
+        // Multipart bodies are not kept; their calls are metered in units.
+        Endpoint::ImageEdits
+        | Endpoint::ImageVariations
+        | Endpoint::AudioTranscriptions
+        | Endpoint::AudioTranslations => {}
         // Stored state: no model call, nothing to count.
         Endpoint::Conversations | Endpoint::StoredResponses | Endpoint::StoredCompletions => {}
     }
@@ -94,7 +102,7 @@ pub fn completion_tokens(endpoint: Endpoint, payloads: &[Bytes]) -> i64 {
 }
 
 fn completion_tokens_counted(endpoint: Endpoint, payloads: &[Bytes], tokenized: &mut usize) -> i64 {
-    if matches!(endpoint, Endpoint::Embeddings | Endpoint::CountTokens) {
+    if matches!(endpoint, Endpoint::Embeddings | Endpoint::CountTokens) || endpoint.media() {
         return 0;
     }
     let mut text = String::new();
@@ -143,16 +151,17 @@ pub fn estimate(endpoint: Endpoint, input: &EstimateInput) -> Estimate {
             by_bytes(input.request_len)
         };
     let r = &input.response;
-    let completion = if endpoint == Endpoint::Embeddings || r.total_bytes == 0 {
-        0
-    } else if r.kept_bytes == 0 {
-        by_bytes(r.total_bytes)
-    } else {
-        let kept = completion_tokens_counted(endpoint, &r.payloads, &mut tokenized);
-        // The rest at the kept payloads' rate (exact when everything was kept).
-        let scaled = i128::from(kept) * r.total_bytes as i128 / r.kept_bytes as i128;
-        i64::try_from(scaled).unwrap_or(i64::MAX)
-    };
+    let completion =
+        if matches!(endpoint, Endpoint::Embeddings | Endpoint::Moderations) || r.total_bytes == 0 {
+            0
+        } else if r.kept_bytes == 0 {
+            by_bytes(r.total_bytes)
+        } else {
+            let kept = completion_tokens_counted(endpoint, &r.payloads, &mut tokenized);
+            // The rest at the kept payloads' rate (exact when everything was kept).
+            let scaled = i128::from(kept) * r.total_bytes as i128 / r.kept_bytes as i128;
+            i64::try_from(scaled).unwrap_or(i64::MAX)
+        };
     Estimate {
         usage: Usage {
             prompt,

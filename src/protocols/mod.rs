@@ -62,10 +62,8 @@ pub fn for_endpoint(endpoint: crate::providers::Endpoint) -> Option<&'static dyn
         Endpoint::ChatCompletions => Some(&openai_chat::OpenAiChat),
         Endpoint::Messages | Endpoint::CountTokens => Some(&anthropic::AnthropicMessages),
         Endpoint::Responses => Some(&responses::Responses),
-        Endpoint::Completions
-        | Endpoint::Embeddings
-        | Endpoint::Conversations
-        | Endpoint::StoredResponses
-        | Endpoint::StoredCompletions => None,
+        // Completions, embeddings, stored state and the media routes: OpenAI's own, never
+        // translated.
+        _ => None,
     }
 }

@@ -32,11 +32,25 @@ pub enum Endpoint {
     StoredResponses,
     /// `GET/POST/DELETE /v1/chat/completions/{id}…`, `GET /v1/chat/completions`: stored state.
     StoredCompletions,
+    /// `POST /v1/images/generations` (JSON).
+    ImageGenerations,
+    /// `POST /v1/images/edits` (multipart).
+    ImageEdits,
+    /// `POST /v1/images/variations` (multipart).
+    ImageVariations,
+    /// `POST /v1/audio/speech`: JSON in, audio bytes out.
+    AudioSpeech,
+    /// `POST /v1/audio/transcriptions` (multipart).
+    AudioTranscriptions,
+    /// `POST /v1/audio/translations` (multipart).
+    AudioTranslations,
+    /// `POST /v1/moderations`.
+    Moderations,
 }
 
 impl Endpoint {
     /// Every endpoint, in [`Endpoint::index`] order.
-    pub const ALL: [Self; 9] = [
+    pub const ALL: [Self; 16] = [
         Self::ChatCompletions,
         Self::Completions,
         Self::Embeddings,
@@ -46,17 +60,31 @@ impl Endpoint {
         Self::Conversations,
         Self::StoredResponses,
         Self::StoredCompletions,
+        Self::ImageGenerations,
+        Self::ImageEdits,
+        Self::ImageVariations,
+        Self::AudioSpeech,
+        Self::AudioTranscriptions,
+        Self::AudioTranslations,
+        Self::Moderations,
     ];
     pub const COUNT: usize = Self::ALL.len();
 
     /// The endpoints a `POST` to their exact path proxies to an upstream.
-    pub const PROXIED: [Self; 6] = [
+    pub const PROXIED: [Self; 13] = [
         Self::ChatCompletions,
         Self::Completions,
         Self::Embeddings,
         Self::Responses,
         Self::Messages,
         Self::CountTokens,
+        Self::ImageGenerations,
+        Self::ImageEdits,
+        Self::ImageVariations,
+        Self::AudioSpeech,
+        Self::AudioTranscriptions,
+        Self::AudioTranslations,
+        Self::Moderations,
     ];
 
     /// Name used in usage records and metrics.
@@ -71,6 +99,13 @@ impl Endpoint {
             Self::Conversations => "conversations",
             Self::StoredResponses => "responses.stored",
             Self::StoredCompletions => "chat.completions.stored",
+            Self::ImageGenerations => "images.generations",
+            Self::ImageEdits => "images.edits",
+            Self::ImageVariations => "images.variations",
+            Self::AudioSpeech => "audio.speech",
+            Self::AudioTranscriptions => "audio.transcriptions",
+            Self::AudioTranslations => "audio.translations",
+            Self::Moderations => "moderations",
         }
     }
 
@@ -89,6 +124,13 @@ impl Endpoint {
             Self::Messages => "/v1/messages",
             Self::CountTokens => "/v1/messages/count_tokens",
             Self::Conversations => "/v1/conversations",
+            Self::ImageGenerations => "/v1/images/generations",
+            Self::ImageEdits => "/v1/images/edits",
+            Self::ImageVariations => "/v1/images/variations",
+            Self::AudioSpeech => "/v1/audio/speech",
+            Self::AudioTranscriptions => "/v1/audio/transcriptions",
+            Self::AudioTranslations => "/v1/audio/translations",
+            Self::Moderations => "/v1/moderations",
         }
     }
 
@@ -108,6 +150,13 @@ impl Endpoint {
             Self::Messages => "/messages",
             Self::CountTokens => "/messages/count_tokens",
             Self::Conversations | Self::StoredResponses | Self::StoredCompletions => "",
+            Self::ImageGenerations => "/images/generations",
+            Self::ImageEdits => "/images/edits",
+            Self::ImageVariations => "/images/variations",
+            Self::AudioSpeech => "/audio/speech",
+            Self::AudioTranscriptions => "/audio/transcriptions",
+            Self::AudioTranslations => "/audio/translations",
+            Self::Moderations => "/moderations",
         }
     }
 
@@ -118,13 +167,49 @@ impl Endpoint {
             Self::Completions => "completion",
             Self::Embeddings => "embedding",
             Self::Conversations | Self::StoredResponses | Self::StoredCompletions => "",
+            Self::ImageGenerations | Self::ImageEdits | Self::ImageVariations => "image",
+            Self::AudioSpeech | Self::AudioTranscriptions | Self::AudioTranslations => "audio",
+            Self::Moderations => "moderation",
         }
+    }
+
+    /// The body is `multipart/form-data` (files), streamed to the upstream rather than read
+    /// whole; its `model` is a form field.
+    pub fn multipart(self) -> bool {
+        matches!(
+            self,
+            Self::ImageEdits
+                | Self::ImageVariations
+                | Self::AudioTranscriptions
+                | Self::AudioTranslations
+        )
+    }
+
+    /// Images, audio and moderations: passed through to OpenAI-compatible upstreams only, and
+    /// metered in the units spec §8 names when the upstream reports no tokens.
+    pub fn media(self) -> bool {
+        matches!(
+            self,
+            Self::ImageGenerations
+                | Self::ImageEdits
+                | Self::ImageVariations
+                | Self::AudioSpeech
+                | Self::AudioTranscriptions
+                | Self::AudioTranslations
+                | Self::Moderations
+        )
     }
 
     pub fn can_stream(self) -> bool {
         matches!(
             self,
-            Self::ChatCompletions | Self::Completions | Self::Responses | Self::Messages
+            Self::ChatCompletions
+                | Self::Completions
+                | Self::Responses
+                | Self::Messages
+                | Self::ImageGenerations
+                | Self::ImageEdits
+                | Self::AudioTranscriptions
         )
     }
 

@@ -5,7 +5,9 @@
 
 pub mod admit;
 pub mod auth;
+pub mod media;
 pub mod meter;
+pub mod multipart;
 pub mod passthrough;
 pub mod request;
 pub mod reserve;
@@ -74,7 +76,13 @@ pub async fn forward(
     // state, each time they move their futures. Bound by `let`: a temporary in the awaited
     // expression would keep the unboxed future's storage in this future's state as well.
     let run = Box::pin(run(state, endpoint, ip, req));
-    let resp = run.await;
+    let mut resp = run.await;
+    if endpoint.multipart() && !resp.status().is_success() {
+        // A refused upload may be unread past its head: the connection cannot carry another
+        // request, so the client is told to open a new one rather than find it closed.
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
     if endpoint.anthropic_errors() {
         // The gateway's own errors (auth, admission, bad input) in Anthropic's shape; upstream
         // errors and translated ones already are.
@@ -114,7 +122,7 @@ async fn run(
     let request_id_header = parts.headers.get(crate::edge::X_REQUEST_ID).cloned();
 
     // ① auth
-    let (key, bytes) = match auth(&state, &parts.headers, body).await {
+    let (key, bytes, upload) = match auth(&state, &parts.headers, body, endpoint).await {
         Ok(x) => x,
         Err(e) => return e.into_response(),
     };
@@ -154,25 +162,40 @@ async fn run(
     let rate = admitted.rate.clone();
 
     // ④ attempt, ⑤ relay, ⑥ meter
-    let resp = attempt(&state, &key, &call, admitted, to_store).await;
+    let resp = attempt(&state, &key, &call, admitted, to_store, upload).await;
     with_rate(resp, &rate)
 }
 
-/// ① auth: the gateway key, then the body (decoded, bounded, read within its timeout).
+/// ① auth: the gateway key, then the body (decoded, bounded, read within its timeout). A
+/// multipart upload is read only as far as its `model` field; the rest streams upstream later.
 async fn auth(
     state: &AppState,
     headers: &http::HeaderMap,
     body: Body,
-) -> Result<(std::sync::Arc<crate::cache::KeyCtx>, Bytes), ApiError> {
+    endpoint: Endpoint,
+) -> Result<
+    (
+        std::sync::Arc<crate::cache::KeyCtx>,
+        Bytes,
+        Option<multipart::Upload>,
+    ),
+    ApiError,
+> {
     let key = auth::authenticate(state, headers).await?;
     let body = decoded_body(headers, body, state.config.server.max_body_bytes)?;
-    let bytes = read_body(
-        body,
-        state.config.server.max_body_bytes,
-        state.config.server.body_read_timeout_secs,
-    )
-    .await?;
-    Ok((key, bytes))
+    let cfg = &state.config.server;
+    if endpoint.multipart() {
+        let u = multipart::read_head(
+            headers,
+            body,
+            cfg.max_body_bytes,
+            cfg.body_read_timeout_secs,
+        )
+        .await?;
+        return Ok((key, Bytes::from(u.view_json()), Some(u)));
+    }
+    let bytes = read_body(body, cfg.max_body_bytes, cfg.body_read_timeout_secs).await?;
+    Ok((key, bytes, None))
 }
 
 /// What admission decided: the model, its plan, the limits that apply, the meter holding the
@@ -303,6 +326,10 @@ async fn plan(
 ) -> Result<Plan, ApiError> {
     route::check_endpoint(model, endpoint)?;
     let mut plan = Plan::new(model.clone());
+    if endpoint.media() {
+        // Refused here, before anything is reserved, when no deployment could serve it.
+        route::check_media(&plan, endpoint)?;
+    }
     route::load_pools(state, key, &mut plan).await?;
     if !plan.has_keys() {
         return Err(route::key_missing(model));
@@ -357,6 +384,7 @@ async fn attempt(
     call: &Call<'_>,
     admitted: Admitted,
     to_store: Option<stored::ToStore>,
+    mut upload: Option<multipart::Upload>,
 ) -> Response {
     let Admitted {
         model: requested,
@@ -439,7 +467,7 @@ async fn attempt(
         if !passes {
             // Through the pivot (or another protocol's pass-through): one attempt, its answer
             // is the client's; health still learns from it.
-            let resp = translated(state, &route, call, meter, to_store).await;
+            let resp = translated(state, &route, call, meter, to_store, upload.take()).await;
             let outcome = outcome_of_status(resp.status(), resp.headers());
             if let Some(pair) = pair {
                 note(state, pair, masked, &route, outcome, began.elapsed());
@@ -795,7 +823,11 @@ async fn translated(
     call: &Call<'_>,
     mut meter: Meter,
     to_store: Option<stored::ToStore>,
+    upload: Option<multipart::Upload>,
 ) -> Response {
+    if call.endpoint.media() {
+        return media::forward(state, route, call, meter, upload).await;
+    }
     let Call {
         endpoint,
         view,

@@ -58,7 +58,7 @@ pub async fn forward(
             url: &f.url,
             guarded: route.guarded,
             headers: f.headers,
-            body: f.body,
+            body: f.body.into(),
             stream: f.stream,
             request_id,
         },

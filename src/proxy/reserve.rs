@@ -8,7 +8,9 @@
 
 use crate::cache::{CatalogModel, KeyCtx};
 use crate::error::ApiError;
-use crate::metering::event::{Prices, RequestSize, Reservation, TokenBounds, bounds, cost_nanos};
+use crate::metering::event::{
+    Prices, RequestSize, Reservation, TokenBounds, Units, bounds, cost_nanos, units_cost_nanos,
+};
 use crate::metering::leases::Holder;
 use crate::providers::{Endpoint, Usage};
 use crate::proxy::request::RequestView;
@@ -49,7 +51,7 @@ pub fn max_cost(
     let m = &model.model;
     let prompt = i64::try_from(body_len.div_ceil(4)).unwrap_or(i64::MAX);
     let completion = match endpoint {
-        Endpoint::Embeddings => 0,
+        Endpoint::Embeddings | Endpoint::Moderations => 0,
         _ => view
             .max_tokens
             .map(|t| i64::try_from(t).unwrap_or(i64::MAX))
@@ -69,11 +71,36 @@ pub fn max_cost(
             input: prices.dearest_prompt(),
             ..prices
         },
-    );
+    )
+    .saturating_add(units_cost_nanos(
+        max_units(view, body_len, endpoint),
+        prices,
+    ));
     MaxCost {
         nanos,
         prompt,
         completion,
+    }
+}
+
+/// The most units (spec §8) a media request can be metered for: `n` images; a character per
+/// byte of a speech request; a minute of audio for a transcription or translation, whose length
+/// is not known before the upstream says it (the record is settled to the actual).
+fn max_units(view: &RequestView<'_>, body_len: usize, endpoint: Endpoint) -> Units {
+    match endpoint {
+        Endpoint::ImageGenerations | Endpoint::ImageEdits | Endpoint::ImageVariations => Units {
+            images: choices(view),
+            ..Default::default()
+        },
+        Endpoint::AudioSpeech => Units {
+            chars: body_len as u64,
+            ..Default::default()
+        },
+        Endpoint::AudioTranscriptions | Endpoint::AudioTranslations => Units {
+            audio_seconds: 60.0,
+            ..Default::default()
+        },
+        _ => Units::default(),
     }
 }
 
@@ -92,8 +119,9 @@ pub fn token_bounds(
         choices: choices(view),
         context_window: m.context_window,
         max_output_tokens: m.max_output_tokens,
-        vision: m.supports_vision,
-        embeddings: endpoint == Endpoint::Embeddings,
+        // Images and audio in a request are tokens its JSON length does not bound.
+        vision: m.supports_vision || (endpoint.media() && endpoint != Endpoint::Moderations),
+        embeddings: matches!(endpoint, Endpoint::Embeddings | Endpoint::Moderations),
     })
 }
 

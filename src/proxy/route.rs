@@ -70,6 +70,14 @@ impl Route {
             Endpoint::Conversations | Endpoint::StoredResponses | Endpoint::StoredCompletions => {
                 false
             }
+            // OpenAI's own operations: an OpenAI-compatible upstream or Azure (`proxy::media`).
+            Endpoint::ImageGenerations
+            | Endpoint::ImageEdits
+            | Endpoint::ImageVariations
+            | Endpoint::AudioSpeech
+            | Endpoint::AudioTranscriptions
+            | Endpoint::AudioTranslations
+            | Endpoint::Moderations => self.adapter.is_some() || self.kind == "azure",
         }
     }
 }
@@ -161,6 +169,9 @@ pub fn build(
             provider.kind
         )));
     }
+    if endpoint.media() && !serves_media(&provider.kind) {
+        return Err(media_refused(model, endpoint, &provider.kind));
+    }
     let secret = entry
         .opened
         .get_or_open(|| state.keyring.open_string(&entry.secret_enc, &entry.id))
@@ -193,4 +204,32 @@ pub fn build(
         provider_key_id: entry.id.clone(),
         guarded: entry.base_url.is_some(),
     })
+}
+
+/// Images, audio and moderations go to OpenAI-compatible and Azure providers only.
+fn serves_media(kind: &str) -> bool {
+    providers::adapter(kind).is_some() || kind == "azure"
+}
+
+fn media_refused(model: &CatalogModel, endpoint: Endpoint, kind: &str) -> ApiError {
+    ApiError::invalid_param(
+        "model",
+        format!(
+            "{} is served only by OpenAI-compatible (`openai`) and `azure` providers; the model `{}` is on a `{}` provider.",
+            endpoint.v1_path(),
+            model.model.name,
+            kind
+        ),
+    )
+}
+
+/// A media endpoint on a model none of whose deployments can serve it: refused before any
+/// reservation (a deployment that cannot is also refused when an attempt reaches it).
+pub fn check_media(plan: &Plan, endpoint: Endpoint) -> Result<(), ApiError> {
+    let deployments = plan.deployments();
+    if deployments.iter().any(|d| serves_media(&d.provider.kind)) {
+        return Ok(());
+    }
+    let kind = deployments.first().map_or("", |d| d.provider.kind.as_str());
+    Err(media_refused(&plan.model, endpoint, kind))
 }

@@ -14,7 +14,7 @@ use http_body::{Body, Frame, SizeHint};
 use tokio::time::Sleep;
 
 use crate::error::ApiError;
-use crate::metering::event::KeptPayloads;
+use crate::metering::event::{KeptPayloads, Units};
 use crate::providers::{Adapter, EventCtx, EventOut, Usage};
 use crate::proxy::meter::Meter;
 
@@ -263,6 +263,10 @@ pub trait UsageReader: Send {
     }
     /// The stream ended normally (after its last event).
     fn on_end(&mut self) {}
+    /// What to meter in units (images, audio, characters) when the stream reported no usage.
+    fn units(&self) -> Option<Units> {
+        None
+    }
 }
 
 pub struct StreamMapping {
@@ -446,7 +450,12 @@ impl<B> MeteredStream<B> {
         {
             r.on_end();
         }
-        if let Some(m) = self.meter.take() {
+        if let Some(mut m) = self.meter.take() {
+            if self.usage.is_none()
+                && let Some(u) = self.map.reader.as_ref().and_then(|r| r.units())
+            {
+                m.meter_units(u);
+            }
             m.finish(status, self.usage, std::mem::take(&mut self.kept), error);
         }
     }
@@ -618,6 +627,103 @@ impl<B> Drop for MeteredStream<B> {
             }
             self.finish_meter(499, Some("client_disconnected"));
         }
+    }
+}
+
+/// A binary body (spoken audio) relayed frame by frame as it arrives, never held: the meter
+/// fires when it ends, fails, goes idle too long, or is dropped because the client left.
+pub struct MeteredBytes<B> {
+    upstream: Pin<Box<B>>,
+    meter: Option<Meter>,
+    idle: Pin<Box<Sleep>>,
+    idle_timeout: Duration,
+    active_streams: prometheus::IntGauge,
+}
+
+impl<B> MeteredBytes<B> {
+    pub fn new(
+        upstream: B,
+        meter: Meter,
+        idle_timeout: Duration,
+        active_streams: prometheus::IntGauge,
+    ) -> Self {
+        active_streams.inc();
+        Self {
+            upstream: Box::pin(upstream),
+            meter: Some(meter),
+            idle: Box::pin(tokio::time::sleep(idle_timeout)),
+            idle_timeout,
+            active_streams,
+        }
+    }
+
+    fn finish(&mut self, status: u16, error: Option<&str>) {
+        if let Some(m) = self.meter.take() {
+            m.finish(status, None, KeptPayloads::default(), error);
+        }
+    }
+}
+
+impl<B> Body for MeteredBytes<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: std::fmt::Display,
+{
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        if this.meter.is_none() {
+            return Poll::Ready(None);
+        }
+        match this.upstream.as_mut().poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(m) = this.meter.as_mut() {
+                    m.mark_first_byte();
+                }
+                let deadline = tokio::time::Instant::now() + this.idle_timeout;
+                this.idle.as_mut().reset(deadline);
+                if this.upstream.is_end_stream() {
+                    this.finish(200, None);
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                tracing::warn!(error = %e, "upstream body broke off");
+                this.finish(502, Some("upstream_disconnected"));
+                Poll::Ready(Some(Err("the upstream connection was lost".into())))
+            }
+            Poll::Ready(None) => {
+                this.finish(200, None);
+                Poll::Ready(None)
+            }
+            Poll::Pending => {
+                if this.idle.as_mut().poll(cx).is_ready() {
+                    this.finish(504, Some("upstream_idle_timeout"));
+                    return Poll::Ready(Some(Err("the upstream stopped sending data".into())));
+                }
+                Poll::Pending
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.meter.is_none()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.upstream.size_hint()
+    }
+}
+
+impl<B> Drop for MeteredBytes<B> {
+    fn drop(&mut self) {
+        self.active_streams.dec();
+        self.finish(499, Some("client_disconnected"));
     }
 }
 

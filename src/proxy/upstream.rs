@@ -44,6 +44,52 @@ use pool::{Limits, Pool, SendError};
 /// An upstream response body, decoded when the upstream compressed it.
 pub type ResponseBody = tower_http::decompression::DecompressionBody<UpstreamBody>;
 
+/// A request body that arrives while it is sent.
+pub type StreamedBody =
+    http_body_util::combinators::UnsyncBoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
+
+/// A request body sent upstream: whole (every JSON request), or streamed on as the client sends
+/// it (a multipart upload, `proxy::multipart`).
+pub enum RequestBody {
+    Whole(Full<Bytes>),
+    Streamed(StreamedBody),
+}
+
+impl From<Bytes> for RequestBody {
+    fn from(b: Bytes) -> Self {
+        Self::Whole(Full::new(b))
+    }
+}
+
+impl http_body::Body for RequestBody {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        match self.get_mut() {
+            Self::Whole(b) => Pin::new(b).poll_frame(cx).map_err(|e| match e {}),
+            Self::Streamed(b) => Pin::new(b).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Self::Whole(b) => b.is_end_stream(),
+            Self::Streamed(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        match self {
+            Self::Whole(b) => b.size_hint(),
+            Self::Streamed(b) => b.size_hint(),
+        }
+    }
+}
+
 type Pooled<C> = Pool<HttpsConnector<C>>;
 
 /// The upstream clients, one pair per server worker.
@@ -60,7 +106,7 @@ struct Pools {
 impl HttpClient {
     async fn request(
         &self,
-        req: Request<Full<Bytes>>,
+        req: Request<RequestBody>,
         guarded: bool,
     ) -> Result<Response<UpstreamBody>, SendError> {
         let pools = &self.workers[crate::server::worker() % self.workers.len()];
@@ -259,7 +305,7 @@ pub async fn send(
             url: &route.url,
             guarded: route.guarded,
             headers,
-            body,
+            body: body.into(),
             stream,
             request_id,
         },
@@ -273,14 +319,13 @@ pub struct Outbound<'a> {
     pub url: &'a str,
     /// Connect only to public addresses (a user's own `base_url`).
     pub guarded: bool,
-    /// Auth and protocol headers (`content-type` and `accept` are set here).
+    /// Auth and protocol headers (`content-type`, unless given, and `accept` are set here).
     pub headers: http::HeaderMap,
-    pub body: Bytes,
+    pub body: RequestBody,
     pub stream: bool,
     pub request_id: Option<&'a HeaderValue>,
 }
 
-/// Sends `out`; resolves when the upstream's response headers arrive.
 /// A GET (a provider's models list, for `POST /api/provider-keys/{id}/verify`), with `headers`,
 /// answered within `timeout`.
 pub async fn get(
@@ -291,7 +336,7 @@ pub async fn get(
     timeout: Duration,
 ) -> Result<Response<ResponseBody>, ApiError> {
     let mut req = Request::get(url)
-        .body(Full::new(Bytes::new()))
+        .body(RequestBody::from(Bytes::new()))
         .map_err(|e| ApiError::internal(anyhow::anyhow!("building upstream request: {e}")))?;
     req.headers_mut().extend(headers);
     req.headers_mut().insert(
@@ -319,6 +364,7 @@ pub async fn get(
     }
 }
 
+/// Sends `out`; resolves when the upstream's response headers arrive.
 pub async fn send_to(
     client: &HttpClient,
     out: Outbound<'_>,
@@ -327,7 +373,7 @@ pub async fn send_to(
     let url = out.url;
     let mut req = Request::post(url)
         .header(header::CONTENT_TYPE, "application/json")
-        .body(Full::new(out.body))
+        .body(out.body)
         .map_err(|e| ApiError::internal(anyhow::anyhow!("building upstream request: {e}")))?;
     if !out.headers.contains_key(header::ACCEPT) {
         req.headers_mut().insert(

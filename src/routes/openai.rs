@@ -21,6 +21,13 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(responses))
         .routes(routes!(messages))
         .routes(routes!(count_tokens))
+        .routes(routes!(image_generations))
+        .routes(routes!(image_edits))
+        .routes(routes!(image_variations))
+        .routes(routes!(audio_speech))
+        .routes(routes!(audio_transcriptions))
+        .routes(routes!(audio_translations))
+        .routes(routes!(moderations))
         .routes(routes!(list_models))
         .routes(routes!(get_model))
 }
@@ -118,6 +125,131 @@ async fn count_tokens(
     req: Request,
 ) -> Response {
     proxy::forward(state, Endpoint::CountTokens, ip, req).await
+}
+
+/// Image generation (spec §8): passed through to `openai` and `azure` providers, metered by the
+/// upstream's token `usage` when it gives one, else by the model's `price_per_image` per image
+/// returned. `stream: true` relays the upstream's `image_generation.*` events.
+#[utoipa::path(post, path = "/v1/images/generations", tag = "openai",
+    request_body(content = serde_json::Value, description = "An OpenAI image generation request", content_type = "application/json"),
+    responses(
+        (status = 200, description = "The upstream's images (`{created, data: [...], usage?}`, or `text/event-stream` when streaming)"),
+        (status = 400, body = crate::error::ErrorBody), (status = 401, body = crate::error::ErrorBody),
+        (status = 403, body = crate::error::ErrorBody), (status = 404, body = crate::error::ErrorBody),
+        (status = 413, body = crate::error::ErrorBody), (status = 429, body = crate::error::ErrorBody),
+        (status = 502, body = crate::error::ErrorBody)),
+    security(("gateway_key" = []), ("gateway_key_header" = [])))]
+async fn image_generations(
+    State(state): State<AppState>,
+    ClientIp(ip): ClientIp,
+    req: Request,
+) -> Response {
+    proxy::forward(state, Endpoint::ImageGenerations, ip, req).await
+}
+
+/// Image edits, `multipart/form-data` (`image`, `mask`, `prompt`, `model`, …): the body is
+/// streamed to the upstream, read only as far as its `model` field. Metered as generations.
+#[utoipa::path(post, path = "/v1/images/edits", tag = "openai",
+    request_body(content = String, description = "An OpenAI image edit form (the `model` field is required)", content_type = "multipart/form-data"),
+    responses(
+        (status = 200, description = "The upstream's images"),
+        (status = 400, body = crate::error::ErrorBody), (status = 401, body = crate::error::ErrorBody),
+        (status = 404, body = crate::error::ErrorBody), (status = 413, body = crate::error::ErrorBody),
+        (status = 429, body = crate::error::ErrorBody), (status = 502, body = crate::error::ErrorBody)),
+    security(("gateway_key" = []), ("gateway_key_header" = [])))]
+async fn image_edits(
+    State(state): State<AppState>,
+    ClientIp(ip): ClientIp,
+    req: Request,
+) -> Response {
+    proxy::forward(state, Endpoint::ImageEdits, ip, req).await
+}
+
+/// Image variations, `multipart/form-data` (`image`, `model`, `n`, …), streamed like edits.
+#[utoipa::path(post, path = "/v1/images/variations", tag = "openai",
+    request_body(content = String, description = "An OpenAI image variation form (the `model` field is required)", content_type = "multipart/form-data"),
+    responses(
+        (status = 200, description = "The upstream's images"),
+        (status = 400, body = crate::error::ErrorBody), (status = 401, body = crate::error::ErrorBody),
+        (status = 413, body = crate::error::ErrorBody), (status = 429, body = crate::error::ErrorBody)),
+    security(("gateway_key" = []), ("gateway_key_header" = [])))]
+async fn image_variations(
+    State(state): State<AppState>,
+    ClientIp(ip): ClientIp,
+    req: Request,
+) -> Response {
+    proxy::forward(state, Endpoint::ImageVariations, ip, req).await
+}
+
+/// Text to speech: JSON in, the upstream's audio bytes out (relayed as they arrive, with its
+/// `content-type`). Metered by the model's `price_per_1m_chars` of `input`, or by the token usage
+/// of a `stream_format: "sse"` answer.
+#[utoipa::path(post, path = "/v1/audio/speech", tag = "openai",
+    request_body(content = serde_json::Value, description = "An OpenAI speech request", content_type = "application/json"),
+    responses(
+        (status = 200, description = "Audio (`audio/mpeg`, `audio/wav`, …, as the upstream answers)", content_type = "application/octet-stream"),
+        (status = 400, body = crate::error::ErrorBody), (status = 401, body = crate::error::ErrorBody),
+        (status = 404, body = crate::error::ErrorBody), (status = 429, body = crate::error::ErrorBody),
+        (status = 502, body = crate::error::ErrorBody)),
+    security(("gateway_key" = []), ("gateway_key_header" = [])))]
+async fn audio_speech(
+    State(state): State<AppState>,
+    ClientIp(ip): ClientIp,
+    req: Request,
+) -> Response {
+    proxy::forward(state, Endpoint::AudioSpeech, ip, req).await
+}
+
+/// Speech to text, `multipart/form-data` (`file`, `model`, `response_format`, `stream`, …),
+/// streamed to the upstream. Metered by token `usage` when reported, else by seconds of audio
+/// (`usage.seconds`, `duration`, or an `srt`/`vtt` answer's last cue) × `price_per_minute`.
+#[utoipa::path(post, path = "/v1/audio/transcriptions", tag = "openai",
+    request_body(content = String, description = "An OpenAI transcription form (the `model` field is required)", content_type = "multipart/form-data"),
+    responses(
+        (status = 200, description = "The transcription (JSON, text, or `text/event-stream` of `transcript.text.*` events)"),
+        (status = 400, body = crate::error::ErrorBody), (status = 401, body = crate::error::ErrorBody),
+        (status = 404, body = crate::error::ErrorBody), (status = 413, body = crate::error::ErrorBody),
+        (status = 429, body = crate::error::ErrorBody), (status = 502, body = crate::error::ErrorBody)),
+    security(("gateway_key" = []), ("gateway_key_header" = [])))]
+async fn audio_transcriptions(
+    State(state): State<AppState>,
+    ClientIp(ip): ClientIp,
+    req: Request,
+) -> Response {
+    proxy::forward(state, Endpoint::AudioTranscriptions, ip, req).await
+}
+
+/// Speech to English text, `multipart/form-data`, streamed and metered like transcriptions.
+#[utoipa::path(post, path = "/v1/audio/translations", tag = "openai",
+    request_body(content = String, description = "An OpenAI translation form (the `model` field is required)", content_type = "multipart/form-data"),
+    responses(
+        (status = 200, description = "The translation (JSON or text)"),
+        (status = 400, body = crate::error::ErrorBody), (status = 401, body = crate::error::ErrorBody),
+        (status = 413, body = crate::error::ErrorBody), (status = 429, body = crate::error::ErrorBody)),
+    security(("gateway_key" = []), ("gateway_key_header" = [])))]
+async fn audio_translations(
+    State(state): State<AppState>,
+    ClientIp(ip): ClientIp,
+    req: Request,
+) -> Response {
+    proxy::forward(state, Endpoint::AudioTranslations, ip, req).await
+}
+
+/// Moderations: passed through; metered by the upstream's usage, else the input's estimated
+/// tokens at the model's input price (OpenAI reports none).
+#[utoipa::path(post, path = "/v1/moderations", tag = "openai",
+    request_body(content = serde_json::Value, description = "An OpenAI moderation request", content_type = "application/json"),
+    responses(
+        (status = 200, description = "The upstream's moderation results"),
+        (status = 400, body = crate::error::ErrorBody), (status = 401, body = crate::error::ErrorBody),
+        (status = 404, body = crate::error::ErrorBody), (status = 429, body = crate::error::ErrorBody)),
+    security(("gateway_key" = []), ("gateway_key_header" = [])))]
+async fn moderations(
+    State(state): State<AppState>,
+    ClientIp(ip): ClientIp,
+    req: Request,
+) -> Response {
+    proxy::forward(state, Endpoint::Moderations, ip, req).await
 }
 
 /// OpenAI's model object.

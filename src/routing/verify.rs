@@ -95,7 +95,7 @@ pub async fn verify(
                 url: &url,
                 guarded,
                 headers,
-                body: Bytes::from(body),
+                body: Bytes::from(body).into(),
                 stream: false,
                 request_id: None,
             },

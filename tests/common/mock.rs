@@ -29,6 +29,8 @@ pub struct Recorded {
     pub path: String,
     pub headers: HeaderMap,
     pub body: Value,
+    /// The body exactly as received (multipart uploads are not JSON).
+    pub raw: Bytes,
 }
 
 #[derive(Default)]
@@ -41,6 +43,9 @@ struct Inner {
     flaky: AtomicUsize,
     /// `flaky` answers every request from now on.
     healed: std::sync::atomic::AtomicBool,
+    /// Requests whose body had begun to arrive (counted at its first bytes, before the rest).
+    bodies_started: AtomicUsize,
+    speech_gate: super::media_mock::SpeechGate,
 }
 
 #[derive(Clone)]
@@ -52,7 +57,10 @@ pub struct Mock {
 impl Mock {
     pub async fn start() -> Self {
         let inner = Arc::new(Inner::default());
-        let app = Router::new().fallback(handle).with_state(inner.clone());
+        let app = Router::new()
+            .fallback(handle)
+            .layer(axum::extract::DefaultBodyLimit::disable())
+            .with_state(inner.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind mock");
@@ -95,6 +103,16 @@ impl Mock {
             .iter()
             .filter(|r| r.body["model"] == model)
             .count()
+    }
+
+    /// Requests whose body had begun to arrive.
+    pub fn bodies_started(&self) -> usize {
+        self.inner.bodies_started.load(Ordering::SeqCst)
+    }
+
+    /// Holds the `tts-held` behaviour's audio after its first chunk.
+    pub fn speech_gate(&self) -> super::media_mock::SpeechGate {
+        self.inner.speech_gate.clone()
     }
 }
 
@@ -173,14 +191,31 @@ async fn handle(
     State(inner): State<Arc<Inner>>,
     uri: Uri,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Response {
-    let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    // Read as it comes, so a test can see an upload begin before the client has sent it all.
+    let mut raw = Vec::new();
+    let mut frames = body.into_data_stream();
+    while let Some(chunk) = frames.next().await {
+        let Ok(chunk) = chunk else { break };
+        if raw.is_empty() && !chunk.is_empty() {
+            inner.bodies_started.fetch_add(1, Ordering::SeqCst);
+        }
+        raw.extend_from_slice(&chunk);
+    }
+    let raw = Bytes::from(raw);
+    let body: Value = serde_json::from_slice(&raw).unwrap_or(Value::Null);
     inner.requests.lock().expect("lock").push(Recorded {
         path: uri.path().to_owned(),
         headers: headers.clone(),
         body: body.clone(),
+        raw: raw.clone(),
     });
+    if let Some(resp) =
+        super::media_mock::answer(uri.path(), &headers, &body, &raw, &inner.speech_gate)
+    {
+        return resp;
+    }
     let model = body["model"].as_str().unwrap_or_default().to_owned();
     let stream = body["stream"].as_bool().unwrap_or(false);
     let include_usage = body["stream_options"]["include_usage"]

@@ -18,6 +18,7 @@ use tollgate::state::AppState;
 pub mod accounts;
 pub mod gateway;
 pub mod kinds;
+pub mod media_mock;
 pub mod mock;
 
 pub const TEST_DB_ENV: &str = "TOLLGATE_TEST_DATABASE_URL";

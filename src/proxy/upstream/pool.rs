@@ -17,14 +17,13 @@ use bytes::Bytes;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderValue, Request, Response, Uri, header};
 use http_body::{Body, Frame, SizeHint};
-use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::client::conn::{TrySendError, http1, http2};
 use hyper_util::client::legacy::connect::Connection;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tower::{Service, ServiceExt};
 
-type Req = Request<Full<Bytes>>;
+type Req = Request<super::RequestBody>;
 
 /// How many times a request the upstream never started is tried again on another connection
 /// (a pooled connection the provider closed while it sat idle).
@@ -74,8 +73,8 @@ impl std::hash::Hash for Origin {
     }
 }
 
-type H1 = http1::SendRequest<Full<Bytes>>;
-type H2 = http2::SendRequest<Full<Bytes>>;
+type H1 = http1::SendRequest<super::RequestBody>;
+type H2 = http2::SendRequest<super::RequestBody>;
 
 /// Idle connections of one worker, by origin: HTTP/1.1 ones with the time each came back.
 #[derive(Default)]
@@ -390,7 +389,7 @@ mod tests {
     use std::convert::Infallible;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
-    use http_body_util::BodyExt;
+    use http_body_util::{BodyExt, Full};
     use hyper_util::client::legacy::connect::HttpConnector;
     use hyper_util::rt::TokioIo;
 
@@ -464,7 +463,7 @@ mod tests {
 
     fn post(url: &str) -> Req {
         Request::post(url)
-            .body(Full::new(Bytes::from_static(b"{}")))
+            .body(super::super::RequestBody::from(Bytes::from_static(b"{}")))
             .unwrap()
     }
 
