@@ -86,6 +86,7 @@ pub fn api_router() -> OpenApiRouter<AppState> {
         .merge(routes::admin_usage::router())
         .merge(routes::plans::router())
         .merge(routes::conversations::router())
+        .merge(routes::chat::router())
         .merge(routes::stored_responses::router())
         .merge(routes::stored_completions::router())
 }

@@ -8,6 +8,7 @@ mod m20261203_000001_durability;
 mod m20261203_000001_username_case;
 mod m20261203_000002_catalog_kinds;
 mod m20261203_000003_state;
+mod m20261203_000022_chat;
 
 pub struct Migrator;
 
@@ -20,6 +21,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261203_000001_username_case::Migration),
             Box::new(m20261203_000002_catalog_kinds::Migration),
             Box::new(m20261203_000003_state::Migration),
+            Box::new(m20261203_000022_chat::Migration),
         ]
     }
 }

@@ -36,8 +36,10 @@
 //! under the conversation row's lock (see `store::conversations`), so concurrent appends keep a
 //! total order without duplicates or gaps.
 
+pub mod chat;
 pub mod completions;
 pub mod conversation;
+pub mod hub;
 pub mod ids;
 pub mod items;
 pub mod paging;

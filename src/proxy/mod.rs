@@ -105,20 +105,14 @@ async fn run(
     req: Request<Body>,
 ) -> Response {
     let (parts, body) = req.into_parts();
-    // Set by `edge` (or the router's layer) when the client sent none; forwarded upstream as is.
-    let request_id_header = parts.headers.get(crate::edge::X_REQUEST_ID).cloned();
-    let request_id = request_id_header
-        .as_ref()
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_owned();
+    let headers = &parts.headers;
 
     // ① auth
-    let key = match auth::authenticate(&state, &parts.headers).await {
+    let key = match auth::authenticate(&state, headers).await {
         Ok(k) => k,
         Err(e) => return e.into_response(),
     };
-    let body = match decoded_body(&parts.headers, body, state.config.server.max_body_bytes) {
+    let body = match decoded_body(headers, body, state.config.server.max_body_bytes) {
         Ok(b) => b,
         Err(e) => return e.into_response(),
     };
@@ -132,6 +126,52 @@ async fn run(
         Ok(b) => b,
         Err(e) => return e.into_response(),
     };
+    admitted(state, endpoint, ip, key, headers, bytes, None).await
+}
+
+/// The hot path for a caller that is not a gateway key: the chat of a signed-in user
+/// (`conversations::chat`), with a [`KeyCtx`] standing for the user (no key of its own:
+/// `key_id` empty, no key limits) and a body it built. Every stage after ① runs as for `/v1`:
+/// admission, the user's limits and balance, the user's provider keys, metering (the record
+/// carries `conversation_id`).
+pub async fn forward_as(
+    state: AppState,
+    endpoint: Endpoint,
+    ip: Option<IpAddr>,
+    key: std::sync::Arc<crate::cache::KeyCtx>,
+    headers: &http::HeaderMap,
+    bytes: Bytes,
+    conversation_id: Option<String>,
+) -> Response {
+    let run = Box::pin(admitted(
+        state,
+        endpoint,
+        ip,
+        key,
+        headers,
+        bytes,
+        conversation_id,
+    ));
+    run.await
+}
+
+/// Stages ② to ⑥ of a request whose caller is known and whose body was read.
+async fn admitted(
+    state: AppState,
+    endpoint: Endpoint,
+    ip: Option<IpAddr>,
+    key: std::sync::Arc<crate::cache::KeyCtx>,
+    headers: &http::HeaderMap,
+    bytes: Bytes,
+    conversation_id: Option<String>,
+) -> Response {
+    // Set by `edge` (or the router's layer) when the client sent none; forwarded upstream as is.
+    let request_id_header = headers.get(crate::edge::X_REQUEST_ID).cloned();
+    let request_id = request_id_header
+        .as_ref()
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
     let view = match RequestView::parse(&bytes) {
         Ok(v) => v,
         Err(e) => return e.into_response(),
@@ -222,7 +262,7 @@ async fn run(
             request_body: Bytes::new(),
             request_len: 0,
             response_id: None,
-            conversation_id: None,
+            conversation_id,
             extra_cost_nanos: 0,
             units_metered: false,
         },
@@ -262,7 +302,7 @@ async fn run(
                 view: &view,
                 bytes: &bytes,
                 request_id: request_id_header.as_ref(),
-                headers: &parts.headers,
+                headers,
             };
             let resp = translated(&state, &route, &call, meter, to_store).await;
             return with_rate(resp, &rate);
@@ -281,7 +321,7 @@ async fn run(
         upstream_body,
         view.stream,
         request_id_header.as_ref(),
-        &parts.headers,
+        headers,
         Duration::from_secs(cfg.first_byte_timeout_secs),
     )
     .await

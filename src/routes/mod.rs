@@ -4,6 +4,7 @@ pub mod admin;
 pub mod admin_usage;
 pub mod auth;
 pub mod catalog;
+pub mod chat;
 pub mod conversations;
 pub mod keys;
 pub mod me;

@@ -35,6 +35,7 @@ pub async fn insert(
         next_position: Set(row.next_position),
         created_at: Set(row.created_at),
         updated_at: Set(row.updated_at),
+        share_token_hash: Set(row.share_token_hash),
     })
     .exec_without_returning(db)
     .await?;
@@ -92,12 +93,69 @@ pub async fn delete(
     Ok(true)
 }
 
+/// A chat turn in the user's conversation: the model it used, `updated_at`; false when the user
+/// has no such conversation. A write, so it may open an `append`'s transaction.
+pub async fn set_chat(
+    db: &impl ConnectionTrait,
+    user_id: &str,
+    id: &str,
+    model: &str,
+    now: DateTime<Utc>,
+) -> Result<bool, sea_orm::DbErr> {
+    let res = conversations::Entity::update_many()
+        .col_expr(conversations::Column::Model, Expr::value(model))
+        .col_expr(conversations::Column::UpdatedAt, Expr::value(now))
+        .filter(conversations::Column::Id.eq(id))
+        .filter(conversations::Column::UserId.eq(user_id))
+        .exec(db)
+        .await?;
+    Ok(res.rows_affected > 0)
+}
+
+/// Renames the user's conversation; false when there is no such conversation.
+pub async fn set_title(
+    db: &impl ConnectionTrait,
+    user_id: &str,
+    id: &str,
+    title: &str,
+    now: DateTime<Utc>,
+) -> Result<bool, sea_orm::DbErr> {
+    let res = conversations::Entity::update_many()
+        .col_expr(conversations::Column::Title, Expr::value(title))
+        .col_expr(conversations::Column::UpdatedAt, Expr::value(now))
+        .filter(conversations::Column::Id.eq(id))
+        .filter(conversations::Column::UserId.eq(user_id))
+        .exec(db)
+        .await?;
+    Ok(res.rows_affected > 0)
+}
+
+/// Deletes the items of a conversation at `position` and after (a regenerated answer); the
+/// caller has checked the conversation is the user's.
+pub async fn delete_items_from(
+    db: &impl ConnectionTrait,
+    conversation_id: &str,
+    position: i64,
+) -> Result<u64, sea_orm::DbErr> {
+    let res = conversation_items::Entity::delete_many()
+        .filter(conversation_items::Column::ConversationId.eq(conversation_id))
+        .filter(conversation_items::Column::Position.gte(position))
+        .exec(db)
+        .await?;
+    Ok(res.rows_affected)
+}
+
 /// One item to append: its id, its JSON, the response it came from.
 #[derive(Debug, Clone)]
 pub struct NewItem {
     pub item_id: String,
     pub item: String,
     pub response_id: Option<String>,
+    /// What the full-text index sees (a message's text), if anything.
+    pub content_text: Option<String>,
+    /// The model that wrote it and its completion tokens (a chat answer).
+    pub model: Option<String>,
+    pub tokens: Option<i64>,
 }
 
 /// Appends `items` in order at the end of the user's conversation (see the module docs for the
@@ -148,6 +206,9 @@ pub async fn append(
             item: Set(it.item),
             response_id: Set(it.response_id),
             created_at: Set(now),
+            content_text: Set(it.content_text),
+            model: Set(it.model),
+            tokens: Set(it.tokens),
             ..Default::default()
         });
     conversation_items::Entity::insert_many(rows)

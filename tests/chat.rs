@@ -1,0 +1,489 @@
+//! Chat for signed-in users (API.md §12): `/api/chat`, `/api/chat/stream`,
+//! `/api/chat/regenerate` through the hot path against the mock upstream, on the tables of §9
+//! (a conversation continues through `/v1/conversations` and the other way round), on whichever
+//! database `TOLLGATE_TEST_DATABASE_URL` names (SQLite otherwise).
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::gateway::{Gateway, setup, wait_records};
+use common::{TestApp, assert_error};
+use futures_util::StreamExt;
+use sea_orm::{EntityTrait, PaginatorTrait};
+use serde_json::{Value, json};
+
+async fn conversation_count(app: &TestApp) -> u64 {
+    entity::conversations::Entity::find()
+        .count(&app.state.db)
+        .await
+        .unwrap()
+}
+
+async fn usage_count(app: &TestApp) -> u64 {
+    entity::usage_records::Entity::find()
+        .count(&app.state.db)
+        .await
+        .unwrap()
+}
+
+/// The SSE frames of a finished `/api/chat/stream` (or `?stream=true`) answer.
+async fn frames(app: &TestApp, path: &str, token: &str, body: Value) -> (u16, Vec<Value>) {
+    let resp = app
+        .client
+        .post(app.url(path))
+        .bearer_auth(token)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    let ct = resp
+        .headers()
+        .get("content-type")
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default();
+    let text = resp.text().await.unwrap();
+    if !ct.starts_with("text/event-stream") {
+        return (status, vec![serde_json::from_str(&text).unwrap()]);
+    }
+    let frames = text
+        .split("\n\n")
+        .filter_map(|ev| ev.strip_prefix("data: "))
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    (status, frames)
+}
+
+/// The user's usage records of the chat (not those of the `/v1` calls), once `n` exist.
+async fn chat_records(app: &TestApp, token: &str, n: usize) -> Vec<Value> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let all = wait_records(app, token, 0).await;
+        let chat: Vec<Value> = all.into_iter().filter(|r| r["source"] == "chat").collect();
+        if chat.len() >= n {
+            return chat;
+        }
+        assert!(std::time::Instant::now() < deadline, "{chat:?}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+async fn items(app: &TestApp, g: &Gateway, conv: &str) -> Vec<Value> {
+    let (s, b) = app
+        .get(
+            &format!("/v1/conversations/{conv}/items?order=asc&limit=100"),
+            Some(&g.key),
+        )
+        .await;
+    assert_eq!(s, 200, "{b}");
+    b["data"].as_array().unwrap().clone()
+}
+
+#[tokio::test]
+async fn chat_titles_stores_meters_and_continues_through_v1() {
+    let app = TestApp::spawn().await;
+    let g = setup(&app).await;
+    let (s, b) = app
+        .post(
+            "/api/chat",
+            Some(&g.user),
+            json!({"model": "gpt-test", "message": "  \nHow do tides work?\nPlease explain.", "temperature": 0.5, "max_tokens": 50}),
+        )
+        .await;
+    assert_eq!(s, 200, "{b}");
+    let conv = b["conversation_id"].as_str().unwrap().to_owned();
+    assert!(conv.starts_with("conv_"), "{b}");
+    let m = &b["message"];
+    assert_eq!(m["role"], "assistant");
+    assert_eq!(m["content"], "Hello from mock");
+    assert_eq!(m["model"], "gpt-test");
+    assert_eq!(m["tokens"], 7);
+    assert!(m["id"].as_str().unwrap().starts_with("msg_"));
+    assert!(m["created_at"].as_str().unwrap().ends_with('Z'));
+    assert_eq!(b["usage"]["prompt_tokens"], 11);
+    assert_eq!(b["usage"]["completion_tokens"], 7);
+    // Upstream: the user's own key, the model's upstream name, the message and the options.
+    let up = g.mock.last();
+    assert_eq!(
+        up.headers["authorization"],
+        format!("Bearer {}", common::gateway::PROVIDER_SECRET)
+    );
+    assert_eq!(up.body["model"], "normal");
+    assert_eq!(up.body["messages"].as_array().unwrap().len(), 1);
+    assert_eq!(up.body["temperature"], 0.5);
+    assert_eq!(up.body["max_tokens"], 50);
+
+    // The same conversation through the Conversations API (the user's gateway key).
+    let (s, c) = app
+        .get(&format!("/v1/conversations/{conv}"), Some(&g.key))
+        .await;
+    assert_eq!(s, 200, "{c}");
+    let it = items(&app, &g, &conv).await;
+    assert_eq!(it.len(), 2);
+    assert_eq!(it[0]["role"], "user");
+    assert_eq!(
+        it[0]["content"][0]["text"],
+        "  \nHow do tides work?\nPlease explain."
+    );
+    assert_eq!(it[1]["role"], "assistant");
+    assert_eq!(it[1]["id"], m["id"]);
+    assert_eq!(it[1]["content"][0]["type"], "output_text");
+    let row = entity::conversations::Entity::find_by_id(conv.clone())
+        .one(&app.state.db)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(row.title.as_deref(), Some("How do tides work?"));
+    assert_eq!(row.model.as_deref(), Some("gpt-test"));
+
+    // The usage record: no key, source chat, the conversation.
+    let recs = chat_records(&app, &g.user, 1).await;
+    assert_eq!(recs[0]["key_id"], Value::Null, "{}", recs[0]);
+    assert_eq!(recs[0]["source"], "chat");
+    assert_eq!(recs[0]["conversation_id"], conv.as_str());
+    assert_eq!(recs[0]["status"], 200);
+    assert_eq!(recs[0]["prompt_tokens"], 11);
+    assert_eq!(recs[0]["completion_tokens"], 7);
+
+    // Items added through /v1 are part of the next chat turn's history.
+    let (s, b) = app
+        .post(
+            &format!("/v1/conversations/{conv}/items"),
+            Some(&g.key),
+            json!({"items": [{"role": "user", "content": "From the SDK"}, {"role": "assistant", "content": "Noted"}]}),
+        )
+        .await;
+    assert_eq!(s, 200, "{b}");
+    let (s, b) = app
+        .post(
+            "/api/chat",
+            Some(&g.user),
+            json!({"model": "gpt-test", "message": "And the moon?", "conversation_id": conv, "system": "Be brief."}),
+        )
+        .await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(b["conversation_id"], conv.as_str());
+    let sent = g.mock.last().body["messages"].clone();
+    let roles: Vec<_> = sent
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["role"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        roles,
+        ["system", "user", "assistant", "user", "assistant", "user"]
+    );
+    assert_eq!(sent[0]["content"], "Be brief.");
+    assert_eq!(sent[3]["content"], "From the SDK");
+    assert_eq!(sent[5]["content"], "And the moon?");
+    assert_eq!(items(&app, &g, &conv).await.len(), 6);
+    // The system prompt is for that turn only: not stored.
+    assert!(
+        items(&app, &g, &conv)
+            .await
+            .iter()
+            .all(|i| i["role"] != "system")
+    );
+
+    // A conversation made through /v1 continues in the chat.
+    let (s, v1) = app
+        .post(
+            "/v1/conversations",
+            Some(&g.key),
+            json!({"items": [{"role": "user", "content": "Remember 42"}]}),
+        )
+        .await;
+    assert_eq!(s, 200, "{v1}");
+    let (s, b) = app
+        .post(
+            "/api/chat",
+            Some(&g.user),
+            json!({"model": "gpt-test", "message": "What number?", "conversation_id": v1["id"]}),
+        )
+        .await;
+    assert_eq!(s, 200, "{b}");
+    let sent = g.mock.last().body["messages"].clone();
+    assert_eq!(sent[0]["content"], "Remember 42");
+    assert_eq!(sent[1]["content"], "What number?");
+}
+
+#[tokio::test]
+async fn stream_sends_start_deltas_done_and_stores_the_answer() {
+    let app = TestApp::spawn().await;
+    let g = setup(&app).await;
+    let (s, f) = frames(
+        &app,
+        "/api/chat/stream",
+        &g.user,
+        json!({"model": "gpt-test", "message": "Stream please"}),
+    )
+    .await;
+    assert_eq!(s, 200);
+    assert_eq!(f[0]["type"], "start", "{f:?}");
+    let conv = f[0]["conversation_id"].as_str().unwrap().to_owned();
+    let msg_id = f[0]["message_id"].as_str().unwrap().to_owned();
+    let deltas: Vec<_> = f
+        .iter()
+        .filter(|x| x["type"] == "delta")
+        .map(|x| x["content"].as_str().unwrap())
+        .collect();
+    assert_eq!(deltas, ["Hello", " from", " mock"]);
+    let done = f.last().unwrap();
+    assert_eq!(done["type"], "done", "{f:?}");
+    assert_eq!(done["message"]["id"], msg_id.as_str());
+    assert_eq!(done["message"]["content"], "Hello from mock");
+    assert_eq!(done["message"]["status"], "completed");
+    assert_eq!(done["usage"]["total_tokens"], 18);
+    let it = items(&app, &g, &conv).await;
+    assert_eq!(it.len(), 2);
+    assert_eq!(it[1]["id"], msg_id.as_str());
+    assert_eq!(it[1]["status"], "completed");
+
+    // A failure upstream before the answer starts: an error response, nothing stored.
+    let before = conversation_count(&app).await;
+    let (s, f) = frames(
+        &app,
+        "/api/chat/stream",
+        &g.user,
+        json!({"model": "gpt-400", "message": "fail"}),
+    )
+    .await;
+    assert_error(s, &f[0], 400, "upstream_says_no");
+    assert_eq!(conversation_count(&app).await, before);
+}
+
+#[tokio::test]
+async fn regenerate_replaces_the_last_answer() {
+    let app = TestApp::spawn().await;
+    let g = setup(&app).await;
+    let (s, b) = app
+        .post(
+            "/api/chat",
+            Some(&g.user),
+            json!({"model": "gpt-test", "message": "First"}),
+        )
+        .await;
+    assert_eq!(s, 200, "{b}");
+    let conv = b["conversation_id"].as_str().unwrap().to_owned();
+    let old = b["message"]["id"].clone();
+    let (s, r) = app
+        .post(
+            "/api/chat/regenerate",
+            Some(&g.user),
+            json!({"conversation_id": conv}),
+        )
+        .await;
+    assert_eq!(s, 200, "{r}");
+    assert_ne!(r["message"]["id"], old);
+    assert_eq!(r["message"]["content"], "Hello from mock");
+    // Sent upstream: the history up to the last user message, with the conversation's model.
+    let up = g.mock.last().body;
+    assert_eq!(up["model"], "normal");
+    assert_eq!(up["messages"].as_array().unwrap().len(), 1);
+    let it = items(&app, &g, &conv).await;
+    assert_eq!(it.len(), 2);
+    assert_eq!(it[1]["id"], r["message"]["id"]);
+
+    // Streamed.
+    let (s, f) = frames(
+        &app,
+        "/api/chat/regenerate?stream=true",
+        &g.user,
+        json!({"conversation_id": conv}),
+    )
+    .await;
+    assert_eq!(s, 200);
+    assert_eq!(f[0]["type"], "start");
+    assert_eq!(f.last().unwrap()["type"], "done");
+    let it = items(&app, &g, &conv).await;
+    assert_eq!(it.len(), 2);
+    assert_eq!(it[1]["id"], f[0]["message_id"]);
+
+    // Nothing to answer: a conversation without a user message.
+    let (_, v1) = app
+        .post(
+            "/v1/conversations",
+            Some(&g.key),
+            json!({"items": [{"role": "assistant", "content": "hi"}]}),
+        )
+        .await;
+    let (s, b) = app
+        .post(
+            "/api/chat/regenerate",
+            Some(&g.user),
+            json!({"conversation_id": v1["id"], "model": "gpt-test"}),
+        )
+        .await;
+    assert_error(s, &b, 400, "invalid_value");
+}
+
+#[tokio::test]
+async fn bad_input_is_refused_and_nothing_is_stored_or_charged() {
+    let app = TestApp::spawn_with(|c| c.server.max_body_bytes = 4096).await;
+    let g = setup(&app).await;
+    let requests_before = g.mock.requests().len();
+    let cases = [
+        (
+            json!({"model": "gpt-test", "message": "   "}),
+            400,
+            "invalid_value",
+        ),
+        (json!({"model": "gpt-test"}), 400, "missing_field"),
+        (
+            json!({"model": "gpt-test", "message": "x", "extra": 1}),
+            400,
+            "unknown_field",
+        ),
+        (
+            json!({"model": "gpt-test", "message": "x", "temperature": 3}),
+            400,
+            "invalid_value",
+        ),
+        (
+            json!({"model": "no-such-model", "message": "x"}),
+            404,
+            "model_not_found",
+        ),
+        (
+            json!({"model": "embed-test", "message": "x"}),
+            400,
+            "invalid_value",
+        ),
+        (
+            json!({"model": "gpt-test", "message": "x", "conversation_id": "conv_nope"}),
+            404,
+            "not_found",
+        ),
+        (
+            json!({"model": "gpt-test", "message": "x".repeat(5000)}),
+            413,
+            "payload_too_large",
+        ),
+    ];
+    for (body, status, code) in &cases {
+        for path in ["/api/chat", "/api/chat/stream"] {
+            let (s, b) = app.post(path, Some(&g.user), body.clone()).await;
+            assert_error(s, &b, *status, code);
+        }
+    }
+    // No access token; a gateway key is not an access token.
+    let (s, b) = app
+        .post(
+            "/api/chat",
+            None,
+            json!({"model": "gpt-test", "message": "x"}),
+        )
+        .await;
+    assert_error(s, &b, 401, "missing_token");
+    let (s, _) = app
+        .post(
+            "/api/chat",
+            Some(&g.key),
+            json!({"model": "gpt-test", "message": "x"}),
+        )
+        .await;
+    assert_eq!(s, 401);
+    // The upstream refuses: its error, nothing stored.
+    let (s, b) = app
+        .post(
+            "/api/chat",
+            Some(&g.user),
+            json!({"model": "gpt-500", "message": "x"}),
+        )
+        .await;
+    assert_eq!(s, 500, "{b}");
+    assert_eq!(b["error"]["message"], "boom");
+    assert_eq!(conversation_count(&app).await, 0);
+    // Only the gpt-500 call reached the upstream; it is the only usage record.
+    assert_eq!(g.mock.requests().len(), requests_before + 1);
+    let recs = wait_records(&app, &g.user, 1).await;
+    assert_eq!(recs.len(), 1);
+    assert_eq!(recs[0]["status"], 500);
+    assert_eq!(usage_count(&app).await, 1);
+
+    // Someone else's conversation is 404, and it is left as it was.
+    let (s, b) = app
+        .post(
+            "/api/chat",
+            Some(&g.user),
+            json!({"model": "gpt-test", "message": "mine"}),
+        )
+        .await;
+    assert_eq!(s, 200, "{b}");
+    let conv = b["conversation_id"].as_str().unwrap().to_owned();
+    let bob = common::accounts::user_token(&app, "bob").await;
+    for path in ["/api/chat", "/api/chat/stream"] {
+        let (s, b) = app
+            .post(
+                path,
+                Some(&bob),
+                json!({"model": "gpt-test", "message": "x", "conversation_id": conv}),
+            )
+            .await;
+        assert_error(s, &b, 404, "not_found");
+    }
+    let (s, b) = app
+        .post(
+            "/api/chat/regenerate",
+            Some(&bob),
+            json!({"conversation_id": conv}),
+        )
+        .await;
+    assert_error(s, &b, 404, "not_found");
+    assert_eq!(items(&app, &g, &conv).await.len(), 2);
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_keeps_what_was_produced_marked_incomplete() {
+    let app = TestApp::spawn().await;
+    let g = setup(&app).await;
+    let resp = app
+        .client
+        .post(app.url("/api/chat/stream"))
+        .bearer_auth(&g.user)
+        .json(&json!({"model": "gpt-slow", "message": "Long answer please"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.bytes_stream();
+    let mut seen = String::new();
+    while !seen.contains("\"delta\"") {
+        let chunk = body.next().await.unwrap().unwrap();
+        seen.push_str(std::str::from_utf8(&chunk).unwrap());
+    }
+    let conv = seen
+        .split("\"conversation_id\":\"")
+        .nth(1)
+        .unwrap()
+        .split('"')
+        .next()
+        .unwrap()
+        .to_owned();
+    drop(body);
+    // The answer is stored as far as it got, marked incomplete; the upstream is stopped.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let it = loop {
+        let it = items(&app, &g, &conv).await;
+        if it.len() == 2 {
+            break it;
+        }
+        assert!(std::time::Instant::now() < deadline, "{it:?}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    };
+    assert_eq!(it[1]["status"], "incomplete");
+    let text = it[1]["content"][0]["text"].as_str().unwrap();
+    assert!(text.starts_with("Hello"), "{text}");
+    assert!(!text.ends_with(&" more".repeat(30)), "{text}");
+    let recs = chat_records(&app, &g.user, 1).await;
+    assert_eq!(recs[0]["status"], 499, "{}", recs[0]);
+    assert_eq!(recs[0]["source"], "chat");
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while g.mock.cancelled() == 0 {
+        assert!(std::time::Instant::now() < deadline, "upstream not stopped");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
