@@ -87,6 +87,8 @@ pub fn api_router() -> OpenApiRouter<AppState> {
         .merge(routes::plans::router())
         .merge(routes::conversations::router())
         .merge(routes::chat::router())
+        .merge(routes::chat_conversations::router())
+        .merge(routes::share::router())
         .merge(routes::stored_responses::router())
         .merge(routes::stored_completions::router())
 }

@@ -487,3 +487,459 @@ async fn a_client_that_leaves_keeps_what_was_produced_marked_incomplete() {
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
+
+async fn chat(app: &TestApp, token: &str, body: Value) -> Value {
+    let (s, b) = app.post("/api/chat", Some(token), body).await;
+    assert_eq!(s, 200, "{b}");
+    b
+}
+
+#[tokio::test]
+async fn conversations_list_get_rename_messages_delete() {
+    let app = TestApp::spawn().await;
+    let g = setup(&app).await;
+    let a = chat(
+        &app,
+        &g.user,
+        json!({"model": "gpt-test", "message": "Zebra stripes"}),
+    )
+    .await;
+    let b = chat(
+        &app,
+        &g.user,
+        json!({"model": "gpt-cached", "message": "Volcano facts"}),
+    )
+    .await;
+    let c = chat(
+        &app,
+        &g.user,
+        json!({"model": "gpt-test", "message": "Glacier melt"}),
+    )
+    .await;
+    let ids = |v: &Value| -> Vec<String> {
+        v["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    // Newest activity first; a turn in `a` moves it to the front.
+    chat(&app, &g.user, json!({"model": "gpt-test", "message": "More zebra", "conversation_id": a["conversation_id"]})).await;
+    let (s, l) = app.get("/api/conversations", Some(&g.user)).await;
+    assert_eq!(s, 200, "{l}");
+    assert_eq!(l["total"], 3);
+    assert_eq!(
+        ids(&l),
+        [
+            &a["conversation_id"],
+            &c["conversation_id"],
+            &b["conversation_id"]
+        ]
+        .map(|v| v.as_str().unwrap().to_owned())
+    );
+    let first = &l["data"][0];
+    assert_eq!(first["title"], "Zebra stripes");
+    assert_eq!(first["model"], "gpt-test");
+    assert_eq!(first["message_count"], 4);
+    assert_eq!(first["shared"], false);
+    assert!(first["created_at"].as_str().unwrap().ends_with('Z'));
+    // Paging.
+    let (_, p2) = app
+        .get("/api/conversations?page=2&per_page=2", Some(&g.user))
+        .await;
+    assert_eq!(ids(&p2), [b["conversation_id"].as_str().unwrap()]);
+    assert_eq!(
+        (
+            p2["page"].as_u64(),
+            p2["per_page"].as_u64(),
+            p2["total"].as_u64()
+        ),
+        (Some(2), Some(2), Some(3))
+    );
+    let (s, e) = app
+        .get("/api/conversations?per_page=101", Some(&g.user))
+        .await;
+    assert_error(s, &e, 400, "invalid_value");
+    let (s, e) = app.get("/api/conversations?bogus=1", Some(&g.user)).await;
+    assert_eq!(s, 400, "{e}");
+    // The model filter; search over titles and message text.
+    let (_, m) = app
+        .get("/api/conversations?model=gpt-cached", Some(&g.user))
+        .await;
+    assert_eq!(ids(&m), [b["conversation_id"].as_str().unwrap()]);
+    let (_, t) = app
+        .get("/api/conversations?search=GLACIER", Some(&g.user))
+        .await;
+    assert_eq!(ids(&t), [c["conversation_id"].as_str().unwrap()]);
+    let (_, t) = app
+        .get("/api/conversations?search=mock", Some(&g.user))
+        .await;
+    assert_eq!(t["total"], 3, "the answers' text matches: {t}");
+    let (_, t) = app
+        .get("/api/conversations?search=100%25", Some(&g.user))
+        .await;
+    assert_eq!(t["total"], 0, "{t}");
+
+    // Get with messages in order; messages paging.
+    let conv = a["conversation_id"].as_str().unwrap();
+    let (s, one) = app
+        .get(&format!("/api/conversations/{conv}"), Some(&g.user))
+        .await;
+    assert_eq!(s, 200, "{one}");
+    let msgs = one["messages"].as_array().unwrap();
+    assert_eq!(msgs.len(), 4);
+    assert_eq!(msgs[0]["role"], "user");
+    assert_eq!(msgs[0]["content"], "Zebra stripes");
+    assert_eq!(msgs[0]["model"], Value::Null);
+    assert_eq!(msgs[1]["role"], "assistant");
+    assert_eq!(msgs[1]["model"], "gpt-test");
+    assert_eq!(msgs[1]["tokens"], 7);
+    assert_eq!(msgs[2]["content"], "More zebra");
+    let (_, mp) = app
+        .get(
+            &format!("/api/conversations/{conv}/messages?page=2&per_page=3"),
+            Some(&g.user),
+        )
+        .await;
+    assert_eq!(mp["total"], 4);
+    assert_eq!(mp["data"].as_array().unwrap().len(), 1);
+    assert_eq!(mp["data"][0]["id"], msgs[3]["id"]);
+
+    // Rename.
+    let (s, r) = app
+        .patch(
+            &format!("/api/conversations/{conv}"),
+            Some(&g.user),
+            json!({"title": "  Stripes  "}),
+        )
+        .await;
+    assert_eq!(s, 200, "{r}");
+    assert_eq!(r["title"], "Stripes");
+    for bad in [
+        json!({"title": "  "}),
+        json!({"title": "x".repeat(256)}),
+        json!({"title": "x", "more": 1}),
+        json!({}),
+    ] {
+        let (s, e) = app
+            .patch(
+                &format!("/api/conversations/{conv}"),
+                Some(&g.user),
+                bad.clone(),
+            )
+            .await;
+        assert_eq!(s, 400, "{bad}: {e}");
+    }
+    let (_, one) = app
+        .get(&format!("/api/conversations/{conv}"), Some(&g.user))
+        .await;
+    assert_eq!(one["title"], "Stripes");
+
+    // Someone else's: 404 everywhere, and nothing changes.
+    let bob = common::accounts::user_token(&app, "bob").await;
+    let (_, bl) = app.get("/api/conversations", Some(&bob)).await;
+    assert_eq!(bl["total"], 0);
+    for (method, path) in [
+        ("GET", format!("/api/conversations/{conv}")),
+        ("GET", format!("/api/conversations/{conv}/messages")),
+        ("GET", format!("/api/conversations/{conv}/export")),
+        ("DELETE", format!("/api/conversations/{conv}")),
+        ("POST", format!("/api/conversations/{conv}/share")),
+        ("DELETE", format!("/api/conversations/{conv}/share")),
+    ] {
+        let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let (s, e) = app.call(m, &path, Some(&bob), None).await;
+        assert_error(s, &e, 404, "not_found");
+    }
+    let (s, e) = app
+        .patch(
+            &format!("/api/conversations/{conv}"),
+            Some(&bob),
+            json!({"title": "mine"}),
+        )
+        .await;
+    assert_error(s, &e, 404, "not_found");
+    let (_, one) = app
+        .get(&format!("/api/conversations/{conv}"), Some(&g.user))
+        .await;
+    assert_eq!(one["title"], "Stripes");
+
+    // Delete: the conversation and its messages, here and on /v1.
+    let (s, _) = app
+        .delete(&format!("/api/conversations/{conv}"), Some(&g.user))
+        .await;
+    assert_eq!(s, 204);
+    let (s, e) = app
+        .get(&format!("/api/conversations/{conv}"), Some(&g.user))
+        .await;
+    assert_error(s, &e, 404, "not_found");
+    let (s, _) = app
+        .get(&format!("/v1/conversations/{conv}"), Some(&g.key))
+        .await;
+    assert_eq!(s, 404);
+    let left = entity::conversation_items::Entity::find()
+        .all(&app.state.db)
+        .await
+        .unwrap();
+    assert!(left.iter().all(|i| i.conversation_id != conv));
+    let (_, l) = app.get("/api/conversations", Some(&g.user)).await;
+    assert_eq!(l["total"], 2);
+}
+
+#[tokio::test]
+async fn search_finds_only_the_users_own_messages_with_a_snippet() {
+    let app = TestApp::spawn().await;
+    let g = setup(&app).await;
+    let long = format!(
+        "{} the quokka population on Rottnest island {}",
+        "filler ".repeat(30),
+        "padding ".repeat(30)
+    );
+    let a = chat(&app, &g.user, json!({"model": "gpt-test", "message": long})).await;
+    chat(
+        &app,
+        &g.user,
+        json!({"model": "gpt-test", "message": "Nothing relevant here"}),
+    )
+    .await;
+    // Bob says the same word: alice never sees it.
+    let bob = common::accounts::user_token(&app, "bob").await;
+    let (s, b) = app
+        .post(
+            "/api/provider-keys",
+            Some(&bob),
+            json!({"provider": "mock", "api_key": "sk-bob-upstream-0123456789"}),
+        )
+        .await;
+    assert_eq!(s, 201, "{b}");
+    chat(
+        &app,
+        &bob,
+        json!({"model": "gpt-test", "message": "Bob's quokka secret"}),
+    )
+    .await;
+
+    let (s, r) = app
+        .get("/api/conversations/search?q=Quokka", Some(&g.user))
+        .await;
+    assert_eq!(s, 200, "{r}");
+    assert_eq!(r["total"], 1, "{r}");
+    let hit = &r["data"][0];
+    assert_eq!(hit["conversation_id"], a["conversation_id"]);
+    assert_eq!(hit["role"], "user");
+    let snip = hit["snippet"].as_str().unwrap();
+    assert!(snip.contains("quokka population"), "{snip}");
+    assert!(snip.starts_with('…') && snip.ends_with('…'), "{snip}");
+    assert!(snip.chars().count() < 200, "{snip}");
+    assert!(!r.to_string().contains("secret"));
+    // Every word must match; order and case do not matter.
+    let (_, r) = app
+        .get("/api/conversations/search?q=island%20QUOKKA", Some(&g.user))
+        .await;
+    assert_eq!(r["total"], 1, "{r}");
+    let (_, r) = app
+        .get(
+            "/api/conversations/search?q=quokka%20zeppelin",
+            Some(&g.user),
+        )
+        .await;
+    assert_eq!(r["total"], 0, "{r}");
+    // Bob finds his own.
+    let (_, r) = app
+        .get("/api/conversations/search?q=quokka", Some(&bob))
+        .await;
+    assert_eq!(r["total"], 1, "{r}");
+    assert!(r["data"][0]["snippet"].as_str().unwrap().contains("secret"));
+    // Query syntax of the databases is not passed through; bad queries are 400.
+    let (s, r) = app
+        .get(
+            "/api/conversations/search?q=%22quokka*%20OR%20(NEAR%20-x%27",
+            Some(&g.user),
+        )
+        .await;
+    assert_eq!(s, 200, "{r}");
+    for q in ["", "%20%2A%22", &"w".repeat(300)] {
+        let (s, e) = app
+            .get(&format!("/api/conversations/search?q={q}"), Some(&g.user))
+            .await;
+        assert_error(s, &e, 400, "invalid_value");
+    }
+    let (s, _) = app.get("/api/conversations/search", Some(&g.user)).await;
+    assert_eq!(s, 400);
+    // Paging.
+    let (_, r) = app
+        .get(
+            "/api/conversations/search?q=mock&per_page=1&page=2",
+            Some(&g.user),
+        )
+        .await;
+    assert_eq!(r["total"], 2, "{r}");
+    assert_eq!(r["data"].as_array().unwrap().len(), 1);
+    assert_eq!(r["data"][0]["role"], "assistant");
+}
+
+#[tokio::test]
+async fn export_and_share_links() {
+    let app = TestApp::spawn().await;
+    let g = setup(&app).await;
+    let a = chat(
+        &app,
+        &g.user,
+        json!({"model": "gpt-test", "message": "**Bold** ask <script>alert(1)</script> <img src=x onerror=alert(2)>"}),
+    )
+    .await;
+    let conv = a["conversation_id"].as_str().unwrap();
+
+    // Export: JSON and Markdown downloads.
+    let r = app
+        .client
+        .get(app.url(&format!("/api/conversations/{conv}/export?format=json")))
+        .bearer_auth(&g.user)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.headers()["content-disposition"],
+        format!("attachment; filename=\"{conv}.json\"").as_str()
+    );
+    let j: Value = r.json().await.unwrap();
+    assert_eq!(j["id"], conv);
+    assert_eq!(j["messages"].as_array().unwrap().len(), 2);
+    assert_eq!(j["messages"][1]["content"], "Hello from mock");
+    let r = app
+        .client
+        .get(app.url(&format!("/api/conversations/{conv}/export?format=markdown")))
+        .bearer_auth(&g.user)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(
+        r.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/markdown")
+    );
+    assert!(
+        r.headers()["content-disposition"]
+            .to_str()
+            .unwrap()
+            .starts_with("attachment;")
+    );
+    let md = r.text().await.unwrap();
+    assert!(md.starts_with("# **Bold** ask"), "{md}");
+    assert!(
+        md.contains("## Assistant (gpt-test)\n\nHello from mock"),
+        "{md}"
+    );
+    let (s, e) = app
+        .get(
+            &format!("/api/conversations/{conv}/export?format=xml"),
+            Some(&g.user),
+        )
+        .await;
+    assert_error(s, &e, 400, "invalid_value");
+
+    // Share: an unguessable token, a public page (sanitized, not indexed) and JSON.
+    let (s, sh) = app
+        .post(
+            &format!("/api/conversations/{conv}/share"),
+            Some(&g.user),
+            json!({}),
+        )
+        .await;
+    assert_eq!(s, 200, "{sh}");
+    let token = sh["token"].as_str().unwrap().to_owned();
+    assert!(token.len() >= 22, "{token}");
+    assert_eq!(sh["url"], format!("http://{}/share/{token}", app.addr));
+    let page = app
+        .client
+        .get(app.url(&format!("/share/{token}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), 200);
+    assert_eq!(page.headers()["x-robots-tag"], "noindex, nofollow");
+    assert_eq!(page.headers()["cache-control"], "no-store");
+    assert!(
+        page.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/html")
+    );
+    let html = page.text().await.unwrap();
+    assert!(html.contains("<strong>Bold</strong>"), "{html}");
+    assert!(html.contains("Hello from mock"), "{html}");
+    // Markdown rendered, HTML sanitized; the title (plain text) escaped.
+    assert!(!html.contains("<script>"), "{html}");
+    assert!(html.contains("<img src=\"x\">"), "{html}");
+    assert!(!html.contains("<img src=x onerror"), "{html}");
+    assert!(html.contains("&lt;script&gt;"), "{html}");
+    let r = app
+        .client
+        .get(app.url(&format!("/share/{token}?format=json")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["x-robots-tag"], "noindex, nofollow");
+    let j: Value = r.json().await.unwrap();
+    assert_eq!(j["id"], conv);
+    assert_eq!(j["messages"].as_array().unwrap().len(), 2);
+    let (_, l) = app.get("/api/conversations", Some(&g.user)).await;
+    assert_eq!(l["data"][0]["shared"], true);
+    // Unknown tokens are 404, also absurd ones.
+    for bad in ["nope", &"x".repeat(500)] {
+        let (s, e) = app.get(&format!("/share/{bad}"), None).await;
+        assert_error(s, &e, 404, "not_found");
+    }
+
+    // Revoked: 404 at once. A new link replaces an older one.
+    let (s, _) = app
+        .delete(&format!("/api/conversations/{conv}/share"), Some(&g.user))
+        .await;
+    assert_eq!(s, 204);
+    let (s, e) = app.get(&format!("/share/{token}?format=json"), None).await;
+    assert_error(s, &e, 404, "not_found");
+    let (_, l) = app.get("/api/conversations", Some(&g.user)).await;
+    assert_eq!(l["data"][0]["shared"], false);
+    let (_, s1) = app
+        .post(
+            &format!("/api/conversations/{conv}/share"),
+            Some(&g.user),
+            json!({}),
+        )
+        .await;
+    let (_, s2) = app
+        .post(
+            &format!("/api/conversations/{conv}/share"),
+            Some(&g.user),
+            json!({}),
+        )
+        .await;
+    assert_ne!(s1["token"], s2["token"]);
+    let (s, _) = app
+        .get(&format!("/share/{}", s1["token"].as_str().unwrap()), None)
+        .await;
+    assert_eq!(s, 404);
+    let (s, _) = app
+        .get(
+            &format!("/share/{}?format=json", s2["token"].as_str().unwrap()),
+            None,
+        )
+        .await;
+    assert_eq!(s, 200);
+    // Deleting the conversation takes its link with it.
+    let (s, _) = app
+        .delete(&format!("/api/conversations/{conv}"), Some(&g.user))
+        .await;
+    assert_eq!(s, 204);
+    let (s, _) = app
+        .get(
+            &format!("/share/{}?format=json", s2["token"].as_str().unwrap()),
+            None,
+        )
+        .await;
+    assert_eq!(s, 404);
+}

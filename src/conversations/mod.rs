@@ -42,9 +42,11 @@ pub mod conversation;
 pub mod hub;
 pub mod ids;
 pub mod items;
+pub mod library;
 pub mod paging;
 pub mod pending;
 pub mod responses;
+pub mod share;
 
 pub use completions::{StoredCompletion, save_completion};
 pub use responses::{StoredResponse, history_for, save_response};
