@@ -89,6 +89,7 @@ pub fn api_router() -> OpenApiRouter<AppState> {
         .merge(routes::chat::router())
         .merge(routes::chat_conversations::router())
         .merge(routes::share::router())
+        .merge(routes::ws::router())
         .merge(routes::stored_responses::router())
         .merge(routes::stored_completions::router())
 }

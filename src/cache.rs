@@ -248,6 +248,13 @@ pub enum Invalidation {
     ProviderKeys { user_id: String },
     /// A shared provider key changed: it may serve anyone.
     AllProviderKeys,
+    /// Not a cache entry: a conversation of the user changed; their open WebSockets hear it
+    /// (`conversations::hub`), except the socket `origin_socket` that made the change.
+    Conversation {
+        user_id: String,
+        conversation_id: String,
+        origin_socket: Option<u64>,
+    },
 }
 
 type KeyEntry = Option<Arc<KeyCtx>>;
@@ -319,6 +326,8 @@ struct Inner {
     generation: AtomicU64,
     /// Tells the other replicas; `None` when this one is alone.
     bus: Option<Bus>,
+    /// The WebSockets of this replica that hear `Invalidation::Conversation`.
+    hub: crate::conversations::hub::Hub,
 }
 
 /// The caches; every management write that touches an entry invalidates it.
@@ -378,6 +387,7 @@ impl Caches {
                     .build(),
                 generation: AtomicU64::new(0),
                 bus,
+                hub: crate::conversations::hub::Hub::new(),
             }),
         }
     }
@@ -525,9 +535,23 @@ impl Caches {
         }
     }
 
+    /// This replica's open chat WebSockets.
+    pub fn hub(&self) -> &crate::conversations::hub::Hub {
+        &self.inner.hub
+    }
+
     /// Applies one invalidation to this replica's caches only (one another replica published).
     pub async fn apply_local(&self, inv: &Invalidation) {
         let inner = &self.inner;
+        if let Invalidation::Conversation {
+            user_id,
+            conversation_id,
+            origin_socket,
+        } = inv
+        {
+            inner.hub.deliver(user_id, conversation_id, *origin_socket);
+            return;
+        }
         inner.generation.fetch_add(1, Ordering::SeqCst);
         match inv {
             Invalidation::GatewayKey { hash } => inner.gateway_keys.invalidate(hash).await,
@@ -546,6 +570,7 @@ impl Caches {
             Invalidation::Settings => inner.defaults.invalidate_all(),
             Invalidation::ProviderKeys { user_id } => self.invalidate_provider_keys_of(user_id),
             Invalidation::AllProviderKeys => inner.provider_keys.invalidate_all(),
+            Invalidation::Conversation { .. } => {}
         }
     }
 

@@ -358,6 +358,7 @@ fn invalidation_kind(inv: &Invalidation) -> &'static str {
         Invalidation::ProviderKeys { .. } => "provider_keys",
         Invalidation::AllProviderKeys => "all_provider_keys",
         Invalidation::Settings => "settings",
+        Invalidation::Conversation { .. } => "conversation",
     }
 }
 

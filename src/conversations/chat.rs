@@ -125,6 +125,8 @@ pub struct Caller {
     pub user: users::Model,
     pub ip: Option<IpAddr>,
     pub headers: HeaderMap,
+    /// The WebSocket the turn came from (it is not told `conversation.updated` of its own turn).
+    pub origin_socket: Option<u64>,
 }
 
 /// The user as the hot path's caller: no gateway key (empty `key_id`, no key limits, every
@@ -380,6 +382,7 @@ async fn run(
     tx: mpsc::Sender<ChatEvent>,
 ) {
     let key = Arc::new(user_ctx(&caller.user));
+    let origin = caller.origin_socket;
     let forward = crate::proxy::forward_as(
         state.clone(),
         Endpoint::ChatCompletions,
@@ -420,7 +423,7 @@ async fn run(
         let _ = tx.send(ChatEvent::from_api_error(e)).await;
         return;
     }
-    super::hub::updated(&state, &plan.user_id, &plan.conversation_id).await;
+    super::hub::updated_from(&state, &plan.user_id, &plan.conversation_id, origin).await;
     let message_id = ids::item_id("message");
     let _ = tx
         .send(ChatEvent::Start {
@@ -519,7 +522,7 @@ async fn run(
     let tokens = usage.get("completion_tokens").and_then(Value::as_i64);
     let now = Utc::now();
     let saved = finish(&state, &plan, &item, tokens, now).await;
-    super::hub::updated(&state, &plan.user_id, &plan.conversation_id).await;
+    super::hub::updated_from(&state, &plan.user_id, &plan.conversation_id, origin).await;
     let event = match (saved, failure) {
         (Err(e), _) => ChatEvent::from_api_error(e),
         (Ok(()), Some(error)) => ChatEvent::Error {

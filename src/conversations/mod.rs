@@ -47,6 +47,7 @@ pub mod paging;
 pub mod pending;
 pub mod responses;
 pub mod share;
+pub mod socket;
 
 pub use completions::{StoredCompletion, save_completion};
 pub use responses::{StoredResponse, history_for, save_response};

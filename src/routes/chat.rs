@@ -89,6 +89,7 @@ fn caller(me: CurrentUser, ip: ClientIp, headers: HeaderMap) -> Caller {
         user: me.user,
         ip: ip.0,
         headers,
+        origin_socket: None,
     }
 }
 

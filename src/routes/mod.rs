@@ -16,6 +16,7 @@ pub mod share;
 pub mod stored_completions;
 pub mod stored_responses;
 pub mod usage;
+pub mod ws;
 
 use std::net::{IpAddr, SocketAddr};
 
