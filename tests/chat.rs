@@ -943,3 +943,29 @@ async fn export_and_share_links() {
         .await;
     assert_eq!(s, 404);
 }
+
+#[tokio::test]
+async fn the_chat_routes_are_in_the_openapi_document() {
+    let app = TestApp::spawn().await;
+    let (s, doc) = app.get("/openapi.json", None).await;
+    assert_eq!(s, 200);
+    let paths = &doc["paths"];
+    for (path, method) in [
+        ("/api/chat", "post"),
+        ("/api/chat/stream", "post"),
+        ("/api/chat/regenerate", "post"),
+        ("/api/conversations", "get"),
+        ("/api/conversations/search", "get"),
+        ("/api/conversations/{id}", "get"),
+        ("/api/conversations/{id}", "patch"),
+        ("/api/conversations/{id}", "delete"),
+        ("/api/conversations/{id}/messages", "get"),
+        ("/api/conversations/{id}/export", "get"),
+        ("/api/conversations/{id}/share", "post"),
+        ("/api/conversations/{id}/share", "delete"),
+        ("/share/{token}", "get"),
+        ("/api/ws", "get"),
+    ] {
+        assert!(paths[path][method].is_object(), "{method} {path} missing");
+    }
+}
