@@ -969,3 +969,52 @@ async fn the_chat_routes_are_in_the_openapi_document() {
         assert!(paths[path][method].is_object(), "{method} {path} missing");
     }
 }
+
+#[tokio::test]
+async fn an_empty_balance_refuses_the_chat_and_stores_nothing() {
+    let app = TestApp::spawn_with(|c| {
+        c.billing.enforce_balance = true;
+        c.billing.initial_balance_usd = 0.0;
+    })
+    .await;
+    let g = setup(&app).await;
+    let before = g.mock.requests().len();
+    for path in ["/api/chat", "/api/chat/stream"] {
+        let (s, b) = app
+            .post(
+                path,
+                Some(&g.user),
+                json!({"model": "gpt-test", "message": "Am I broke?"}),
+            )
+            .await;
+        assert_error(s, &b, 429, "insufficient_quota");
+    }
+    assert_eq!(g.mock.requests().len(), before);
+    assert_eq!(conversation_count(&app).await, 0);
+    assert_eq!(usage_count(&app).await, 0);
+}
+
+#[tokio::test]
+async fn the_users_rate_limit_applies_to_the_chat() {
+    let app = TestApp::spawn_with(|c| c.limits.default_user_rpm = 1).await;
+    let g = setup(&app).await;
+    chat(
+        &app,
+        &g.user,
+        json!({"model": "gpt-test", "message": "one"}),
+    )
+    .await;
+    let r = app
+        .client
+        .post(app.url("/api/chat/stream"))
+        .bearer_auth(&g.user)
+        .json(&json!({"model": "gpt-test", "message": "two"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
+    assert!(r.headers().contains_key("retry-after"));
+    let b: Value = r.json().await.unwrap();
+    assert_error(429, &b, 429, "rate_limit_exceeded");
+    assert_eq!(conversation_count(&app).await, 1);
+}
