@@ -86,6 +86,10 @@ pub fn api_router() -> OpenApiRouter<AppState> {
         .merge(routes::admin_usage::router())
         .merge(routes::plans::router())
         .merge(routes::conversations::router())
+        .merge(routes::chat::router())
+        .merge(routes::chat_conversations::router())
+        .merge(routes::share::router())
+        .merge(routes::ws::router())
         .merge(routes::stored_responses::router())
         .merge(routes::stored_completions::router())
 }

@@ -279,6 +279,13 @@ pub enum Invalidation {
     Health {
         events: Vec<crate::routing::health::HealthEvent>,
     },
+    /// Not a cache entry: a conversation of the user changed; their open WebSockets hear it
+    /// (`conversations::hub`), except the socket `origin_socket` that made the change.
+    Conversation {
+        user_id: String,
+        conversation_id: String,
+        origin_socket: Option<u64>,
+    },
 }
 
 type KeyEntry = Option<Arc<KeyCtx>>;
@@ -352,6 +359,8 @@ struct Inner {
     generation: AtomicU64,
     /// Tells the other replicas; `None` when this one is alone.
     bus: Option<Bus>,
+    /// The WebSockets of this replica that hear `Invalidation::Conversation`.
+    hub: crate::conversations::hub::Hub,
 }
 
 /// The caches; every management write that touches an entry invalidates it.
@@ -412,6 +421,7 @@ impl Caches {
                 generation: AtomicU64::new(0),
                 health: std::sync::OnceLock::new(),
                 bus,
+                hub: crate::conversations::hub::Hub::new(),
             }),
         }
     }
@@ -586,6 +596,11 @@ impl Caches {
         }
     }
 
+    /// This replica's open chat WebSockets.
+    pub fn hub(&self) -> &crate::conversations::hub::Hub {
+        &self.inner.hub
+    }
+
     /// Applies one invalidation to this replica's caches only (one another replica published).
     pub async fn apply_local(&self, inv: &Invalidation) {
         let inner = &self.inner;
@@ -596,6 +611,15 @@ impl Caches {
                     h.apply_remote(e);
                 }
             }
+            return;
+        }
+        if let Invalidation::Conversation {
+            user_id,
+            conversation_id,
+            origin_socket,
+        } = inv
+        {
+            inner.hub.deliver(user_id, conversation_id, *origin_socket);
             return;
         }
         inner.generation.fetch_add(1, Ordering::SeqCst);
@@ -617,6 +641,7 @@ impl Caches {
             Invalidation::ProviderKeys { user_id } => self.invalidate_provider_keys_of(user_id),
             Invalidation::AllProviderKeys => inner.provider_keys.invalidate_all(),
             Invalidation::Health { .. } => {}
+            Invalidation::Conversation { .. } => {}
         }
     }
 

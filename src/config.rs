@@ -35,6 +35,7 @@ pub struct Config {
     pub upstream: UpstreamConfig,
     pub usage: UsageConfig,
     pub storage: StorageConfig,
+    pub chat: ChatConfig,
     pub redis: RedisConfig,
     pub routing: RoutingConfig,
     /// Providers created at first start when absent.
@@ -274,6 +275,31 @@ impl Default for RoutingConfig {
             retry_budget_secs: 30,
             failure_threshold: 5,
             cooldown_secs: 30,
+        }
+    }
+}
+
+/// The signed-in chat's WebSocket (`/api/ws`, API.md §12).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ChatConfig {
+    /// The first message (`{"type": "auth", "token": …}`) must arrive within this (else 4401).
+    pub ws_auth_timeout_secs: u64,
+    /// The server pings every this many seconds.
+    pub ws_ping_interval_secs: u64,
+    /// A socket the client has sent nothing on (pongs included) for this long is closed.
+    pub ws_idle_timeout_secs: u64,
+    /// Open sockets per user on this replica; one more is closed with 4429.
+    pub ws_max_sockets_per_user: usize,
+}
+
+impl Default for ChatConfig {
+    fn default() -> Self {
+        Self {
+            ws_auth_timeout_secs: 10,
+            ws_ping_interval_secs: 30,
+            ws_idle_timeout_secs: 90,
+            ws_max_sockets_per_user: 16,
         }
     }
 }

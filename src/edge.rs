@@ -126,7 +126,8 @@ pub async fn edge(State(state): State<AppState>, req: Request, next: Next) -> Re
     // `/v1` streams may legitimately run for minutes; their bounds are the upstream timeouts.
     let resp = if let Some(refusal) = throttle_auth(&state, &path, &req) {
         refusal
-    } else if surface == Surface::OpenAi {
+    } else if surface == Surface::OpenAi || path.starts_with("/api/chat") {
+        // A chat answer is as long as a `/v1` stream's, and bounded the same way.
         next.run(req).await
     } else {
         let limit = Duration::from_secs(state.config.server.request_timeout_secs.max(1));

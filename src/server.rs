@@ -178,6 +178,8 @@ pub async fn serve(
         }
     }
     drop(listener);
+    // Chat WebSockets finish the answer under way, then close (1001).
+    state.caches.hub().shutdown();
     tracing::info!(
         open_connections = connections.len(),
         "shutting down: not accepting; draining in-flight requests"

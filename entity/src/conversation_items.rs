@@ -19,6 +19,13 @@ pub struct Model {
     /// The response whose input or output this item was, if any.
     pub response_id: Option<String>,
     pub created_at: DateTimeUtc,
+    /// The item's text as the full-text index sees it (a message's text parts); `None` for items
+    /// without text and for those stored before the column.
+    pub content_text: Option<String>,
+    /// The model that wrote this answer (chat, `/api/chat`), if known.
+    pub model: Option<String>,
+    /// The answer's completion tokens (chat), if known.
+    pub tokens: Option<i64>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

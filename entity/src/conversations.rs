@@ -21,6 +21,8 @@ pub struct Model {
     pub created_at: DateTimeUtc,
     /// Last change: an item appended or deleted, metadata or title changed.
     pub updated_at: DateTimeUtc,
+    /// SHA-256 (hex) of the share link's token (`/share/{token}`); `None` when not shared.
+    pub share_token_hash: Option<String>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -9,6 +9,7 @@ mod m20261203_000001_username_case;
 mod m20261203_000002_catalog_kinds;
 mod m20261203_000003_state;
 mod m20261203_000010_routing;
+mod m20261203_000022_chat;
 
 pub struct Migrator;
 
@@ -22,6 +23,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261203_000002_catalog_kinds::Migration),
             Box::new(m20261203_000003_state::Migration),
             Box::new(m20261203_000010_routing::Migration),
+            Box::new(m20261203_000022_chat::Migration),
         ]
     }
 }

@@ -54,6 +54,47 @@ pub fn bearer(parts: &Parts) -> Option<&str> {
         .filter(|t| !t.is_empty())
 }
 
+/// The signed-in user an access token stands for (its session unrevoked and unexpired, its user
+/// active): what the `CurrentUser` extractor checks, for callers that got the token elsewhere
+/// (the WebSocket's first message).
+pub async fn authenticate_token(state: &AppState, token: &str) -> Result<CurrentUser, ApiError> {
+    let claims = state.jwt.verify(token).map_err(|e| match e {
+        crate::accounts::tokens::TokenError::Expired => ApiError::unauthorized(
+            "token_expired",
+            "The access token has expired; sign in again.",
+        ),
+        crate::accounts::tokens::TokenError::Invalid => invalid_token(),
+    })?;
+    let session = store::sessions::find(&state.db, &claims.sid)
+        .await?
+        .filter(|s| s.user_id == claims.sub && s.revoked_at.is_none())
+        .ok_or_else(invalid_token)?;
+    if session.expires_at <= Utc::now() {
+        return Err(ApiError::unauthorized(
+            "token_expired",
+            "The access token has expired; sign in again.",
+        ));
+    }
+    let user = store::users::find(&state.db, &claims.sub)
+        .await?
+        .ok_or_else(invalid_token)?;
+    match user.status.as_str() {
+        "active" => {}
+        "disabled" => {
+            return Err(ApiError::forbidden(
+                "account_disabled",
+                "This account is disabled.",
+            ));
+        }
+        _ => return Err(invalid_token()),
+    }
+    Ok(CurrentUser {
+        user,
+        session_id: session.id,
+        expires_at: session.expires_at,
+    })
+}
+
 fn invalid_token() -> ApiError {
     ApiError::unauthorized("invalid_token", "Invalid or revoked access token.")
 }
@@ -71,41 +112,7 @@ impl FromRequestParts<AppState> for CurrentUser {
                 "Missing access token: send `Authorization: Bearer <token>` from /api/auth/login.",
             )
         })?;
-        let claims = state.jwt.verify(token).map_err(|e| match e {
-            crate::accounts::tokens::TokenError::Expired => ApiError::unauthorized(
-                "token_expired",
-                "The access token has expired; sign in again.",
-            ),
-            crate::accounts::tokens::TokenError::Invalid => invalid_token(),
-        })?;
-        let session = store::sessions::find(&state.db, &claims.sid)
-            .await?
-            .filter(|s| s.user_id == claims.sub && s.revoked_at.is_none())
-            .ok_or_else(invalid_token)?;
-        if session.expires_at <= Utc::now() {
-            return Err(ApiError::unauthorized(
-                "token_expired",
-                "The access token has expired; sign in again.",
-            ));
-        }
-        let user = store::users::find(&state.db, &claims.sub)
-            .await?
-            .ok_or_else(invalid_token)?;
-        match user.status.as_str() {
-            "active" => {}
-            "disabled" => {
-                return Err(ApiError::forbidden(
-                    "account_disabled",
-                    "This account is disabled.",
-                ));
-            }
-            _ => return Err(invalid_token()),
-        }
-        let current = CurrentUser {
-            user,
-            session_id: session.id,
-            expires_at: session.expires_at,
-        };
+        let current = authenticate_token(state, token).await?;
         parts.extensions.insert(current.clone());
         Ok(current)
     }

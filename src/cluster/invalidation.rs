@@ -359,6 +359,7 @@ fn invalidation_kind(inv: &Invalidation) -> &'static str {
         Invalidation::AllProviderKeys => "all_provider_keys",
         Invalidation::Settings => "settings",
         Invalidation::Health { .. } => "routing_health",
+        Invalidation::Conversation { .. } => "conversation",
     }
 }
 

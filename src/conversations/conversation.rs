@@ -65,6 +65,9 @@ pub(super) fn rows(items: &[Value], response_id: Option<&str>) -> Result<Vec<New
                 item_id: items::id_of(it).to_owned(),
                 item: serde_json::to_string(it).map_err(ApiError::internal)?,
                 response_id: response_id.map(str::to_owned),
+                content_text: items::indexed_text(it),
+                model: None,
+                tokens: None,
             })
         })
         .collect()
@@ -89,6 +92,7 @@ pub async fn create(
         next_position: 0,
         created_at: now,
         updated_at: now,
+        share_token_hash: None,
     };
     let new = rows(&items, None)?;
     let txn = db.begin().await?;

@@ -153,6 +153,46 @@ pub fn id_of(item: &Value) -> &str {
     item.get("id").and_then(Value::as_str).unwrap_or_default()
 }
 
+/// Most bytes of an item's text the full-text index keeps.
+pub const MAX_INDEXED_CHARS: usize = 1 << 20;
+
+/// The text of a message item (its `text` parts joined by newlines), as the full-text index and
+/// the chat see it; `None` for other items and messages without text.
+pub fn text_of(item: &Value) -> Option<String> {
+    if item.get("type").and_then(Value::as_str) != Some("message") {
+        return None;
+    }
+    let mut out = String::new();
+    match item.get("content") {
+        Some(Value::String(s)) => out.push_str(s),
+        Some(Value::Array(parts)) => {
+            for p in parts {
+                if let Some(t) = p.get("text").and_then(Value::as_str) {
+                    if !out.is_empty() {
+                        out.push('\n');
+                    }
+                    out.push_str(t);
+                }
+            }
+        }
+        _ => {}
+    }
+    (!out.is_empty()).then_some(out)
+}
+
+/// [`text_of`] cut to [`MAX_INDEXED_CHARS`] bytes (on a character boundary): what is indexed.
+pub fn indexed_text(item: &Value) -> Option<String> {
+    let mut out = text_of(item)?;
+    if out.len() > MAX_INDEXED_CHARS {
+        let mut end = MAX_INDEXED_CHARS;
+        while !out.is_char_boundary(end) {
+            end -= 1;
+        }
+        out.truncate(end);
+    }
+    Some(out)
+}
+
 fn valid_item_id(id: &str) -> bool {
     (1..=MAX_ITEM_ID_CHARS).contains(&id.len())
         && id

@@ -36,13 +36,18 @@
 //! under the conversation row's lock (see `store::conversations`), so concurrent appends keep a
 //! total order without duplicates or gaps.
 
+pub mod chat;
 pub mod completions;
 pub mod conversation;
+pub mod hub;
 pub mod ids;
 pub mod items;
+pub mod library;
 pub mod paging;
 pub mod pending;
 pub mod responses;
+pub mod share;
+pub mod socket;
 
 pub use completions::{StoredCompletion, save_completion};
 pub use responses::{StoredResponse, history_for, save_response};

@@ -191,9 +191,25 @@ async fn conversation_history(
     user_id: &str,
     id: &str,
 ) -> Result<Vec<Value>, ApiError> {
+    conversation_rows(db, user_id, id, "conversation")
+        .await?
+        .iter()
+        .map(|row| parse_json(&row.item))
+        .collect()
+}
+
+/// The rows of the user's conversation `id`, oldest first, within the history bounds
+/// ([`MAX_HISTORY_ITEMS`], [`MAX_HISTORY_BYTES`]: past them 400 naming `param`); another user's
+/// is 404.
+pub(crate) async fn conversation_rows(
+    db: &DatabaseConnection,
+    user_id: &str,
+    id: &str,
+    param: &str,
+) -> Result<Vec<entity::conversation_items::Model>, ApiError> {
     let too_long = |what: String| {
         ApiError::invalid_param(
-            "conversation",
+            param,
             format!("Conversation '{id}' is too long to replay: {what}."),
         )
     };
@@ -217,7 +233,7 @@ async fn conversation_history(
                 return Err(too_long(format!("more than {MAX_HISTORY_ITEMS} items")));
             }
             after = Some(row.position);
-            out.push(parse_json(&row.item)?);
+            out.push(row);
         }
         if done {
             return Ok(out);

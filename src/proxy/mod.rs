@@ -118,14 +118,71 @@ async fn run(
     req: Request<Body>,
 ) -> Response {
     let (parts, body) = req.into_parts();
-    // Set by `edge` (or the router's layer) when the client sent none; forwarded upstream as is.
-    let request_id_header = parts.headers.get(crate::edge::X_REQUEST_ID).cloned();
 
     // ① auth
     let (key, bytes, upload) = match auth(&state, &parts.headers, body, endpoint).await {
         Ok(x) => x,
         Err(e) => return e.into_response(),
     };
+    let caller = Caller {
+        key,
+        headers: &parts.headers,
+        upload,
+        conversation_id: None,
+    };
+    admitted(state, endpoint, ip, caller, bytes).await
+}
+
+/// The hot path for a caller that is not a gateway key: the chat of a signed-in user
+/// (`conversations::chat`), with a [`KeyCtx`](crate::cache::KeyCtx) standing for the user (no
+/// key of its own: `key_id` empty, no key limits) and a body it built. Every stage after ① runs
+/// as for `/v1`: admission, the user's limits and balance, the user's provider keys, metering
+/// (the record carries `conversation_id`).
+pub async fn forward_as(
+    state: AppState,
+    endpoint: Endpoint,
+    ip: Option<IpAddr>,
+    key: std::sync::Arc<crate::cache::KeyCtx>,
+    headers: &http::HeaderMap,
+    bytes: Bytes,
+    conversation_id: Option<String>,
+) -> Response {
+    let caller = Caller {
+        key,
+        headers,
+        upload: None,
+        conversation_id,
+    };
+    let run = Box::pin(admitted(state, endpoint, ip, caller, bytes));
+    run.await
+}
+
+/// Who is calling, as ① found them.
+struct Caller<'a> {
+    key: std::sync::Arc<crate::cache::KeyCtx>,
+    headers: &'a http::HeaderMap,
+    /// A multipart upload's unread rest.
+    upload: Option<multipart::Upload>,
+    /// The signed-in chat's conversation, carried into the usage record.
+    conversation_id: Option<String>,
+}
+
+/// Stages ② to ⑥ of a request whose caller is known and whose body was read.
+async fn admitted(
+    state: AppState,
+    endpoint: Endpoint,
+    ip: Option<IpAddr>,
+    caller: Caller<'_>,
+    bytes: Bytes,
+) -> Response {
+    let Caller {
+        key,
+        headers,
+        upload,
+        conversation_id,
+    } = caller;
+    // Set by `edge` (or the router's layer) when the client sent none; forwarded upstream as is.
+    let request_id_header = headers.get(crate::edge::X_REQUEST_ID).cloned();
     let view = match RequestView::parse(&bytes) {
         Ok(v) => v,
         Err(e) => return e.into_response(),
@@ -151,14 +208,15 @@ async fn run(
         view: &view,
         bytes: &bytes,
         request_id: request_id_header.as_ref(),
-        headers: &parts.headers,
+        headers,
     };
 
     // ② admit, ③ plan
-    let admitted = match admit(&state, &key, ip, &call).await {
+    let mut admitted = match admit(&state, &key, ip, &call).await {
         Ok(a) => a,
         Err(resp) => return resp,
     };
+    admitted.meter.facts.conversation_id = conversation_id;
     let rate = admitted.rate.clone();
 
     // ④ attempt, ⑤ relay, ⑥ meter

@@ -4,15 +4,19 @@ pub mod admin;
 pub mod admin_usage;
 pub mod auth;
 pub mod catalog;
+pub mod chat;
+pub mod chat_conversations;
 pub mod conversations;
 pub mod keys;
 pub mod me;
 pub mod openai;
 pub mod ops;
 pub mod plans;
+pub mod share;
 pub mod stored_completions;
 pub mod stored_responses;
 pub mod usage;
+pub mod ws;
 
 use std::net::{IpAddr, SocketAddr};
 

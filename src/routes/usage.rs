@@ -28,7 +28,10 @@ pub fn router() -> OpenApiRouter<AppState> {
 pub struct UsageRecordView {
     pub id: String,
     pub at: String,
-    pub key_id: String,
+    /// The gateway key that made the call; `null` for the signed-in chat (`/api/chat`, `/api/ws`).
+    pub key_id: Option<String>,
+    /// `api` (a gateway key on `/v1`) or `chat` (the signed-in chat).
+    pub source: &'static str,
     pub model: String,
     pub provider: String,
     pub endpoint: String,
@@ -65,7 +68,8 @@ impl From<entity::usage_records::Model> for UsageRecordView {
         Self {
             id: r.id.to_string(),
             at: rfc3339(r.at),
-            key_id: r.key_id,
+            source: if r.key_id.is_empty() { "chat" } else { "api" },
+            key_id: Some(r.key_id).filter(|k| !k.is_empty()),
             model: r.model,
             provider: r.provider,
             endpoint: r.endpoint,
