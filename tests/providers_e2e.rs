@@ -1052,26 +1052,31 @@ async fn upstream_errors_reach_each_client_in_its_own_shape() {
     let records = gateway::wait_records(&app, &g.user, calls + 2).await;
     check_error_records(&records);
 
-    // Another user whose keys the providers refuse: the key's fault, in each client's shape.
-    let dave = common::accounts::user_token(&app, "dave").await;
-    for (provider, secret) in [
-        ("google", "AIzaSy-revoked-key-000000000000000"),
-        ("az", "ffffffffffffffffffffffffffffffff"),
-        (
-            "aws",
-            r#"{"access_key_id":"AKIDEXAMPLE","secret_access_key":"not-the-secret"}"#,
-        ),
-    ] {
-        let (s, b) = app
-            .post(
-                "/api/provider-keys",
-                Some(&dave),
-                json!({"provider": provider, "api_key": secret}),
-            )
-            .await;
-        assert_eq!(s, 201, "{b}");
+    // Users whose keys the providers refuse: the key's fault, in each client's shape. A key an
+    // upstream refused (401/403) is not used again (routing), so each protocol gets its own user.
+    let mut refused_keys = Vec::new();
+    for name in ["dave", "erin"] {
+        let token = common::accounts::user_token(&app, name).await;
+        for (provider, secret) in [
+            ("google", "AIzaSy-revoked-key-000000000000000"),
+            ("az", "ffffffffffffffffffffffffffffffff"),
+            (
+                "aws",
+                r#"{"access_key_id":"AKIDEXAMPLE","secret_access_key":"not-the-secret"}"#,
+            ),
+        ] {
+            let (s, b) = app
+                .post(
+                    "/api/provider-keys",
+                    Some(&token),
+                    json!({"provider": provider, "api_key": secret}),
+                )
+                .await;
+            assert_eq!(s, 201, "{b}");
+        }
+        refused_keys.push(gateway::new_key(&app, &token, json!({"name": "d"})).await.0);
     }
-    let (dave_key, _) = gateway::new_key(&app, &dave, json!({"name": "d"})).await;
+    let (dave_key, erin_key) = (&refused_keys[0], &refused_keys[1]);
     // (model, status on both routes, OpenAI code)
     for (model, status, code) in [
         ("gem-busy", 400, Some("invalid_api_key")),
@@ -1080,7 +1085,7 @@ async fn upstream_errors_reach_each_client_in_its_own_shape() {
     ] {
         let (s, body) = call(
             &app,
-            &dave_key,
+            dave_key,
             "/v1/chat/completions",
             json!({"model": model, "messages": [{"role": "user", "content": "Hi"}]}),
         )
@@ -1094,7 +1099,7 @@ async fn upstream_errors_reach_each_client_in_its_own_shape() {
         let (s, _, body) = post_raw(
             &app,
             "/v1/messages",
-            &[("x-api-key", &dave_key)],
+            &[("x-api-key", erin_key)],
             json!({"model": model, "max_tokens": 10, "messages": [{"role": "user", "content": "Hi"}]}),
         )
         .await;
@@ -1106,6 +1111,24 @@ async fn upstream_errors_reach_each_client_in_its_own_shape() {
         };
         assert_eq!(parse(&body)["error"]["type"], want, "{model}: {body}");
     }
+    // The refused Azure key is now out of use: the next call does not reach the upstream and
+    // says why.
+    let (s, body) = call(
+        &app,
+        dave_key,
+        "/v1/chat/completions",
+        json!({"model": "az-filter", "messages": [{"role": "user", "content": "Hi"}]}),
+    )
+    .await;
+    assert_eq!(s, 400, "{body}");
+    let v = parse(&body);
+    assert_eq!(v["error"]["code"], "provider_key_missing", "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("rejected")),
+        "{v}"
+    );
     app.stop().await;
 }
 

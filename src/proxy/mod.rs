@@ -752,7 +752,7 @@ fn answer_failure(
             let e = ApiError::Upstream {
                 status: StatusCode::SERVICE_UNAVAILABLE,
                 message: format!(
-                    "No deployment of `{}` can take the request now (cooling down or failing); retry shortly.",
+                    "No deployment of `{}` can take the request now: its provider keys are cooling down, failing, or were rejected by the provider (see GET /api/provider-keys; POST /api/provider-keys/{{id}}/verify puts a fixed key back).",
                     plan.model.model.name
                 ),
                 code: "upstream_unavailable",

@@ -102,7 +102,7 @@ pub fn check_endpoint(model: &CatalogModel, endpoint: Endpoint) -> Result<(), Ap
 pub fn key_missing(model: &CatalogModel) -> ApiError {
     ApiError::BadRequest {
         message: format!(
-            "You have no API key for the provider `{}`. Add one with POST /api/provider-keys.",
+            "You have no usable API key for the provider `{}` (none, disabled, or rejected by the provider). Add or fix one with POST /api/provider-keys; POST /api/provider-keys/{{id}}/verify puts a fixed key back.",
             model.provider.key
         ),
         code: "provider_key_missing",
