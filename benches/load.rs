@@ -189,8 +189,12 @@ fn run() -> anyhow::Result<()> {
         ctl.block_on(sanity(&client, url, &b.fixture.key_secret, true))
             .context("the baseline tollgate does not answer as expected")?;
     }
-    // The two sanity requests above went through tollgate too.
-    let sanity_requests = 2u64;
+    if tg.translated {
+        ctl.block_on(sanity_translated(&client, &tg))
+            .context("tollgate's translated paths do not answer as expected")?;
+    }
+    // The sanity requests above went through tollgate too.
+    let sanity_requests = if tg.translated { 4u64 } else { 2 };
 
     if soak {
         return run_soak(
@@ -328,6 +332,62 @@ fn run() -> anyhow::Result<()> {
     }
     let rss_hwm = vm_kb(tg.pid(), "VmHWM");
 
+    // The translated paths, tollgate alone (nginx cannot translate): OpenAI chat to the
+    // `anthropic` provider, and Anthropic Messages to the `openai` one, each against the
+    // reference hop's pass-through throughput of the same mode in this run.
+    let mut translated: Vec<Translated> = Vec::new();
+    let mut translated_runs = 0u64;
+    if tg.translated {
+        for mode in modes.iter().copied() {
+            let stream = mode == Mode::Stream;
+            let lines = [
+                (
+                    "chat → anthropic",
+                    "chat/completions",
+                    common::chat_body_for(common::ANTHROPIC_MODEL, stream),
+                ),
+                (
+                    "messages → openai",
+                    "messages",
+                    common::messages_body(MODEL, stream),
+                ),
+            ];
+            for (i, (name, path, body)) in lines.into_iter().enumerate() {
+                let body_path = tmp
+                    .path()
+                    .join(format!("body-translated-{}-{i}.json", mode.name()));
+                std::fs::write(&body_path, body)?;
+                let script = write_script(
+                    tmp.path(),
+                    &format!("translated-{}-{i}", mode.name()),
+                    &body_path,
+                    &key,
+                )?;
+                let url = format!("http://{}/v1/{path}", tg.addr);
+                eprintln!("load: {} / translated {name} …", mode.name());
+                let warm = wrk_run(&wrk, &url, &script, conns.min(2), conns, WARMUP_SECS)?;
+                let cpu0 = proc_cpu_ticks(tg.pid()).unwrap_or(0);
+                let load = wrk_run(&wrk, &url, &script, conns.min(2), conns, secs)?;
+                let cpu1 = proc_cpu_ticks(tg.pid()).unwrap_or(0);
+                log.raw(
+                    &format!("{} translated {name} {conns} connections", mode.name()),
+                    &load.raw,
+                );
+                tollgate_answered += warm.requests + load.requests;
+                translated_runs += 2;
+                let cpu_us = (load.requests > 0).then(|| {
+                    (cpu1.saturating_sub(cpu0) * US_PER_TICK) as f64 / load.requests as f64
+                });
+                translated.push(Translated {
+                    mode,
+                    name,
+                    load,
+                    cpu_us,
+                });
+            }
+        }
+    }
+
     // Every request tollgate forwarded must become a usage record: wait for the writer.
     let after_wrk = ctl.block_on(tg.wait_for_records(upstream.via_gateway()))?;
     // Then an exact check with a client that waits for every answer.
@@ -336,10 +396,12 @@ fn run() -> anyhow::Result<()> {
     let rss_after = vm_kb(tg.pid(), "VmRSS");
 
     table(&mut log, &rows);
+    translated_table(&mut log, &rows, &translated);
     log.say("");
     let answered = tollgate_answered + sanity_requests;
-    // Per mode: the warm-up, the loaded run and every single-connection round.
-    let tollgate_runs = 2 * (2 + SINGLE_ROUNDS);
+    // Per mode: the warm-up, the loaded run and every single-connection round; then the
+    // translated paths' warm-ups and loaded runs.
+    let tollgate_runs = 2 * (2 + SINGLE_ROUNDS) + translated_runs;
     let wrk_ok = after_wrk.total >= after_wrk.upstream
         && after_wrk.ok >= answered
         && after_wrk.total - answered <= tollgate_runs * conns
@@ -385,6 +447,69 @@ fn run() -> anyhow::Result<()> {
         "usage metering check failed (see above)"
     );
     Ok(())
+}
+
+/// One translated path's loaded run.
+struct Translated {
+    mode: Mode,
+    name: &'static str,
+    load: WrkResult,
+    cpu_us: Option<f64>,
+}
+
+/// The translated paths' goal: throughput at least this × the reference hop's (issue 20).
+const TARGET_TRANSLATED: f64 = 0.6;
+
+/// The translated paths beside the pass-through and the reference hop of the same mode.
+fn translated_table(log: &mut Log, rows: &[Row], lines: &[Translated]) {
+    if lines.is_empty() {
+        return;
+    }
+    log.say("");
+    log.say(format!(
+        "translated paths (tollgate alone; the upstream answers in the provider's own shapes) — goal: throughput ≥ {TARGET_TRANSLATED} × the reference hop's pass-through"
+    ));
+    log.say(format!(
+        "{:<11} {:<18} {:>9} {:>9} {:>9} {:>8} {:>13} {:>13}",
+        "mode", "path", "req/s", "p50", "p99", "CPU/req", "÷ reference", "÷ pass-through"
+    ));
+    for t in lines {
+        let of = |target: Target| {
+            rows.iter()
+                .find(|r| r.mode == t.mode && r.target == target)
+                .map(|r| r.load.rps())
+                .filter(|rps| *rps > 0.0)
+                .map(|rps| t.load.rps() / rps)
+        };
+        let vs_ref = of(Target::Reference);
+        log.say(format!(
+            "{:<11} {:<18} {:>9.0} {:>7.0}µs {:>7.0}µs {:>6}µs {:>13} {:>13}",
+            t.mode.name(),
+            t.name,
+            t.load.rps(),
+            t.load.p50_us,
+            t.load.p99_us,
+            t.cpu_us.map_or_else(|| "-".into(), |c| format!("{c:.0}")),
+            vs_ref.map_or_else(
+                || "-".into(),
+                |r| format!(
+                    "{r:.2} {}",
+                    if r >= TARGET_TRANSLATED {
+                        "met"
+                    } else {
+                        "NOT met"
+                    }
+                )
+            ),
+            of(Target::Tollgate).map_or_else(|| "-".into(), |r| format!("{r:.2}")),
+        ));
+        if t.load.non2xx > 0 || t.load.sock_errors > 0 {
+            log.say(format!(
+                "    {} non-2xx answers, {} socket errors",
+                t.load.non2xx, t.load.sock_errors
+            ));
+        }
+    }
 }
 
 /// Requests of the exact metering check, and how many are in flight at once.
@@ -883,6 +1008,11 @@ fn parse_wrk(raw: &str) -> anyhow::Result<WrkResult> {
 struct UpstreamState {
     completion: Bytes,
     events: Vec<Bytes>,
+    /// The Anthropic Messages answers (`…/messages`), for the translated paths.
+    message: Bytes,
+    message_events: Vec<Bytes>,
+    /// `x-api-key` tollgate sends to the `anthropic` provider.
+    gateway_api_key: String,
     /// `Authorization` tollgate sends (the provider key): tells its requests from the others.
     gateway_auth: String,
     total: AtomicU64,
@@ -923,7 +1053,17 @@ async fn upstream_answer(
     let via_gateway = req
         .headers()
         .get(header::AUTHORIZATION)
-        .is_some_and(|v| v.as_bytes() == st.gateway_auth.as_bytes());
+        .is_some_and(|v| v.as_bytes() == st.gateway_auth.as_bytes())
+        || req
+            .headers()
+            .get("x-api-key")
+            .is_some_and(|v| v.as_bytes() == st.gateway_api_key.as_bytes());
+    let anthropic = req.uri().path().ends_with("/messages");
+    let (completion, events) = if anthropic {
+        (&st.message, &st.message_events)
+    } else {
+        (&st.completion, &st.events)
+    };
     let body = match req.into_body().collect().await {
         Ok(b) => b.to_bytes(),
         Err(_) => Bytes::new(),
@@ -933,11 +1073,8 @@ async fn upstream_answer(
         st.via_gateway.fetch_add(1, Ordering::Relaxed);
     }
     let mut resp = if wants_stream(&body) {
-        let frames: Vec<Result<Frame<Bytes>, hyper::Error>> = st
-            .events
-            .iter()
-            .map(|e| Ok(Frame::data(e.clone())))
-            .collect();
+        let frames: Vec<Result<Frame<Bytes>, hyper::Error>> =
+            events.iter().map(|e| Ok(Frame::data(e.clone()))).collect();
         let mut r = Response::new(StreamBody::new(futures_util::stream::iter(frames)).boxed());
         r.headers_mut().insert(
             header::CONTENT_TYPE,
@@ -949,7 +1086,7 @@ async fn upstream_answer(
         );
         r
     } else {
-        let mut r = Response::new(full(st.completion.clone()));
+        let mut r = Response::new(full(completion.clone()));
         r.headers_mut().insert(
             header::CONTENT_TYPE,
             http::HeaderValue::from_static("application/json"),
@@ -971,7 +1108,13 @@ impl Upstream {
                 .into_iter()
                 .map(Bytes::from)
                 .collect(),
+            message: Bytes::from(common::anthropic_message(common::ANTHROPIC_UPSTREAM_MODEL)),
+            message_events: common::anthropic_events(common::ANTHROPIC_UPSTREAM_MODEL)
+                .into_iter()
+                .map(Bytes::from)
+                .collect(),
             gateway_auth: format!("Bearer {}", common::PROVIDER_SECRET),
+            gateway_api_key: common::PROVIDER_SECRET.to_owned(),
             total: AtomicU64::new(0),
             via_gateway: AtomicU64::new(0),
         });
@@ -1261,6 +1404,8 @@ struct Tollgate {
     addr: SocketAddr,
     /// Key budget and balance enforcement on (a SQL reservation per request).
     billing: bool,
+    /// The fixture has the translated paths' `anthropic` provider and model.
+    translated: bool,
     child: Child,
     bin: PathBuf,
     db_url: String,
@@ -1364,6 +1509,10 @@ impl Tollgate {
             };
             store::migrate(&db, &db_url).await?;
             let fx = common::create_fixture(&db, &ring, &cfg, upstream_base).await?;
+            if !own_schema {
+                // This build's translated paths (an older build may not have them).
+                common::add_anthropic(&db, &ring, &fx.user_id, upstream_base).await?;
+            }
             if own_schema {
                 let newer = Migrator::migrations()
                     .iter()
@@ -1414,6 +1563,7 @@ impl Tollgate {
         Ok(Self {
             addr,
             billing,
+            translated: !own_schema,
             child,
             bin,
             db_url,
@@ -1503,6 +1653,45 @@ fn listening_addr(line: &str) -> Option<SocketAddr> {
 }
 
 /// One non-stream and one stream request, checked the way a client would.
+/// One non-streamed request along each translated path, answered with the upstream's usage
+/// in the client's protocol.
+async fn sanity_translated(client: &reqwest::Client, tg: &Tollgate) -> anyhow::Result<()> {
+    let key = &tg.fixture.key_secret;
+    let post = |path: &str, body: Vec<u8>| {
+        client
+            .post(format!("http://{}/v1/{path}", tg.addr))
+            .bearer_auth(key)
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(body)
+            .send()
+    };
+    let r = post(
+        "chat/completions",
+        common::chat_body_for(common::ANTHROPIC_MODEL, false),
+    )
+    .await?;
+    let status = r.status();
+    let text = r.text().await?;
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+    ensure!(
+        status == StatusCode::OK
+            && v["model"] == common::ANTHROPIC_MODEL
+            && v["usage"]["prompt_tokens"] == 412,
+        "chat → anthropic: {status}: {text}"
+    );
+    let r = post("messages", common::messages_body(MODEL, false)).await?;
+    let status = r.status();
+    let text = r.text().await?;
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+    ensure!(
+        status == StatusCode::OK
+            && v["type"] == "message"
+            && v["usage"]["cache_read_input_tokens"] == 128,
+        "messages → openai: {status}: {text}"
+    );
+    Ok(())
+}
+
 async fn sanity(
     client: &reqwest::Client,
     url: &str,

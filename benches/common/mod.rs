@@ -29,6 +29,89 @@ pub const TPM_LIMIT: u32 = 2_000_000_000;
 /// The upstream credential stored (sealed) as the user's provider key.
 pub const PROVIDER_SECRET: &str = "sk-bench-upstream-0123456789abcdefghijklmnopqrstuvwxyz";
 
+/// The provider, model and upstream model of the translated paths (an `anthropic` provider at
+/// the same upstream, which answers `/v1/messages` in Anthropic's shapes).
+pub const ANTHROPIC_PROVIDER: &str = "bench-anthropic";
+pub const ANTHROPIC_MODEL: &str = "claude-bench";
+pub const ANTHROPIC_UPSTREAM_MODEL: &str = "claude-bench-upstream";
+
+/// [`chat_body`] for another model.
+pub fn chat_body_for(model: &str, stream: bool) -> Vec<u8> {
+    let mut v: serde_json::Value = serde_json::from_slice(&chat_body(stream)).unwrap_or_default();
+    v["model"] = json!(model);
+    serde_json::to_vec(&v).unwrap_or_default()
+}
+
+/// The same conversation as [`chat_body`] as an Anthropic Messages request (`system` apart).
+pub fn messages_body(model: &str, stream: bool) -> Vec<u8> {
+    let chat: serde_json::Value = serde_json::from_slice(&chat_body(stream)).unwrap_or_default();
+    let msgs = chat["messages"].as_array().cloned().unwrap_or_default();
+    let system = msgs
+        .first()
+        .map(|m| m["content"].clone())
+        .unwrap_or_default();
+    let body = json!({
+        "model": model,
+        "system": system,
+        "messages": msgs[1..].to_vec(),
+        "max_tokens": 512,
+        "temperature": 0.7,
+        "metadata": {"user_id": "customer-8842"},
+        "stream": stream
+    });
+    serde_json::to_vec(&body).unwrap_or_default()
+}
+
+/// A complete Anthropic message with usage (412 input tokens in all, 128 of them cached).
+pub fn anthropic_message(model: &str) -> String {
+    json!({
+        "id": "msg_bench000000000000000000", "type": "message", "role": "assistant", "model": model,
+        "content": [{"type": "text", "text":
+            "The dragon-keeper series (48213) ends its first book on a settled note: the apprentice passes her \
+             first trial and the story closes at a midwinter feast."}],
+        "stop_reason": "end_turn", "stop_sequence": null,
+        "usage": {"input_tokens": 284, "cache_read_input_tokens": 128, "cache_creation_input_tokens": 0,
+                  "output_tokens": 74}
+    })
+    .to_string()
+}
+
+/// The SSE body of a streamed Anthropic message: the event sequence Anthropic sends, one text
+/// delta per word of [`STREAM_WORDS`].
+pub fn anthropic_events(model: &str) -> Vec<String> {
+    let ev = |name: &str, data: serde_json::Value| format!("event: {name}\ndata: {data}\n\n");
+    let mut out = vec![
+        ev(
+            "message_start",
+            json!({"type": "message_start", "message": {
+            "id": "msg_bench000000000000000000", "type": "message", "role": "assistant",
+            "model": model, "content": [], "stop_reason": null, "stop_sequence": null,
+            "usage": {"input_tokens": 284, "cache_read_input_tokens": 128,
+                      "cache_creation_input_tokens": 0, "output_tokens": 1}}}),
+        ),
+        ev(
+            "content_block_start",
+            json!({"type": "content_block_start", "index": 0,
+            "content_block": {"type": "text", "text": ""}}),
+        ),
+    ];
+    for w in STREAM_WORDS {
+        out.push(ev(
+            "content_block_delta",
+            json!({"type": "content_block_delta", "index": 0,
+            "delta": {"type": "text_delta", "text": w}}),
+        ));
+    }
+    out.push(ev(
+        "content_block_stop",
+        json!({"type": "content_block_stop", "index": 0}),
+    ));
+    out.push(ev("message_delta", json!({"type": "message_delta",
+        "delta": {"stop_reason": "end_turn", "stop_sequence": null}, "usage": {"output_tokens": 38}})));
+    out.push(ev("message_stop", json!({"type": "message_stop"})));
+    out
+}
+
 /// A chat completion request of about 2 KB: a system prompt, a short conversation, the usual
 /// sampling fields. Compact JSON, so `"stream":true` appears verbatim.
 pub fn chat_body(stream: bool) -> Vec<u8> {
@@ -300,7 +383,7 @@ pub async fn create_fixture(
             name: "bench".into(),
             key_hash: key_hash.clone(),
             masked: mask(&secret),
-            allowed_models: Some(serde_json::to_string(&[MODEL])?),
+            allowed_models: Some(serde_json::to_string(&[MODEL, ANTHROPIC_MODEL])?),
             allowed_ips: Some(r#"["127.0.0.0/8","::1/128"]"#.into()),
             rpm_limit: Some(RPM_LIMIT as i32),
             tpm_limit: Some(TPM_LIMIT as i32),
@@ -315,4 +398,65 @@ pub async fn create_fixture(
         key_secret: secret,
         key_hash,
     })
+}
+
+/// Adds the translated paths' `anthropic` provider (at `upstream_base_url`, whose `/messages`
+/// answers in Anthropic's shapes), its priced model and the user's key for it.
+pub async fn add_anthropic(
+    db: &sea_orm::DatabaseConnection,
+    ring: &KeyRing,
+    user_id: &str,
+    upstream_base_url: &str,
+) -> anyhow::Result<()> {
+    store::providers::create(
+        db,
+        NewProvider {
+            key: ANTHROPIC_PROVIDER.into(),
+            display_name: "Bench Anthropic".into(),
+            base_url: upstream_base_url.trim_end_matches('/').to_owned(),
+            kind: "anthropic".into(),
+            is_active: true,
+            sort_order: 1,
+            ..Default::default()
+        },
+    )
+    .await?;
+    store::models::create(
+        db,
+        NewModel {
+            name: ANTHROPIC_MODEL.into(),
+            display_name: "Claude bench".into(),
+            provider_key: ANTHROPIC_PROVIDER.into(),
+            upstream_model: ANTHROPIC_UPSTREAM_MODEL.into(),
+            model_type: "chat".into(),
+            input_price_nanos: store::usd_to_nanos(3.0),
+            output_price_nanos: store::usd_to_nanos(15.0),
+            cached_input_price_nanos: Some(store::usd_to_nanos(0.3)),
+            context_window: Some(200_000),
+            max_output_tokens: Some(8_192),
+            supports_streaming: true,
+            supports_tools: true,
+            supports_vision: false,
+            description: None,
+            is_active: true,
+            sort_order: 1,
+            ..Default::default()
+        },
+    )
+    .await?;
+    store::provider_keys::create(
+        db,
+        ring,
+        NewProviderKey {
+            user_id,
+            provider_key: ANTHROPIC_PROVIDER,
+            api_key: PROVIDER_SECRET,
+            base_url: None,
+            label: Some("bench".into()),
+            shared: false,
+            weight: 1,
+        },
+    )
+    .await?;
+    Ok(())
 }
