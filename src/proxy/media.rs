@@ -15,7 +15,7 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use http::{HeaderValue, StatusCode, header};
+use http::{HeaderValue, header};
 use secrecy::ExposeSecret;
 use serde_json::Value;
 
@@ -111,31 +111,11 @@ pub async fn forward(
     .await;
     let resp = match sent {
         Ok(r) => r,
-        Err(e) => {
-            // The client's upload ran over the limit on its way up: that, not the upstream.
-            let e = if over.is_some_and(|o| o.load(Ordering::SeqCst)) {
-                ApiError::PayloadTooLarge
-            } else {
-                let kind = if e.parts().0 == StatusCode::GATEWAY_TIMEOUT {
-                    "timeout"
-                } else {
-                    "connect"
-                };
-                state
-                    .metrics
-                    .upstream_errors_total
-                    .with_label_values(&[kind])
-                    .inc();
-                e
-            };
-            meter.finish(
-                e.parts().0.as_u16(),
-                None,
-                KeptPayloads::default(),
-                e.parts().2,
-            );
-            return e.into_response();
+        // The client's upload ran over the limit on its way up: that, not the upstream.
+        Err(_) if over.is_some_and(|o| o.load(Ordering::SeqCst)) => {
+            return super::finish_with(meter, ApiError::PayloadTooLarge).into_response();
         }
+        Err(e) => return super::no_answer(state, meter, e).into_response(),
     };
     let status = resp.status();
     let passed = passed_headers(resp.headers());

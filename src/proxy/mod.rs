@@ -47,6 +47,39 @@ const STREAM_HEAD_WAIT: Duration = Duration::from_millis(1);
 /// How long admission waits for a usage-queue slot before answering 503.
 const USAGE_SLOT_WAIT: Duration = Duration::from_secs(30);
 
+/// Counts an upstream request that got no answer (connect error or timeout before headers) in
+/// `upstream_errors_total`.
+fn count_no_answer(state: &AppState, e: &ApiError) {
+    let kind = if e.parts().0 == StatusCode::GATEWAY_TIMEOUT {
+        "timeout"
+    } else {
+        "connect"
+    };
+    state
+        .metrics
+        .upstream_errors_total
+        .with_label_values(&[kind])
+        .inc();
+}
+
+/// Ends a request the gateway could not answer from upstream: metered with `e`'s status and
+/// code; `e` is what the client gets.
+pub(crate) fn finish_with(meter: Meter, e: ApiError) -> ApiError {
+    meter.finish(
+        e.parts().0.as_u16(),
+        None,
+        KeptPayloads::default(),
+        e.parts().2,
+    );
+    e
+}
+
+/// An upstream request that got no answer: counted, then metered as [`finish_with`].
+pub(crate) fn no_answer(state: &AppState, meter: Meter, e: ApiError) -> ApiError {
+    count_no_answer(state, &e);
+    finish_with(meter, e)
+}
+
 fn with_rate(mut resp: Response, rate: &RateInfo) -> Response {
     if rate.requests.is_some() || rate.tokens.is_some() {
         // The gateway's limits are the ones this client is held to: the upstream's (passed
@@ -683,16 +716,7 @@ async fn send(
     )
     .await;
     if let Err(e) = &res {
-        let kind = if e.parts().0 == StatusCode::GATEWAY_TIMEOUT {
-            "timeout"
-        } else {
-            "connect"
-        };
-        state
-            .metrics
-            .upstream_errors_total
-            .with_label_values(&[kind])
-            .inc();
+        count_no_answer(state, e);
     }
     res
 }
@@ -739,15 +763,7 @@ fn answer_failure(
             );
             out
         }
-        Some(Failed::NoAnswer(e)) => {
-            meter.finish(
-                e.parts().0.as_u16(),
-                None,
-                KeptPayloads::default(),
-                e.parts().2,
-            );
-            e.into_response()
-        }
+        Some(Failed::NoAnswer(e)) => finish_with(meter, e).into_response(),
         None => {
             let e = ApiError::Upstream {
                 status: StatusCode::SERVICE_UNAVAILABLE,

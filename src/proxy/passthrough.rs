@@ -9,7 +9,7 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::response::Response;
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, StatusCode, header};
+use http::{HeaderMap, HeaderValue, header};
 use secrecy::ExposeSecret;
 
 use crate::error::ApiError;
@@ -68,23 +68,7 @@ pub async fn forward(
     let resp = match sent {
         Ok(r) => r,
         Err(e) => {
-            let kind = if e.parts().0 == StatusCode::GATEWAY_TIMEOUT {
-                "timeout"
-            } else {
-                "connect"
-            };
-            state
-                .metrics
-                .upstream_errors_total
-                .with_label_values(&[kind])
-                .inc();
-            meter.finish(
-                e.parts().0.as_u16(),
-                None,
-                KeptPayloads::default(),
-                e.parts().2,
-            );
-            return api_error_response(f.protocol, e);
+            return api_error_response(f.protocol, super::no_answer(state, meter, e));
         }
     };
     let status = resp.status();
