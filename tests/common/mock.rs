@@ -7,7 +7,8 @@
 //! Faults, for routing: `fail503` (always 503), `r429` (429 with `retry-after: 1`), `r429bare`
 //! (429 without it), `auth401`, `reset` (the connection closes before any response head),
 //! `stall` (no response head for 30 s), `ctx400` (400 `context_length_exceeded`), and `flaky`:
-//! bursts of five failures (503, a reset, 429 with `retry-after: 1`, 500, 502) then five answers —
+//! bursts of five failures (503, a reset, 500, 502, then a 429 with `retry-after: 1`: four in a
+//! row before the cool-down, so a breaker threshold up to 4 opens in any timing) then five answers —
 //! half its requests fail — until [`Mock::heal`]. [`Mock::count`] counts the requests per model.
 
 use std::net::SocketAddr;
@@ -228,7 +229,7 @@ async fn handle(
         if inner.healed.load(Ordering::SeqCst) || n % 10 >= 5 {
             "normal".to_owned()
         } else {
-            ["fail503", "reset", "r429", "fail500", "fail502"][n % 5].to_owned()
+            ["fail503", "reset", "fail500", "fail502", "r429"][n % 5].to_owned()
         }
     } else {
         behaviour
