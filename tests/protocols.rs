@@ -540,6 +540,20 @@ async fn forwarding_rules_and_compressed_bodies() {
         up.headers["authorization"],
         format!("Bearer {PROVIDER_SECRET}").as_str()
     );
+    assert_eq!(up.query, None, "no query string was sent");
+
+    // The query string is forwarded as is (spec §8).
+    let (s, _, text) = post_raw(
+        &app,
+        "/v1/chat/completions?api-version=2024-10-21&trace=a%20b",
+        &[("authorization", &auth)],
+        body.clone(),
+    )
+    .await;
+    assert_eq!(s, 200, "{text}");
+    let up = w.mock.last();
+    assert_eq!(up.path, "/v1/chat/completions");
+    assert_eq!(up.query.as_deref(), Some("api-version=2024-10-21&trace=a%20b"));
 
     // A gzip body is decoded.
     let raw = serde_json::to_vec(&body).expect("json");

@@ -44,7 +44,10 @@ fn destination(route: &Route, call: &Call<'_>) -> Result<(String, http::HeaderMa
     match route.adapter {
         Some(a) => {
             a.auth(&mut headers, key);
-            Ok((route.url.clone(), headers))
+            Ok((
+                upstream::with_query(&route.url, call.query).into_owned(),
+                headers,
+            ))
         }
         None => Err(ApiError::internal(anyhow::anyhow!(
             "media route on a `{}` provider",

@@ -160,6 +160,7 @@ async fn run(
     let caller = Caller {
         key,
         headers: &parts.headers,
+        query: parts.uri.query(),
         upload,
         conversation_id: None,
     };
@@ -183,6 +184,7 @@ pub async fn forward_as(
     let caller = Caller {
         key,
         headers,
+        query: None,
         upload: None,
         conversation_id,
     };
@@ -194,6 +196,8 @@ pub async fn forward_as(
 struct Caller<'a> {
     key: std::sync::Arc<crate::cache::KeyCtx>,
     headers: &'a http::HeaderMap,
+    /// The client's query string, forwarded to a pass-through upstream (spec §8).
+    query: Option<&'a str>,
     /// A multipart upload's unread rest.
     upload: Option<multipart::Upload>,
     /// The signed-in chat's conversation, carried into the usage record.
@@ -211,6 +215,7 @@ async fn admitted(
     let Caller {
         key,
         headers,
+        query,
         upload,
         conversation_id,
     } = caller;
@@ -242,6 +247,7 @@ async fn admitted(
         bytes: &bytes,
         request_id: request_id_header.as_ref(),
         headers,
+        query,
     };
 
     // ② admit, ③ plan
@@ -712,6 +718,7 @@ async fn send(
         view.stream,
         call.request_id,
         call.headers,
+        call.query,
         Duration::from_secs(state.config.upstream.first_byte_timeout_secs),
     )
     .await;
@@ -888,6 +895,8 @@ pub struct Call<'a> {
     pub bytes: &'a Bytes,
     pub request_id: Option<&'a HeaderValue>,
     pub headers: &'a http::HeaderMap,
+    /// The client's query string (spec §8: forwarded to a pass-through upstream as is).
+    pub query: Option<&'a str>,
 }
 
 /// A request whose client protocol is not its provider's: through the pivot.
@@ -908,6 +917,7 @@ async fn translated(
         bytes,
         request_id,
         headers: client_sent,
+        ..
     } = *call;
     match endpoint {
         Endpoint::Messages | Endpoint::CountTokens if route.passes_through(endpoint) => {

@@ -212,7 +212,8 @@ async fn upstream_responses(
         if let Some(a) = route.adapter {
             a.auth(&mut headers, route.provider_key.expose_secret());
         }
-        format!("{}/responses", route.base_url.trim_end_matches('/'))
+        let url = format!("{}/responses", route.base_url.trim_end_matches('/'));
+        crate::proxy::upstream::with_query(&url, call.query).into_owned()
     };
     // The client sees tollgate's `resp_…` id and its own model name (the id is what
     // `previous_response_id` and `GET /v1/responses/{id}` take), and that is what is stored.

@@ -293,6 +293,7 @@ pub async fn send(
     stream: bool,
     request_id: Option<&HeaderValue>,
     client_sent: &http::HeaderMap,
+    query: Option<&str>,
     first_byte_timeout: Duration,
 ) -> Result<Response<ResponseBody>, ApiError> {
     let mut headers = client_headers(client_sent, true);
@@ -302,7 +303,7 @@ pub async fn send(
     send_to(
         client,
         Outbound {
-            url: &route.url,
+            url: &with_query(&route.url, query),
             guarded: route.guarded,
             headers,
             body: body.into(),
@@ -312,6 +313,17 @@ pub async fn send(
         first_byte_timeout,
     )
     .await
+}
+
+/// `url` with the client's query string appended (spec §8), borrowed when there is none.
+pub fn with_query<'a>(url: &'a str, query: Option<&str>) -> std::borrow::Cow<'a, str> {
+    match query {
+        Some(q) if !q.is_empty() => {
+            let sep = if url.contains('?') { '&' } else { '?' };
+            std::borrow::Cow::Owned(format!("{url}{sep}{q}"))
+        }
+        _ => std::borrow::Cow::Borrowed(url),
+    }
 }
 
 /// One upstream request, its auth headers already made.

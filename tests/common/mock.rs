@@ -28,6 +28,8 @@ use serde_json::{Value, json};
 #[derive(Debug, Clone)]
 pub struct Recorded {
     pub path: String,
+    /// The query string, if the request had one.
+    pub query: Option<String>,
     pub headers: HeaderMap,
     pub body: Value,
     /// The body exactly as received (multipart uploads are not JSON).
@@ -208,6 +210,7 @@ async fn handle(
     let body: Value = serde_json::from_slice(&raw).unwrap_or(Value::Null);
     inner.requests.lock().expect("lock").push(Recorded {
         path: uri.path().to_owned(),
+        query: uri.query().map(str::to_owned),
         headers: headers.clone(),
         body: body.clone(),
         raw: raw.clone(),
