@@ -11,11 +11,13 @@
 //! measured in the same run, e.g. the previous commit's), `LOAD_BILLING=0` (no key budget,
 //! balance enforcement off: no reservations), `LOAD_MODES` (`non-stream`, `stream`, or both,
 //! comma-separated; the default is both).
+//! `--quick`: the fixed-upstream set alone with short runs (≤ 2 minutes once built).
 //! `--soak` (or `LOAD_SOAK_SECS`) instead runs tollgate alone at a fixed rate
 //! (`LOAD_SOAK_RPS`, default 200) and samples its memory every 10 s.
 
 mod common;
 
+use std::cell::Cell;
 use std::convert::Infallible;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -126,7 +128,9 @@ fn run() -> anyhow::Result<()> {
         return Ok(());
     }
     let soak = args.iter().any(|a| a == "--soak") || std::env::var_os("LOAD_SOAK_SECS").is_some();
-    let secs = env_u64("LOAD_SECS", 10)?.max(1);
+    // --quick: the fixed-upstream set alone, short runs, no extra paths (a check before stopping).
+    let quick = args.iter().any(|a| a == "--quick");
+    let secs = env_u64("LOAD_SECS", if quick { 3 } else { 10 })?.max(1);
     let conns = env_u64("LOAD_CONNECTIONS", 32)?.max(1);
     let modes = modes_from_env()?;
     let wrk = find_program("wrk", "LOAD_WRK", &[]).context(
@@ -150,6 +154,7 @@ fn run() -> anyhow::Result<()> {
     let tg = Tollgate::start(
         &ctl,
         tmp.path(),
+        "tollgate",
         &format!("http://{}/v1", upstream.addr),
         billing,
     )?;
@@ -158,7 +163,7 @@ fn run() -> anyhow::Result<()> {
     // (d) optionally, another build of tollgate with an upstream of its own (so each upstream
     // counts one gateway's requests), measured in the same run.
     let baseline = match std::env::var_os("LOAD_BASELINE_BIN") {
-        Some(bin) if !soak => {
+        Some(bin) if !soak && !quick => {
             let up = Upstream::start()?;
             let base = Tollgate::start_bin(
                 &ctl,
@@ -211,166 +216,303 @@ fn run() -> anyhow::Result<()> {
     }
 
     // (b) the reference hop.
-    let reference = Reference::start(tmp.path(), upstream.addr)?;
+    let reference = Reference::start(tmp.path(), "nginx", upstream.addr)?;
     let ref_url = format!("http://{}/v1/chat/completions", reference.addr());
     ctl.block_on(sanity(&client, &up_url, &key, false))
         .context("the upstream does not answer as expected")?;
     ctl.block_on(sanity(&client, &ref_url, &key, false))
         .context("the reference proxy does not answer as expected")?;
 
+    // (e) the fixed-answer set: nginx `return 200` as the upstream, a hop and a tollgate to it.
+    let fixed = match find_nginx() {
+        Some(bin) => {
+            let upstream = FixedUpstream::start(&bin, tmp.path())?;
+            let reference = start_nginx(&bin, tmp.path(), "nginx-fixed-hop", upstream.addr)?;
+            let tollgate = Tollgate::start(
+                &ctl,
+                tmp.path(),
+                "tollgate-fixed",
+                &format!("http://{}/v1", upstream.addr),
+                billing,
+            )?;
+            Some(FixedSet {
+                upstream,
+                reference,
+                tollgate,
+            })
+        }
+        None => {
+            eprintln!("load: nginx not found: the fixed-upstream set is not measured");
+            None
+        }
+    };
+    ensure!(
+        !quick || fixed.is_some(),
+        "--quick measures against the fixed nginx upstream: install nginx (apt-get install -y nginx-light)"
+    );
+
     let rss_idle = vm_kb(tg.pid(), "VmRSS");
     describe_setup(&mut log, &wrk, secs, conns, &reference, &tg);
-
-    let mut targets = vec![
-        (Target::Direct, up_url.as_str()),
-        (Target::Reference, ref_url.as_str()),
-        (Target::Tollgate, tg_url.as_str()),
-    ];
-    if let Some(url) = &base_url {
-        targets.push((Target::Baseline, url.as_str()));
+    if let Some(f) = &fixed {
+        log.say(format!(
+            "fixed-upstream set: upstream {}; hop: the same nginx configuration as the reference, to it; tollgate: a second instance, set up as the first, its provider at the fixed upstream",
+            f.upstream.describe()
+        ));
     }
+    if quick {
+        log.say("--quick: the fixed-upstream set only, short runs, no extra paths");
+    }
+
+    let tg_answered = Cell::new(0u64);
+    let rss_peak = Cell::new(0u64);
     let mut rows: Vec<Row> = Vec::new();
-    let mut tollgate_answered = 0u64;
-    let mut rss_peak_load = 0u64;
-    for (mode, body) in [(Mode::Plain, &plain), (Mode::Stream, &stream)] {
-        if !modes.contains(&mode) {
+    for mode in [Mode::Plain, Mode::Stream] {
+        if !modes.contains(&mode) || quick {
             continue;
         }
-        let script = write_script(tmp.path(), mode.name(), body, &key)?;
-        let base_script = match &baseline {
-            Some((_, b)) => Some(write_script(
-                tmp.path(),
-                &format!("{}-baseline", mode.name()),
-                body,
-                &b.fixture.key_secret,
-            )?),
-            None => None,
+        let body = if mode == Mode::Stream {
+            &stream
+        } else {
+            &plain
         };
-        for &(target, url) in &targets {
-            let script = match (target, &base_script) {
-                (Target::Baseline, Some(s)) => s,
-                _ => &script,
-            };
-            let cpu = || match target {
-                Target::Direct => upstream.cpu_ticks(),
-                Target::Reference => reference.cpu_ticks(),
-                Target::Tollgate => proc_cpu_ticks(tg.pid()).unwrap_or(0),
-                Target::Baseline => baseline
-                    .as_ref()
-                    .and_then(|(_, b)| proc_cpu_ticks(b.pid()))
-                    .unwrap_or(0),
-            };
-            eprintln!("load: {} / {} …", mode.name(), target.name());
-            let warm = wrk_run(&wrk, url, script, conns.min(2), conns, WARMUP_SECS)?;
-            log.raw(
-                &format!("{} {} warm-up", mode.name(), target.name()),
-                &warm.raw,
-            );
-
-            let (up0, cpu0) = (upstream.cpu_ticks(), cpu());
-            let sampler = (target == Target::Tollgate).then(|| RssSampler::start(tg.pid()));
-            let load = wrk_run(&wrk, url, script, conns.min(2), conns, secs)?;
-            if let Some(s) = sampler {
-                rss_peak_load = rss_peak_load.max(s.stop());
-            }
-            let (up1, cpu1) = (upstream.cpu_ticks(), cpu());
-            log.raw(
-                &format!("{} {} {conns} connections", mode.name(), target.name()),
-                &load.raw,
-            );
-            if target == Target::Tollgate {
-                tollgate_answered += warm.requests + load.requests;
-            }
-            let n = load.requests;
-            let per_req = |a: u64, b: u64| {
-                (n > 0).then(|| (b.saturating_sub(a) * US_PER_TICK) as f64 / n as f64)
-            };
-            rows.push(Row {
-                mode,
-                target,
-                cpu_us: per_req(cpu0, cpu1),
-                upstream_cpu_us: per_req(up0, up1),
-                load,
-                singles: Vec::new(),
+        let script = write_script(tmp.path(), mode.name(), body, &key)?;
+        let mut endpoints = vec![
+            Endpoint {
+                target: Target::Direct,
+                url: up_url.clone(),
+                script: script.clone(),
+                cpu: Box::new(|| upstream.cpu_ticks()),
+                answered: None,
+                rss: None,
+            },
+            Endpoint {
+                target: Target::Reference,
+                url: ref_url.clone(),
+                script: script.clone(),
+                cpu: Box::new(|| reference.cpu_ticks()),
+                answered: None,
+                rss: None,
+            },
+            Endpoint {
+                target: Target::Tollgate,
+                url: tg_url.clone(),
+                script: script.clone(),
+                cpu: Box::new(|| proc_cpu_ticks(tg.pid()).unwrap_or(0)),
+                answered: Some(&tg_answered),
+                rss: Some((tg.pid(), &rss_peak)),
+            },
+        ];
+        if let (Some((_, b)), Some(url)) = (&baseline, &base_url) {
+            endpoints.push(Endpoint {
+                target: Target::Baseline,
+                url: url.clone(),
+                script: write_script(
+                    tmp.path(),
+                    &format!("{}-baseline", mode.name()),
+                    body,
+                    &b.fixture.key_secret,
+                )?,
+                cpu: Box::new(move || proc_cpu_ticks(b.pid()).unwrap_or(0)),
+                answered: None,
+                rss: None,
             });
         }
-
-        // Single-request latency: short rounds with the targets interleaved, so a neighbour's
-        // burst lands on all three instead of on whichever target ran at that moment.
-        let round_secs = single_round_secs(secs);
-        for round in 1..=SINGLE_ROUNDS {
-            for &(target, url) in &targets {
-                let script = match (target, &base_script) {
-                    (Target::Baseline, Some(s)) => s,
-                    _ => &script,
-                };
-                eprintln!(
-                    "load: {} / {} 1 connection, round {round}/{SINGLE_ROUNDS} …",
-                    mode.name(),
-                    target.name()
-                );
-                let single = wrk_run(&wrk, url, script, 1, 1, round_secs)?;
-                log.raw(
-                    &format!(
-                        "{} {} 1 connection, round {round}/{SINGLE_ROUNDS}",
-                        mode.name(),
-                        target.name()
-                    ),
-                    &single.raw,
-                );
-                if target == Target::Tollgate {
-                    tollgate_answered += single.requests;
-                }
-                if let Some(row) = rows
-                    .iter_mut()
-                    .find(|r| r.mode == mode && r.target == target)
-                {
-                    row.singles.push(single);
-                }
-            }
-        }
+        rows.extend(measure_set(
+            &mut log,
+            &wrk,
+            Set::Harness,
+            mode,
+            &endpoints,
+            &|| upstream.cpu_ticks(),
+            secs,
+            conns,
+        )?);
     }
+    let mut tollgate_answered = tg_answered.get();
+
+    // The same against the fixed-answer nginx upstream (issue 24's stricter reference): nginx
+    // answering with `return 200`, an nginx hop to it, and a second tollgate whose provider
+    // points at it. Its own database, so its usage check is its own.
+    let fixed_answered = Cell::new(0u64);
+    let fixed_rss = Cell::new(0u64);
+    let fixed_set = match &fixed {
+        Some(f) => {
+            for mode in modes.iter().copied() {
+                f.upstream.serve(mode)?;
+                let body = if mode == Mode::Stream {
+                    &stream
+                } else {
+                    &plain
+                };
+                let script = write_script(
+                    tmp.path(),
+                    &format!("{}-fixed", mode.name()),
+                    body,
+                    &f.tollgate.fixture.key_secret,
+                )?;
+                let (up, hop, tgf) = (
+                    format!("http://{}/v1/chat/completions", f.upstream.addr),
+                    format!("http://{}/v1/chat/completions", f.reference.addr()),
+                    format!("http://{}/v1/chat/completions", f.tollgate.addr),
+                );
+                ctl.block_on(sanity_mode(&client, &up, &key, false, mode))
+                    .context("the fixed upstream does not answer as expected")?;
+                ctl.block_on(sanity_mode(&client, &hop, &key, false, mode))
+                    .context("the hop to the fixed upstream does not answer as expected")?;
+                ctl.block_on(sanity_mode(
+                    &client,
+                    &tgf,
+                    &f.tollgate.fixture.key_secret,
+                    true,
+                    mode,
+                ))
+                .context("tollgate on the fixed upstream does not answer as expected")?;
+                fixed_answered.set(fixed_answered.get() + 1);
+                let endpoints = [
+                    Endpoint {
+                        target: Target::Direct,
+                        url: up,
+                        script: script.clone(),
+                        cpu: Box::new(|| f.upstream.cpu_ticks()),
+                        answered: None,
+                        rss: None,
+                    },
+                    Endpoint {
+                        target: Target::Reference,
+                        url: hop,
+                        script: script.clone(),
+                        cpu: Box::new(|| f.reference.cpu_ticks()),
+                        answered: None,
+                        rss: None,
+                    },
+                    Endpoint {
+                        target: Target::Tollgate,
+                        url: tgf,
+                        script: script.clone(),
+                        cpu: Box::new(|| proc_cpu_ticks(f.tollgate.pid()).unwrap_or(0)),
+                        answered: Some(&fixed_answered),
+                        rss: Some((f.tollgate.pid(), &fixed_rss)),
+                    },
+                ];
+                rows.extend(measure_set(
+                    &mut log,
+                    &wrk,
+                    Set::Fixed,
+                    mode,
+                    &endpoints,
+                    &|| f.upstream.cpu_ticks(),
+                    secs,
+                    conns,
+                )?);
+            }
+            true
+        }
+        None => false,
+    };
     let rss_hwm = vm_kb(tg.pid(), "VmHWM");
 
-    // The translated paths, tollgate alone (nginx cannot translate): OpenAI chat to the
-    // `anthropic` provider, and Anthropic Messages to the `openai` one, each against the
-    // reference hop's pass-through throughput of the same mode in this run.
+    // The other paths, tollgate alone (nginx cannot translate, keep state or retry), each
+    // against the reference hop's pass-through throughput of the same mode in this run: the
+    // translated protocols (OpenAI chat to the `anthropic` provider, Anthropic Messages to the
+    // `openai` one), the Responses API translated to chat completions with and without `store`,
+    // a model with one of its two deployments failing half its requests (retries on), and the
+    // signed-in chat (`/api/chat/stream`, stream mode only: it always streams).
     let mut translated: Vec<Translated> = Vec::new();
     let mut translated_runs = 0u64;
-    if tg.translated {
+    if tg.translated && !quick {
+        let token = tg.chat_token.clone().unwrap_or_default();
         for mode in modes.iter().copied() {
             let stream = mode == Mode::Stream;
-            let lines = [
+            let mut lines = vec![
                 (
                     "chat → anthropic",
-                    "chat/completions",
+                    "v1/chat/completions",
                     common::chat_body_for(common::ANTHROPIC_MODEL, stream),
+                    key.as_str(),
+                    Some(TARGET_TRANSLATED),
                 ),
                 (
                     "messages → openai",
-                    "messages",
+                    "v1/messages",
                     common::messages_body(MODEL, stream),
+                    key.as_str(),
+                    Some(TARGET_TRANSLATED),
+                ),
+                (
+                    "responses, store off",
+                    "v1/responses",
+                    common::responses_body(MODEL, stream, false),
+                    key.as_str(),
+                    Some(TARGET_TRANSLATED),
+                ),
+                (
+                    "responses, store on",
+                    "v1/responses",
+                    common::responses_body(MODEL, stream, true),
+                    key.as_str(),
+                    None,
+                ),
+                (
+                    "retries, 1/2 failing",
+                    "v1/chat/completions",
+                    common::chat_body_for(common::FLAKY_MODEL, stream),
+                    key.as_str(),
+                    None,
                 ),
             ];
-            for (i, (name, path, body)) in lines.into_iter().enumerate() {
+            if stream {
+                lines.push((
+                    "/api/chat/stream",
+                    "api/chat/stream",
+                    common::chat_ui_body(MODEL),
+                    token.as_str(),
+                    None,
+                ));
+            }
+            for (i, (name, path, body, auth, goal)) in lines.into_iter().enumerate() {
                 let body_path = tmp
                     .path()
-                    .join(format!("body-translated-{}-{i}.json", mode.name()));
-                std::fs::write(&body_path, body)?;
+                    .join(format!("body-path-{}-{i}.json", mode.name()));
+                std::fs::write(&body_path, &body)?;
                 let script = write_script(
                     tmp.path(),
-                    &format!("translated-{}-{i}", mode.name()),
+                    &format!("path-{}-{i}", mode.name()),
                     &body_path,
-                    &key,
+                    auth,
                 )?;
-                let url = format!("http://{}/v1/{path}", tg.addr);
-                eprintln!("load: {} / translated {name} …", mode.name());
+                let url = format!("http://{}/{path}", tg.addr);
+                eprintln!("load: {} / {name} …", mode.name());
+                // One request first, read to the end: a path that refuses is an error here,
+                // not a line of fast non-2xx answers.
+                let first = ctl.block_on(async {
+                    // A connection of its own: the shared client's pooled ones may have been
+                    // closed by tollgate's idle timeout while this runtime was not driven.
+                    let r = reqwest::Client::builder()
+                        .pool_max_idle_per_host(0)
+                        .build()?
+                        .post(&url)
+                        .bearer_auth(auth)
+                        .header(header::CONTENT_TYPE, "application/json")
+                        .body(body.clone())
+                        .send()
+                        .await?;
+                    let status = r.status();
+                    anyhow::Ok((status, r.text().await?))
+                })?;
+                ensure!(
+                    first.0 == StatusCode::OK,
+                    "{} {name}: {}: {}",
+                    mode.name(),
+                    first.0,
+                    first.1
+                );
+                tollgate_answered += 1;
                 let warm = wrk_run(&wrk, &url, &script, conns.min(2), conns, WARMUP_SECS)?;
                 let cpu0 = proc_cpu_ticks(tg.pid()).unwrap_or(0);
                 let load = wrk_run(&wrk, &url, &script, conns.min(2), conns, secs)?;
                 let cpu1 = proc_cpu_ticks(tg.pid()).unwrap_or(0);
                 log.raw(
-                    &format!("{} translated {name} {conns} connections", mode.name()),
+                    &format!("{} {name} {conns} connections", mode.name()),
                     &load.raw,
                 );
                 tollgate_answered += warm.requests + load.requests;
@@ -383,6 +525,7 @@ fn run() -> anyhow::Result<()> {
                     name,
                     load,
                     cpu_us,
+                    goal,
                 });
             }
         }
@@ -394,6 +537,17 @@ fn run() -> anyhow::Result<()> {
     let exact = ctl.block_on(exact_metering(&client, &tg, &tg_url, &after_wrk))?;
     std::thread::sleep(Duration::from_secs(2));
     let rss_after = vm_kb(tg.pid(), "VmRSS");
+    // The fixed set's tollgate: every answered request metered, none estimated.
+    let fixed_check = match &fixed {
+        Some(f) if fixed_set => {
+            let want = fixed_answered.get();
+            let r = ctl.block_on(f.tollgate.wait_for_records(want))?;
+            let runs = 2 * (2 + SINGLE_ROUNDS);
+            let ok = r.ok >= want && r.total - want <= runs * conns && r.estimated_ok == 0;
+            Some((r, want, ok))
+        }
+        _ => None,
+    };
 
     table(&mut log, &rows);
     translated_table(&mut log, &rows, &translated);
@@ -430,10 +584,22 @@ fn run() -> anyhow::Result<()> {
     log.say(format!(
         "tollgate RSS (child process alone): idle after start {}, peak under load {} (VmHWM {}), idle after load {}",
         mib(rss_idle),
-        mib(Some(rss_peak_load)),
+        mib(Some(rss_peak.get())),
         mib(rss_hwm),
         mib(rss_after)
     ));
+    let mut fixed_ok = true;
+    if let Some((r, want, ok)) = &fixed_check {
+        fixed_ok = *ok;
+        log.say(format!(
+            "fixed set's tollgate: {} usage records for {want} complete answers ({} × 200, {} estimated), peak RSS under load {} — {}",
+            r.total,
+            r.ok,
+            r.estimated_ok,
+            mib(Some(fixed_rss.get())),
+            if *ok { "consistent" } else { "INCONSISTENT" }
+        ));
+    }
     log.say(format!("load average at end: {}", loadavg()));
     drop(reference);
     tg.stop();
@@ -443,72 +609,152 @@ fn run() -> anyhow::Result<()> {
     let path = log.save()?;
     println!("\nwritten to {}", path.display());
     ensure!(
-        wrk_ok && exact.passed(),
+        wrk_ok && exact.passed() && fixed_ok,
         "usage metering check failed (see above)"
     );
     Ok(())
 }
 
-/// One translated path's loaded run.
+/// One target of a measured set: where wrk sends, with which script, and whose CPU counts.
+struct Endpoint<'a> {
+    target: Target,
+    url: String,
+    script: PathBuf,
+    /// CPU ticks of the process that serves this target (the upstream's for `direct`).
+    cpu: Box<dyn Fn() -> u64 + 'a>,
+    /// Requests wrk saw answered here are added to this count (a tollgate's usage check).
+    answered: Option<&'a Cell<u64>>,
+    /// A process whose RSS is sampled during the loaded run, and the peak seen so far.
+    rss: Option<(u32, &'a Cell<u64>)>,
+}
+
+/// One mode of one set: a warm-up and a loaded run per target, then the single-connection
+/// rounds with the targets taking turns, so a neighbour's burst lands on all of them.
+#[allow(clippy::too_many_arguments)]
+fn measure_set(
+    log: &mut Log,
+    wrk: &Path,
+    set: Set,
+    mode: Mode,
+    endpoints: &[Endpoint<'_>],
+    upstream_cpu: &dyn Fn() -> u64,
+    secs: u64,
+    conns: u64,
+) -> anyhow::Result<Vec<Row>> {
+    let label = |e: &Endpoint<'_>| format!("{} {} {}", set.name(), mode.name(), e.target.name());
+    let count = |e: &Endpoint<'_>, n: u64| {
+        if let Some(c) = e.answered {
+            c.set(c.get() + n);
+        }
+    };
+    let mut rows = Vec::new();
+    for e in endpoints {
+        eprintln!("load: {} …", label(e));
+        let warm = wrk_run(wrk, &e.url, &e.script, conns.min(2), conns, WARMUP_SECS)?;
+        log.raw(&format!("{} warm-up", label(e)), &warm.raw);
+        let (up0, cpu0) = (upstream_cpu(), (e.cpu)());
+        let sampler = e.rss.map(|(pid, _)| RssSampler::start(pid));
+        let load = wrk_run(wrk, &e.url, &e.script, conns.min(2), conns, secs)?;
+        if let (Some(s), Some((_, peak))) = (sampler, e.rss) {
+            peak.set(peak.get().max(s.stop()));
+        }
+        let (up1, cpu1) = (upstream_cpu(), (e.cpu)());
+        log.raw(&format!("{} {conns} connections", label(e)), &load.raw);
+        count(e, warm.requests + load.requests);
+        let n = load.requests;
+        let per_req =
+            |a: u64, b: u64| (n > 0).then(|| (b.saturating_sub(a) * US_PER_TICK) as f64 / n as f64);
+        rows.push(Row {
+            set,
+            mode,
+            target: e.target,
+            cpu_us: per_req(cpu0, cpu1),
+            upstream_cpu_us: per_req(up0, up1),
+            load,
+            singles: Vec::new(),
+        });
+    }
+    let round_secs = single_round_secs(secs);
+    for round in 1..=SINGLE_ROUNDS {
+        for (e, row) in endpoints.iter().zip(rows.iter_mut()) {
+            eprintln!(
+                "load: {} 1 connection, round {round}/{SINGLE_ROUNDS} …",
+                label(e)
+            );
+            let single = wrk_run(wrk, &e.url, &e.script, 1, 1, round_secs)?;
+            log.raw(
+                &format!("{} 1 connection, round {round}/{SINGLE_ROUNDS}", label(e)),
+                &single.raw,
+            );
+            count(e, single.requests);
+            row.singles.push(single);
+        }
+    }
+    Ok(rows)
+}
+
+/// One extra path's loaded run (translated, Responses, retries, chat).
 struct Translated {
     mode: Mode,
     name: &'static str,
     load: WrkResult,
     cpu_us: Option<f64>,
+    /// Its goal: throughput at least this × the reference hop's, where an issue sets one.
+    goal: Option<f64>,
 }
 
 /// The translated paths' goal: throughput at least this × the reference hop's (issue 20).
 const TARGET_TRANSLATED: f64 = 0.6;
 
-/// The translated paths beside the pass-through and the reference hop of the same mode.
+/// The extra paths beside the pass-through and the reference hop of the same mode.
 fn translated_table(log: &mut Log, rows: &[Row], lines: &[Translated]) {
     if lines.is_empty() {
         return;
     }
     log.say("");
+    log.say(
+        "other paths (tollgate alone against the harness upstream, which answers in each provider's own shapes; goal where an issue sets one: throughput ≥ that × the reference hop's pass-through)",
+    );
     log.say(format!(
-        "translated paths (tollgate alone; the upstream answers in the provider's own shapes) — goal: throughput ≥ {TARGET_TRANSLATED} × the reference hop's pass-through"
-    ));
-    log.say(format!(
-        "{:<11} {:<18} {:>9} {:>9} {:>9} {:>8} {:>13} {:>13}",
-        "mode", "path", "req/s", "p50", "p99", "CPU/req", "÷ reference", "÷ pass-through"
+        "{:<11} {:<22} {:>9} {:>9} {:>9} {:>8} {:>16} {:>13} {:>8}",
+        "mode",
+        "path",
+        "req/s",
+        "p50",
+        "p99",
+        "CPU/req",
+        "÷ reference",
+        "÷ pass-through",
+        "non-2xx"
     ));
     for t in lines {
         let of = |target: Target| {
             rows.iter()
-                .find(|r| r.mode == t.mode && r.target == target)
+                .find(|r| r.set == Set::Harness && r.mode == t.mode && r.target == target)
                 .map(|r| r.load.rps())
                 .filter(|rps| *rps > 0.0)
                 .map(|rps| t.load.rps() / rps)
         };
-        let vs_ref = of(Target::Reference);
+        let vs_ref = of(Target::Reference).map_or_else(
+            || "-".into(),
+            |r| match t.goal {
+                Some(g) if r >= g => format!("{r:.2} ≥{g} met"),
+                Some(g) => format!("{r:.2} ≥{g} NOT"),
+                None => format!("{r:.2}"),
+            },
+        );
         log.say(format!(
-            "{:<11} {:<18} {:>9.0} {:>7.0}µs {:>7.0}µs {:>6}µs {:>13} {:>13}",
+            "{:<11} {:<22} {:>9.0} {:>7.0}µs {:>7.0}µs {:>6}µs {:>16} {:>13} {:>8}",
             t.mode.name(),
             t.name,
             t.load.rps(),
             t.load.p50_us,
             t.load.p99_us,
             t.cpu_us.map_or_else(|| "-".into(), |c| format!("{c:.0}")),
-            vs_ref.map_or_else(
-                || "-".into(),
-                |r| format!(
-                    "{r:.2} {}",
-                    if r >= TARGET_TRANSLATED {
-                        "met"
-                    } else {
-                        "NOT met"
-                    }
-                )
-            ),
+            vs_ref,
             of(Target::Tollgate).map_or_else(|| "-".into(), |r| format!("{r:.2}")),
+            t.load.non2xx + t.load.sock_errors,
         ));
-        if t.load.non2xx > 0 || t.load.sock_errors > 0 {
-            log.say(format!(
-                "    {} non-2xx answers, {} socket errors",
-                t.load.non2xx, t.load.sock_errors
-            ));
-        }
     }
 }
 
@@ -572,10 +818,15 @@ async fn exact_metering(
     })
 }
 
-const HELP: &str = "cargo bench --bench load [-- --soak]
+const HELP: &str = "cargo bench --bench load [-- --quick | --soak]
 
-Drives direct / reference (nginx) / tollgate with wrk and prints one comparison table;
-writes it, with every raw wrk report, to benches/results/latest.txt.
+Drives direct / reference (nginx) / tollgate with wrk, twice: in front of the harness's own
+hyper upstream and in front of a fixed-answer nginx upstream (`return 200`); then the other paths
+(translated, Responses with and without store, retries, chat); prints the comparison tables and
+writes them, with every raw wrk report, to benches/results/latest.txt.
+
+  --quick               the fixed-upstream set only, LOAD_SECS=3, no extra paths: the ratios in
+                        about a minute and a half (a check before you stop)
 
   LOAD_SECS=10          seconds per loaded run, and for each target's single-connection rounds together
                         (3 targets × 2 modes, plus 1 s warm-ups)
@@ -646,7 +897,34 @@ impl Target {
     }
 }
 
+/// Which upstream a row's targets stand in front of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Set {
+    /// The hyper upstream inside the harness (it shares the CPUs with the targets).
+    Harness,
+    /// nginx answering with `return 200 '…'`: the physical floor (issue 24).
+    Fixed,
+}
+
+impl Set {
+    fn name(self) -> &'static str {
+        match self {
+            Set::Harness => "harness-upstream",
+            Set::Fixed => "fixed-upstream",
+        }
+    }
+
+    /// The goals tollgate ÷ the reference hop, per set: throughput at least, p50@1 at most.
+    fn targets(self) -> (f64, f64) {
+        match self {
+            Set::Harness => (TARGET_THROUGHPUT, TARGET_SINGLE_P50),
+            Set::Fixed => (TARGET_THROUGHPUT_FIXED, TARGET_SINGLE_P50),
+        }
+    }
+}
+
 struct Row {
+    set: Set,
     mode: Mode,
     target: Target,
     load: WrkResult,
@@ -674,6 +952,8 @@ impl Row {
 const TARGET_THROUGHPUT: f64 = 0.5;
 /// …and the single-request p50 at most this.
 const TARGET_SINGLE_P50: f64 = 1.5;
+/// Against the fixed nginx upstream (issue 24): throughput at least this × the hop's.
+const TARGET_THROUGHPUT_FIXED: f64 = 0.8;
 
 /// tollgate ÷ reference p50 at one connection: the median of the per-round ratios, each taken
 /// from two runs seconds apart.
@@ -787,7 +1067,23 @@ fn ratio(a: f64, b: f64) -> String {
 }
 
 fn table(log: &mut Log, rows: &[Row]) {
+    for set in [Set::Harness, Set::Fixed] {
+        if rows.iter().any(|r| r.set == set) {
+            set_table(log, set, rows);
+        }
+    }
+}
+
+fn set_table(log: &mut Log, set: Set, rows: &[Row]) {
     log.say("");
+    log.say(format!(
+        "-- {} set: {}",
+        set.name(),
+        match set {
+            Set::Harness => "the hyper upstream inside the harness",
+            Set::Fixed => "nginx answering with `return 200` (issue 24's stricter reference)",
+        }
+    ));
     log.say(format!(
         "{:<11} {:<10} {:>9} {:>8} {:>8} {:>10} {:>8} {:>9} {:>11} {:>12}",
         "mode",
@@ -801,7 +1097,7 @@ fn table(log: &mut Log, rows: &[Row]) {
         "CPU µs/req",
         "upstream CPU"
     ));
-    for r in rows {
+    for r in rows.iter().filter(|r| r.set == set) {
         log.say(format!(
             "{:<11} {:<10} {:>9.0} {:>8} {:>8} {:>10} {:>8} {:>9} {:>11} {:>12}",
             r.mode.name(),
@@ -818,8 +1114,12 @@ fn table(log: &mut Log, rows: &[Row]) {
     }
     log.say("(CPU µs/req: the upstream's for direct, the proxy process's own for reference and tollgate; upstream CPU: the upstream's in that run)");
     log.say("");
+    let (want_throughput, want_p50) = set.targets();
     for mode in [Mode::Plain, Mode::Stream] {
-        let get = |t| rows.iter().find(|r| r.mode == mode && r.target == t);
+        let get = |t| {
+            rows.iter()
+                .find(|r| r.set == set && r.mode == mode && r.target == t)
+        };
         let (Some(d), Some(n), Some(t)) = (
             get(Target::Direct),
             get(Target::Reference),
@@ -847,10 +1147,11 @@ fn table(log: &mut Log, rows: &[Row]) {
         ));
         let throughput = (n.load.rps() > 0.0).then(|| t.load.rps() / n.load.rps());
         log.say(format!(
-            "{:<11} targets: throughput ≥ {TARGET_THROUGHPUT}: {}; p50@1 ≤ {TARGET_SINGLE_P50}: {}",
+            "{:<11} targets ({}): throughput ≥ {want_throughput}: {}; p50@1 ≤ {want_p50}: {}",
             "",
-            verdict(throughput, |r| r >= TARGET_THROUGHPUT),
-            verdict(single_ratio_value(t, n), |r| r <= TARGET_SINGLE_P50),
+            set.name(),
+            verdict(throughput, |r| r >= want_throughput),
+            verdict(single_ratio_value(t, n), |r| r <= want_p50),
         ));
         if let Some(b) = get(Target::Baseline) {
             log.say(format!(
@@ -1017,6 +1318,10 @@ struct UpstreamState {
     gateway_auth: String,
     total: AtomicU64,
     via_gateway: AtomicU64,
+    /// Requests to [`common::FLAKY_PREFIX`] seen, and how many of them were failed on purpose
+    /// (not counted in `via_gateway`: they are attempts, not answers).
+    flaky_seen: AtomicU64,
+    flaky_failed: AtomicU64,
 }
 
 struct Upstream {
@@ -1059,6 +1364,7 @@ async fn upstream_answer(
             .get("x-api-key")
             .is_some_and(|v| v.as_bytes() == st.gateway_api_key.as_bytes());
     let anthropic = req.uri().path().ends_with("/messages");
+    let flaky = req.uri().path().starts_with(common::FLAKY_PREFIX);
     let (completion, events) = if anthropic {
         (&st.message, &st.message_events)
     } else {
@@ -1069,6 +1375,22 @@ async fn upstream_answer(
         Err(_) => Bytes::new(),
     };
     st.total.fetch_add(1, Ordering::Relaxed);
+    // The flaky deployment fails every other request, alternating 500 and 503.
+    if flaky {
+        let n = st.flaky_seen.fetch_add(1, Ordering::Relaxed);
+        if n % 2 == 1 {
+            st.flaky_failed.fetch_add(1, Ordering::Relaxed);
+            let mut r = Response::new(full(Bytes::from_static(
+                br#"{"error":{"message":"flaky upstream","type":"server_error"}}"#,
+            )));
+            *r.status_mut() = if n % 4 == 1 {
+                StatusCode::INTERNAL_SERVER_ERROR
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            return Ok(r);
+        }
+    }
     if via_gateway {
         st.via_gateway.fetch_add(1, Ordering::Relaxed);
     }
@@ -1117,6 +1439,8 @@ impl Upstream {
             gateway_api_key: common::PROVIDER_SECRET.to_owned(),
             total: AtomicU64::new(0),
             via_gateway: AtomicU64::new(0),
+            flaky_seen: AtomicU64::new(0),
+            flaky_failed: AtomicU64::new(0),
         });
         let st = state.clone();
         rt.spawn(async move {
@@ -1171,17 +1495,9 @@ enum Reference {
 }
 
 impl Reference {
-    fn start(tmp: &Path, upstream: SocketAddr) -> anyhow::Result<Self> {
-        match find_program(
-            "nginx",
-            "LOAD_NGINX",
-            &[
-                "/usr/sbin/nginx",
-                "/usr/local/sbin/nginx",
-                "/usr/local/nginx/sbin/nginx",
-            ],
-        ) {
-            Some(bin) => start_nginx(&bin, tmp, upstream),
+    fn start(tmp: &Path, name: &str, upstream: SocketAddr) -> anyhow::Result<Self> {
+        match find_nginx() {
+            Some(bin) => start_nginx(&bin, tmp, name, upstream),
             None => {
                 eprintln!(
                     "load: nginx not found (apt-get install -y nginx-light); using the hyper pass-through as the reference"
@@ -1230,12 +1546,20 @@ fn free_port() -> anyhow::Result<u16> {
         .port())
 }
 
-fn start_nginx(bin: &Path, tmp: &Path, upstream: SocketAddr) -> anyhow::Result<Reference> {
-    let dir = tmp.join("nginx");
-    for sub in ["logs", "temp"] {
-        std::fs::create_dir_all(dir.join(sub))?;
-    }
-    let version = Command::new(bin)
+fn find_nginx() -> Option<PathBuf> {
+    find_program(
+        "nginx",
+        "LOAD_NGINX",
+        &[
+            "/usr/sbin/nginx",
+            "/usr/local/sbin/nginx",
+            "/usr/local/nginx/sbin/nginx",
+        ],
+    )
+}
+
+fn nginx_version(bin: &Path) -> String {
+    Command::new(bin)
         .arg("-v")
         .output()
         .map(|o| {
@@ -1243,7 +1567,20 @@ fn start_nginx(bin: &Path, tmp: &Path, upstream: SocketAddr) -> anyhow::Result<R
                 .trim()
                 .replace("nginx version: ", "")
         })
-        .unwrap_or_else(|_| "nginx".into());
+        .unwrap_or_else(|_| "nginx".into())
+}
+
+fn start_nginx(
+    bin: &Path,
+    tmp: &Path,
+    name: &str,
+    upstream: SocketAddr,
+) -> anyhow::Result<Reference> {
+    let dir = tmp.join(name);
+    for sub in ["logs", "temp"] {
+        std::fs::create_dir_all(dir.join(sub))?;
+    }
+    let version = nginx_version(bin);
     let mut last_err = String::new();
     // The port is picked free and handed over; retry if something took it in between.
     for _ in 0..3 {
@@ -1398,14 +1735,198 @@ fn start_hyper_reference(upstream: SocketAddr) -> anyhow::Result<Reference> {
 }
 
 // ---------------------------------------------------------------------------------------------
+// The fixed-answer upstream: nginx answering every request with `return 200 '…'`, the floor no
+// process in the harness competes with (issue 24). One mode at a time: `serve` rewrites the
+// answer and reloads nginx.
+
+struct FixedUpstream {
+    addr: SocketAddr,
+    child: Child,
+    dir: PathBuf,
+    bin: PathBuf,
+}
+
+/// The pieces of `FixedUpstream`, the hop to it and the tollgate that uses it.
+struct FixedSet {
+    upstream: FixedUpstream,
+    reference: Reference,
+    tollgate: Tollgate,
+}
+
+/// `text` as an nginx quoted string (nginx interpolates `$`, which the fixed answers never hold).
+fn nginx_quoted(text: &str) -> anyhow::Result<String> {
+    ensure!(
+        !text.contains('$'),
+        "an nginx `return` text cannot hold `$`"
+    );
+    Ok(format!(
+        "'{}'",
+        text.replace('\\', "\\\\").replace('\'', "\\'")
+    ))
+}
+
+impl FixedUpstream {
+    fn start(bin: &Path, tmp: &Path) -> anyhow::Result<Self> {
+        let dir = tmp.join("nginx-fixed");
+        for sub in ["logs", "temp"] {
+            std::fs::create_dir_all(dir.join(sub))?;
+        }
+        let port = free_port()?;
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        let me = |child| Self {
+            addr,
+            child,
+            dir: dir.clone(),
+            bin: bin.to_owned(),
+        };
+        std::fs::write(dir.join("nginx.conf"), Self::conf(&dir, addr, Mode::Plain)?)?;
+        let log = std::fs::File::create(dir.join("logs/stderr.log"))?;
+        let child = Command::new(bin)
+            .arg("-p")
+            .arg(&dir)
+            .arg("-c")
+            .arg(dir.join("nginx.conf"))
+            .arg("-e")
+            .arg(dir.join("logs/error.log"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        let mut up = me(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(addr).is_err() {
+            if let Some(status) = up.child.try_wait()? {
+                bail!(
+                    "the fixed nginx upstream exited ({status}): {}",
+                    std::fs::read_to_string(up.dir.join("logs/error.log")).unwrap_or_default()
+                );
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "the fixed nginx upstream did not listen within 10 s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(up)
+    }
+
+    fn conf(dir: &Path, addr: SocketAddr, mode: Mode) -> anyhow::Result<String> {
+        let (content_type, answer) = match mode {
+            Mode::Plain => ("application/json", common::completion_body(UPSTREAM_MODEL)),
+            Mode::Stream => (
+                "text/event-stream",
+                common::sse_events(UPSTREAM_MODEL).concat(),
+            ),
+        };
+        let d = dir.display();
+        Ok(format!(
+            r#"# Written by benches/load.rs: a fixed answer to every request ({mode}).
+daemon off;
+master_process on;
+worker_processes 1;
+pid {d}/nginx.pid;
+error_log {d}/logs/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {d}/temp/body;
+    proxy_temp_path {d}/temp/proxy;
+    fastcgi_temp_path {d}/temp/fastcgi;
+    uwsgi_temp_path {d}/temp/uwsgi;
+    scgi_temp_path {d}/temp/scgi;
+    client_max_body_size 16m;
+    client_body_buffer_size 64k;
+    keepalive_requests 1000000;
+    server {{
+        listen {addr};
+        location / {{
+            default_type {content_type};
+            return 200 {answer};
+        }}
+    }}
+}}
+"#,
+            mode = mode.name(),
+            answer = nginx_quoted(&answer)?,
+        ))
+    }
+
+    /// Answers in `mode` from now on: rewrites the configuration and reloads nginx, then waits
+    /// until a request gets the new answer.
+    fn serve(&self, mode: Mode) -> anyhow::Result<()> {
+        std::fs::write(
+            self.dir.join("nginx.conf"),
+            Self::conf(&self.dir, self.addr, mode)?,
+        )?;
+        let status = Command::new("kill")
+            .arg("-HUP")
+            .arg(self.child.id().to_string())
+            .status()?;
+        ensure!(
+            status.success(),
+            "reloading the fixed nginx upstream failed"
+        );
+        let want = match mode {
+            Mode::Plain => "application/json",
+            Mode::Stream => "text/event-stream",
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            use std::io::{Read, Write};
+            let mut got = String::new();
+            if let Ok(mut c) = std::net::TcpStream::connect(self.addr) {
+                let _ = c.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+                let _ = c.read_to_string(&mut got);
+            }
+            // The old workers finish their connections and leave; their CPU is not counted.
+            if got.contains(want) && children_of(self.child.id()).len() == 1 {
+                return Ok(());
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "the fixed nginx upstream did not switch to {} within 10 s",
+                mode.name()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The master's and its current worker's CPU ticks.
+    fn cpu_ticks(&self) -> u64 {
+        let master = self.child.id();
+        std::iter::once(master)
+            .chain(children_of(master))
+            .filter_map(proc_cpu_ticks)
+            .sum()
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "{} with `return 200 '…'` (1 worker, access log off) answering every request with the same bytes as the in-harness upstream",
+            nginx_version(&self.bin)
+        )
+    }
+}
+
+impl Drop for FixedUpstream {
+    fn drop(&mut self) {
+        terminate(&mut self.child, Duration::from_secs(5));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // tollgate
 
 struct Tollgate {
     addr: SocketAddr,
     /// Key budget and balance enforcement on (a SQL reservation per request).
     billing: bool,
-    /// The fixture has the translated paths' `anthropic` provider and model.
+    /// The fixture has the translated paths' `anthropic` provider and model, the flaky
+    /// deployment and a chat access token (this build's fixture, not an older build's).
     translated: bool,
+    /// An access token for `/api/chat/…` (this build only).
+    chat_token: Option<String>,
     child: Child,
     bin: PathBuf,
     db_url: String,
@@ -1430,6 +1951,7 @@ impl Tollgate {
     fn start(
         ctl: &Runtime,
         tmp: &Path,
+        name: &str,
         upstream_base: &str,
         billing: bool,
     ) -> anyhow::Result<Self> {
@@ -1438,15 +1960,7 @@ impl Tollgate {
             Some(p) => (PathBuf::from(p), true),
             None => (PathBuf::from(env!("CARGO_BIN_EXE_tollgate")), false),
         };
-        Self::start_bin(
-            ctl,
-            tmp,
-            "tollgate",
-            bin,
-            own_schema,
-            upstream_base,
-            billing,
-        )
+        Self::start_bin(ctl, tmp, name, bin, own_schema, upstream_base, billing)
     }
 
     /// Runs `bin` on a database of its own in `tmp/name`. With `own_schema` the binary migrates
@@ -1489,7 +2003,7 @@ impl Tollgate {
                 String::from_utf8_lossy(&out.stderr)
             );
         }
-        let fixture = ctl.block_on(async {
+        let (fixture, chat_token) = ctl.block_on(async {
             use migration::{Migrator, MigratorTrait};
             use sea_orm::ConnectionTrait;
             let db = store::connect(&db_url, 2).await?;
@@ -1509,9 +2023,14 @@ impl Tollgate {
             };
             store::migrate(&db, &db_url).await?;
             let fx = common::create_fixture(&db, &ring, &cfg, upstream_base).await?;
+            let mut chat_token = None;
             if !own_schema {
-                // This build's translated paths (an older build may not have them).
+                // This build's translated paths, retries and chat (an older build may not have
+                // them).
                 common::add_anthropic(&db, &ring, &fx.user_id, upstream_base).await?;
+                let origin = upstream_base.trim_end_matches('/').trim_end_matches("/v1");
+                common::add_flaky(&db, &ring, &fx.user_id, origin).await?;
+                chat_token = Some(common::access_token(&db, &cfg, &fx.user_id).await?);
             }
             if own_schema {
                 let newer = Migrator::migrations()
@@ -1523,7 +2042,7 @@ impl Tollgate {
                 }
             }
             db.close().await?;
-            anyhow::Ok(fx)
+            anyhow::Ok((fx, chat_token))
         })?;
 
         let log_path = dir.join("tollgate.log");
@@ -1564,6 +2083,7 @@ impl Tollgate {
             addr,
             billing,
             translated: !own_schema,
+            chat_token,
             child,
             bin,
             db_url,
@@ -1698,33 +2218,56 @@ async fn sanity(
     key: &str,
     via_tollgate: bool,
 ) -> anyhow::Result<()> {
-    let want_model = if via_tollgate { MODEL } else { UPSTREAM_MODEL };
-    let r = client
-        .post(url)
-        .bearer_auth(key)
-        .header(header::CONTENT_TYPE, "application/json")
-        .body(common::chat_body(false))
-        .send()
-        .await?;
-    let status = r.status();
-    let text = r.text().await?;
-    ensure!(status == StatusCode::OK, "non-stream: {status}: {text}");
-    let v: serde_json::Value = serde_json::from_str(&text)?;
-    ensure!(
-        v["model"] == want_model && v["usage"]["prompt_tokens"] == 412,
-        "non-stream body: {text}"
-    );
+    sanity_mode(client, url, key, via_tollgate, Mode::Plain).await?;
+    sanity_mode(client, url, key, via_tollgate, Mode::Stream).await
+}
 
-    let r = client
-        .post(url)
-        .bearer_auth(key)
-        .header(header::CONTENT_TYPE, "application/json")
-        .body(common::chat_body(true))
-        .send()
-        .await?;
-    let status = r.status();
-    let text = r.text().await?;
-    ensure!(status == StatusCode::OK, "stream: {status}: {text}");
+/// One request of `mode`, checked the way a client would.
+async fn sanity_mode(
+    client: &reqwest::Client,
+    url: &str,
+    key: &str,
+    via_tollgate: bool,
+    mode: Mode,
+) -> anyhow::Result<()> {
+    let want_model = if via_tollgate { MODEL } else { UPSTREAM_MODEL };
+    // A transport error is tried again once: after the fixed upstream's reload the client's
+    // pooled connection to its old worker may be closed, and the harness's runtime only
+    // notices that when it next sends on it.
+    let mut tries = 0;
+    let (status, text) = loop {
+        tries += 1;
+        let sent = client
+            .post(url)
+            .bearer_auth(key)
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(common::chat_body(mode == Mode::Stream))
+            .send()
+            .await;
+        match sent {
+            Ok(r) => {
+                let status = r.status();
+                break (status, r.text().await?);
+            }
+            Err(e) if tries < 3 && (e.is_connect() || e.is_request()) => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
+    ensure!(
+        status == StatusCode::OK,
+        "{}: {status}: {text}",
+        mode.name()
+    );
+    if mode == Mode::Plain {
+        let v: serde_json::Value = serde_json::from_str(&text)?;
+        ensure!(
+            v["model"] == want_model && v["usage"]["prompt_tokens"] == 412,
+            "non-stream body: {text}"
+        );
+        return Ok(());
+    }
     let events = text.matches("data: ").count();
     // Through tollgate the usage-only chunk is removed: the client did not ask for it.
     let want_events = common::sse_events(UPSTREAM_MODEL).len() - usize::from(via_tollgate);

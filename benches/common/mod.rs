@@ -35,11 +35,51 @@ pub const ANTHROPIC_PROVIDER: &str = "bench-anthropic";
 pub const ANTHROPIC_MODEL: &str = "claude-bench";
 pub const ANTHROPIC_UPSTREAM_MODEL: &str = "claude-bench-upstream";
 
+/// A model with two deployments, the second at a provider whose upstream fails half its
+/// requests (the load harness's retry line): `FLAKY_PROVIDER` at `<upstream>/flaky/v1`.
+pub const FLAKY_MODEL: &str = "gpt-bench-flaky";
+pub const FLAKY_PROVIDER: &str = "bench-flaky";
+/// The path prefix the harness upstream fails half the requests of.
+pub const FLAKY_PREFIX: &str = "/flaky";
+
 /// [`chat_body`] for another model.
 pub fn chat_body_for(model: &str, stream: bool) -> Vec<u8> {
     let mut v: serde_json::Value = serde_json::from_slice(&chat_body(stream)).unwrap_or_default();
     v["model"] = json!(model);
     serde_json::to_vec(&v).unwrap_or_default()
+}
+
+/// The same conversation as [`chat_body`] as a Responses API request (`instructions` from the
+/// system message, the rest as input items).
+pub fn responses_body(model: &str, stream: bool, store: bool) -> Vec<u8> {
+    let chat: serde_json::Value = serde_json::from_slice(&chat_body(stream)).unwrap_or_default();
+    let msgs = chat["messages"].as_array().cloned().unwrap_or_default();
+    let instructions = msgs
+        .first()
+        .map(|m| m["content"].clone())
+        .unwrap_or_default();
+    let input: Vec<serde_json::Value> = msgs[1..]
+        .iter()
+        .map(|m| json!({"role": m["role"], "content": m["content"]}))
+        .collect();
+    serde_json::to_vec(&json!({
+        "model": model,
+        "instructions": instructions,
+        "input": input,
+        "max_output_tokens": 512,
+        "store": store,
+        "stream": stream
+    }))
+    .unwrap_or_default()
+}
+
+/// A signed-in chat message (`POST /api/chat/stream`): a new conversation each time.
+pub fn chat_ui_body(model: &str) -> Vec<u8> {
+    serde_json::to_vec(&json!({
+        "model": model,
+        "message": "Summarise the trade-offs between a write-ahead log and a shadow-paging scheme in two sentences."
+    }))
+    .unwrap_or_default()
 }
 
 /// The same conversation as [`chat_body`] as an Anthropic Messages request (`system` apart).
@@ -383,7 +423,11 @@ pub async fn create_fixture(
             name: "bench".into(),
             key_hash: key_hash.clone(),
             masked: mask(&secret),
-            allowed_models: Some(serde_json::to_string(&[MODEL, ANTHROPIC_MODEL])?),
+            allowed_models: Some(serde_json::to_string(&[
+                MODEL,
+                ANTHROPIC_MODEL,
+                FLAKY_MODEL,
+            ])?),
             allowed_ips: Some(r#"["127.0.0.0/8","::1/128"]"#.into()),
             rpm_limit: Some(RPM_LIMIT as i32),
             tpm_limit: Some(TPM_LIMIT as i32),
@@ -459,4 +503,91 @@ pub async fn add_anthropic(
     )
     .await?;
     Ok(())
+}
+
+/// Adds [`FLAKY_PROVIDER`] (at `upstream_origin` + [`FLAKY_PREFIX`] + `/v1`), the user's key for
+/// it, and [`FLAKY_MODEL`] deployed on `bench` and on it with equal weights.
+pub async fn add_flaky(
+    db: &sea_orm::DatabaseConnection,
+    ring: &KeyRing,
+    user_id: &str,
+    upstream_origin: &str,
+) -> anyhow::Result<()> {
+    store::providers::create(
+        db,
+        NewProvider {
+            key: FLAKY_PROVIDER.into(),
+            display_name: "Bench flaky upstream".into(),
+            base_url: format!("{}{FLAKY_PREFIX}/v1", upstream_origin.trim_end_matches('/')),
+            kind: "openai".into(),
+            is_active: true,
+            sort_order: 2,
+            ..Default::default()
+        },
+    )
+    .await?;
+    store::provider_keys::create(
+        db,
+        ring,
+        NewProviderKey {
+            user_id,
+            provider_key: FLAKY_PROVIDER,
+            api_key: PROVIDER_SECRET,
+            base_url: None,
+            label: Some("bench".into()),
+            shared: false,
+            weight: 1,
+        },
+    )
+    .await?;
+    store::models::create(
+        db,
+        NewModel {
+            name: FLAKY_MODEL.into(),
+            display_name: "GPT bench, one flaky deployment".into(),
+            provider_key: PROVIDER.into(),
+            upstream_model: UPSTREAM_MODEL.into(),
+            model_type: "chat".into(),
+            input_price_nanos: store::usd_to_nanos(2.5),
+            output_price_nanos: store::usd_to_nanos(10.0),
+            cached_input_price_nanos: Some(store::usd_to_nanos(1.25)),
+            context_window: Some(128_000),
+            max_output_tokens: Some(16_384),
+            supports_streaming: true,
+            supports_tools: true,
+            supports_vision: false,
+            description: None,
+            is_active: true,
+            sort_order: 2,
+            deployments: Some(
+                json!([
+                    {"provider": PROVIDER, "upstream_model": UPSTREAM_MODEL, "weight": 1},
+                    {"provider": FLAKY_PROVIDER, "upstream_model": UPSTREAM_MODEL, "weight": 1},
+                ])
+                .to_string(),
+            ),
+            ..Default::default()
+        },
+    )
+    .await?;
+    Ok(())
+}
+
+/// An access token (as sign-in issues) for `user_id`, for the chat routes (`/api/chat/…`).
+pub async fn access_token(
+    db: &sea_orm::DatabaseConnection,
+    cfg: &Config,
+    user_id: &str,
+) -> anyhow::Result<String> {
+    use secrecy::ExposeSecret as _;
+    let expires = Utc::now() + chrono::Duration::hours(12);
+    let session = store::sessions::create(db, user_id, expires, Some("127.0.0.1"), None).await?;
+    let secret = cfg
+        .security
+        .jwt_secret
+        .as_ref()
+        .map(|s| s.expose_secret().to_owned())
+        .unwrap_or_default();
+    let keys = tollgate::accounts::tokens::JwtKeys::new(&secrecy::SecretString::from(secret));
+    keys.issue(user_id, &session.id, expires)
 }
