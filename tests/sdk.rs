@@ -2,12 +2,16 @@
 //! errors and the model list (`openai_sdk.py`); the Responses API with its stored state, the
 //! Conversations API and stored chat completions (`openai_responses.py`); images, audio and
 //! moderations (`openai_media.py`); the Anthropic Messages API passed through and translated
-//! (`anthropic_sdk.py`).
+//! (`anthropic_sdk.py`). The OpenAI Agents SDK running a tool-calling agent on its default
+//! Responses model (`openai_agents.py`), and the OpenAI Node SDK's calls of all those kinds
+//! (`openai_node.mjs`).
 //!
-//! Needs a Python with the `openai` and `anthropic` packages:
-//! `TOLLGATE_TEST_PYTHON=/path/to/venv/bin/python`. `.ci/run` creates that venv and sets the
-//! variable, so in CI these tests always run (and fail if the interpreter or a package is
-//! missing); without the variable they only say so.
+//! Needs a Python with the `openai`, `anthropic` and `openai-agents` packages:
+//! `TOLLGATE_TEST_PYTHON=/path/to/venv/bin/python`; and for the Node test a folder where
+//! `npm install openai@6` was run: `TOLLGATE_TEST_NODE_MODULES=/path/to/it` (`node` is taken
+//! from `TOLLGATE_TEST_NODE`, else the `PATH`). `.ci/run` installs both and sets the variables,
+//! so in CI these tests always run (and fail if an interpreter or a package is missing); without
+//! a variable its tests only say so.
 
 mod common;
 
@@ -30,17 +34,17 @@ fn python() -> Option<String> {
     let p = std::env::var("TOLLGATE_TEST_PYTHON").ok();
     if p.is_none() {
         eprintln!(
-            "TOLLGATE_TEST_PYTHON is not set: the SDK tests need a Python with `openai` and `anthropic` installed (see .ci/run)"
+            "TOLLGATE_TEST_PYTHON is not set: the SDK tests need a Python with `openai`, `anthropic` and `openai-agents` installed (see .ci/run); they did not run"
         );
     }
     p
 }
 
-/// Runs `tests/sdk/<script>` with `env`; returns the JSON it printed. A script that exits
-/// non-zero fails the test with every step's error.
-async fn run_script(python: &str, script: &str, env: &[(&str, String)]) -> Value {
+/// Runs `tests/sdk/<script>` with `interpreter` (a Python, or `node`) and `env`; returns the
+/// JSON it printed. A script that exits non-zero fails the test with every step's error.
+async fn run_script(interpreter: &str, script: &str, env: &[(&str, String)]) -> Value {
     let path = format!("{}/tests/sdk/{script}", env!("CARGO_MANIFEST_DIR"));
-    let mut cmd = tokio::process::Command::new(python);
+    let mut cmd = tokio::process::Command::new(interpreter);
     cmd.arg(&path);
     for name in [
         "OPENAI_ORG_ID",
@@ -59,7 +63,7 @@ async fn run_script(python: &str, script: &str, env: &[(&str, String)]) -> Value
     let out = cmd
         .output()
         .await
-        .unwrap_or_else(|e| panic!("running {python} {path}: {e}"));
+        .unwrap_or_else(|e| panic!("running {interpreter} {path}: {e}"));
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     let parsed: Option<Value> = serde_json::from_str(stdout.trim()).ok();
@@ -321,6 +325,425 @@ async fn openai_python_sdk_media_calls_work_unchanged() {
     ));
     assert!(close(&cost("audio.translations", "whisper"), &[0.009]));
     assert_eq!(cost("moderations", "omni-mod").len(), 1);
+}
+
+// ------------------------------------------------------------------------------------------------
+// The OpenAI Node SDK (`openai` 6.x) and the OpenAI Agents SDK (Python `openai-agents`).
+// ------------------------------------------------------------------------------------------------
+
+/// The folder where `npm install openai@6` was run, or `None` (and a note) when it is not set.
+fn node_modules() -> Option<String> {
+    let m = std::env::var("TOLLGATE_TEST_NODE_MODULES")
+        .ok()
+        .filter(|m| !m.trim().is_empty());
+    if m.is_none() {
+        eprintln!(
+            "TOLLGATE_TEST_NODE_MODULES is not set: the Node SDK test needs a folder where `npm install openai@6` was run (see .ci/run); it did not run"
+        );
+    }
+    m
+}
+
+/// What a usage record list holds per endpoint, sorted.
+fn endpoints(recs: &[Value]) -> Vec<String> {
+    let mut v: Vec<String> = recs
+        .iter()
+        .map(|r| r["endpoint"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+/// Every usage record of the user once `n` have arrived, checked again a moment later so that a
+/// record too many (one arriving after the n-th) is seen.
+async fn exactly_records(app: &TestApp, token: &str, n: usize) -> Vec<Value> {
+    wait_records(app, token, n).await;
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let recs = wait_records(app, token, n).await;
+    assert_eq!(recs.len(), n, "{recs:?}");
+    recs
+}
+
+#[tokio::test]
+async fn openai_node_sdk_works_unchanged() {
+    let Some(modules) = node_modules() else {
+        return;
+    };
+    let node = std::env::var("TOLLGATE_TEST_NODE")
+        .ok()
+        .filter(|n| !n.trim().is_empty())
+        .unwrap_or_else(|| "node".to_owned());
+    let node_path = std::path::Path::new(&modules).join("node_modules");
+    let app = TestApp::spawn().await;
+    let gw = common::media_mock::setup_media(&app).await;
+    let r = run_script(
+        &node,
+        "openai_node.mjs",
+        &[
+            ("OPENAI_BASE_URL", app.url("/v1")),
+            ("OPENAI_API_KEY", gw.key.clone()),
+            ("TOLLGATE_TEST_NODE_MODULES", modules.clone()),
+            ("NODE_PATH", node_path.display().to_string()),
+        ],
+    )
+    .await;
+    assert!(
+        r["sdk_version"]
+            .as_str()
+            .is_some_and(|v| v.starts_with("6.")),
+        "the Node SDK 6.x: {r}"
+    );
+    const TEXT: &str = "Hello from mock";
+    let chat_usage = json!({"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18});
+
+    // Chat completions, streamed and not.
+    let c = &r["chat"];
+    assert_eq!(c["model"], "gpt-test");
+    assert_eq!(c["content"], TEXT);
+    assert_eq!(c["finish_reason"], "stop");
+    for k in ["prompt_tokens", "completion_tokens", "total_tokens"] {
+        assert_eq!(c["usage"][k], chat_usage[k], "{c}");
+    }
+    let s = &r["chat_stream"];
+    assert_eq!(s["content"], TEXT, "{s}");
+    for k in ["prompt_tokens", "completion_tokens", "total_tokens"] {
+        assert_eq!(s["usage"][k], chat_usage[k], "{s}");
+    }
+
+    // Stored chat completions: listed by metadata, read, their messages, updated, deleted.
+    let sc = &r["stored"];
+    let ids: Vec<String> = sc["ids"]
+        .as_array()
+        .expect("ids")
+        .iter()
+        .map(|i| i.as_str().expect("id").to_owned())
+        .collect();
+    assert_eq!(ids.len(), 2);
+    assert!(ids.iter().all(|i| i.starts_with("chatcmpl-")), "{ids:?}");
+    let mut sorted = ids.clone();
+    sorted.sort();
+    assert_eq!(sc["listed"], json!(sorted), "only the stored ones: {sc}");
+    assert_eq!(sc["retrieved"]["id"], ids[0].as_str());
+    assert_eq!(sc["retrieved"]["model"], "gpt-test");
+    assert_eq!(sc["retrieved"]["text"], TEXT);
+    assert_eq!(
+        sc["retrieved"]["metadata"],
+        json!({"sdk": "node", "n": "0"})
+    );
+    assert_eq!(sc["retrieved"]["prompt_tokens"], 11);
+    assert_eq!(
+        sc["messages"],
+        json!([{"role": "user", "content": "Node 0"}]),
+        "{sc}"
+    );
+    assert_eq!(
+        sc["updated_metadata"],
+        json!({"sdk": "node", "n": "0", "updated": "yes"})
+    );
+    assert_eq!(
+        sc["deleted"],
+        json!({"id": ids[1], "object": "chat.completion.deleted", "deleted": true})
+    );
+    assert_eq!(sc["retrieve_after"], 404);
+
+    // The Responses API, translated to the chat-only mock, its state kept by tollgate.
+    let resp_usage = json!({"input_tokens": 11, "output_tokens": 7, "total_tokens": 18});
+    let c = &r["responses"];
+    let first = c["id"].as_str().expect("id").to_owned();
+    assert!(first.starts_with("resp_"), "{c}");
+    assert_eq!(c["object"], "response");
+    assert_eq!(c["status"], "completed");
+    assert_eq!(c["model"], "gpt-test");
+    assert_eq!(c["text"], TEXT);
+    assert_eq!(c["usage"], resp_usage);
+    assert_eq!(c["metadata"], json!({"sdk": "node"}));
+    let s = &r["responses_stream"];
+    assert_eq!(s["first"], "response.created", "{s}");
+    assert_eq!(s["last"], "response.completed", "{s}");
+    assert_eq!(s["sequence_ok"], true, "{s}");
+    assert_eq!(s["deltas"], TEXT, "{s}");
+    assert_eq!(s["usage"], resp_usage, "{s}");
+    assert_eq!(s["previous_response_id"], first.as_str(), "{s}");
+    let streamed = s["final_id"].as_str().expect("final id").to_owned();
+    assert!(streamed.starts_with("resp_") && streamed != first, "{s}");
+    let f = &r["responses_follow_up"];
+    assert_eq!(f["text"], TEXT);
+    assert_eq!(f["previous_response_id"], streamed.as_str());
+    assert_eq!(
+        roles_and_texts(&upstream_chat_ending_with(&gw, "Once more")),
+        pairs(&[
+            ("user", "Hi there"),
+            ("assistant", TEXT),
+            ("user", "And again"),
+            ("assistant", TEXT),
+            ("user", "Once more"),
+        ]),
+        "the whole chain, instructions not inherited"
+    );
+    assert_eq!(
+        roles_and_texts(&upstream_chat_ending_with(&gw, "Hi there")),
+        pairs(&[("system", "Be brief."), ("user", "Hi there")])
+    );
+    let got = &r["responses_retrieve"];
+    assert_eq!(got["id"], first.as_str());
+    assert_eq!(got["status"], "completed");
+    assert_eq!(got["text"], TEXT);
+    assert_eq!(got["usage"], resp_usage);
+    assert_eq!(got["metadata"], json!({"sdk": "node"}));
+    let items = r["input_items"].as_array().expect("input items");
+    assert!(
+        items
+            .iter()
+            .any(|i| i["type"] == "message" && i["role"] == "user" && i["text"] == "Once more"),
+        "{items:?}"
+    );
+    assert!(
+        items
+            .iter()
+            .all(|i| i["id"].as_str().is_some_and(|id| !id.is_empty())),
+        "every input item has an id: {items:?}"
+    );
+
+    // The Conversations API: created with an item, one added, a turn in it, listed, deleted.
+    let cv = &r["conversation"];
+    let conv_id = cv["id"].as_str().expect("conversation id").to_owned();
+    assert!(conv_id.starts_with("conv_"), "{cv}");
+    assert_eq!(cv["object"], "conversation");
+    assert_eq!(cv["metadata"], json!({"sdk": "node"}));
+    assert_eq!(cv["added"], 1);
+    assert_eq!(cv["text"], TEXT);
+    let listed: Vec<(String, String)> = cv["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .map(|i| {
+            assert_eq!(i["type"], "message", "{i}");
+            (
+                i["role"].as_str().unwrap_or_default().to_owned(),
+                i["text"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    let want = pairs(&[
+        ("user", "My colour is green."),
+        ("user", "Remember it."),
+        ("user", "What colour?"),
+        ("assistant", TEXT),
+    ]);
+    assert_eq!(listed, want);
+    assert_eq!(
+        roles_and_texts(&upstream_chat_ending_with(&gw, "What colour?")),
+        want[..3].to_vec(),
+        "the conversation's items went upstream"
+    );
+    assert_eq!(
+        cv["deleted"],
+        json!({"id": conv_id, "object": "conversation.deleted", "deleted": true})
+    );
+    assert_eq!(cv["retrieve_after"], 404);
+
+    // Images, speech (the mock's bytes, intact), a multipart transcription, a moderation.
+    assert_eq!(r["image"], json!({"n": 2, "b64": ["aW1hZ2U0", "aW1hZ2U1"]}));
+    let audio = common::media_mock::speech_audio();
+    let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&audio));
+    assert_eq!(
+        r["speech"],
+        json!({"len": audio.len(), "sha256": sha, "content_type": "audio/mpeg"})
+    );
+    assert_eq!(r["transcription"]["text"], "hello world");
+    let upload: Vec<u8> = (0..4096u32).map(|i| ((i * 131 + 7) % 256) as u8).collect();
+    let uploads: Vec<_> = gw
+        .mock
+        .requests()
+        .into_iter()
+        .filter(|q| q.path.ends_with("/audio/transcriptions"))
+        .collect();
+    assert_eq!(uploads.len(), 1);
+    assert!(
+        uploads[0]
+            .raw
+            .windows(upload.len())
+            .any(|w| w == upload.as_slice()),
+        "the upload reached the upstream whole"
+    );
+    assert_eq!(
+        common::media_mock::form_field(&uploads[0].raw, "model").as_deref(),
+        Some("stt-seconds")
+    );
+    assert_eq!(
+        r["moderation"],
+        json!({"model": "omni-mod", "flagged": false})
+    );
+
+    // An unknown model: the SDK's NotFoundError, carrying the gateway's message.
+    assert_eq!(
+        r["unknown_model"],
+        json!({"thrown": true, "class": "NotFoundError", "not_found": true, "api_error": true,
+               "status": 404, "code": "model_not_found", "type": "invalid_request_error",
+               "message": "The model `no-such-model` does not exist or you do not have access to it."})
+    );
+
+    // One usage record per request the gateway admitted (§8), none for the refused one; those
+    // that reached the upstream carry its model and counts.
+    let requests = r["requests"].as_u64().expect("requests") as usize;
+    assert_eq!(requests, 25, "{r}");
+    let recs = exactly_records(&app, &gw.user, requests).await;
+    let (up, state): (Vec<Value>, Vec<Value>) =
+        recs.into_iter().partition(|x| x["provider"] == "mock");
+    assert_eq!(r["upstream"], up.len(), "{up:?}");
+    let mut want: Vec<String> = [
+        ["chat.completions"; 4].as_slice(),
+        &["responses"; 4],
+        &[
+            "images.generations",
+            "audio.speech",
+            "audio.transcriptions",
+            "moderations",
+        ],
+    ]
+    .concat()
+    .into_iter()
+    .map(str::to_owned)
+    .collect();
+    want.sort();
+    assert_eq!(endpoints(&up), want, "{up:?}");
+    assert!(up.iter().all(|x| x["status"] == 200), "{up:?}");
+    for rec in up
+        .iter()
+        .filter(|x| x["endpoint"] == "chat.completions" || x["endpoint"] == "responses")
+    {
+        assert_eq!(rec["model"], "gpt-test", "{rec}");
+        assert_eq!(rec["prompt_tokens"], 11, "{rec}");
+        assert_eq!(rec["completion_tokens"], 7, "{rec}");
+        assert_eq!(rec["tokens_estimated"], false, "{rec}");
+        // $1 input and $2 output per 1M tokens.
+        let cost = rec["cost_usd"].as_f64().expect("cost");
+        assert!((cost - (11.0 + 14.0) / 1e6).abs() < 1e-12, "{rec}");
+    }
+    // The stored-state calls: list, retrieve, messages, update, delete and a 404 for stored
+    // completions; a response read and its input items; a conversation's create, item add, list,
+    // delete and a 404 — recorded, never charged.
+    let mut want: Vec<String> = [
+        ["chat.completions.stored"; 6].as_slice(),
+        &["responses.stored"; 2],
+        &["conversations"; 5],
+    ]
+    .concat()
+    .into_iter()
+    .map(str::to_owned)
+    .collect();
+    want.sort();
+    assert_eq!(endpoints(&state), want, "{state:?}");
+    assert!(state.iter().all(|x| x["cost_usd"] == 0.0), "{state:?}");
+    assert_eq!(
+        state.iter().filter(|x| x["status"] == 404).count(),
+        2,
+        "{state:?}"
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn openai_agents_sdk_runs_a_tool_agent() {
+    let Some(python) = python() else { return };
+    let app = TestApp::spawn().await;
+    let g = setup(&app).await;
+    // The mock's `tool` behaviour: a call of the request's first function tool, then (once the
+    // tool's result is the last message) text.
+    add_model(&app, &g, "gpt-tool", "mock", "tool").await;
+    let r = run_script(
+        &python,
+        "openai_agents.py",
+        &[
+            ("OPENAI_BASE_URL", app.url("/v1")),
+            ("OPENAI_API_KEY", g.key.clone()),
+            ("TG_MODEL", "gpt-tool".to_owned()),
+        ],
+    )
+    .await;
+    let run = &r["run"];
+    assert_eq!(run["final_output"], "Hello from mock", "{r}");
+    assert_eq!(
+        run["tool_calls"],
+        json!(["Paris"]),
+        "the tool ran once: {r}"
+    );
+    assert_eq!(
+        run["tool_outputs"],
+        json!(["21C and clear in Paris"]),
+        "{r}"
+    );
+    assert_eq!(
+        run["items"],
+        json!([
+            "tool_call_item",
+            "tool_call_output_item",
+            "message_output_item"
+        ]),
+        "{r}"
+    );
+    assert_eq!(run["responses"], 2, "{r}");
+    let ids = run["response_ids"].as_array().expect("response ids");
+    assert!(
+        ids.iter()
+            .all(|i| i.as_str().is_some_and(|i| i.starts_with("resp_"))),
+        "{r}"
+    );
+    assert_eq!(
+        run["usage"],
+        json!({"requests": 2, "input_tokens": 22, "output_tokens": 14, "total_tokens": 36}),
+        "the upstream's counts, twice: {r}"
+    );
+
+    // Upstream: two chat completions, the tool offered, then its result sent back.
+    let turns: Vec<Value> = g
+        .mock
+        .requests()
+        .into_iter()
+        .filter(|q| q.body["model"] == "tool")
+        .map(|q| q.body)
+        .collect();
+    assert_eq!(turns.len(), 2, "{turns:?}");
+    for t in &turns {
+        assert_eq!(t["tools"][0]["type"], "function", "{t}");
+        assert_eq!(t["tools"][0]["function"]["name"], "get_weather", "{t}");
+        assert_eq!(
+            t["tools"][0]["function"]["parameters"]["properties"]["city"]["type"], "string",
+            "{t}"
+        );
+    }
+    assert_eq!(
+        roles_and_texts(&turns[0]),
+        pairs(&[
+            ("system", "Answer with the weather, using the tool."),
+            ("user", "What is the weather in Paris?")
+        ])
+    );
+    let msgs = turns[1]["messages"].as_array().expect("messages");
+    let last = msgs.last().expect("a message");
+    assert_eq!(last["role"], "tool", "{}", turns[1]);
+    assert_eq!(last["tool_call_id"], TOOL_CALL_ID);
+    assert_eq!(content_text(last), "21C and clear in Paris");
+    let call = &msgs[msgs.len() - 2];
+    assert_eq!(call["role"], "assistant", "{}", turns[1]);
+    assert_eq!(call["tool_calls"][0]["id"], TOOL_CALL_ID);
+    assert_eq!(call["tool_calls"][0]["function"]["name"], "get_weather");
+    assert_eq!(
+        call["tool_calls"][0]["function"]["arguments"],
+        TOOL_ARGS.concat()
+    );
+
+    // Two usage records, one per model call, each with the upstream's counts.
+    let recs = exactly_records(&app, &g.user, 2).await;
+    for rec in &recs {
+        assert_eq!(rec["endpoint"], "responses", "{rec}");
+        assert_eq!(rec["model"], "gpt-tool", "{rec}");
+        assert_eq!(rec["status"], 200, "{rec}");
+        assert_eq!(rec["prompt_tokens"], 11, "{rec}");
+        assert_eq!(rec["completion_tokens"], 7, "{rec}");
+        assert_eq!(rec["tokens_estimated"], false, "{rec}");
+    }
+    app.stop().await;
 }
 
 // ------------------------------------------------------------------------------------------------
