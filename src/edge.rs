@@ -148,9 +148,15 @@ pub async fn edge(State(state): State<AppState>, req: Request, next: Next) -> Re
     resp
 }
 
-/// The 429 of an `/api/auth/*` request past its address's `auth.ip_rpm`, if it is one.
+/// `/api/auth/*` routes that need a valid access token and check no password or code (the
+/// console verifies its session on every page load): they cost what any signed-in `/api` call
+/// costs, so they do not use up an address's sign-in budget.
+const AUTH_UNTHROTTLED: [&str; 2] = ["/api/auth/verify", "/api/auth/logout"];
+
+/// The 429 of an anonymous `/api/auth/*` request (register, confirm, login, password reset)
+/// past its address's `auth.ip_rpm`, if it is one.
 fn throttle_auth(state: &AppState, path: &str, req: &Request) -> Option<Response> {
-    if !path.starts_with("/api/auth/") {
+    if !path.starts_with("/api/auth/") || AUTH_UNTHROTTLED.contains(&path) {
         return None;
     }
     let peer = req

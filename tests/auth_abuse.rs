@@ -198,8 +198,9 @@ async fn parallel_guesses_get_no_more_than_five_checks() {
     assert_error(s, &e, status, code);
 }
 
-/// `/api/auth/*` is limited per client address: past `auth.ip_rpm`, 429 `rate_limit_exceeded`
-/// with `retry-after`, counted under `scope="auth_ip"`; another address is unaffected.
+/// The anonymous `/api/auth/*` routes are limited per client address: past `auth.ip_rpm`, 429
+/// `rate_limit_exceeded` with `retry-after`, counted under `scope="auth_ip"`; another address is
+/// unaffected, and so are `verify` and `logout` (they need a valid token).
 #[tokio::test]
 async fn auth_routes_are_limited_per_address() {
     let app = TestApp::spawn_with(|c| {
@@ -228,6 +229,27 @@ async fn auth_routes_are_limited_per_address() {
     assert!(retry >= 1);
     let e: Value = resp.json().await.unwrap();
     assert_error(429, &e, 429, "rate_limit_exceeded");
+    // Verifying a session and signing out need a valid token and check no password: a console
+    // page load from a spent address still keeps its session, and signing out still works.
+    let ada = create_user(&app, "ada", Role::User).await;
+    let token = common::accounts::session_token(&app, &ada).await;
+    for (method, path, want) in [
+        (reqwest::Method::GET, "/api/auth/verify", 200),
+        (reqwest::Method::GET, "/api/auth/verify", 200),
+        (reqwest::Method::POST, "/api/auth/logout", 204),
+    ] {
+        let resp = app
+            .client
+            .request(method, app.url(path))
+            .header("x-forwarded-for", "198.51.100.1")
+            .bearer_auth(&token)
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(resp.status().as_u16(), want, "{path}");
+    }
+    let (s, _) = login_from(&app, "198.51.100.1", "nobody", "wrong-password", "000000").await;
+    assert_eq!(s, 429, "the sign-in budget is still spent");
     let (s, _) = login_from(&app, "198.51.100.2", "nobody", "wrong-password", "000000").await;
     assert_eq!(s, 401);
     let limited = app
@@ -236,7 +258,7 @@ async fn auth_routes_are_limited_per_address() {
         .rate_limited_total
         .with_label_values(&["auth_ip"])
         .get();
-    assert_eq!(limited, 1);
+    assert_eq!(limited, 2);
     // Nothing was recorded for the refused request.
     assert_eq!(
         store_count_username(&app, "newbie").await,

@@ -2,8 +2,11 @@
 //! embedded assets, the page URLs, and that it leaves the API, `/openapi.json` and `/docs` as they
 //! were. Then in a real browser — Debian's headless Chromium through chromedriver (WebDriver,
 //! `fantoccini`) against the real `tollgate` binary and the mock upstream: a new user's first
-//! minutes, and an administrator's catalog, users and reports, with screenshots (saved into
-//! `docs/` with `TOLLGATE_TEST_SCREENSHOTS=docs`).
+//! minutes (sign up, confirm the TOTP code read off the page, provider key, gateway key, a chat
+//! answer seen while the upstream still holds its end, a stream that breaks, regenerate, rename,
+//! search, the usage page, a share link opened in a second, signed-out browser, delete, sign
+//! out), and an administrator's catalog, users and reports, with screenshots (saved into `docs/`
+//! with `TOLLGATE_TEST_SCREENSHOTS=docs`).
 //!
 //! `TOLLGATE_TEST_CHROMEDRIVER` (CI sets it) names the chromedriver to use; when it is set, the
 //! browser test must run. Without it the test uses `chromedriver` from `PATH` if there is one, and
@@ -283,9 +286,9 @@ fn serve(dir: &Path, db: &str) -> (Killed, String) {
 fn with_env(mut cmd: Command, db: &str) -> Command {
     cmd.env("DATABASE_URL", db)
         .env("TOLLGATE_MASTER_KEY", TEST_MASTER_KEY)
-        .env("TOLLGATE_JWT_SECRET", JWT_SECRET)
-        // Every browser page load verifies its session on /api/auth; the test makes many.
-        .env("TOLLGATE_AUTH__IP_RPM", "0");
+        .env("TOLLGATE_JWT_SECRET", JWT_SECRET);
+    // The shipped per-address limit of /api/auth (60 a minute) stays on: a whole sign-up, sign-in
+    // and page loads of one browser fit in it.
     cmd
 }
 
@@ -471,6 +474,55 @@ async fn screenshot(c: &Client, name: &str) {
     }
 }
 
+/// Polls `done` until it holds (or fails the test after [`WAIT`]).
+async fn wait_for(what: &str, done: impl Fn() -> bool) {
+    let deadline = Instant::now() + WAIT;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits until nothing matches `css`.
+async fn wait_gone(c: &Client, css: &str) {
+    let deadline = Instant::now() + WAIT;
+    while !c
+        .find_all(Locator::Css(css))
+        .await
+        .unwrap_or_default()
+        .is_empty()
+    {
+        assert!(Instant::now() < deadline, "{css} is still there");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Bytes this document and its resources took over the network (compressed, with headers), as
+/// the browser's resource timing reports them, once a resource ending in `last` has loaded and
+/// nothing more arrived for half a second.
+async fn transferred(c: &Client, last: &str) -> u64 {
+    let deadline = Instant::now() + WAIT;
+    let mut seen = (0, 0);
+    loop {
+        let v = c
+            .execute(
+                "const all = [...performance.getEntriesByType('navigation'), ...performance.getEntriesByType('resource')];
+                 return [all.length, all.reduce((n, e) => n + (e.transferSize || 0), 0),
+                   all.some((e) => e.name.endsWith(arguments[0]))];",
+                vec![json!(last)],
+            )
+            .await
+            .expect("resource timing");
+        let now = (v[0].as_u64().unwrap_or(0), v[1].as_u64().unwrap_or(0));
+        if v[2] == json!(true) && now == seen {
+            return now.1;
+        }
+        assert!(Instant::now() < deadline, "resources still loading: {v}");
+        seen = now;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
 async fn accept_confirm(c: &Client) {
     let deadline = Instant::now() + WAIT;
     while c.accept_alert().await.is_err() {
@@ -571,7 +623,8 @@ async fn console_in_chromium_user_and_admin_flows() {
             ("name", "gpt-test"),
             ("type", "chat"),
             ("provider", "mock"),
-            ("upstream_model", "normal"),
+            // Streamed, the mock holds its answer until the test releases it (`Mock::release_held`).
+            ("upstream_model", "held"),
             ("input_price_per_1m", "1"),
             ("output_price_per_1m", "2"),
         ],
@@ -788,33 +841,107 @@ async fn console_in_chromium_user_and_admin_flows() {
         "the secret is still on the page after a reload"
     );
 
-    // ---- A call with that key, then its cost on the usage page: 11 prompt tokens at $1/1M plus
-    // 7 completion tokens at $2/1M = $0.000025.
-    let resp = http
-        .post(format!("{base}/v1/chat/completions"))
-        .bearer_auth(&shown)
-        .json(&json!({"model": "gpt-test", "messages": [{"role": "user", "content": "hi"}]}))
-        .send()
+    // ---- Chat, streamed: the answer is on the page while the upstream still holds the rest of
+    // it, rendered as Markdown; its markup that would run does not.
+    nav(&user, "Chat").await;
+    find_text(&user, "#chat-model option", "gpt-test").await;
+    find_text(
+        &user,
+        "aside[aria-label=Conversations]",
+        "No conversations yet",
+    )
+    .await;
+    find(&user, "#chat-regenerate[disabled]").await;
+    fill(
+        &user,
+        "form.composer",
+        &[("model", "gpt-test"), ("message", "Say hello to the zebra")],
+    )
+    .await;
+    find(&user, "#chat-send").await.click().await.expect("send");
+    wait_for("the upstream to hold the first answer", || {
+        mock.held_waiting() == 1
+    })
+    .await;
+    let streaming = "#messages article.msg.assistant[aria-busy=true] .content";
+    find_text(&user, streaming, "Hello from the held mock.").await;
+    find_text(&user, &format!("{streaming} strong"), "held").await;
+    let partial = find(&user, streaming).await.text().await.expect("partial");
+    assert!(!partial.contains("The end."), "{partial}");
+    find_text(
+        &user,
+        "#messages article.msg.user",
+        "Say hello to the zebra",
+    )
+    .await;
+    assert!(
+        user.find(Locator::Css("#chat-send[disabled]"))
+            .await
+            .is_ok(),
+        "send is disabled while an answer streams"
+    );
+    screenshot(&user, "console-chat.png").await;
+    mock.release_held();
+    let answer = find_text(
+        &user,
+        "#messages article.msg.assistant .content",
+        "The end.",
+    )
+    .await;
+    wait_gone(&user, "#messages [aria-busy=true]").await;
+    let text = answer.text().await.expect("answer");
+    assert!(
+        text.starts_with("Hello from the held mock. The end."),
+        "{text}"
+    );
+    let rendered = user
+        .execute(
+            "const m = document.getElementById('messages'); return {
+              code: m.querySelectorAll('.msg.assistant pre code').length,
+              scripts: m.querySelectorAll('script').length,
+              handlers: [...m.querySelectorAll('*')].filter((e) => [...e.attributes].some((a) => a.name.startsWith('on'))).length,
+              xss: window.__xss === undefined ? null : window.__xss,
+              url: location.pathname + location.search }",
+            vec![],
+        )
         .await
-        .expect("call");
-    assert_eq!(resp.status(), 200, "{:?}", resp.text().await);
+        .expect("rendered answer");
+    assert_eq!(rendered["code"], 1, "{rendered}");
+    assert_eq!(rendered["scripts"], 0, "{rendered}");
+    assert_eq!(rendered["handlers"], 0, "{rendered}");
+    assert_eq!(rendered["xss"], Value::Null, "model output ran: {rendered}");
+    assert!(
+        rendered["url"]
+            .as_str()
+            .is_some_and(|u| u.starts_with("/chat?c=conv_")),
+        "{rendered}"
+    );
+    find_text(
+        &user,
+        "aside[aria-label=Conversations] li",
+        "Say hello to the zebra",
+    )
+    .await;
+
+    // ---- The usage page shows that request and its cost: 11 prompt tokens at $1/1M plus 7
+    // completion tokens at $2/1M = $0.000025.
     nav(&user, "Usage").await;
     let deadline = Instant::now() + WAIT;
     loop {
-        let cells = user
-            .find_all(Locator::Css("table[aria-label='Usage records'] .cost"))
+        let rows = user
+            .find_all(Locator::Css("table[aria-label='Usage records'] tbody tr"))
             .await
             .unwrap_or_default();
         let mut texts = Vec::new();
-        for c in &cells {
-            texts.push(c.text().await.unwrap_or_default());
+        for r in &rows {
+            texts.push(r.text().await.unwrap_or_default());
         }
-        if texts.iter().any(|t| t == "$0.000025") {
+        if texts.len() == 1 && texts[0].contains("$0.000025") && texts[0].contains("console chat") {
             break;
         }
         assert!(
             Instant::now() < deadline,
-            "no usage record with its cost: {texts:?}"
+            "no usage record of the chat with its cost: {texts:?}"
         );
         // The usage writer batches; ask again.
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -845,21 +972,158 @@ async fn console_in_chromium_user_and_admin_flows() {
     find_text(&user, ".cards", "Requests, 30 days").await;
     find(&user, "svg.chart rect").await;
     screenshot(&user, "console-overview.png").await;
+    // The gateway key works on /v1 too.
+    let resp = http
+        .post(format!("{base}/v1/chat/completions"))
+        .bearer_auth(&shown)
+        .json(&json!({"model": "gpt-test", "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .expect("call");
+    assert_eq!(resp.status(), 200, "{:?}", resp.text().await);
 
-    // ---- The chat page loads its modules (Markdown renderer included) and offers the catalog's
-    // chat models; its conversations need the chat API (§12), reported in words when missing.
+    // ---- A stream that breaks keeps what arrived and says so; regenerate replaces that answer.
     nav(&user, "Chat").await;
-    find_text(&user, "#chat-model option", "gpt-test").await;
-    let aside = find(&user, "aside[aria-label=Conversations]").await;
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let text = aside.text().await.expect("aside");
-        if text.contains("No conversations yet") || text.contains("not available on this server") {
-            break;
-        }
-        assert!(Instant::now() < deadline, "conversation list: {text}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
+    find_text(
+        &user,
+        "aside[aria-label=Conversations] li a",
+        "Say hello to the zebra",
+    )
+    .await
+    .click()
+    .await
+    .expect("open conversation");
+    find_text(&user, "#messages article.msg.assistant", "The end.").await;
+    fill(&user, "form.composer", &[("message", "And once more")]).await;
+    find(&user, "#chat-send").await.click().await.expect("send");
+    wait_for("the upstream to hold the second answer", || {
+        mock.held_waiting() == 2
+    })
+    .await;
+    find_text(&user, streaming, "Hello from the held mock.").await;
+    mock.break_held();
+    let failed = find_text(
+        &user,
+        "#messages article.msg.assistant [role=alert]",
+        "What arrived is kept",
+    )
+    .await;
+    let said = failed.text().await.expect("error");
+    assert!(said.contains("upstream"), "the error in words: {said}");
+    wait_gone(&user, "#messages [aria-busy=true]").await;
+    let kept = user
+        .find_all(Locator::Css("#messages article.msg.assistant .content"))
+        .await
+        .expect("answers");
+    assert_eq!(kept.len(), 2);
+    let kept = kept[1].text().await.expect("kept");
+    assert!(
+        kept.contains("Hello from the held mock.") && !kept.contains("The end."),
+        "{kept}"
+    );
+    find(&user, "#chat-regenerate:not([disabled])")
+        .await
+        .click()
+        .await
+        .expect("regenerate");
+    wait_for("the upstream to hold the regenerated answer", || {
+        mock.held_waiting() == 3
+    })
+    .await;
+    mock.release_held();
+    wait_gone(&user, "#messages [aria-busy=true]").await;
+    wait_gone(&user, "#messages [role=alert]").await;
+    // Stored as shown: after a reload, two questions and two whole answers.
+    user.refresh().await.expect("reload");
+    find_text(&user, "#messages article.msg.user", "And once more").await;
+    let answers = user
+        .find_all(Locator::Css("#messages article.msg.assistant .content"))
+        .await
+        .expect("answers");
+    assert_eq!(answers.len(), 2);
+    for a in &answers {
+        let t = a.text().await.expect("answer");
+        assert!(t.contains("The end."), "{t}");
     }
+
+    // ---- Rename (the title in the header and the list), search by message text.
+    click_button(&find(&user, ".chat-head").await, "Rename").await;
+    fill(&user, ".chat-head form", &[("title", "Zebra greetings")]).await;
+    submit(&user, ".chat-head form").await;
+    find_text(&user, "#chat-title", "Zebra greetings").await;
+    find_text(
+        &user,
+        "aside[aria-label=Conversations] li",
+        "Zebra greetings",
+    )
+    .await;
+    fill(
+        &user,
+        "aside form[role=search]",
+        &[("q", "nothingmatchesthis\u{E007}")],
+    )
+    .await;
+    find_text(
+        &user,
+        "aside[aria-label=Conversations]",
+        "No conversation matches",
+    )
+    .await;
+    fill(&user, "aside form[role=search]", &[("q", "zebra\u{E007}")]).await;
+    find_text(
+        &user,
+        "aside[aria-label=Conversations] li",
+        "Zebra greetings",
+    )
+    .await;
+
+    // ---- Share: the link opens in a fresh, signed-out browser, read-only, nothing runs.
+    click_button(&find(&user, ".chat-head").await, "Share").await;
+    let link = find(&user, "#share-url")
+        .await
+        .attr("href")
+        .await
+        .expect("href")
+        .expect("share url");
+    assert!(link.starts_with(&format!("{base}/share/")), "{link}");
+    let guest = browser(&driver).await;
+    // First, what a first visit costs: /chat in a browser with an empty cache loads the console
+    // and every module of the chat page (the Markdown libraries too) before it sends the visitor
+    // to sign in.
+    guest
+        .goto(&format!("{base}/chat"))
+        .await
+        .expect("first visit");
+    find(&guest, "form input[name=totp_code]").await;
+    let first_load = transferred(&guest, "vendor/dompurify/purify.es.mjs").await;
+    eprintln!("console: first load of /chat in Chromium, compressed: {first_load} bytes");
+    assert!(
+        first_load > 10 * 1024 && first_load < 300 * 1024,
+        "{first_load} bytes"
+    );
+    guest.goto(&link).await.expect("open share link");
+    find_text(&guest, "h1", "Zebra greetings").await;
+    find_text(&guest, "body", "Hello from the held mock. The end.").await;
+    let guest_state = guest
+        .execute(
+            "return { scripts: document.querySelectorAll('script').length, xss: window.__xss === undefined ? null : window.__xss, session: sessionStorage.length, code: document.querySelectorAll('pre code').length }",
+            vec![],
+        )
+        .await
+        .expect("shared page");
+    assert_eq!(
+        guest_state,
+        json!({"scripts": 0, "xss": null, "session": 0, "code": 2}),
+        "the shared page"
+    );
+    screenshot(&guest, "console-share.png").await;
+    // ---- Delete: gone from the list, and its link with it.
+    click_button(&find(&user, ".chat-head").await, "Delete").await;
+    accept_confirm(&user).await;
+    find_text(&user, "aside[aria-label=Conversations]", "No conversation").await;
+    guest.refresh().await.expect("reload shared page");
+    find_text(&guest, "body", "does not exist or was revoked").await;
+    guest.close().await.expect("close");
 
     // ---- A phone-sized screen still shows the page and its navigation.
     user.set_window_size(375, 800).await.expect("resize");
@@ -930,9 +1194,46 @@ async fn console_in_chromium_user_and_admin_flows() {
         refused.status()
     );
     nav(&admin, "Reports").await;
+    // Ada's four requests: the first chat answer, the one that broke, its regeneration and the
+    // call with her gateway key; the report's total is the API's.
+    let admin_token = session_token(&admin).await.expect("admin signed in");
+    let report: Value = http
+        .get(format!("{base}/api/admin/usage?group_by=user"))
+        .bearer_auth(&admin_token)
+        .send()
+        .await
+        .expect("report")
+        .json()
+        .await
+        .expect("report json");
+    assert_eq!(report["totals"]["requests"], 4, "{report}");
+    let cost = report["totals"]["cost_usd"].as_f64().expect("cost");
+    assert!(cost >= 3.0 * 0.000025, "{report}");
     let row = find_text(&admin, "#report tr", "total").await;
-    assert!(row.text().await.expect("row").contains("$0.000025"));
+    let text = row.text().await.expect("row");
+    assert!(text.contains(&format!("${cost:.6}")), "{text} vs {report}");
     find_text(&admin, "#report td", "ada").await; // the user id shown as the username
     screenshot(&admin, "console-admin-reports.png").await;
+
+    // ---- A session that ended behind the page's back: the next page load goes to sign-in, says
+    // why, and comes back to the page after.
+    let out = http
+        .post(format!("{base}/api/auth/logout"))
+        .bearer_auth(&admin_token)
+        .send()
+        .await
+        .expect("logout");
+    assert_eq!(out.status(), 204);
+    admin.refresh().await.expect("reload");
+    find_text(&admin, "main .notice", "Your session ended").await;
+    assert!(
+        admin
+            .current_url()
+            .await
+            .expect("url")
+            .as_str()
+            .contains("/signin?next=%2Fadmin%2Fusage")
+    );
+    assert!(session_token(&admin).await.is_none());
     admin.close().await.expect("close");
 }

@@ -63,6 +63,9 @@ function renderChrome(path) {
     h('button', { type: 'button', class: 'link', id: 'sign-out', onclick: signOut }, 'Sign out'));
 }
 
+/** The stored session was found ended on this load: sign-in says so. */
+let ended = false;
+
 let rendering = 0;
 async function render() {
   const ticket = ++rendering;
@@ -72,7 +75,8 @@ async function render() {
   const page = await import(`./pages/${name}.js`);
   if (ticket !== rendering) return;
   if (page.access !== 'public' && !session.token) {
-    go(`/signin?next=${encodeURIComponent(path)}`, { replace: true });
+    go(`/signin?next=${encodeURIComponent(path)}${ended ? '&ended=1' : ''}`, { replace: true });
+    ended = false;
     return;
   }
   if (page.access === 'admin' && session.user?.role !== 'admin') {
@@ -128,14 +132,16 @@ setExpiredHandler((message) => new Promise((resolve) => {
   dlg.showModal();
 }));
 
-// A stored token is checked once per load; the user (role, balance) comes with it.
+// A stored token is checked once per load; the user (role, balance) comes with it. Only the
+// server saying the token is no good (401) forgets it: a busy or unreachable server does not sign
+// anyone out, and the page's own calls then show what is wrong.
 (async () => {
   if (session.token) {
     try {
       const v = await api.get('/api/auth/verify', undefined, { retry: false });
       session.setUser(v.user);
-    } catch {
-      session.clear();
+    } catch (e) {
+      if (e.status === 401) { session.clear(); ended = true; }
     }
   }
   render();

@@ -1,7 +1,8 @@
 //! The per-client-address rate limit of `/api/auth/*` (`auth.ip_rpm`): sign-in, registration,
 //! enrolment confirmation and password reset are anonymous, and each costs an argon2 check and a
 //! database write, so one address gets at most `ip_rpm` of them a minute (a burst of as many),
-//! answered 429 `rate_limit_exceeded` with `retry-after` beyond that.
+//! answered 429 `rate_limit_exceeded` with `retry-after` beyond that. `verify` and `logout` need
+//! a valid access token and are not counted (`edge::throttle_auth`).
 //!
 //! The address is the one the rest of the gateway uses (`server.trust_forwarded_for` decides
 //! whether `X-Forwarded-For` counts). IPv6 clients are counted per /64, the block one subscriber

@@ -104,7 +104,7 @@ pub fn page(conv: &Value) -> String {
          <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
          <title>{title}</title>\
          <style>body{{font-family:system-ui,sans-serif;max-width:48rem;margin:2rem auto;padding:0 1rem;line-height:1.5}}\
-         .msg{{border-top:1px solid #ddd;padding:.5rem 0}}.msg h2{{font-size:.9rem;text-transform:capitalize;color:#555}}\
+         .msg{{border-top:1px solid #ddd;padding:.5rem 0}}.msg h2{{font-size:.9rem;text-transform:capitalize;color:#555}}.msg h2 small{{text-transform:none}}\
          pre{{overflow:auto;background:#f6f6f6;padding:.5rem}}</style></head>\
          <body><h1>{title}</h1>\n{body}</body></html>\n"
     )

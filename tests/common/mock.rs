@@ -10,6 +10,11 @@
 //! bursts of five failures (503, a reset, 500, 502, then a 429 with `retry-after: 1`: four in a
 //! row before the cool-down, so a breaker threshold up to 4 opens in any timing) then five answers —
 //! half its requests fail — until [`Mock::heal`]. [`Mock::count`] counts the requests per model.
+//!
+//! `held`: a streamed answer in Markdown ([`HELD_HEAD`], then [`HELD_TAIL`]) that stops after its
+//! head until the test says how it ends: [`Mock::release_held`] sends the rest, usage and
+//! `[DONE]`; [`Mock::break_held`] breaks the connection instead. [`Mock::held_waiting`] counts
+//! the streams stopped there so far. Not streamed, it answers at once as `normal` does.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -36,7 +41,6 @@ pub struct Recorded {
     pub raw: Bytes,
 }
 
-#[derive(Default)]
 struct Inner {
     requests: Mutex<Vec<Recorded>>,
     /// Streams whose body was dropped before it finished (the gateway cancelled them).
@@ -49,6 +53,29 @@ struct Inner {
     /// Requests whose body had begun to arrive (counted at its first bytes, before the rest).
     bodies_started: AtomicUsize,
     speech_gate: super::media_mock::SpeechGate,
+    /// How each `held` stream ends, in order: `true` finishes it, `false` breaks it.
+    held_tx: tokio::sync::mpsc::UnboundedSender<bool>,
+    held_rx: tokio::sync::Mutex<tokio::sync::mpsc::UnboundedReceiver<bool>>,
+    /// `held` streams that reached the hold.
+    held_waiting: AtomicUsize,
+}
+
+impl Default for Inner {
+    fn default() -> Self {
+        let (held_tx, held_rx) = tokio::sync::mpsc::unbounded_channel();
+        Self {
+            requests: Mutex::default(),
+            cancelled: AtomicUsize::default(),
+            finished: AtomicUsize::default(),
+            flaky: AtomicUsize::default(),
+            healed: std::sync::atomic::AtomicBool::default(),
+            bodies_started: AtomicUsize::default(),
+            speech_gate: super::media_mock::SpeechGate::default(),
+            held_tx,
+            held_rx: tokio::sync::Mutex::new(held_rx),
+            held_waiting: AtomicUsize::default(),
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -111,6 +138,21 @@ impl Mock {
     /// Requests whose body had begun to arrive.
     pub fn bodies_started(&self) -> usize {
         self.inner.bodies_started.load(Ordering::SeqCst)
+    }
+
+    /// The next `held` stream (or the one waiting now) sends the rest of its answer.
+    pub fn release_held(&self) {
+        self.inner.held_tx.send(true).expect("mock running");
+    }
+
+    /// The next `held` stream (or the one waiting now) breaks its connection after its head.
+    pub fn break_held(&self) {
+        self.inner.held_tx.send(false).expect("mock running");
+    }
+
+    /// `held` streams that have sent their head and stopped (so far, in all).
+    pub fn held_waiting(&self) -> usize {
+        self.inner.held_waiting.load(Ordering::SeqCst)
     }
 
     /// Holds the `tts-held` behaviour's audio after its first chunk.
@@ -185,6 +227,11 @@ fn usage(cached: bool) -> Value {
 }
 
 const WORDS: [&str; 3] = ["Hello", " from", " mock"];
+
+/// The `held` behaviour's answer up to its hold, in the pieces it streams.
+pub const HELD_HEAD: [&str; 3] = ["Hello", " from the", " **held** mock."];
+/// The rest of the `held` answer: a code block, and markup that must not run.
+pub const HELD_TAIL: &str = " The end.\n\n```rust\nfn main() {}\n```\n\n<img src=x onerror=\"window.__xss=7\"><script>window.__xss=8</script>";
 
 /// What the `tool` behaviour calls: the call's id and its arguments, in the pieces a stream sends.
 pub const TOOL_CALL_ID: &str = "call_mock_1";
@@ -330,6 +377,7 @@ async fn handle(
         _ => Duration::ZERO,
     };
     let cut = behaviour == "cut";
+    let held = behaviour == "held";
     let sse = |chunk: Value| format!("data: {chunk}\n\n").into_bytes();
     let mut events: Vec<Vec<u8>> = if let Some(name) = &tool_call {
         // The call's id and name first, the arguments in pieces, then the finish reason.
@@ -349,6 +397,16 @@ async fn handle(
             "choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]}),
         ));
         ev
+    } else if held && chat {
+        HELD_HEAD
+            .iter()
+            .chain(std::iter::once(&HELD_TAIL))
+            .map(|w| {
+                let chunk = json!({"id": "c", "object": "chat.completion.chunk", "created": 1, "model": model,
+                    "choices": [{"index": 0, "delta": {"content": w}, "finish_reason": null}]});
+                format!("data: {chunk}\n\n").into_bytes()
+            })
+            .collect()
     } else {
         WORDS
         .iter()
@@ -380,12 +438,23 @@ async fn handle(
         inner: inner.clone(),
         done: false,
     };
-    let s = futures_util::stream::unfold(
-        (0usize, events, guard),
-        move |(i, events, mut guard)| async move {
+    let s = futures_util::stream::unfold((0usize, events, guard), move |(i, events, mut guard)| {
+        let inner = inner.clone();
+        async move {
             if i >= total {
                 guard.mark_done();
                 return None;
+            }
+            if held && chat && i == HELD_HEAD.len() {
+                inner.held_waiting.fetch_add(1, Ordering::SeqCst);
+                let finish = inner.held_rx.lock().await.recv().await.unwrap_or(false);
+                if !finish {
+                    guard.mark_done();
+                    return Some((
+                        Err::<Bytes, std::io::Error>(std::io::Error::other("held: broken")),
+                        (total, events, guard),
+                    ));
+                }
             }
             if cut && i == 2 {
                 // Let what was sent reach the gateway before the connection breaks.
@@ -400,8 +469,8 @@ async fn handle(
                 tokio::time::sleep(delay).await;
             }
             Some((Ok(Bytes::from(events[i].clone())), (i + 1, events, guard)))
-        },
-    )
+        }
+    })
     .boxed();
     Response::builder()
         .header(header::CONTENT_TYPE, "text/event-stream")

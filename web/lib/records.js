@@ -5,7 +5,7 @@ import { usd, int, when, dayStart, dayEnd } from './format.js';
 import { field, pagedTable, csv, download, action } from './ui.js';
 
 export const COLUMNS = [
-  ['at', (r) => r.at], ['user_id', (r) => r.user_id ?? ''], ['key_id', (r) => r.key_id ?? ''], ['model', (r) => r.model],
+  ['at', (r) => r.at], ['user_id', (r) => r.user_id ?? ''], ['key_id', (r) => r.key_id ?? ''], ['source', (r) => r.source ?? ''], ['model', (r) => r.model],
   ['provider', (r) => r.provider], ['endpoint', (r) => r.endpoint], ['stream', (r) => r.stream], ['status', (r) => r.status],
   ['prompt_tokens', (r) => r.prompt_tokens], ['completion_tokens', (r) => r.completion_tokens], ['cached_tokens', (r) => r.cached_tokens],
   ['cost_usd', (r) => r.cost_usd], ['latency_ms', (r) => r.latency_ms], ['ttft_ms', (r) => r.ttft_ms ?? ''],
@@ -17,12 +17,12 @@ export function recordsView(path, { extraFields = [], fileName = 'usage' } = {})
   let filters = {};
   const table = pagedTable({
     label: 'Usage records',
-    emptyText: 'No requests match. Requests made with your gateway keys appear here within seconds.',
+    emptyText: 'No requests match. Requests made with your gateway keys or in the chat appear here within seconds.',
     load: (page) => api.get(path, { ...filters, page, per_page: 20 }),
     columns: [
       ['When', (r) => when(r.at)],
       ['Model', (r) => r.model],
-      ['Endpoint', (r) => r.endpoint, { narrow: true }],
+      ['Endpoint', (r) => (r.source === 'chat' ? `${r.endpoint} (console chat)` : r.endpoint), { narrow: true }],
       ['Status', (r) => h('span', { class: `badge ${r.status < 400 ? 'on' : 'bad'}` }, String(r.status))],
       ['Tokens in / out', (r) => `${int(r.prompt_tokens)} / ${int(r.completion_tokens)}${r.tokens_estimated ? ' (est.)' : ''}`, { num: true }],
       ['Cost', (r) => h('span', { class: 'cost' }, usd(r.cost_usd)), { num: true }],

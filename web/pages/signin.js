@@ -9,8 +9,10 @@ export const access = 'public';
 export function render(main, { go }) {
   const next = new URLSearchParams(location.search).get('next');
   const target = next && next.startsWith('/') && !next.startsWith('//') ? next : '/';
+  const ended = new URLSearchParams(location.search).has('ended');
   main.append(h('div', { class: 'narrow' },
     h('h1', {}, 'Sign in'),
+    ended ? h('p', { class: 'notice', role: 'alert' }, 'Your session ended (it expired or you signed out elsewhere). Sign in again to continue.') : null,
     form({
       submit: 'Sign in',
       onsubmit: async (v) => {
