@@ -89,7 +89,11 @@ fn run() -> anyhow::Result<()> {
     let ns: Vec<usize> = std::env::var("STREAMS_N")
         .unwrap_or_else(|_| "1000,5000,10000".into())
         .split(',')
-        .map(|s| s.trim().parse().context("STREAMS_N: comma-separated counts"))
+        .map(|s| {
+            s.trim()
+                .parse()
+                .context("STREAMS_N: comma-separated counts")
+        })
         .collect::<anyhow::Result<_>>()?;
     ensure!(
         !ns.is_empty() && ns.iter().all(|&n| n > 0),
@@ -105,9 +109,8 @@ fn run() -> anyhow::Result<()> {
     // raise RLIMIT_NOFILE as far as allowed (children inherit it) and skip the counts it cannot
     // hold (raising the hard limit needs CAP_SYS_RESOURCE).
     let files = raise_nofile((max_n as u64 * 2 + 1024).max(65_536));
-    let (ns, skipped): (Vec<usize>, Vec<usize>) = ns
-        .into_iter()
-        .partition(|&n| n as u64 * 2 + 512 <= files);
+    let (ns, skipped): (Vec<usize>, Vec<usize>) =
+        ns.into_iter().partition(|&n| n as u64 * 2 + 512 <= files);
     let max_n = ns.iter().copied().max().unwrap_or(0);
 
     let mut log = Log(String::new());
@@ -127,7 +130,13 @@ fn run() -> anyhow::Result<()> {
         "STREAMS_NGINX",
         &["/usr/sbin/nginx", "/usr/local/sbin/nginx"],
     ) {
-        Some(bin) => Some(Nginx::start(&bin, tmp.path(), &upstream_rt, &upstream, max_n)?),
+        Some(bin) => Some(Nginx::start(
+            &bin,
+            tmp.path(),
+            &upstream_rt,
+            &upstream,
+            max_n,
+        )?),
         None => {
             eprintln!("streams: nginx not found (apt-get install -y nginx-light): tollgate alone");
             None
@@ -203,7 +212,11 @@ fn run() -> anyhow::Result<()> {
     let records = ctl.block_on(tollgate.count_records(want))?;
     log.say(format!(
         "usage records: {records} written for {want} streams tollgate completed ({})",
-        if records == want { "exact" } else { "NOT exact" }
+        if records == want {
+            "exact"
+        } else {
+            "NOT exact"
+        }
     ));
 
     log.say(String::new());
@@ -287,7 +300,9 @@ fn raise_nofile(want: u64) -> u64 {
             .status()
             .is_ok_and(|s| s.success())
     };
-    if !set(want) && let Some(hard) = nofile(4) {
+    if !set(want)
+        && let Some(hard) = nofile(4)
+    {
         set(hard);
     }
     nofile(3).unwrap_or(0)
@@ -328,7 +343,10 @@ struct UpstreamState {
 
 impl UpstreamState {
     fn new(events: usize) -> Self {
-        let event = format!("data: {}\n\n", common::content_chunk(UPSTREAM_MODEL, " tok"));
+        let event = format!(
+            "data: {}\n\n",
+            common::content_chunk(UPSTREAM_MODEL, " tok")
+        );
         let usage = serde_json::json!({
             "id": "chatcmpl-bench0000000000000000000000", "object": "chat.completion.chunk",
             "created": 1_700_000_000, "model": UPSTREAM_MODEL, "choices": [],
@@ -365,10 +383,8 @@ impl Body for Paced {
         if this.done {
             return Poll::Ready(None);
         }
-        if this.sent > 0 {
-            if this.sleep.as_mut().poll(cx).is_pending() {
-                return Poll::Pending;
-            }
+        if this.sent > 0 && this.sleep.as_mut().poll(cx).is_pending() {
+            return Poll::Pending;
         }
         if this.sent == this.st.events {
             this.done = true;
@@ -781,17 +797,11 @@ impl Proxy<'_> {
     }
 
     fn rss_kib(&self) -> u64 {
-        self.pids()
-            .iter()
-            .filter_map(|p| vm_kb(*p, "VmRSS"))
-            .sum()
+        self.pids().iter().filter_map(|p| vm_kb(*p, "VmRSS")).sum()
     }
 
     fn cpu_ticks(&self) -> u64 {
-        self.pids()
-            .iter()
-            .filter_map(|p| proc_cpu_ticks(*p))
-            .sum()
+        self.pids().iter().filter_map(|p| proc_cpu_ticks(*p)).sum()
     }
 }
 
@@ -928,12 +938,7 @@ impl RunResult {
             self.starved
         );
         if !self.errors.is_empty() {
-            let _ = write!(
-                s,
-                "; {} failed, e.g. {}",
-                self.errors.len(),
-                self.errors[0]
-            );
+            let _ = write!(s, "; {} failed, e.g. {}", self.errors.len(), self.errors[0]);
         }
         s
     }

@@ -113,8 +113,8 @@ impl Upstream {
                     }
                     // Let the gateway read to the end before the socket closes.
                     let mut rest = [0u8; 64];
-                    let _ = tokio::time::timeout(Duration::from_secs(60), conn.read(&mut rest))
-                        .await;
+                    let _ =
+                        tokio::time::timeout(Duration::from_secs(60), conn.read(&mut rest)).await;
                 });
             }
         });
@@ -214,8 +214,7 @@ async fn setup(app: &TestApp, upstream: &Upstream) -> (String, String) {
 /// read the response head, and nothing of the body yet.
 async fn open_slow_stream(app: &TestApp, key: &str) -> hyper::Response<Incoming> {
     let sock = TcpSocket::new_v4().expect("socket");
-    sock.set_recv_buffer_size(CLIENT_RCVBUF)
-        .expect("SO_RCVBUF");
+    sock.set_recv_buffer_size(CLIENT_RCVBUF).expect("SO_RCVBUF");
     let stream = sock.connect(app.addr).await.expect("connect");
     let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
@@ -402,10 +401,13 @@ async fn two_hundred_slow_readers_stay_bounded() {
         "an upstream got {} KiB out while its client read nothing",
         most / 1024
     );
-    // What the gateway holds per paused stream, with room for the connections' own state (the
-    // clients and upstreams of this test live in the same process).
+    // What the gateway holds per paused stream — hyper's 64 KiB each way, a gathered frame, the
+    // scanner's chunk, and up to 256 KiB of answer text kept for an estimate (these events are
+    // all text) — with room for the connections' own state and this test's clients and
+    // upstreams, which live in the same process. Measured ~650 KiB, the same with 3 MiB offered
+    // per stream as with 16 MiB: it does not grow with what the upstream offers.
     assert!(
-        grown_kb <= STREAMS as u64 * 512,
+        grown_kb <= STREAMS as u64 * 1024,
         "the gateway grew by {grown_kb} KiB for {STREAMS} paused streams"
     );
 
@@ -452,5 +454,8 @@ async fn two_hundred_slow_readers_stay_bounded() {
         .count(&app.state.db)
         .await
         .expect("count");
-    assert_eq!(estimated, 0, "the completed streams carry the upstream's usage");
+    assert_eq!(
+        estimated, 0,
+        "the completed streams carry the upstream's usage"
+    );
 }

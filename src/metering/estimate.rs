@@ -237,7 +237,11 @@ mod tests {
         let all: usize = chunks.iter().map(Bytes::len).sum();
         assert!(all > 10 * FOLD_AT && all < ESTIMATE_KEEP_BYTES);
         assert_eq!(kept.kept_bytes, all);
-        assert!(kept.folded.len() < all / 10, "{} bytes of text", kept.folded.len());
+        assert!(
+            kept.folded.len() < all / 10,
+            "{} bytes of text",
+            kept.folded.len()
+        );
         let want = completion_tokens(Endpoint::ChatCompletions, &chunks);
         assert!(want > 3000);
         let e = estimate(
