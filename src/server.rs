@@ -84,7 +84,9 @@ pub async fn serve(
     builder
         .http1()
         .timer(hyper_util::rt::TokioTimer::new())
-        .keep_alive(true);
+        .keep_alive(true)
+        // Bounds what a client that reads slowly makes the connection hold (see the constant).
+        .max_buf_size(crate::proxy::stream::CONN_BUF_BYTES);
     builder.http2().timer(hyper_util::rt::TokioTimer::new());
     let mut workers = Workers::start(state.config.workers())?;
     // The proxied `/v1` routes skip the router (see `edge`), unless CORS needs its layer.

@@ -106,6 +106,13 @@ fn completion_tokens_counted(endpoint: Endpoint, payloads: &[Bytes], tokenized: 
         return 0;
     }
     let mut text = String::new();
+    completion_text(payloads, &mut text);
+    count(&text, tokenized)
+}
+
+/// Appends the answer text of `payloads` (chat deltas and messages, tool calls, completion
+/// texts) to `text`: what the completion estimate tokenizes.
+pub fn completion_text(payloads: &[Bytes], text: &mut String) {
     for p in payloads {
         let Ok(v) = serde_json::from_slice::<Value>(p) else {
             continue;
@@ -127,11 +134,10 @@ fn completion_tokens_counted(endpoint: Endpoint, payloads: &[Bytes], tokenized: 
             .flatten()
             {
                 // Deltas concatenate: no separator, or every chunk would add a token.
-                strings(field, &mut text, "");
+                strings(field, text, "");
             }
         }
     }
-    count(&text, tokenized)
 }
 
 /// An estimate and the bytes the tokenizer ran over to make it (at most
@@ -157,7 +163,14 @@ pub fn estimate(endpoint: Endpoint, input: &EstimateInput) -> Estimate {
         } else if r.kept_bytes == 0 {
             by_bytes(r.total_bytes)
         } else {
-            let kept = completion_tokens_counted(endpoint, &r.payloads, &mut tokenized);
+            let kept = if matches!(endpoint, Endpoint::CountTokens) || endpoint.media() {
+                0
+            } else {
+                // The folded payloads' text, then the rest's: the same text in the same order.
+                let mut text = r.folded.clone();
+                completion_text(&r.payloads, &mut text);
+                count(&text, &mut tokenized)
+            };
             // The rest at the kept payloads' rate (exact when everything was kept).
             let scaled = i128::from(kept) * r.total_bytes as i128 / r.kept_bytes as i128;
             i64::try_from(scaled).unwrap_or(i64::MAX)
@@ -195,6 +208,50 @@ mod tests {
             br#"{"model":"e","input":["a b c","d"]}"#,
         );
         assert!(e >= 2);
+    }
+
+    /// A long stream's kept payloads are folded into their text as they come: it holds the
+    /// text, not the chunks, and the estimate is the one the chunks themselves give.
+    #[test]
+    fn folded_stream_payloads_hold_their_text_and_estimate_the_same() {
+        use crate::metering::event::{FOLD_AT, KeptPayloads};
+        let chunks: Vec<Bytes> = (0..3000)
+            .map(|i| {
+                let v = if i % 500 == 7 {
+                    serde_json::json!({"id": "c", "object": "chat.completion.chunk", "choices": [{"index": 0,
+                        "delta": {"tool_calls": [{"index": 0, "function": {"arguments": format!("{{\"n\":{i}}}")}}]}}]})
+                } else {
+                    serde_json::json!({"id": "chatcmpl-0123456789", "object": "chat.completion.chunk",
+                        "created": 1, "model": "m", "choices": [{"index": 0,
+                        "delta": {"content": format!(" word{i}")}, "finish_reason": null}]})
+                };
+                Bytes::from(serde_json::to_vec(&v).expect("json"))
+            })
+            .collect();
+        let mut kept = KeptPayloads::default();
+        for c in &chunks {
+            kept.push(c.clone());
+            let held: usize = kept.payloads.iter().map(Bytes::len).sum();
+            assert!(held < FOLD_AT + c.len(), "{held} bytes of chunks held");
+        }
+        let all: usize = chunks.iter().map(Bytes::len).sum();
+        assert!(all > 10 * FOLD_AT && all < ESTIMATE_KEEP_BYTES);
+        assert_eq!(kept.kept_bytes, all);
+        assert!(
+            kept.folded.len() < all / 10,
+            "{} bytes of text",
+            kept.folded.len()
+        );
+        let want = completion_tokens(Endpoint::ChatCompletions, &chunks);
+        assert!(want > 3000);
+        let e = estimate(
+            Endpoint::ChatCompletions,
+            &EstimateInput {
+                response: kept,
+                ..Default::default()
+            },
+        );
+        assert_eq!(e.usage.completion, want);
     }
 
     /// Whatever the sizes, the tokenizer sees at most the kept bytes, and the estimate grows

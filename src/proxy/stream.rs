@@ -206,6 +206,15 @@ fn data_of(raw: &Bytes) -> Option<Bytes> {
 /// Mapped events are sent once this much is gathered, even while the upstream has more at hand.
 const FLUSH_AT: usize = 16 * 1024;
 
+/// The most hyper buffers per HTTP/1.1 connection each way: a client connection's queued writes
+/// (`src/server.rs`) and an upstream connection's read buffer (`proxy/upstream/pool.rs`); also
+/// the largest request or response head accepted. hyper's default is ~400 KiB, which a client
+/// that stops reading fills on each side: about 1 MiB held per slow stream (measured,
+/// `tests/backpressure.rs`). With 64 KiB a paused stream holds at most this on each connection,
+/// plus one gathered frame ([`FLUSH_AT`] and an event) and the event being scanned; the body is
+/// only polled when hyper has room, so the upstream is then not read until the client reads.
+pub const CONN_BUF_BYTES: usize = 64 * 1024;
+
 /// The room a frame's buffer starts with.
 const OUT_CHUNK: usize = 2048;
 

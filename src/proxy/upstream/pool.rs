@@ -221,7 +221,10 @@ where
                 .or_insert_with(|| tx.clone());
             Ok(Conn::H2(tx))
         } else {
-            let (mut tx, conn) = http1::handshake(io).await?;
+            let (mut tx, conn) = http1::Builder::new()
+                .max_buf_size(crate::proxy::stream::CONN_BUF_BYTES)
+                .handshake(io)
+                .await?;
             tokio::spawn(async move {
                 if let Err(e) = conn.await {
                     tracing::debug!(error = %e, "upstream connection ended");

@@ -1,0 +1,1169 @@
+//! Long-lived streams (issue 24): N clients hold streams open at once while the upstream answers
+//! each with a 30-second stream, one `chat.completion.chunk` event every 100 ms, then a usage
+//! chunk and `[DONE]`. The same load goes through the real `tollgate serve` binary and through a
+//! bare nginx hop (the load harness's settings: upstream `keepalive 64`, `proxy_http_version
+//! 1.1`, `proxy_buffering off`) to the same upstream; per proxy and N it reports:
+//!
+//! * RSS per open stream: (RSS at the plateau − RSS idle before the run) / N, from
+//!   `/proc/<pid>/status` (nginx: master + workers);
+//! * CPU per relayed event: utime + stime of the proxy over the steady window (every stream
+//!   open, none ended) ÷ the events the clients received in it;
+//! * time to first byte p50 / p99 (request written → first event read; the upstream sends its
+//!   first event at once);
+//! * inter-event delay p50 / p99 / max: per stream, the gap between consecutive content events
+//!   minus the upstream's 100 ms;
+//! * starved streams: any gap over 1 s, or a stream that failed or ended early.
+//!
+//! `cargo bench --bench streams` (release profile). Loopback only; writes
+//! `benches/results/streams.txt`. Environment: `STREAMS_N` (default `1000,5000,10000`),
+//! `LONG_STREAM_SECS` (default 30), `STREAMS_RAMP_PER_SEC` (new streams per second while
+//! opening, default 2000), `STREAMS_SRC_ADDRS` (client source addresses 127.0.0.1..=127.0.0.x,
+//! default 4), `STREAMS_TOLLGATE_BIN` (the binary to measure; default this build's),
+//! `STREAMS_NGINX` (an nginx binary; `none` to measure tollgate alone).
+
+mod common;
+
+use std::convert::Infallible;
+use std::fmt::Write as _;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context as TaskContext, Poll};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail, ensure};
+use bytes::Bytes;
+use http::{Request, Response, StatusCode, header};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::{TcpListener, TcpSocket};
+use tokio::runtime::Runtime;
+use tollgate::crypto::{KeyRing, generate_master_key, parse_master_key};
+use tollgate::store;
+
+use common::{Fixture, UPSTREAM_MODEL};
+
+/// The upstream's pace.
+const EVENT_EVERY: Duration = Duration::from_millis(100);
+/// A gap longer than this starves a stream.
+const STARVED_GAP: Duration = Duration::from_secs(1);
+const US_PER_TICK: f64 = 10_000.0;
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("streams: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn env_u64(name: &str, default: u64) -> anyhow::Result<u64> {
+    match std::env::var(name) {
+        Ok(v) => v
+            .trim()
+            .parse()
+            .with_context(|| format!("{name}={v}: not a number")),
+        Err(_) => Ok(default),
+    }
+}
+
+struct Log(String);
+
+impl Log {
+    fn say(&mut self, line: impl AsRef<str>) {
+        println!("{}", line.as_ref());
+        self.0.push_str(line.as_ref());
+        self.0.push('\n');
+    }
+}
+
+fn run() -> anyhow::Result<()> {
+    let ns: Vec<usize> = std::env::var("STREAMS_N")
+        .unwrap_or_else(|_| "1000,5000,10000".into())
+        .split(',')
+        .map(|s| {
+            s.trim()
+                .parse()
+                .context("STREAMS_N: comma-separated counts")
+        })
+        .collect::<anyhow::Result<_>>()?;
+    ensure!(
+        !ns.is_empty() && ns.iter().all(|&n| n > 0),
+        "STREAMS_N: at least one count"
+    );
+    let secs = env_u64("LONG_STREAM_SECS", 30)?.max(3);
+    let ramp = env_u64("STREAMS_RAMP_PER_SEC", 2000)?.max(1);
+    let src_addrs = env_u64("STREAMS_SRC_ADDRS", 4)?.clamp(1, 250) as u8;
+    let events = (secs * 1000 / EVENT_EVERY.as_millis() as u64) as usize;
+    let max_n = ns.iter().copied().max().unwrap_or(0);
+
+    // This process holds each stream's client socket and upstream socket, the proxy its two:
+    // raise RLIMIT_NOFILE as far as allowed (children inherit it) and skip the counts it cannot
+    // hold (raising the hard limit needs CAP_SYS_RESOURCE).
+    let files = raise_nofile((max_n as u64 * 2 + 1024).max(65_536));
+    let (ns, skipped): (Vec<usize>, Vec<usize>) =
+        ns.into_iter().partition(|&n| n as u64 * 2 + 512 <= files);
+    let max_n = ns.iter().copied().max().unwrap_or(0);
+
+    let mut log = Log(String::new());
+    let tmp = tempfile::tempdir()?;
+    let upstream_rt = runtime("streams-upstream")?;
+    let client_rt = runtime("streams-client")?;
+    let ctl = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let upstream = Arc::new(UpstreamState::new(events));
+
+    // tollgate, then nginx, each with an upstream listener of its own (a fresh port per run,
+    // so the TIME_WAITs one run leaves do not meet the next).
+    let tollgate = Tollgate::start(&ctl, tmp.path(), &upstream_rt, &upstream, max_n)?;
+    let nginx = match find_program(
+        "nginx",
+        "STREAMS_NGINX",
+        &["/usr/sbin/nginx", "/usr/local/sbin/nginx"],
+    ) {
+        Some(bin) => Some(Nginx::start(
+            &bin,
+            tmp.path(),
+            &upstream_rt,
+            &upstream,
+            max_n,
+        )?),
+        None => {
+            eprintln!("streams: nginx not found (apt-get install -y nginx-light): tollgate alone");
+            None
+        }
+    };
+
+    log.say(format!(
+        "# Long-lived streams — {} UTC",
+        chrono::Utc::now().format("%Y-%m-%d %H:%M")
+    ));
+    log.say(format!(
+        "machine: {} × {}, load average before: {}; RLIMIT_NOFILE {files}",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        cpu_model(),
+        loadavg()
+    ));
+    log.say(format!(
+        "tollgate: {} (pid {}); reference: {}",
+        tollgate.bin.display(),
+        tollgate.child.id(),
+        nginx.as_ref().map_or_else(
+            || "none".into(),
+            |n| format!("{} (worker_processes 2, keepalive 64, proxy_http_version 1.1, proxy_buffering off)", n.version)
+        )
+    ));
+    for n in &skipped {
+        log.say(format!(
+            "N={n} SKIPPED: it needs about {} open files in this process and in the proxy; RLIMIT_NOFILE is {files} here and could not be raised (the hard limit needs CAP_SYS_RESOURCE)",
+            n * 2 + 512
+        ));
+    }
+    ensure!(!ns.is_empty(), "no stream count fits RLIMIT_NOFILE {files}");
+    log.say(format!(
+        "each stream: {events} content events {} ms apart ({secs} s), then usage + [DONE]; streams opened at {ramp}/s from {src_addrs} source address(es)",
+        EVENT_EVERY.as_millis()
+    ));
+
+    let mut results: Vec<(usize, RunResult, Option<RunResult>)> = Vec::new();
+    for &n in &ns {
+        let params = RunParams {
+            n,
+            events,
+            ramp,
+            src_addrs,
+        };
+        let t = run_streams(
+            &client_rt,
+            &upstream,
+            &Proxy::Tollgate(&tollgate),
+            &params,
+            &tollgate.fixture,
+        )?;
+        log.say(format!("N={n} tollgate: {}", t.line()));
+        let g = match &nginx {
+            Some(ng) => {
+                let r = run_streams(
+                    &client_rt,
+                    &upstream,
+                    &Proxy::Nginx(ng),
+                    &params,
+                    &tollgate.fixture,
+                )?;
+                log.say(format!("N={n} nginx:    {}", r.line()));
+                Some(r)
+            }
+            None => None,
+        };
+        results.push((n, t, g));
+    }
+
+    // Every stream tollgate completed is one usage record.
+    let want: u64 = results.iter().map(|(_, t, _)| t.completed as u64).sum();
+    let records = ctl.block_on(tollgate.count_records(want))?;
+    log.say(format!(
+        "usage records: {records} written for {want} streams tollgate completed ({})",
+        if records == want {
+            "exact"
+        } else {
+            "NOT exact"
+        }
+    ));
+
+    log.say(String::new());
+    table(&mut log, &results);
+    drop(nginx);
+    tollgate.stop();
+
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/results/streams.txt");
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&path, &log.0)?;
+    println!("written to {}", path.display());
+    Ok(())
+}
+
+fn table(log: &mut Log, results: &[(usize, RunResult, Option<RunResult>)]) {
+    log.say(
+        "| N | proxy | RSS / stream | CPU µs / event | TTFB p50 / p99 | inter-event delay p50 / p99 / max | starved |",
+    );
+    log.say("|---|---|---|---|---|---|---|");
+    for (n, t, g) in results {
+        for (name, r) in [("tollgate", Some(t)), ("nginx", g.as_ref())] {
+            let Some(r) = r else { continue };
+            log.say(format!(
+                "| {n} | {name} | {:.1} KiB | {:.2} | {:.2} / {:.2} ms | {:.2} / {:.2} / {:.1} ms | {} of {n} |",
+                r.rss_per_stream_kib,
+                r.cpu_us_per_event,
+                r.ttfb_ms.0,
+                r.ttfb_ms.1,
+                r.delay_ms.0,
+                r.delay_ms.1,
+                r.delay_ms.2,
+                r.starved
+            ));
+        }
+    }
+    log.say(String::new());
+    log.say("Goals at each N: RSS per open stream < 32 KiB; added inter-event p99 (tollgate − nginx) < 5 ms; no stream starved.");
+    for (n, t, g) in results {
+        let added_p99 = g.as_ref().map(|g| t.delay_ms.1 - g.delay_ms.1);
+        let added_ttfb = g
+            .as_ref()
+            .map(|g| (t.ttfb_ms.0 - g.ttfb_ms.0, t.ttfb_ms.1 - g.ttfb_ms.1));
+        log.say(format!(
+            "N={n}: RSS {:.1} KiB/stream ({}), added inter-event p99 {} ({}), starved {} ({}); added TTFB p50/p99 {}; CPU/event {}",
+            t.rss_per_stream_kib,
+            met(t.rss_per_stream_kib < 32.0),
+            added_p99.map_or("?".into(), |v| format!("{v:+.2} ms")),
+            added_p99.map_or("no reference", |v| met(v < 5.0)),
+            t.starved,
+            met(t.starved == 0),
+            added_ttfb.map_or("?".into(), |(a, b)| format!("{a:+.2} / {b:+.2} ms")),
+            g.as_ref().map_or_else(
+                || format!("{:.2} µs", t.cpu_us_per_event),
+                |g| format!(
+                    "{:.2} vs {:.2} µs ({:.2}×)",
+                    t.cpu_us_per_event,
+                    g.cpu_us_per_event,
+                    t.cpu_us_per_event / g.cpu_us_per_event.max(1e-9)
+                )
+            ),
+        ));
+    }
+}
+
+fn met(ok: bool) -> &'static str {
+    if ok { "met" } else { "NOT met" }
+}
+
+/// Raises RLIMIT_NOFILE to `want` (soft and hard; root with CAP_SYS_RESOURCE may), else the soft
+/// limit to the hard one, with util-linux's `prlimit` (the crate forbids `unsafe`, so no direct
+/// `setrlimit`); returns the soft limit in force.
+fn raise_nofile(want: u64) -> u64 {
+    let pid = std::process::id().to_string();
+    let set = |v: u64| {
+        Command::new("prlimit")
+            .args(["--pid", &pid, &format!("--nofile={v}:{v}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !set(want)
+        && let Some(hard) = nofile(4)
+    {
+        set(hard);
+    }
+    nofile(3).unwrap_or(0)
+}
+
+/// RLIMIT_NOFILE of this process: soft (`column` 3) or hard (4), from `/proc/self/limits`.
+fn nofile(column: usize) -> Option<u64> {
+    std::fs::read_to_string("/proc/self/limits")
+        .ok()?
+        .lines()
+        .find(|l| l.starts_with("Max open files"))?
+        .split_whitespace()
+        .nth(column)?
+        .parse()
+        .ok()
+}
+
+fn runtime(name: &str) -> anyhow::Result<Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name(name)
+        .enable_all()
+        .build()?)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The upstream: a hyper HTTP/1.1 server whose streamed answer paces itself.
+
+struct UpstreamState {
+    /// One content event (the same bytes every time: no allocation per event).
+    event: Bytes,
+    /// The usage chunk and `[DONE]`.
+    tail: Bytes,
+    events: usize,
+    /// Streams answered to the end.
+    finished: AtomicU64,
+}
+
+impl UpstreamState {
+    fn new(events: usize) -> Self {
+        let event = format!(
+            "data: {}\n\n",
+            common::content_chunk(UPSTREAM_MODEL, " tok")
+        );
+        let usage = serde_json::json!({
+            "id": "chatcmpl-bench0000000000000000000000", "object": "chat.completion.chunk",
+            "created": 1_700_000_000, "model": UPSTREAM_MODEL, "choices": [],
+            "usage": {"prompt_tokens": 412, "completion_tokens": events, "total_tokens": 412 + events}
+        });
+        Self {
+            event: Bytes::from(event),
+            tail: Bytes::from(format!("data: {usage}\n\ndata: [DONE]\n\n")),
+            events,
+            finished: AtomicU64::new(0),
+        }
+    }
+}
+
+/// A streamed answer: event k at start + k × 100 ms (absolute deadlines, so a late wake-up
+/// does not push the later events back), then the tail.
+struct Paced {
+    st: Arc<UpstreamState>,
+    start: tokio::time::Instant,
+    sent: usize,
+    sleep: Pin<Box<tokio::time::Sleep>>,
+    done: bool,
+}
+
+impl Body for Paced {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        let this = &mut *self;
+        if this.done {
+            return Poll::Ready(None);
+        }
+        if this.sent > 0 && this.sleep.as_mut().poll(cx).is_pending() {
+            return Poll::Pending;
+        }
+        if this.sent == this.st.events {
+            this.done = true;
+            this.st.finished.fetch_add(1, Ordering::Relaxed);
+            return Poll::Ready(Some(Ok(Frame::data(this.st.tail.clone()))));
+        }
+        this.sent += 1;
+        let next = this.start + EVENT_EVERY * this.sent as u32;
+        this.sleep.as_mut().reset(next);
+        Poll::Ready(Some(Ok(Frame::data(this.st.event.clone()))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::default()
+    }
+}
+
+type AnswerBody = http_body_util::Either<Paced, Full<Bytes>>;
+
+async fn answer(
+    req: Request<Incoming>,
+    st: Arc<UpstreamState>,
+) -> Result<Response<AnswerBody>, Infallible> {
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    if !body.windows(13).any(|w| w == b"\"stream\":true") {
+        let mut r = Response::new(http_body_util::Either::Right(Full::new(Bytes::from(
+            common::completion_body(UPSTREAM_MODEL),
+        ))));
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/json"),
+        );
+        return Ok(r);
+    }
+    let now = tokio::time::Instant::now();
+    let mut r = Response::new(http_body_util::Either::Left(Paced {
+        st,
+        start: now,
+        sent: 0,
+        sleep: Box::pin(tokio::time::sleep_until(now)),
+        done: false,
+    }));
+    *r.status_mut() = StatusCode::OK;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/event-stream"),
+    );
+    r.headers_mut().insert(
+        header::CACHE_CONTROL,
+        http::HeaderValue::from_static("no-cache"),
+    );
+    Ok(r)
+}
+
+/// A listener of the upstream on a free port, served on `rt`.
+fn upstream_listener(rt: &Runtime, st: &Arc<UpstreamState>) -> anyhow::Result<SocketAddr> {
+    let listener = rt.block_on(async {
+        let s = TcpSocket::new_v4()?;
+        s.set_reuseaddr(true)?;
+        s.bind((Ipv4Addr::LOCALHOST, 0).into())?;
+        s.listen(4096)
+    })?;
+    let addr = listener.local_addr()?;
+    let st = st.clone();
+    rt.spawn(serve_upstream(listener, st));
+    Ok(addr)
+}
+
+async fn serve_upstream(listener: TcpListener, st: Arc<UpstreamState>) {
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(x) => x,
+            Err(_) => {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let st = st.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| answer(req, st.clone()));
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The proxies.
+
+struct Tollgate {
+    child: Child,
+    bin: PathBuf,
+    addr: SocketAddr,
+    db_url: String,
+    fixture: Fixture,
+}
+
+impl Tollgate {
+    /// Prepares a SQLite database through the store modules (the load harness's fixture, its
+    /// provider at an upstream listener of its own) and runs `tollgate serve` on it, with
+    /// `server.max_connections` above the largest N.
+    fn start(
+        ctl: &Runtime,
+        tmp: &Path,
+        upstream_rt: &Runtime,
+        upstream: &Arc<UpstreamState>,
+        max_n: usize,
+    ) -> anyhow::Result<Self> {
+        let (bin, own_schema) = match std::env::var_os("STREAMS_TOLLGATE_BIN") {
+            Some(p) => (PathBuf::from(p), true),
+            None => (PathBuf::from(env!("CARGO_BIN_EXE_tollgate")), false),
+        };
+        ensure!(bin.exists(), "no tollgate binary at {}", bin.display());
+        let up = upstream_listener(upstream_rt, upstream)?;
+        let upstream_base = format!("http://{up}/v1");
+        let dir = tmp.join("tollgate");
+        std::fs::create_dir_all(&dir)?;
+        let db_url = format!("sqlite://{}?mode=rwc", dir.join("tollgate.db").display());
+        let master_key = generate_master_key();
+        let cfg = common::bench_config(&db_url, &master_key, true);
+        let ring = KeyRing::new(&[parse_master_key(&master_key)?])?;
+        let config_path = dir.join("config.toml");
+        let toml = common::bench_config_toml(&db_url, &master_key, true).replacen(
+            "[server]\n",
+            &format!("[server]\nmax_connections = {}\n", (max_n * 2).max(20_000)),
+            1,
+        );
+        std::fs::write(&config_path, toml)?;
+        if own_schema {
+            // Another build migrates its own schema; the fixture then goes in on it.
+            let out = Command::new(&bin)
+                .arg("--config")
+                .arg(&config_path)
+                .arg("migrate")
+                .current_dir(&dir)
+                .output()
+                .with_context(|| format!("{} migrate", bin.display()))?;
+            ensure!(
+                out.status.success(),
+                "{} migrate failed: {}",
+                bin.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let fixture = ctl.block_on(async {
+            let db = store::connect(&db_url, 2).await?;
+            store::migrate(&db, &db_url).await?;
+            let fx = common::create_fixture(&db, &ring, &cfg, &upstream_base).await?;
+            db.close().await?;
+            anyhow::Ok(fx)
+        })?;
+        let log_path = dir.join("tollgate.log");
+        let log = std::fs::File::create(&log_path)?;
+        let mut cmd = Command::new(&bin);
+        cmd.arg("--config")
+            .arg(&config_path)
+            .arg("serve")
+            .current_dir(&dir)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        for (name, _) in std::env::vars_os() {
+            let name = name.to_string_lossy();
+            if name.starts_with("TOLLGATE_") || name == "DATABASE_URL" || name == "RUST_LOG" {
+                cmd.env_remove(name.as_ref());
+            }
+        }
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let addr = loop {
+            let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+            if let Some(addr) = text.lines().find_map(listening_addr) {
+                break addr;
+            }
+            if let Some(status) = child.try_wait()? {
+                bail!("tollgate exited ({status}) before listening:\n{text}");
+            }
+            if Instant::now() > deadline {
+                terminate(&mut child, Duration::from_secs(2));
+                bail!("tollgate did not log `tollgate listening` within 60 s:\n{text}");
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        };
+        Ok(Self {
+            child,
+            bin,
+            addr,
+            db_url,
+            fixture,
+        })
+    }
+
+    /// Usage records with status 200, once the count has stopped changing for 2 s (≤ 30 s).
+    async fn count_records(&self, want: u64) -> anyhow::Result<u64> {
+        use entity::usage_records;
+        use sea_orm::{ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter, QuerySelect};
+        let db = store::connect(&self.db_url, 1).await?;
+        let start = Instant::now();
+        let mut last = (u64::MAX, Instant::now());
+        loop {
+            let n = usage_records::Entity::find()
+                .select_only()
+                .column(usage_records::Column::Id)
+                .filter(usage_records::Column::Status.eq(200))
+                .count(&db)
+                .await?;
+            if n != last.0 {
+                last = (n, Instant::now());
+            } else if (n >= want && last.1.elapsed() > Duration::from_secs(1))
+                || last.1.elapsed() > Duration::from_secs(2)
+                || start.elapsed() > Duration::from_secs(30)
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        db.close().await?;
+        Ok(last.0)
+    }
+
+    fn stop(mut self) {
+        terminate(&mut self.child, Duration::from_secs(30));
+    }
+}
+
+impl Drop for Tollgate {
+    fn drop(&mut self) {
+        terminate(&mut self.child, Duration::from_secs(30));
+    }
+}
+
+/// The address in tollgate's `tollgate listening` log line.
+fn listening_addr(line: &str) -> Option<SocketAddr> {
+    if !line.contains("tollgate listening") {
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_str(line).ok()?;
+    v.get("addr")
+        .or_else(|| v.pointer("/fields/addr"))?
+        .as_str()?
+        .parse()
+        .ok()
+}
+
+struct Nginx {
+    child: Child,
+    addr: SocketAddr,
+    version: String,
+    pids: Vec<u32>,
+}
+
+impl Nginx {
+    /// nginx from the distribution as in the load harness (`benches/load.rs`), with room for
+    /// the streams: `worker_connections` and `worker_rlimit_nofile` above 2 × N per worker.
+    fn start(
+        bin: &Path,
+        tmp: &Path,
+        upstream_rt: &Runtime,
+        upstream: &Arc<UpstreamState>,
+        max_n: usize,
+    ) -> anyhow::Result<Self> {
+        let up = upstream_listener(upstream_rt, upstream)?;
+        let dir = tmp.join("nginx");
+        for sub in ["logs", "temp"] {
+            std::fs::create_dir_all(dir.join(sub))?;
+        }
+        let version = Command::new(bin)
+            .arg("-v")
+            .output()
+            .map(|o| {
+                String::from_utf8_lossy(&o.stderr)
+                    .trim()
+                    .replace("nginx version: ", "")
+            })
+            .unwrap_or_else(|_| "nginx".into());
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let conns = (max_n * 2 + 1024).max(4096);
+        let d = dir.display();
+        let conf = dir.join("nginx.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                r#"# Written by benches/streams.rs: a bare reverse-proxy hop to the harness's upstream.
+daemon off;
+master_process on;
+worker_processes 2;
+worker_rlimit_nofile {files};
+pid {d}/nginx.pid;
+error_log {d}/logs/error.log warn;
+events {{ worker_connections {conns}; }}
+http {{
+    access_log {d}/logs/access.log;
+    client_body_temp_path {d}/temp/body;
+    proxy_temp_path {d}/temp/proxy;
+    fastcgi_temp_path {d}/temp/fastcgi;
+    uwsgi_temp_path {d}/temp/uwsgi;
+    scgi_temp_path {d}/temp/scgi;
+    client_max_body_size 16m;
+    client_body_buffer_size 64k;
+    keepalive_requests 1000000;
+    upstream llm {{
+        server {up};
+        keepalive 64;
+        keepalive_requests 1000000;
+    }}
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        location / {{
+            proxy_pass http://llm;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+            proxy_read_timeout 120s;
+        }}
+    }}
+}}
+"#,
+                files = conns * 2,
+            ),
+        )?;
+        let log = std::fs::File::create(dir.join("logs/stderr.log"))?;
+        let mut child = Command::new(bin)
+            .arg("-p")
+            .arg(&dir)
+            .arg("-c")
+            .arg(&conf)
+            .arg("-e")
+            .arg(dir.join("logs/error.log"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if std::net::TcpStream::connect(addr).is_ok() {
+                let mut pids = vec![child.id()];
+                for _ in 0..50 {
+                    let workers = children_of(child.id());
+                    if workers.len() >= 2 {
+                        pids.extend(workers);
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                return Ok(Self {
+                    child,
+                    addr,
+                    version,
+                    pids,
+                });
+            }
+            if let Some(status) = child.try_wait()? {
+                bail!(
+                    "nginx exited ({status}): {}{}",
+                    std::fs::read_to_string(dir.join("logs/stderr.log")).unwrap_or_default(),
+                    std::fs::read_to_string(dir.join("logs/error.log")).unwrap_or_default()
+                );
+            }
+            if Instant::now() > deadline {
+                terminate(&mut child, Duration::from_secs(2));
+                bail!("nginx did not start listening within 10 s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        // SIGTERM to the master makes it stop its workers too.
+        terminate(&mut self.child, Duration::from_secs(5));
+    }
+}
+
+enum Proxy<'a> {
+    Tollgate(&'a Tollgate),
+    Nginx(&'a Nginx),
+}
+
+impl Proxy<'_> {
+    fn addr(&self) -> SocketAddr {
+        match self {
+            Proxy::Tollgate(t) => t.addr,
+            Proxy::Nginx(n) => n.addr,
+        }
+    }
+
+    fn pids(&self) -> Vec<u32> {
+        match self {
+            Proxy::Tollgate(t) => vec![t.child.id()],
+            Proxy::Nginx(n) => n.pids.clone(),
+        }
+    }
+
+    fn rss_kib(&self) -> u64 {
+        self.pids().iter().filter_map(|p| vm_kb(*p, "VmRSS")).sum()
+    }
+
+    fn cpu_ticks(&self) -> u64 {
+        self.pids().iter().filter_map(|p| proc_cpu_ticks(*p)).sum()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The clients.
+
+struct RunParams {
+    n: usize,
+    events: usize,
+    ramp: u64,
+    src_addrs: u8,
+}
+
+/// What one client saw.
+#[derive(Default)]
+struct StreamStats {
+    ttfb_us: Option<u64>,
+    /// Gaps between consecutive content events, minus the upstream's interval, in µs.
+    delays_us: Vec<i32>,
+    content_events: usize,
+    done: bool,
+    error: Option<String>,
+}
+
+/// Content events received by all clients so far (for the steady window's CPU per event).
+static RECEIVED: AtomicU64 = AtomicU64::new(0);
+
+async fn one_stream(
+    target: SocketAddr,
+    src: Ipv4Addr,
+    body: Bytes,
+    auth: Option<String>,
+) -> StreamStats {
+    let mut st = StreamStats::default();
+    match drive(target, src, body, auth, &mut st).await {
+        Ok(()) => {}
+        Err(e) => st.error = Some(format!("{e:#}")),
+    }
+    st
+}
+
+async fn drive(
+    target: SocketAddr,
+    src: Ipv4Addr,
+    body: Bytes,
+    auth: Option<String>,
+    st: &mut StreamStats,
+) -> anyhow::Result<()> {
+    let sock = TcpSocket::new_v4()?;
+    sock.bind((src, 0).into())?;
+    let stream = sock.connect(target).await.context("connect")?;
+    stream.set_nodelay(true)?;
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let mut req = Request::post("/v1/chat/completions")
+        .header(header::HOST, target.to_string())
+        .header(header::CONTENT_TYPE, "application/json");
+    if let Some(a) = auth {
+        req = req.header(header::AUTHORIZATION, a);
+    }
+    let req = req.body(Full::new(body))?;
+    let sent = Instant::now();
+    let resp = tx.send_request(req).await.context("response head")?;
+    ensure!(resp.status() == StatusCode::OK, "status {}", resp.status());
+    let mut body = resp.into_body();
+    let mut last: Option<Instant> = None;
+    let interval = EVENT_EVERY.as_micros() as i64;
+    // The tail of an event split across frames.
+    let mut partial: Vec<u8> = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.context("body")?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        let now = Instant::now();
+        if st.ttfb_us.is_none() {
+            st.ttfb_us = Some(now.duration_since(sent).as_micros() as u64);
+        }
+        partial.extend_from_slice(&data);
+        let mut start = 0;
+        while let Some(i) = memchr::memmem::find(&partial[start..], b"\n\n") {
+            let ev = &partial[start..start + i];
+            start += i + 2;
+            if ev == b"data: [DONE]" {
+                st.done = true;
+            } else if memchr::memmem::find(ev, b"\"content\"").is_some() {
+                st.content_events += 1;
+                RECEIVED.fetch_add(1, Ordering::Relaxed);
+                if let Some(prev) = last {
+                    let gap = now.duration_since(prev).as_micros() as i64;
+                    st.delays_us
+                        .push((gap - interval).clamp(i32::MIN as i64, i32::MAX as i64) as i32);
+                }
+                last = Some(now);
+            }
+        }
+        partial.drain(..start);
+    }
+    Ok(())
+}
+
+struct RunResult {
+    n: usize,
+    rss_idle_kib: u64,
+    rss_plateau_kib: u64,
+    rss_per_stream_kib: f64,
+    cpu_us_per_event: f64,
+    /// p50, p99 in ms.
+    ttfb_ms: (f64, f64),
+    /// p50, p99, max in ms.
+    delay_ms: (f64, f64, f64),
+    starved: usize,
+    completed: usize,
+    errors: Vec<String>,
+    window_secs: f64,
+}
+
+impl RunResult {
+    fn line(&self) -> String {
+        let mut s = format!(
+            "RSS idle {:.1} MiB, plateau {:.1} MiB ({:.1} KiB/stream); CPU {:.2} µs/event over a {:.1} s steady window; TTFB p50 {:.2} ms p99 {:.2} ms; inter-event delay p50 {:.2} ms p99 {:.2} ms max {:.1} ms; completed {} of {}, starved {}",
+            self.rss_idle_kib as f64 / 1024.0,
+            self.rss_plateau_kib as f64 / 1024.0,
+            self.rss_per_stream_kib,
+            self.cpu_us_per_event,
+            self.window_secs,
+            self.ttfb_ms.0,
+            self.ttfb_ms.1,
+            self.delay_ms.0,
+            self.delay_ms.1,
+            self.delay_ms.2,
+            self.completed,
+            self.n,
+            self.starved
+        );
+        if !self.errors.is_empty() {
+            let _ = write!(s, "; {} failed, e.g. {}", self.errors.len(), self.errors[0]);
+        }
+        s
+    }
+}
+
+fn percentile<T: Copy>(sorted: &[T], p: f64) -> Option<T> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted.get(i.min(sorted.len() - 1)).copied()
+}
+
+fn run_streams(
+    rt: &Runtime,
+    upstream: &Arc<UpstreamState>,
+    proxy: &Proxy<'_>,
+    p: &RunParams,
+    fx: &Fixture,
+) -> anyhow::Result<RunResult> {
+    // Settle: the previous run's connections close, then the idle figure.
+    std::thread::sleep(Duration::from_secs(2));
+    let rss_idle = proxy.rss_kib();
+    let target = proxy.addr();
+    let body = Bytes::from(common::chat_body(true));
+    let auth = Some(format!("Bearer {}", fx.key_secret));
+
+    // Open the streams at the ramp rate, in 10 ms steps.
+    let started = Instant::now();
+    let per_step = (p.ramp as usize / 100).max(1);
+    let mut handles = Vec::with_capacity(p.n);
+    let mut opened = 0;
+    let mut step = 0u32;
+    while opened < p.n {
+        let due = started + Duration::from_millis(10) * step;
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        for _ in 0..per_step.min(p.n - opened) {
+            let src = Ipv4Addr::new(127, 0, 0, 1 + (opened % p.src_addrs as usize) as u8);
+            handles.push(rt.spawn(one_stream(target, src, body.clone(), auth.clone())));
+            opened += 1;
+        }
+        step += 1;
+    }
+    let all_open = Instant::now();
+    // The steady window: from 1 s after the last stream opened to 1 s before the first ends.
+    let stream_len = EVENT_EVERY * p.events as u32;
+    let window_end = started + stream_len - Duration::from_secs(1);
+    let window_start = all_open + Duration::from_secs(1);
+    ensure!(
+        window_end > window_start + Duration::from_secs(1),
+        "streams of {} s are too short to open {} of them at {}/s and still measure a steady window",
+        stream_len.as_secs(),
+        p.n,
+        p.ramp
+    );
+    std::thread::sleep(window_start.saturating_duration_since(Instant::now()));
+    let (cpu0, ev0, t0) = (
+        proxy.cpu_ticks(),
+        RECEIVED.load(Ordering::SeqCst),
+        Instant::now(),
+    );
+    // RSS at the plateau: the highest of samples taken every 250 ms through the window.
+    let mut rss_plateau = 0;
+    while Instant::now() < window_end {
+        rss_plateau = rss_plateau.max(proxy.rss_kib());
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let (cpu1, ev1, t1) = (
+        proxy.cpu_ticks(),
+        RECEIVED.load(Ordering::SeqCst),
+        Instant::now(),
+    );
+
+    let stats: Vec<StreamStats> = rt.block_on(async {
+        let mut out = Vec::with_capacity(handles.len());
+        for h in handles {
+            out.push(h.await.unwrap_or_else(|e| StreamStats {
+                error: Some(format!("client task: {e}")),
+                ..Default::default()
+            }));
+        }
+        out
+    });
+
+    let mut ttfb: Vec<u64> = stats.iter().filter_map(|s| s.ttfb_us).collect();
+    ttfb.sort_unstable();
+    let mut delays: Vec<i32> = stats
+        .iter()
+        .flat_map(|s| s.delays_us.iter().copied())
+        .collect();
+    delays.sort_unstable();
+    let starved_gap = (STARVED_GAP - EVENT_EVERY).as_micros() as i32;
+    let completed = stats
+        .iter()
+        .filter(|s| s.error.is_none() && s.done && s.content_events == p.events)
+        .count();
+    let starved = stats
+        .iter()
+        .filter(|s| {
+            s.error.is_some()
+                || !s.done
+                || s.content_events != p.events
+                || s.delays_us.iter().any(|&d| d > starved_gap)
+        })
+        .count();
+    let events = ev1.saturating_sub(ev0).max(1);
+    let ms = |us: f64| us / 1000.0;
+    Ok(RunResult {
+        n: p.n,
+        rss_idle_kib: rss_idle,
+        rss_plateau_kib: rss_plateau,
+        rss_per_stream_kib: rss_plateau.saturating_sub(rss_idle) as f64 / p.n as f64,
+        cpu_us_per_event: cpu1.saturating_sub(cpu0) as f64 * US_PER_TICK / events as f64,
+        ttfb_ms: (
+            ms(percentile(&ttfb, 0.5).unwrap_or(0) as f64),
+            ms(percentile(&ttfb, 0.99).unwrap_or(0) as f64),
+        ),
+        delay_ms: (
+            ms(percentile(&delays, 0.5).unwrap_or(0) as f64),
+            ms(percentile(&delays, 0.99).unwrap_or(0) as f64),
+            ms(delays.last().copied().unwrap_or(0) as f64),
+        ),
+        starved,
+        completed,
+        errors: stats.iter().filter_map(|s| s.error.clone()).collect(),
+        window_secs: (t1 - t0).as_secs_f64(),
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// /proc and process helpers (as in benches/load.rs).
+
+fn find_program(name: &str, env: &str, extra: &[&str]) -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os(env) {
+        return (p != "none").then(|| PathBuf::from(p));
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .chain(extra.iter().map(PathBuf::from))
+        .find(|p| p.is_file())
+}
+
+/// Ends a child process this harness started: SIGTERM, then SIGKILL after `grace`.
+fn terminate(child: &mut Child, grace: Duration) {
+    if matches!(child.try_wait(), Ok(Some(_))) {
+        return;
+    }
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline {
+        if matches!(child.try_wait(), Ok(Some(_))) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+fn stat_fields(stat: &str) -> Option<(&str, Vec<&str>)> {
+    let open = stat.find('(')?;
+    let close = stat.rfind(')')?;
+    Some((
+        &stat[open + 1..close],
+        stat[close + 1..].split_whitespace().collect(),
+    ))
+}
+
+/// utime + stime of a process (all its threads), in ticks.
+fn proc_cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, f) = stat_fields(&stat)?;
+    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+}
+
+fn children_of(pid: u32) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/stat"))
+                .ok()
+                .and_then(|s| stat_fields(&s).and_then(|(_, f)| f.get(1)?.parse::<u32>().ok()))
+                == Some(pid)
+        })
+        .collect()
+}
+
+/// A `/proc/<pid>/status` memory field in KiB.
+fn vm_kb(pid: u32, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                l.strip_prefix("model name")?
+                    .split_once(':')
+                    .map(|(_, v)| v.trim().to_owned())
+            })
+        })
+        .unwrap_or_else(|| "unknown CPU".into())
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
