@@ -300,12 +300,17 @@ fn rss_kb() -> u64 {
 
 const MIB: u64 = 1024 * 1024;
 
+/// The two tests measure this process's RSS, so they must not run at the same time (the test
+/// runner runs a file's tests in parallel threads): each holds this for its whole run.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// One slow reader against an upstream offering 64 MiB: the upstream gets out only a few MiB
 /// (kernel buffers on three sockets and the gateway's bounded buffers), then stays blocked; the
 /// gateway does not grow; then the client reads all 64 MiB intact, and the usage is recorded.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_reader_throttles_its_upstream_and_the_gateway_holds_a_bounded_amount() {
     const WRITES: usize = 1024; // × ~65 KiB ≈ 64 MiB
+    let _alone = ONE_AT_A_TIME.lock().await;
     let upstream = Upstream::start(WRITES).await;
     let app = TestApp::spawn().await;
     let (user, key) = setup(&app, &upstream).await;
@@ -370,6 +375,7 @@ async fn two_hundred_slow_readers_stay_bounded() {
     const STREAMS: usize = 200;
     const READERS: usize = 10;
     const WRITES: usize = 256; // × ~65 KiB ≈ 16 MiB each
+    let _alone = ONE_AT_A_TIME.lock().await;
     let upstream = Upstream::start(WRITES).await;
     let app = TestApp::spawn().await;
     let (_user, key) = setup(&app, &upstream).await;
