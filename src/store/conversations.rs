@@ -48,10 +48,13 @@ pub async fn get(
     user_id: &str,
     id: &str,
 ) -> Result<Option<conversations::Model>, sea_orm::DbErr> {
+    get_query(user_id, id).one(db).await
+}
+
+/// The query [`get`] runs (public for `benches/state.rs`'s `EXPLAIN`): the primary key.
+pub fn get_query(user_id: &str, id: &str) -> sea_orm::Select<conversations::Entity> {
     conversations::Entity::find_by_id(id.to_owned())
         .filter(conversations::Column::UserId.eq(user_id))
-        .one(db)
-        .await
 }
 
 /// Replaces the metadata; false when the user has no such conversation.
@@ -241,6 +244,19 @@ pub async fn list_items(
     limit: u64,
     order: Order,
 ) -> Result<Vec<conversation_items::Model>, sea_orm::DbErr> {
+    list_items_query(conversation_id, after, limit, order)
+        .all(db)
+        .await
+}
+
+/// The query [`list_items`] runs (public so `benches/state.rs` can `EXPLAIN` exactly it): one
+/// range read of the unique index `(conversation_id, position)`.
+pub fn list_items_query(
+    conversation_id: &str,
+    after: Option<i64>,
+    limit: u64,
+    order: Order,
+) -> sea_orm::Select<conversation_items::Entity> {
     let mut q = conversation_items::Entity::find()
         .filter(conversation_items::Column::ConversationId.eq(conversation_id));
     q = match (order, after) {
@@ -252,7 +268,7 @@ pub async fn list_items(
         Order::Asc => q.order_by_asc(conversation_items::Column::Position),
         Order::Desc => q.order_by_desc(conversation_items::Column::Position),
     };
-    q.limit(limit).all(db).await
+    q.limit(limit)
 }
 
 /// Deletes one item (its first occurrence); false when there is none. Touches `updated_at`.
@@ -466,29 +482,49 @@ pub async fn search_items(
     q: &str,
     page: crate::store::PageReq,
 ) -> Result<crate::store::Page<conversation_items::Model>, sea_orm::DbErr> {
-    use sea_orm::{FromQueryResult, Statement};
-    let words = search_words(q);
-    if words.is_empty() {
+    use sea_orm::FromQueryResult;
+    let backend = db.get_database_backend();
+    let Some((count, select)) = search_items_statements(backend, user_id, q, page) else {
         return Ok(crate::store::Page {
             items: Vec::new(),
             total: 0,
         });
-    }
-    let backend = db.get_database_backend();
-    let (clause, extra) = match_clause(backend, &words);
-    let mut values: Vec<sea_orm::Value> = vec![user_id.into()];
-    values.extend(extra);
-    let count_sql = format!("SELECT COUNT(*) AS n FROM conversation_items ci WHERE {clause}");
+    };
     let total = db
-        .query_one_raw(Statement::from_sql_and_values(
-            backend,
-            &count_sql,
-            values.clone(),
-        ))
+        .query_one_raw(count)
         .await?
         .map(|r| r.try_get::<i64>("", "n"))
         .transpose()?
         .unwrap_or(0);
+    let rows = db.query_all_raw(select).await?;
+    let items = rows
+        .iter()
+        .map(|r| conversation_items::Model::from_query_result(r, ""))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(crate::store::Page {
+        items,
+        total: u64::try_from(total).unwrap_or(0),
+    })
+}
+
+/// The two statements [`search_items`] runs — the count of the matches, then one page of them —
+/// or `None` when `q` has no words. Public so `benches/state.rs` can `EXPLAIN` exactly these.
+pub fn search_items_statements(
+    backend: sea_orm::DbBackend,
+    user_id: &str,
+    q: &str,
+    page: crate::store::PageReq,
+) -> Option<(sea_orm::Statement, sea_orm::Statement)> {
+    use sea_orm::Statement;
+    let words = search_words(q);
+    if words.is_empty() {
+        return None;
+    }
+    let (clause, extra) = match_clause(backend, &words);
+    let mut values: Vec<sea_orm::Value> = vec![user_id.into()];
+    values.extend(extra);
+    let count_sql = format!("SELECT COUNT(*) AS n FROM conversation_items ci WHERE {clause}");
+    let count = Statement::from_sql_and_values(backend, &count_sql, values.clone());
     let (limit, offset) = match backend {
         sea_orm::DbBackend::Postgres => ("$3", "$4"),
         _ => ("?", "?"),
@@ -498,17 +534,7 @@ pub async fn search_items(
     );
     values.push(i64::try_from(page.per_page).unwrap_or(i64::MAX).into());
     values.push(i64::try_from(page.offset()).unwrap_or(i64::MAX).into());
-    let rows = db
-        .query_all_raw(Statement::from_sql_and_values(backend, &sql, values))
-        .await?;
-    let items = rows
-        .iter()
-        .map(|r| conversation_items::Model::from_query_result(r, ""))
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(crate::store::Page {
-        items,
-        total: u64::try_from(total).unwrap_or(0),
-    })
+    Some((count, Statement::from_sql_and_values(backend, &sql, values)))
 }
 
 /// The conversations (at most `limit`, of the newest matching items) whose message text holds
