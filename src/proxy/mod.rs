@@ -367,8 +367,10 @@ async fn admit(
         ));
     };
 
+    // Boxed: the lookup (and its Redis call) is only made for requests using the cache, and its
+    // state would otherwise sit in every request's future.
     if let Some(lookup) = &call.cache
-        && let Some(hit) = state.responses.get(&lookup.key, lookup.ttl).await
+        && let Some(hit) = Box::pin(state.responses.get(&lookup.key, lookup.ttl)).await
     {
         let mut facts = request_facts(key, call, &model, Default::default(), false);
         hit.provider.clone_into(&mut facts.provider);
@@ -946,7 +948,8 @@ async fn relay(
                 provider: &provider,
                 usage,
             };
-            cached::keep(state, lookup, answered).await
+            // Boxed like the lookup: only requests using the cache carry its state.
+            Box::pin(cached::keep(state, lookup, answered)).await
         }
         _ => false,
     };
