@@ -553,7 +553,10 @@ async fn forwarding_rules_and_compressed_bodies() {
     assert_eq!(s, 200, "{text}");
     let up = w.mock.last();
     assert_eq!(up.path, "/v1/chat/completions");
-    assert_eq!(up.query.as_deref(), Some("api-version=2024-10-21&trace=a%20b"));
+    assert_eq!(
+        up.query.as_deref(),
+        Some("api-version=2024-10-21&trace=a%20b")
+    );
 
     // A gzip body is decoded.
     let raw = serde_json::to_vec(&body).expect("json");

@@ -70,6 +70,7 @@ pub fn lookup(
     view: &RequestView<'_>,
     body: &Bytes,
     headers: &HeaderMap,
+    query: Option<&str>,
     stored: bool,
 ) -> Result<Option<Lookup>, ApiError> {
     let secs = ttl_secs(
@@ -86,7 +87,13 @@ pub fn lookup(
         return Ok(None);
     }
     Ok(Some(Lookup {
-        key: CacheKey::of(&key.user_id, endpoint, &view.model, body),
+        key: CacheKey::of(
+            &key.user_id,
+            endpoint,
+            &view.model,
+            query.unwrap_or_default(),
+            body,
+        ),
         ttl: Duration::from_secs(secs),
     }))
 }

@@ -249,6 +249,7 @@ async fn admitted(
         &view,
         &bytes,
         headers,
+        query,
         to_store.is_some(),
     ) {
         Ok(c) => c,

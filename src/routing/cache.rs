@@ -1,8 +1,8 @@
 //! The response cache (spec §11): an exact-match store of complete (non-streamed) 200 answers,
 //! opt-in per gateway key (`cache_ttl_secs`) or per request (`x-tollgate-cache-ttl`).
 //!
-//! - **Key**: SHA-256 of the user id, the endpoint, the requested catalog model and the client's
-//!   request body exactly as received (after `content-encoding` is undone; before any rewrite of
+//! - **Key**: SHA-256 of the user id, the endpoint, the requested catalog model, the query string
+//!   (forwarded upstream as is) and the client's request body exactly as received (after `content-encoding` is undone; before any rewrite of
 //!   the gateway's). Another user's identical request is another key; so is one byte of
 //!   difference (whitespace and field order included).
 //! - **Local**: a moka cache bounded by bytes (`routing.cache_max_bytes`, weighed by the
@@ -37,14 +37,16 @@ const ENTRY_OVERHEAD: usize = 160;
 pub struct CacheKey([u8; 32]);
 
 impl CacheKey {
-    /// The key of `body` sent by `user_id` to `endpoint` for `model`. Each part is prefixed with
-    /// its length, so no two different requests hash the same bytes.
-    pub fn of(user_id: &str, endpoint: Endpoint, model: &str, body: &[u8]) -> Self {
+    /// The key of `body` sent by `user_id` to `endpoint` (with its query string, which goes
+    /// upstream too) for `model`. Each part is prefixed with its length, so no two different
+    /// requests hash the same bytes.
+    pub fn of(user_id: &str, endpoint: Endpoint, model: &str, query: &str, body: &[u8]) -> Self {
         let mut h = Sha256::new();
         for part in [
             user_id.as_bytes(),
             endpoint.as_str().as_bytes(),
             model.as_bytes(),
+            query.as_bytes(),
             body,
         ] {
             h.update((part.len() as u64).to_be_bytes());
@@ -319,19 +321,32 @@ mod tests {
 
     #[test]
     fn keys_differ_by_user_endpoint_model_and_body() {
-        let k = CacheKey::of("u1", Endpoint::ChatCompletions, "m", b"{}");
-        assert_eq!(k, CacheKey::of("u1", Endpoint::ChatCompletions, "m", b"{}"));
-        assert_ne!(k, CacheKey::of("u2", Endpoint::ChatCompletions, "m", b"{}"));
-        assert_ne!(k, CacheKey::of("u1", Endpoint::Completions, "m", b"{}"));
-        assert_ne!(k, CacheKey::of("u1", Endpoint::ChatCompletions, "n", b"{}"));
+        let k = CacheKey::of("u1", Endpoint::ChatCompletions, "m", "", b"{}");
+        assert_eq!(
+            k,
+            CacheKey::of("u1", Endpoint::ChatCompletions, "m", "", b"{}")
+        );
         assert_ne!(
             k,
-            CacheKey::of("u1", Endpoint::ChatCompletions, "m", b"{ }")
+            CacheKey::of("u2", Endpoint::ChatCompletions, "m", "", b"{}")
+        );
+        assert_ne!(k, CacheKey::of("u1", Endpoint::Completions, "m", "", b"{}"));
+        assert_ne!(
+            k,
+            CacheKey::of("u1", Endpoint::ChatCompletions, "n", "", b"{}")
+        );
+        assert_ne!(
+            k,
+            CacheKey::of("u1", Endpoint::ChatCompletions, "m", "v=2", b"{}")
+        );
+        assert_ne!(
+            k,
+            CacheKey::of("u1", Endpoint::ChatCompletions, "m", "", b"{ }")
         );
         // Length prefixes: moving a byte from one part to the next is another key.
         assert_ne!(
-            CacheKey::of("ab", Endpoint::ChatCompletions, "c", b""),
-            CacheKey::of("a", Endpoint::ChatCompletions, "bc", b"")
+            CacheKey::of("ab", Endpoint::ChatCompletions, "c", "", b""),
+            CacheKey::of("a", Endpoint::ChatCompletions, "bc", "", b"")
         );
     }
 
@@ -361,7 +376,7 @@ mod tests {
     #[tokio::test]
     async fn bounded_by_entry_size_and_expiring() {
         let cache = ResponseCache::new(1 << 20, 64, None, Metrics::new());
-        let key = CacheKey::of("u", Endpoint::ChatCompletions, "m", b"{}");
+        let key = CacheKey::of("u", Endpoint::ChatCompletions, "m", "", b"{}");
         assert!(!cache.put(key, answer(&"x".repeat(65), 60_000)).await);
         assert_eq!(cache.get(&key, Duration::from_secs(60)).await, None);
         assert!(cache.put(key, answer("{}", 60_000)).await);
@@ -369,7 +384,7 @@ mod tests {
         assert_eq!(hit.body, "{}");
         assert_eq!(cache.metrics.response_cache_hits_total.get(), 1);
         assert_eq!(cache.metrics.response_cache_misses_total.get(), 1);
-        let short = CacheKey::of("u", Endpoint::ChatCompletions, "m", b"[]");
+        let short = CacheKey::of("u", Endpoint::ChatCompletions, "m", "", b"[]");
         assert!(cache.put(short, answer("[]", 50)).await);
         tokio::time::sleep(Duration::from_millis(80)).await;
         assert_eq!(cache.get(&short, Duration::from_secs(60)).await, None);
@@ -379,7 +394,7 @@ mod tests {
     async fn bounded_by_bytes_in_all() {
         let cache = ResponseCache::new(4096, 1024, None, Metrics::new());
         for i in 0..64u32 {
-            let key = CacheKey::of("u", Endpoint::ChatCompletions, "m", &i.to_be_bytes());
+            let key = CacheKey::of("u", Endpoint::ChatCompletions, "m", "", &i.to_be_bytes());
             assert!(cache.put(key, answer(&"y".repeat(800), 60_000)).await);
         }
         cache.local.run_pending_tasks();
