@@ -152,6 +152,12 @@ impl App {
                 lease_ttl,
             },
         );
+        let responses = crate::routing::cache::ResponseCache::new(
+            config.routing.cache_max_bytes,
+            config.routing.cache_max_entry_bytes,
+            cluster.redis.clone(),
+            metrics.clone(),
+        );
         let state = AppState(std::sync::Arc::new(Inner {
             background: tokio_util::task::TaskTracker::new(),
             db_kind: DbKind::of(&db),
@@ -161,6 +167,7 @@ impl App {
             metrics,
             caches,
             health,
+            responses,
             http: upstream::client(
                 &config.upstream,
                 config.security.allow_private_base_urls,

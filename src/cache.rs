@@ -65,6 +65,8 @@ pub struct KeyCtx {
     pub user_tpm_limit: Option<u32>,
     pub plan: Option<String>,
     pub plan_expires_at: Option<DateTime<Utc>>,
+    /// The key's response-cache TTL in seconds (0 = off; `routing::cache`).
+    pub cache_ttl_secs: u32,
 }
 
 impl KeyCtx {
@@ -730,6 +732,7 @@ async fn load_key_ctx(db: &DatabaseConnection, key_hash: &str) -> Result<KeyEntr
         user_tpm_limit: limit(u.tpm_limit),
         plan: u.plan,
         plan_expires_at: u.plan_expires_at,
+        cache_ttl_secs: u32::try_from(k.cache_ttl_secs).unwrap_or(0),
     })))
 }
 
@@ -770,6 +773,7 @@ mod tests {
             user_tpm_limit: None,
             plan: None,
             plan_expires_at: None,
+            cache_ttl_secs: 0,
         }
     }
 

@@ -266,6 +266,13 @@ pub struct RoutingConfig {
     pub failure_threshold: u32,
     /// Seconds an open breaker waits before one half-open probe.
     pub cooldown_secs: u64,
+    /// The most seconds a response-cache TTL may be (a key's `cache_ttl_secs`, the
+    /// `x-tollgate-cache-ttl` header): larger ones are capped to it, not refused.
+    pub max_cache_ttl_secs: u64,
+    /// Bytes of answers this replica's response cache holds at most (least used go first).
+    pub cache_max_bytes: u64,
+    /// An answer larger than this many bytes is not cached.
+    pub cache_max_entry_bytes: u64,
 }
 
 impl Default for RoutingConfig {
@@ -275,6 +282,9 @@ impl Default for RoutingConfig {
             retry_budget_secs: 30,
             failure_threshold: 5,
             cooldown_secs: 30,
+            max_cache_ttl_secs: 3600,
+            cache_max_bytes: 64 * 1024 * 1024,
+            cache_max_entry_bytes: 1024 * 1024,
         }
     }
 }
@@ -473,6 +483,24 @@ impl Config {
         }
         if self.routing.retry_budget_secs > 3600 {
             return Err(invalid("routing.retry_budget_secs", "must be at most 3600"));
+        }
+        if self.routing.max_cache_ttl_secs > 30 * 86_400 {
+            return Err(invalid(
+                "routing.max_cache_ttl_secs",
+                "must be at most 2592000 (30 days)",
+            ));
+        }
+        if self.routing.cache_max_entry_bytes > 64 * 1024 * 1024 {
+            return Err(invalid(
+                "routing.cache_max_entry_bytes",
+                "must be at most 67108864 (64 MiB)",
+            ));
+        }
+        if self.routing.cache_max_entry_bytes > self.routing.cache_max_bytes {
+            return Err(invalid(
+                "routing.cache_max_entry_bytes",
+                "must be at most routing.cache_max_bytes",
+            ));
         }
         if let Some(url) = self.redis_url()
             && !url.starts_with("redis://")

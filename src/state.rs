@@ -37,6 +37,8 @@ pub struct Inner {
     pub caches: Caches,
     /// Routing health per deployment + provider key (cool-downs, breakers, invalid keys).
     pub health: crate::routing::Health,
+    /// Complete answers kept for identical requests (`routing::cache`; opt-in per key/request).
+    pub responses: crate::routing::cache::ResponseCache,
     /// The pooled upstream client.
     pub http: HttpClient,
     /// Per-key and per-user rate limiters.

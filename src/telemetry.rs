@@ -286,6 +286,10 @@ pub struct MetricsInner {
     pub usage_spool_errors_total: IntCounter,
     pub auth_cache_hits_total: IntCounter,
     pub auth_cache_misses_total: IntCounter,
+    /// Requests answered from the response cache (`routing::cache`).
+    pub response_cache_hits_total: IntCounter,
+    /// Requests that looked in the response cache and went upstream.
+    pub response_cache_misses_total: IntCounter,
     pub upstream_errors_total: IntCounterVec,
     /// Upstream attempts by provider and outcome (ok, rate_limited, refused, failed): a client
     /// request that was retried counts each attempt.
@@ -431,6 +435,14 @@ impl Metrics {
                 "tollgate_auth_cache_misses_total",
                 "Gateway key lookups that went to the database.",
             ),
+            response_cache_hits_total: counter(
+                "tollgate_cache_hits_total",
+                "Requests answered from the response cache, without an upstream call.",
+            ),
+            response_cache_misses_total: counter(
+                "tollgate_cache_misses_total",
+                "Requests with the response cache on that found no answer in it and went upstream.",
+            ),
             upstream_errors_total: counter_vec(
                 "tollgate_upstream_errors_total",
                 "Upstream failures by kind (connect, timeout, body, status_4xx, status_5xx).",
@@ -459,7 +471,7 @@ impl Metrics {
             ),
             redis_errors_total: counter_vec(
                 "tollgate_redis_errors_total",
-                "Failed Redis calls by operation (rate_limit, publish, subscribe).",
+                "Failed Redis calls by operation (rate_limit, publish, subscribe, cache).",
                 &["op"],
             ),
             http_requests_total: counter_vec(

@@ -28,6 +28,8 @@ pub struct Model {
     pub last_used_at: Option<DateTimeUtc>,
     pub created_at: DateTimeUtc,
     pub updated_at: DateTimeUtc,
+    /// Seconds an identical non-streamed answer is served from the response cache; 0 = off.
+    pub cache_ttl_secs: i32,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

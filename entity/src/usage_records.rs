@@ -44,6 +44,8 @@ pub struct Model {
     pub attempts: i32,
     /// The model the client asked for, when a fallback model answered (`model` is that one).
     pub fallback_from: Option<String>,
+    /// Answered from the response cache: no upstream call, `cost_nanos` 0.
+    pub cache_hit: bool,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -10,6 +10,7 @@ mod m20261203_000002_catalog_kinds;
 mod m20261203_000003_state;
 mod m20261203_000010_routing;
 mod m20261203_000022_chat;
+mod m20261204_000021_response_cache;
 
 pub struct Migrator;
 
@@ -24,6 +25,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261203_000003_state::Migration),
             Box::new(m20261203_000010_routing::Migration),
             Box::new(m20261203_000022_chat::Migration),
+            Box::new(m20261204_000021_response_cache::Migration),
         ]
     }
 }

@@ -63,7 +63,7 @@ impl RedisLink {
             .get_connection_manager_lazy(config)
             .map_err(|e| anyhow::anyhow!("redis: {:?}", e.kind()))?;
         // Exported as 0 from the start, so rates and alerts work before the first error.
-        for op in ["rate_limit", "publish", "subscribe"] {
+        for op in ["rate_limit", "publish", "subscribe", "cache"] {
             metrics.redis_errors_total.with_label_values(&[op]);
         }
         Ok(Self(Arc::new(Inner {
@@ -130,7 +130,7 @@ impl RedisLink {
                 if outage.succeeded() {
                     tracing::info!(
                         op,
-                        "Redis answers again: rate limits are shared by every replica again"
+                        "Redis answers again: rate limits and the response cache are shared by every replica again"
                     );
                 }
                 Some(v)
@@ -141,7 +141,7 @@ impl RedisLink {
                     tracing::warn!(
                         op,
                         %error,
-                        "Redis is unreachable or failing: each replica enforces rate limits on its own until it answers again"
+                        "Redis is unreachable or failing: each replica enforces rate limits (and caches answers) on its own until it answers again"
                     );
                 }
                 None

@@ -150,6 +150,8 @@ pub fn user_ctx(u: &users::Model) -> KeyCtx {
         user_tpm_limit: limit(u.tpm_limit),
         plan: u.plan.clone(),
         plan_expires_at: u.plan_expires_at,
+        // The chat builds its bodies from a conversation: nothing to answer from the cache.
+        cache_ttl_secs: 0,
     }
 }
 

@@ -394,6 +394,8 @@ pub struct Routed {
     pub attempts: u32,
     /// The model the client asked for, when a fallback model answered.
     pub fallback_from: Option<String>,
+    /// Answered from the response cache (`routing::cache`): no upstream call, priced at 0.
+    pub cache_hit: bool,
 }
 
 /// What admission reserved against the balance and the key budget.

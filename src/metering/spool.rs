@@ -153,6 +153,9 @@ struct Common<'a> {
     attempts: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     fallback_from: Option<Cow<'a, str>>,
+    /// Answered from the response cache (absent: false).
+    #[serde(default, skip_serializing_if = "is_false")]
+    hit: bool,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -194,6 +197,10 @@ enum Line<'a> {
 
 fn is_zero(n: &i64) -> bool {
     *n == 0
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 fn endpoint_of(s: &str) -> Endpoint {
@@ -492,6 +499,7 @@ fn common<'a>(id: Uuid, at: DateTime<Utc>, p: Parts<'a>) -> Common<'a> {
         conversation_id: p.conversation_id.map(Cow::Borrowed),
         attempts: (p.routed.attempts > 1).then_some(p.routed.attempts),
         fallback_from: p.routed.fallback_from.as_deref().map(Cow::Borrowed),
+        hit: p.routed.cache_hit,
     }
 }
 
@@ -526,6 +534,7 @@ fn event(c: Common<'_>) -> UsageEvent {
         routed: crate::metering::event::Routed {
             attempts: c.attempts.unwrap_or(1),
             fallback_from: c.fallback_from.map(Cow::into_owned),
+            cache_hit: c.hit,
         },
         // The dead process's leases are reclaimed whole (`reservation_leases`): nothing of
         // them is settled here.
@@ -767,6 +776,7 @@ mod tests {
             routed: crate::metering::event::Routed {
                 attempts: 3,
                 fallback_from: Some("gpt-big".into()),
+                cache_hit: true,
             },
             reservation: Reservation::default(),
             charged: true,
@@ -793,6 +803,7 @@ mod tests {
         assert_eq!(e.conversation_id.as_deref(), Some("conv_1"));
         assert_eq!(e.routed.attempts, 3);
         assert_eq!(e.routed.fallback_from.as_deref(), Some("gpt-big"));
+        assert!(e.routed.cache_hit);
         assert_eq!(back.cost_nanos, rows[0].cost_nanos);
 
         // Lines as the previous release wrote them.

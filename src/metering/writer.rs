@@ -236,8 +236,14 @@ impl Settled {
             event_id: e.ticket.id.to_string(),
             response_id: e.response_id.as_deref(),
             conversation_id: e.conversation_id.as_deref(),
-            attempts: e.routed.attempts.max(1),
+            // A cache hit made no upstream attempt; any other record at least one.
+            attempts: if e.routed.cache_hit {
+                0
+            } else {
+                e.routed.attempts.max(1)
+            },
             fallback_from: e.routed.fallback_from.as_deref(),
+            cache_hit: e.routed.cache_hit,
         }
     }
 }

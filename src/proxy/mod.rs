@@ -5,6 +5,7 @@
 
 pub mod admit;
 pub mod auth;
+pub mod cached;
 pub mod media;
 pub mod meter;
 pub mod multipart;
@@ -241,6 +242,19 @@ async fn admitted(
     } else {
         None
     };
+    let cache = match cached::lookup(
+        &state,
+        &key,
+        endpoint,
+        &view,
+        &bytes,
+        headers,
+        query,
+        to_store.is_some(),
+    ) {
+        Ok(c) => c,
+        Err(e) => return e.into_response(),
+    };
     let call = Call {
         endpoint,
         view: &view,
@@ -248,11 +262,13 @@ async fn admitted(
         request_id: request_id_header.as_ref(),
         headers,
         query,
+        cache,
     };
 
-    // ② admit, ③ plan
+    // ② admit, ③ plan (or the answer from the response cache)
     let mut admitted = match admit(&state, &key, ip, &call).await {
-        Ok(a) => a,
+        Ok(Admission::Upstream(a)) => a,
+        Ok(Admission::Cached(resp)) => return resp,
         Err(resp) => return resp,
     };
     admitted.meter.facts.conversation_id = conversation_id;
@@ -295,6 +311,13 @@ async fn auth(
     Ok((key, bytes, None))
 }
 
+/// What admission decided: go upstream, or the answer is in the response cache.
+enum Admission {
+    Upstream(Admitted),
+    /// A response-cache hit, answered and metered (no plan, nothing reserved).
+    Cached(Response),
+}
+
 /// What admission decided: the model, its plan, the limits that apply, the meter holding the
 /// request's usage slot and reservation.
 struct Admitted {
@@ -306,12 +329,14 @@ struct Admitted {
 
 /// ② admit (allow-lists, rate limits, the usage slot, budget and balance — charged once per
 /// client request, whatever the attempts) and ③ plan (the model's deployments and key pools).
+/// A request using the response cache whose answer is there is answered once admitted by the
+/// allow-lists and rate limits: nothing reserved, no plan, cost 0.
 async fn admit(
     state: &AppState,
     key: &std::sync::Arc<crate::cache::KeyCtx>,
     ip: Option<IpAddr>,
     call: &Call<'_>,
-) -> Result<Admitted, Response> {
+) -> Result<Admission, Response> {
     let (view, bytes, endpoint) = (call.view, call.bytes, call.endpoint);
     let catalog = match state.caches.catalog(&state.db).await {
         Ok(c) => c,
@@ -343,6 +368,22 @@ async fn admit(
         ));
     };
 
+    // Boxed: the lookup (and its Redis call) is only made for requests using the cache, and its
+    // state would otherwise sit in every request's future.
+    if let Some(lookup) = &call.cache
+        && let Some(hit) = Box::pin(state.responses.get(&lookup.key, lookup.ttl)).await
+    {
+        let mut facts = request_facts(key, call, &model, Default::default(), false);
+        hit.provider.clone_into(&mut facts.provider);
+        facts.prices = Prices::default();
+        facts.routed.cache_hit = true;
+        let meter = new_meter(state, key, call, permit, facts).await;
+        return Ok(Admission::Cached(with_rate(
+            cached::answer(meter, &hit),
+            &rate,
+        )));
+    }
+
     // ③ plan — its errors are reported after the budget and balance checks, in the contract's order.
     let plan = plan(state, key, &model, endpoint).await;
 
@@ -361,57 +402,76 @@ async fn admit(
             return Err(with_rate(e.into_response(), &rate));
         }
     };
-    let m = &model.model;
-    let mut meter = Meter::new(
-        permit,
-        RequestFacts {
-            user_id: key.user_id.clone(),
-            key_id: key.key_id.clone(),
-            model: view.model.clone(),
-            provider: model.provider.key.clone(),
-            endpoint,
-            stream: view.stream,
-            prices: Prices::from_model(m),
-            request_id: call
-                .request_id
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or_default()
-                .to_owned(),
-            shared_key: false,
-            reservation,
-            charged,
-            bounds: reserve::token_bounds(view, bytes.len(), &model, endpoint),
-            request_body: Bytes::new(),
-            request_len: 0,
-            response_id: None,
-            conversation_id: None,
-            routed: Default::default(),
-            extra_cost_nanos: 0,
-            units_metered: false,
-        },
-        state.metrics.clone(),
-    );
-    meter.facts.keep_body(bytes);
-    {
-        let limiters = state.limiters.clone();
-        let key = key.clone();
-        let defaults = state
-            .caches
-            .runtime_defaults(&state.db, &state.config)
-            .await
-            .unwrap_or_default();
-        let user_tpm = admit::user_limits(&key, &state.config, defaults).1;
-        meter.on_usage(move |u: Usage| {
-            let n = u.completion.clamp(0, u32::MAX as i64) as u32;
-            limiters.consume_tokens(&key, Some(user_tpm), n);
-        });
-    }
-    Ok(Admitted {
+    let facts = request_facts(key, call, &model, reservation, charged);
+    let meter = new_meter(state, key, call, permit, facts).await;
+    Ok(Admission::Upstream(Admitted {
         model,
         plan,
         rate,
         meter,
-    })
+    }))
+}
+
+/// What the meter knows of an admitted request before any attempt.
+fn request_facts(
+    key: &crate::cache::KeyCtx,
+    call: &Call<'_>,
+    model: &crate::cache::CatalogModel,
+    reservation: crate::metering::event::Reservation,
+    charged: bool,
+) -> RequestFacts {
+    let (view, bytes, endpoint) = (call.view, call.bytes, call.endpoint);
+    RequestFacts {
+        user_id: key.user_id.clone(),
+        key_id: key.key_id.clone(),
+        model: view.model.clone(),
+        provider: model.provider.key.clone(),
+        endpoint,
+        stream: view.stream,
+        prices: Prices::from_model(&model.model),
+        request_id: call
+            .request_id
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned(),
+        shared_key: false,
+        reservation,
+        charged,
+        bounds: reserve::token_bounds(view, bytes.len(), model, endpoint),
+        request_body: Bytes::new(),
+        request_len: 0,
+        response_id: None,
+        conversation_id: None,
+        routed: Default::default(),
+        extra_cost_nanos: 0,
+        units_metered: false,
+    }
+}
+
+/// ⑥ meter: the request's meter on its usage slot, keeping the body for an estimate, telling
+/// the token-per-minute limiters what the answer used.
+async fn new_meter(
+    state: &AppState,
+    key: &std::sync::Arc<crate::cache::KeyCtx>,
+    call: &Call<'_>,
+    permit: tokio::sync::mpsc::OwnedPermit<crate::metering::event::UsageEvent>,
+    facts: RequestFacts,
+) -> Meter {
+    let mut meter = Meter::new(permit, facts, state.metrics.clone());
+    meter.facts.keep_body(call.bytes);
+    let limiters = state.limiters.clone();
+    let key = key.clone();
+    let defaults = state
+        .caches
+        .runtime_defaults(&state.db, &state.config)
+        .await
+        .unwrap_or_default();
+    let user_tpm = admit::user_limits(&key, &state.config, defaults).1;
+    meter.on_usage(move |u: Usage| {
+        let n = u.completion.clamp(0, u32::MAX as i64) as u32;
+        limiters.consume_tokens(&key, Some(user_tpm), n);
+    });
+    meter
 }
 
 /// ③ plan: the model serves this endpoint, and the user has a key for one of its deployments.
@@ -873,10 +933,26 @@ async fn relay(
     } else {
         KeptPayloads::default()
     };
+    // Read before `finish` takes the meter: the facts a cached copy of this answer carries.
+    let provider = call.cache.is_some().then(|| meter.facts.provider.clone());
     meter.finish(status.as_u16(), usage, kept, None);
     let out_body = match to_store.take() {
         Some(t) => t.answer(mapped),
         None => mapped,
+    };
+    let kept_in_cache = match (&call.cache, provider) {
+        (Some(lookup), Some(provider)) if status == StatusCode::OK => {
+            let answered = cached::Answered {
+                body: &out_body,
+                content_type: content_type.as_ref(),
+                model: &client_model,
+                provider: &provider,
+                usage,
+            };
+            // Boxed like the lookup: only requests using the cache carry its state.
+            Box::pin(cached::keep(state, lookup, answered)).await
+        }
+        _ => false,
     };
     let mut out = Response::new(Body::from(out_body));
     *out.status_mut() = status;
@@ -885,6 +961,10 @@ async fn relay(
         header::CONTENT_TYPE,
         content_type.unwrap_or_else(|| HeaderValue::from_static("application/json")),
     );
+    if kept_in_cache {
+        out.headers_mut()
+            .insert(cached::STATUS_HEADER, HeaderValue::from_static("miss"));
+    }
     out
 }
 
@@ -897,6 +977,8 @@ pub struct Call<'a> {
     pub headers: &'a http::HeaderMap,
     /// The client's query string (spec §8: forwarded to a pass-through upstream as is).
     pub query: Option<&'a str>,
+    /// The request uses the response cache (its answer is kept when it is a 200).
+    pub cache: Option<cached::Lookup>,
 }
 
 /// A request whose client protocol is not its provider's: through the pivot.

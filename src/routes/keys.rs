@@ -487,6 +487,9 @@ pub struct GatewayKeyView {
     pub is_active: bool,
     pub last_used_at: Option<String>,
     pub created_at: String,
+    /// Seconds an identical non-streamed request is answered from the response cache; 0 = off
+    /// (capped at `routing.max_cache_ttl_secs` when used).
+    pub cache_ttl_secs: i32,
 }
 
 fn json_list(s: Option<&str>) -> Option<Vec<String>> {
@@ -509,6 +512,7 @@ impl From<entity::gateway_keys::Model> for GatewayKeyView {
             is_active: k.is_active,
             last_used_at: k.last_used_at.map(rfc3339),
             created_at: rfc3339(k.created_at),
+            cache_ttl_secs: k.cache_ttl_secs,
         }
     }
 }
@@ -654,6 +658,9 @@ pub struct CreateGatewayKey {
     pub budget_usd: Option<f64>,
     /// RFC 3339; must be in the future.
     pub expires_at: Option<String>,
+    /// Seconds an identical non-streamed request (same user, model and body) is answered from
+    /// the response cache; absent or 0 = off. Capped at `routing.max_cache_ttl_secs` when used.
+    pub cache_ttl_secs: Option<i64>,
 }
 
 /// Creates a gateway key. The secret `key` is in this response only.
@@ -683,9 +690,14 @@ async fn create_key(
         .transpose()?;
     let budget_nanos = b.budget_usd.map(check_budget).transpose()?;
     let expires_at = b.expires_at.as_deref().map(check_expires_at).transpose()?;
+    let cache_ttl_secs = b
+        .cache_ttl_secs
+        .map(|v| check_limit("cache_ttl_secs", v))
+        .transpose()?
+        .unwrap_or(0);
     let secret = new_gateway_secret();
     let hash = crypto::sha256_hex(&secret);
-    let row = store::gateway_keys::create(
+    let row = store::gateway_keys::create_with_cache(
         &state.db,
         NewGatewayKey {
             user_id: me.id().to_owned(),
@@ -699,6 +711,7 @@ async fn create_key(
             budget_nanos,
             expires_at,
         },
+        cache_ttl_secs,
     )
     .await?;
     // A "no such key" answer may be cached for this hash if someone guessed it: drop it.
@@ -761,6 +774,10 @@ pub struct UpdateGatewayKey {
     #[schema(value_type = Option<String>)]
     pub expires_at: Option<Option<String>>,
     pub is_active: Option<bool>,
+    /// Seconds of response caching; 0 (or `null`) = off.
+    #[serde(default, deserialize_with = "nullable")]
+    #[schema(value_type = Option<i64>)]
+    pub cache_ttl_secs: Option<Option<i64>>,
 }
 
 /// Applies a patch to a key `me` owns and drops its cache entry; 404 when not theirs.
@@ -826,6 +843,10 @@ async fn update_key(
             .map(|o| o.as_deref().map(check_expires_at).transpose())
             .transpose()?,
         is_active: b.is_active,
+        cache_ttl_secs: b
+            .cache_ttl_secs
+            .map(|o| o.map_or(Ok(0), |v| check_limit("cache_ttl_secs", v)))
+            .transpose()?,
         secret: None,
     };
     let mut fields = Vec::new();
@@ -838,6 +859,7 @@ async fn update_key(
         (patch.budget_nanos.is_some(), "budget_usd"),
         (patch.expires_at.is_some(), "expires_at"),
         (patch.is_active.is_some(), "is_active"),
+        (patch.cache_ttl_secs.is_some(), "cache_ttl_secs"),
     ] {
         if set {
             fields.push(name);

@@ -57,10 +57,13 @@ pub struct UsageRecordView {
     pub response_id: Option<String>,
     /// The conversation (`conv_…`) the call ran in, if any.
     pub conversation_id: Option<String>,
-    /// Upstream attempts behind the answer (≥ 1: retries on other keys, deployments, fallbacks).
+    /// Upstream attempts behind the answer (≥ 1: retries on other keys, deployments, fallbacks;
+    /// 0 for an answer from the response cache).
     pub attempts: i32,
     /// The model the client asked for, when a fallback model answered (`model` is that one).
     pub fallback_from: Option<String>,
+    /// Answered from the response cache: no upstream call, `cost_usd` 0.
+    pub cache_hit: bool,
 }
 
 impl From<entity::usage_records::Model> for UsageRecordView {
@@ -87,8 +90,13 @@ impl From<entity::usage_records::Model> for UsageRecordView {
             request_id: r.request_id,
             response_id: r.response_id,
             conversation_id: r.conversation_id,
-            attempts: r.attempts.max(1),
+            attempts: if r.cache_hit {
+                r.attempts.max(0)
+            } else {
+                r.attempts.max(1)
+            },
             fallback_from: r.fallback_from,
+            cache_hit: r.cache_hit,
         }
     }
 }

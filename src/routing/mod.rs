@@ -3,11 +3,13 @@
 //! - `deployment`: a catalog model's deployments and fallback models, and their save-time checks;
 //! - `plan`: the next deployment + provider key to try for one model (tiers, weights, health);
 //! - `health`: cool-downs, circuit breakers and invalid keys per deployment + key;
+//! - `cache`: the response cache (exact match, opt-in, per user; local and through Redis);
 //! - this file: the retry policy ([`judge`]) and what the gateway does when a key is refused.
 //!
 //! `proxy::forward` walks the plan: the requested model's deployments, then its fallbacks in
 //! order, until an attempt answered — never retrying once a byte reached the client.
 
+pub mod cache;
 pub mod deployment;
 pub mod health;
 pub mod plan;

@@ -35,6 +35,8 @@ pub struct GatewayKeyPatch {
     pub budget_nanos: Option<Option<i64>>,
     pub expires_at: Option<Option<DateTime<Utc>>>,
     pub is_active: Option<bool>,
+    /// Seconds of response caching (0 = off).
+    pub cache_ttl_secs: Option<i32>,
     /// A rotated secret: `(key_hash, masked)`.
     pub secret: Option<(String, String)>,
 }
@@ -42,6 +44,15 @@ pub struct GatewayKeyPatch {
 pub async fn create(
     db: &impl ConnectionTrait,
     k: NewGatewayKey,
+) -> Result<gateway_keys::Model, DbErr> {
+    create_with_cache(db, k, 0).await
+}
+
+/// [`create`] with the key's response-cache TTL in seconds (0 = off).
+pub async fn create_with_cache(
+    db: &impl ConnectionTrait,
+    k: NewGatewayKey,
+    cache_ttl_secs: i32,
 ) -> Result<gateway_keys::Model, DbErr> {
     let now = Utc::now();
     gateway_keys::ActiveModel {
@@ -62,6 +73,7 @@ pub async fn create(
         last_used_at: Set(None),
         created_at: Set(now),
         updated_at: Set(now),
+        cache_ttl_secs: Set(cache_ttl_secs.max(0)),
     }
     .insert(db)
     .await
@@ -143,6 +155,9 @@ pub async fn update_owned(
     }
     if let Some(v) = p.is_active {
         am.is_active = Set(v);
+    }
+    if let Some(v) = p.cache_ttl_secs {
+        am.cache_ttl_secs = Set(v.max(0));
     }
     if let Some((hash, masked)) = p.secret {
         am.key_hash = Set(hash);

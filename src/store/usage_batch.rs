@@ -48,10 +48,12 @@ pub struct RecordRow<'a> {
     /// The stored response (`resp_…`) or conversation (`conv_…`) of the call, if any.
     pub response_id: Option<&'a str>,
     pub conversation_id: Option<&'a str>,
-    /// Upstream attempts (≥ 1).
+    /// Upstream attempts (≥ 1; 0 for a response-cache hit).
     pub attempts: u32,
     /// The requested model, when a fallback answered.
     pub fallback_from: Option<&'a str>,
+    /// Answered from the response cache.
+    pub cache_hit: bool,
 }
 
 /// What one batch adds to a gateway key.
@@ -77,12 +79,12 @@ pub struct UserCharge<'a> {
     pub requests: usize,
 }
 
-/// The most rows one INSERT statement carries (25 parameters each: 6,400 in all, well under
+/// The most rows one INSERT statement carries (26 parameters each: 6,656 in all, well under
 /// every driver's limit); see [`write_batch`].
 const MAX_ROWS_PER_INSERT: usize = 256;
 
 /// The columns of a usage record, in the order [`record_values`] gives them.
-const RECORD_COLUMNS: [usage_records::Column; 25] = {
+const RECORD_COLUMNS: [usage_records::Column; 26] = {
     use usage_records::Column as C;
     [
         C::At,
@@ -110,6 +112,7 @@ const RECORD_COLUMNS: [usage_records::Column; 25] = {
         C::ConversationId,
         C::Attempts,
         C::FallbackFrom,
+        C::CacheHit,
     ]
 };
 
@@ -140,8 +143,9 @@ fn record_values(r: &RecordRow<'_>, out: &mut Vec<Value>) {
         // Ids the gateway made (`resp_…`, `conv_…`); bounded to the columns all the same.
         r.response_id.map(|s| bounded(s, 64)).into(),
         r.conversation_id.map(|s| bounded(s, 64)).into(),
-        (r.attempts.clamp(1, i32::MAX as u32) as i32).into(),
+        (Ord::min(r.attempts, i32::MAX as u32) as i32).into(),
         r.fallback_from.map(|s| bounded(s, 128)).into(),
+        r.cache_hit.into(),
     ]);
 }
 
