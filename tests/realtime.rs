@@ -133,6 +133,7 @@ async fn serve(stream: tokio::net::TcpStream, seen: Arc<Mutex<Seen>>) {
         return;
     }
     let mut n = 0;
+    let mut deaf = false;
     while let Some(Ok(m)) = ws.next().await {
         match m {
             Message::Text(t) => {
@@ -158,6 +159,16 @@ async fn serve(stream: tokio::net::TcpStream, seen: Arc<Mutex<Seen>>) {
                         let tail = match mode {
                             "normal" => Some(done(&id, "completed", usage(120, 20, 30))),
                             "big" => Some(done(&id, "completed", usage(1000, 0, 1000))),
+                            // Closes mid-response.
+                            "drop" => Some(Message::Close(Some(CloseFrame {
+                                code: CloseCode::Error,
+                                reason: "upstream failure".into(),
+                            }))),
+                            // Never answers `response.cancel`.
+                            "deaf" => {
+                                deaf = true;
+                                None
+                            }
                             // Waits for `response.cancel`.
                             _ => None,
                         };
@@ -170,6 +181,9 @@ async fn serve(stream: tokio::net::TcpStream, seen: Arc<Mutex<Seen>>) {
                     }
                     "response.cancel" => {
                         seen.lock().expect("seen").cancels += 1;
+                        if deaf {
+                            continue;
+                        }
                         let id = format!("resp_{n}");
                         let _ = ws.send(done(&id, "cancelled", usage(50, 0, 5))).await;
                     }
@@ -257,9 +271,12 @@ async fn open(
             v.parse().expect("value"),
         );
     }
-    tokio::time::timeout(Duration::from_secs(20), tokio_tungstenite::connect_async(req))
-        .await
-        .expect("handshake in time")
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        tokio_tungstenite::connect_async(req),
+    )
+    .await
+    .expect("handshake in time")
 }
 
 async fn open_ok(app: &TestApp, key: &str) -> Client {
@@ -377,15 +394,21 @@ async fn a_session_relays_both_ways_and_meters_each_response() {
             Some(format!("Bearer {PROVIDER_SECRET}").as_str())
         );
         assert_eq!(s.betas[0].as_deref(), Some("realtime=v1"));
-        assert!(!s.headers[0].contains(&w.key), "gateway key leaked upstream");
+        assert!(
+            !s.headers[0].contains(&w.key),
+            "gateway key leaked upstream"
+        );
     });
 
     // Client events go up unchanged; the upstream's come back unchanged.
     let update = json!({"type": "session.update", "session": {"instructions": "Be brief.", "modalities": ["text", "audio"]}});
     send_json(&mut ws, update.clone()).await;
     for _ in 0..2 {
-        send_json(&mut ws, json!({"type": "response.create", "response": {"modalities": ["text"]}}))
-            .await;
+        send_json(
+            &mut ws,
+            json!({"type": "response.create", "response": {"modalities": ["text"]}}),
+        )
+        .await;
         let evs = events_until(&mut ws, "response.done").await;
         let kinds: Vec<&str> = evs.iter().filter_map(|e| e["type"].as_str()).collect();
         assert_eq!(
@@ -481,7 +504,10 @@ async fn refusals_come_before_the_upgrade_and_cost_nothing() {
     let (s, b) = refused(
         &app,
         "?model=gpt-rt",
-        &[("authorization", "Bearer sk-tg-not-a-real-key-000000000000000000000000")],
+        &[(
+            "authorization",
+            "Bearer sk-tg-not-a-real-key-000000000000000000000000",
+        )],
     )
     .await;
     assert_error(s, &b, 401, "invalid_api_key");
@@ -545,7 +571,10 @@ async fn refusals_come_before_the_upgrade_and_cost_nothing() {
     )
     .await;
     assert_eq!(s, 401, "{b}");
-    assert_eq!(b["error"]["code"], "invalid_api_key", "the upstream's body: {b}");
+    assert_eq!(
+        b["error"]["code"], "invalid_api_key",
+        "the upstream's body: {b}"
+    );
     assert_eq!(w.mock.seen(|s| s.uris.len()), 1);
     let recs = wait_records(&app, &bob, 1).await;
     assert_eq!(recs[0]["status"], 401, "{}", recs[0]);
@@ -586,7 +615,10 @@ async fn a_browser_authenticates_with_the_subprotocol_and_sees_only_realtime_ech
             s.auths[0].as_deref(),
             Some(format!("Bearer {PROVIDER_SECRET}").as_str())
         );
-        assert!(!s.headers[0].contains(&w.key), "gateway key leaked upstream");
+        assert!(
+            !s.headers[0].contains(&w.key),
+            "gateway key leaked upstream"
+        );
     });
     // A wrong key in the subprotocol is refused like a wrong header.
     let (s, b) = refused(
@@ -686,7 +718,10 @@ async fn a_balance_that_runs_out_closes_the_session_with_1008() {
     )
     .await;
     let evs = events_until(&mut ws, "response.done").await;
-    assert_eq!(evs.last().expect("done")["response"]["usage"]["output_tokens"], 1000);
+    assert_eq!(
+        evs.last().expect("done")["response"]["usage"]["output_tokens"],
+        1000
+    );
     // Then the reason, as an error event and as the close frame.
     let err = event(&mut ws).await;
     assert_eq!(err["type"], "error", "{err}");
@@ -717,7 +752,10 @@ async fn the_openai_python_sdk_realtime_client_works_unchanged() {
     };
     let app = TestApp::spawn().await;
     let w = world(&app).await;
-    let script = format!("{}/tests/sdk/openai_realtime.py", env!("CARGO_MANIFEST_DIR"));
+    let script = format!(
+        "{}/tests/sdk/openai_realtime.py",
+        env!("CARGO_MANIFEST_DIR")
+    );
     let out = tokio::process::Command::new(python)
         .arg(script)
         .env_remove("OPENAI_BASE_URL")
@@ -754,5 +792,75 @@ async fn the_openai_python_sdk_realtime_client_works_unchanged() {
     let rt = realtime_records(&recs);
     assert_eq!(rt.len(), 1, "{recs:?}");
     assert_cost(rt[0], (100.0 * 4.0 + 20.0 * 0.4 + 30.0 * 16.0) / 1e6);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_response_that_never_reports_usage_is_estimated() {
+    let app = TestApp::spawn().await;
+    let w = world(&app).await;
+
+    // The upstream closes mid-response: the client gets its close; the record is 502.
+    let mut ws = open_ok(&app, &w.key).await;
+    assert_eq!(event(&mut ws).await["type"], "session.created");
+    send_json(
+        &mut ws,
+        json!({"type": "response.create", "response": {"metadata": {"mode": "drop"}}}),
+    )
+    .await;
+    loop {
+        match next(&mut ws).await {
+            Message::Close(Some(f)) => {
+                assert_eq!(f.code, CloseCode::Error, "{f:?}");
+                assert_eq!(f.reason.as_str(), "upstream failure");
+                break;
+            }
+            Message::Text(_) | Message::Ping(_) | Message::Pong(_) => {}
+            other => panic!("expected the upstream's close, got {other:?}"),
+        }
+    }
+    let recs = wait_records(&app, &w.user, 1).await;
+    let r = realtime_records(&recs)[0].clone();
+    assert_eq!(r["status"], 502, "{r}");
+    assert_eq!(r["tokens_estimated"], true, "{r}");
+    assert_eq!(
+        r["completion_tokens"], 2,
+        "\"Hello world\" is two tokens: {r}"
+    );
+
+    // The client leaves and the upstream never answers the cancel: after the wait, 499.
+    let mut ws = open_ok(&app, &w.key).await;
+    assert_eq!(event(&mut ws).await["type"], "session.created");
+    send_json(
+        &mut ws,
+        json!({"type": "response.create", "response": {"metadata": {"mode": "deaf"}}}),
+    )
+    .await;
+    assert_eq!(event(&mut ws).await["type"], "response.created");
+    drop(ws);
+    let recs = wait_records(&app, &w.user, 2).await;
+    let r = realtime_records(&recs)
+        .into_iter()
+        .find(|r| r["status"] == 499)
+        .unwrap_or_else(|| panic!("no 499 record: {recs:?}"))
+        .clone();
+    assert_eq!(r["tokens_estimated"], true, "{r}");
+    assert!(
+        r["completion_tokens"].as_i64().is_some_and(|n| n <= 2),
+        "{r}"
+    );
+    assert_eq!(w.mock.seen(|s| s.cancels), 1);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn the_route_is_in_the_openapi_document() {
+    let app = TestApp::spawn().await;
+    let (s, doc) = app.get("/openapi.json", None).await;
+    assert_eq!(s, 200);
+    let op = &doc["paths"]["/v1/realtime"]["get"];
+    assert!(op.is_object(), "{}", doc["paths"]);
+    assert!(op["responses"]["101"].is_object(), "{op}");
+    assert_eq!(op["parameters"][0]["name"], "model", "{op}");
     app.stop().await;
 }

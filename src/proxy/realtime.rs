@@ -173,7 +173,11 @@ pub async fn open(
         .into_response();
     };
     let pairs: Vec<(String, String)> = query
-        .map(|q| url::form_urlencoded::parse(q.as_bytes()).into_owned().collect())
+        .map(|q| {
+            url::form_urlencoded::parse(q.as_bytes())
+                .into_owned()
+                .collect()
+        })
         .unwrap_or_default();
     let Some(model_name) = pairs
         .iter()
@@ -452,7 +456,11 @@ fn tls() -> Result<Arc<rustls::ClientConfig>, ApiError> {
 /// The addresses of the upstream's host. A user's own base URL (`route.guarded`) may reach only
 /// public ones, judged after resolution as the HTTP client's guarded connector does (unless
 /// `security.allow_private_base_urls`).
-async fn addresses(host: &url::Host<&str>, port: u16, guarded: bool) -> Result<Vec<SocketAddr>, Refused> {
+async fn addresses(
+    host: &url::Host<&str>,
+    port: u16,
+    guarded: bool,
+) -> Result<Vec<SocketAddr>, Refused> {
     let addrs: Vec<SocketAddr> = match host {
         url::Host::Ipv4(ip) => vec![SocketAddr::new(IpAddr::V4(*ip), port)],
         url::Host::Ipv6(ip) => vec![SocketAddr::new(IpAddr::V6(*ip), port)],
@@ -504,12 +512,11 @@ async fn connect_upstream(
         }
         Err(unreachable_upstream())
     };
-    let tcp = match tokio::time::timeout(Duration::from_secs(cfg.connect_timeout_secs), connect)
-        .await
-    {
-        Ok(r) => r?,
-        Err(_) => return Err(timed_out()),
-    };
+    let tcp =
+        match tokio::time::timeout(Duration::from_secs(cfg.connect_timeout_secs), connect).await {
+            Ok(r) => r?,
+            Err(_) => return Err(timed_out()),
+        };
     let mut req = match url.as_str().into_client_request() {
         Ok(r) => r,
         Err(e) => {
@@ -521,7 +528,8 @@ async fn connect_upstream(
     req.headers_mut()
         .extend(super::upstream::client_headers(client_sent, false));
     if let Some(v) = client_sent.get(crate::edge::X_REQUEST_ID) {
-        req.headers_mut().insert(crate::edge::X_REQUEST_ID, v.clone());
+        req.headers_mut()
+            .insert(crate::edge::X_REQUEST_ID, v.clone());
     }
     if let Some(adapter) = route.adapter {
         adapter.auth(req.headers_mut(), route.provider_key.expose_secret());
@@ -621,10 +629,12 @@ fn to_upstream(m: ws::Message) -> ts::Message {
         ws::Message::Binary(b) => ts::Message::Binary(b),
         ws::Message::Ping(b) => ts::Message::Ping(b),
         ws::Message::Pong(b) => ts::Message::Pong(b),
-        ws::Message::Close(f) => ts::Message::Close(f.map(|f| ts::protocol::CloseFrame {
-            code: f.code.into(),
-            reason: ts::Utf8Bytes::try_from(Bytes::from(f.reason))
-                .unwrap_or_else(|_| ts::Utf8Bytes::from("")),
+        ws::Message::Close(f) => ts::Message::Close(f.map(|f| {
+            ts::protocol::CloseFrame {
+                code: f.code.into(),
+                reason: ts::Utf8Bytes::try_from(Bytes::from(f.reason))
+                    .unwrap_or_else(|_| ts::Utf8Bytes::from("")),
+            }
         })),
     }
 }
@@ -637,10 +647,12 @@ fn to_client(m: ts::Message) -> Option<ws::Message> {
         ts::Message::Binary(b) => ws::Message::Binary(b),
         ts::Message::Ping(b) => ws::Message::Ping(b),
         ts::Message::Pong(b) => ws::Message::Pong(b),
-        ts::Message::Close(f) => ws::Message::Close(f.map(|f| ws::CloseFrame {
-            code: f.code.into(),
-            reason: ws::Utf8Bytes::try_from(Bytes::from(f.reason))
-                .unwrap_or_else(|_| ws::Utf8Bytes::from("")),
+        ts::Message::Close(f) => ws::Message::Close(f.map(|f| {
+            ws::CloseFrame {
+                code: f.code.into(),
+                reason: ws::Utf8Bytes::try_from(Bytes::from(f.reason))
+                    .unwrap_or_else(|_| ws::Utf8Bytes::from("")),
+            }
         })),
         ts::Message::Frame(_) => return None,
     })
@@ -802,8 +814,8 @@ impl Session {
             "response.done" => {
                 let done: serde_json::Value = serde_json::from_str(text).unwrap_or_default();
                 let usage = done.pointer("/response/usage").and_then(usage_of);
-                let failed = done.pointer("/response/status").and_then(|s| s.as_str())
-                    == Some("failed");
+                let failed =
+                    done.pointer("/response/status").and_then(|s| s.as_str()) == Some("failed");
                 self.open = self.open.saturating_sub(1);
                 self.responses = self.responses.saturating_add(1);
                 let Some(mut m) = self.meter.take() else {
@@ -972,7 +984,9 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(
             header::SEC_WEBSOCKET_PROTOCOL,
-            HeaderValue::from_static("realtime, openai-insecure-api-key.sk-tg-abc, openai-beta.realtime-v1"),
+            HeaderValue::from_static(
+                "realtime, openai-insecure-api-key.sk-tg-abc, openai-beta.realtime-v1",
+            ),
         );
         assert_eq!(key_from_subprotocols(&h), Some("sk-tg-abc"));
         let a = auth_headers(&h);
@@ -981,13 +995,21 @@ mod tests {
             Some("Bearer sk-tg-abc")
         );
         // A header key wins; nothing else of the subprotocols is taken.
-        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer sk-tg-header"));
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer sk-tg-header"),
+        );
         assert_eq!(
-            auth_headers(&h).get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()),
+            auth_headers(&h)
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok()),
             Some("Bearer sk-tg-header")
         );
         let mut none = HeaderMap::new();
-        none.insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static("realtime"));
+        none.insert(
+            header::SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static("realtime"),
+        );
         assert_eq!(key_from_subprotocols(&none), None);
     }
 
