@@ -842,8 +842,8 @@ async fn a_response_that_never_reports_usage_is_estimated() {
     let r = realtime_records(&recs)
         .into_iter()
         .find(|r| r["status"] == 499)
-        .unwrap_or_else(|| panic!("no 499 record: {recs:?}"))
-        .clone();
+        .cloned()
+        .unwrap_or_else(|| panic!("no 499 record: {recs:?}"));
     assert_eq!(r["tokens_estimated"], true, "{r}");
     assert!(
         r["completion_tokens"].as_i64().is_some_and(|n| n <= 2),
