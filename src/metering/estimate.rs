@@ -91,6 +91,8 @@ fn prompt_tokens_counted(endpoint: Endpoint, body: &[u8], tokenized: &mut usize)
         | Endpoint::AudioTranslations => {}
         // Stored state: no model call, nothing to count.
         Endpoint::Conversations | Endpoint::StoredResponses | Endpoint::StoredCompletions => {}
+        // A session has no request body; its responses report their own usage.
+        Endpoint::Realtime => {}
     }
     // The strings of a body are never longer than it.
     count(&text, tokenized) + framing

@@ -67,6 +67,11 @@ impl Ticket {
             seg: None,
         }
     }
+
+    /// No started line was written for it.
+    pub fn is_unspooled(&self) -> bool {
+        self.seg.is_none()
+    }
 }
 
 impl Default for Ticket {

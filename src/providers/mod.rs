@@ -46,11 +46,14 @@ pub enum Endpoint {
     AudioTranslations,
     /// `POST /v1/moderations`.
     Moderations,
+    /// `GET /v1/realtime`: OpenAI's Realtime API, a WebSocket relayed both ways
+    /// (`proxy::realtime`); one usage record per `response.done`.
+    Realtime,
 }
 
 impl Endpoint {
     /// Every endpoint, in [`Endpoint::index`] order.
-    pub const ALL: [Self; 16] = [
+    pub const ALL: [Self; 17] = [
         Self::ChatCompletions,
         Self::Completions,
         Self::Embeddings,
@@ -67,6 +70,7 @@ impl Endpoint {
         Self::AudioTranscriptions,
         Self::AudioTranslations,
         Self::Moderations,
+        Self::Realtime,
     ];
     pub const COUNT: usize = Self::ALL.len();
 
@@ -106,6 +110,7 @@ impl Endpoint {
             Self::AudioTranscriptions => "audio.transcriptions",
             Self::AudioTranslations => "audio.translations",
             Self::Moderations => "moderations",
+            Self::Realtime => "realtime",
         }
     }
 
@@ -131,6 +136,7 @@ impl Endpoint {
             Self::AudioTranscriptions => "/v1/audio/transcriptions",
             Self::AudioTranslations => "/v1/audio/translations",
             Self::Moderations => "/v1/moderations",
+            Self::Realtime => "/v1/realtime",
         }
     }
 
@@ -157,6 +163,7 @@ impl Endpoint {
             Self::AudioTranscriptions => "/audio/transcriptions",
             Self::AudioTranslations => "/audio/translations",
             Self::Moderations => "/moderations",
+            Self::Realtime => "/realtime",
         }
     }
 
@@ -170,6 +177,7 @@ impl Endpoint {
             Self::ImageGenerations | Self::ImageEdits | Self::ImageVariations => "image",
             Self::AudioSpeech | Self::AudioTranscriptions | Self::AudioTranslations => "audio",
             Self::Moderations => "moderation",
+            Self::Realtime => "realtime",
         }
     }
 

@@ -121,6 +121,16 @@ impl Meter {
         self.facts.units_metered = true;
     }
 
+    /// Gives up a meter that turned out to stand for no request (a realtime session's next
+    /// response, made ready after the last one, that never came): no record is sent, its usage
+    /// slot is freed, and its reservation is returned for the caller to release. Only for a
+    /// meter [`Meter::spool`] never ran on (its started line would wait for a record forever).
+    pub fn discard(mut self) -> Reservation {
+        debug_assert!(self.ticket.is_unspooled(), "a spooled meter must finish");
+        self.permit = None;
+        self.facts.reservation
+    }
+
     pub fn on_usage(&mut self, f: impl FnOnce(Usage) + Send + Sync + 'static) {
         self.on_usage = Some(Box::new(f));
     }

@@ -10,6 +10,7 @@ pub mod media;
 pub mod meter;
 pub mod multipart;
 pub mod passthrough;
+pub mod realtime;
 pub mod request;
 pub mod reserve;
 pub mod responses;

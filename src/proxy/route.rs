@@ -78,6 +78,8 @@ impl Route {
             | Endpoint::AudioTranscriptions
             | Endpoint::AudioTranslations
             | Endpoint::Moderations => self.adapter.is_some() || self.kind == "azure",
+            // The WebSocket is relayed to OpenAI-compatible upstreams (`proxy::realtime`).
+            Endpoint::Realtime => self.adapter.is_some(),
         }
     }
 }

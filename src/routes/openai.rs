@@ -28,6 +28,7 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(audio_transcriptions))
         .routes(routes!(audio_translations))
         .routes(routes!(moderations))
+        .routes(routes!(realtime))
         .routes(routes!(list_models))
         .routes(routes!(get_model))
 }
@@ -250,6 +251,35 @@ async fn moderations(
     req: Request,
 ) -> Response {
     proxy::forward(state, Endpoint::Moderations, ip, req).await
+}
+
+/// OpenAI's Realtime API over a WebSocket (spec §8): the session is relayed both ways to the
+/// model's upstream (a catalog model of type `realtime`), frames unchanged, each at most 16 MiB.
+/// The gateway key goes in `Authorization: Bearer`, or — from a browser, which cannot set
+/// headers — as the subprotocol entry `openai-insecure-api-key.<key>` (the answer echoes only
+/// `realtime`). Every `response.done` writes one usage record from its `usage`; a session with
+/// none writes one record (status 101). When the balance or the key's budget cannot cover
+/// another response, the socket closes with 1008 after the response that used it up.
+#[utoipa::path(get, path = "/v1/realtime", tag = "openai",
+    params(("model" = String, Query, description = "A catalog model of type `realtime`; the rest of the query is forwarded upstream")),
+    responses(
+        (status = 101, description = "Switching to the WebSocket protocol: OpenAI's Realtime events both ways"),
+        (status = 400, body = crate::error::ErrorBody, description = "Not a WebSocket upgrade, no `model`, or not a realtime model"),
+        (status = 401, body = crate::error::ErrorBody), (status = 403, body = crate::error::ErrorBody),
+        (status = 404, body = crate::error::ErrorBody), (status = 429, body = crate::error::ErrorBody),
+        (status = 502, body = crate::error::ErrorBody), (status = 504, body = crate::error::ErrorBody)),
+    security(("gateway_key" = []), ("gateway_key_header" = [])))]
+async fn realtime(
+    State(state): State<AppState>,
+    ClientIp(ip): ClientIp,
+    uri: axum::http::Uri,
+    headers: axum::http::HeaderMap,
+    upgrade: Result<
+        axum::extract::ws::WebSocketUpgrade,
+        axum::extract::ws::rejection::WebSocketUpgradeRejection,
+    >,
+) -> Response {
+    proxy::realtime::open(state, ip, uri.query(), headers, upgrade).await
 }
 
 /// OpenAI's model object.
