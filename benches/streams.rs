@@ -954,7 +954,7 @@ fn percentile<T: Copy>(sorted: &[T], p: f64) -> Option<T> {
 
 fn run_streams(
     rt: &Runtime,
-    upstream: &Arc<UpstreamState>,
+    _upstream: &Arc<UpstreamState>,
     proxy: &Proxy<'_>,
     p: &RunParams,
     fx: &Fixture,

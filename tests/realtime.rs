@@ -94,6 +94,7 @@ fn done(id: &str, status: &str, usage: Value) -> Message {
 async fn serve(stream: tokio::net::TcpStream, seen: Arc<Mutex<Seen>>) {
     let seen2 = seen.clone();
     let mut model = String::new();
+    #[allow(clippy::result_large_err)] // the signature tungstenite's accept callback takes
     let check = |req: &Request, resp: Response| -> Result<Response, ErrorResponse> {
         let h = req.headers();
         let get = |n: &str| h.get(n).and_then(|v| v.to_str().ok()).map(str::to_owned);

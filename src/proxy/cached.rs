@@ -63,6 +63,7 @@ fn ttl_secs(headers: &HeaderMap, key_ttl: u32, max: u64) -> Result<u64, ApiError
 }
 
 /// Whether (and under which key) this request uses the cache; 400 for a malformed header.
+#[allow(clippy::too_many_arguments)] // the request's parts as the hot path holds them, none worth a struct of its own
 pub fn lookup(
     state: &AppState,
     key: &KeyCtx,

@@ -313,6 +313,9 @@ async fn auth(
 }
 
 /// What admission decided: go upstream, or the answer is in the response cache.
+// Moved once, by value: boxing `Admitted` would cost every request that is not a cache hit an
+// allocation, to save stack on the rare one that is.
+#[allow(clippy::large_enum_variant)]
 enum Admission {
     Upstream(Admitted),
     /// A response-cache hit, answered and metered (no plan, nothing reserved).

@@ -286,6 +286,7 @@ pub fn client_headers(from: &http::HeaderMap, with_accept: bool) -> http::Header
 }
 
 /// Sends `body` along `route`; resolves when the upstream's response headers arrive.
+#[allow(clippy::too_many_arguments)] // the request's parts, each borrowed from a different owner
 pub async fn send(
     client: &HttpClient,
     route: &Route,
