@@ -835,6 +835,9 @@ fn answer_failure(
             out
         }
         Some(Failed::NoAnswer(e)) => finish_with(meter, e).into_response(),
+        None if attempts == 0 && plan.every_key_refused(&state.health) => {
+            finish_with(meter, route::key_missing(&plan.model)).into_response()
+        }
         None => {
             let e = ApiError::Upstream {
                 status: StatusCode::SERVICE_UNAVAILABLE,

@@ -203,6 +203,24 @@ impl Plan {
         None
     }
 
+    /// No key of the plan can ever be used as things stand: each was refused by its upstream
+    /// (401/403) since its pool was read, or there is none. The refusal reaches the database and
+    /// the key caches in the background (`routing::invalidate_key`); until it does, this tells
+    /// the client the same thing it will be told afterwards (400 `provider_key_missing`).
+    pub fn every_key_refused(&self, health: &Health) -> bool {
+        let now = now_ms();
+        for d in 0..self.deployments().len() {
+            let Some(pool) = self.pool(d) else { continue };
+            for k in 0..pool.keys.len().min(MAX_KEYS) {
+                match self.pair(d, k) {
+                    Some(p) if health.usable(p, pool.loaded_ms, now) == Usable::No(u64::MAX) => {}
+                    _ => return false,
+                }
+            }
+        }
+        true
+    }
+
     fn mark(&mut self, p: Pick) {
         if p.deployment < MAX_DEPLOYMENTS && p.key < MAX_KEYS {
             self.tried[p.deployment] |= 1 << p.key;
@@ -415,8 +433,14 @@ mod tests {
         let m2 = model(&[("b", 1, 0)]);
         let mut p = plan(&m2, &[&[("kb", 1)]]);
         std::thread::sleep(Duration::from_millis(2));
+        // Before the refusal every key may still be used; after it, none ever can.
+        assert!(!p.every_key_refused(&h));
         h.record(refused, "", Outcome::Refused, Duration::ZERO);
         assert_eq!(p.next(&h, true), None);
+        assert!(p.every_key_refused(&h));
+        // A pair that is only failing (the open breaker of `ka`) is not refused.
+        let p = plan(&m, &[&[("ka", 1)], &[("kb", 1)]]);
+        assert!(!p.every_key_refused(&h));
     }
 
     #[test]
