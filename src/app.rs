@@ -158,8 +158,10 @@ impl App {
             cluster.redis.clone(),
             metrics.clone(),
         );
+        let background = tokio_util::task::TaskTracker::new();
         let state = AppState(std::sync::Arc::new(Inner {
-            background: tokio_util::task::TaskTracker::new(),
+            stored: crate::conversations::writer::StateWriter::new(db.clone(), background.clone()),
+            background,
             db_kind: DbKind::of(&db),
             db,
             keyring: secrets.keyring,

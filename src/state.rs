@@ -27,6 +27,8 @@ pub struct Inner {
     /// Writes that run after the answer (stored responses and completions): shutdown waits for
     /// them before the database closes.
     pub background: tokio_util::task::TaskTracker,
+    /// Stored responses and chat completions, written in batches on `background`.
+    pub stored: crate::conversations::writer::StateWriter,
     pub db: DatabaseConnection,
     pub db_kind: DbKind,
     /// Opens provider keys and TOTP secrets; seals with the newest master key.

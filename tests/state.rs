@@ -1145,3 +1145,109 @@ async fn every_stored_state_call_writes_one_free_usage_record() {
         ]
     );
 }
+
+/// Saves that queue up while none is being written go to the database together
+/// (`conversations::writer`): one transaction, each save in a savepoint. A failing save (a
+/// conversation the user does not own) rolls back alone, the others land in order, and a reader
+/// waiting on a save's mark sees it committed.
+#[tokio::test]
+async fn saves_queued_together_land_in_one_batch_and_a_failing_one_rolls_back_alone() {
+    use tollgate::conversations::pending;
+    use tollgate::conversations::writer::Save;
+
+    let app = TestApp::spawn().await;
+    let (alice, key, key_id) = user_with_key(&app, "alice").await;
+    let (bob, _, bob_key_id) = user_with_key(&app, "bob").await;
+    let db = &app.state.db;
+    let k = Some(key.as_str());
+    let (_, conv) = app
+        .post("/v1/conversations", k, json!({"items": [msg("hello")]}))
+        .await;
+    let conv_id = conv["id"].as_str().unwrap().to_owned();
+    let resp = |user: &str, key_id: &str, text: &str| {
+        let id = ids::response_id();
+        StoredResponse {
+            id: id.clone(),
+            user_id: user.to_owned(),
+            key_id: key_id.to_owned(),
+            model: "gpt-test".into(),
+            status: "completed".into(),
+            previous_response_id: None,
+            conversation_id: Some(conv_id.clone()),
+            input_items: vec![json!({"role": "user", "content": format!("q-{text}")})],
+            response: json!({"id": id, "object": "response", "output": [
+                {"type": "message", "role": "assistant", "status": "completed",
+                 "content": [{"type": "output_text", "text": format!("a-{text}"), "annotations": []}]}]}),
+            input_tokens: 1,
+            output_tokens: 1,
+            created_at: Utc::now(),
+        }
+    };
+    let writer = &app.state.stored;
+    let batches_before = writer.batches();
+    let items_before = item_count(&app).await;
+    let mut saved = Vec::new();
+    let mut bobs = String::new();
+    // Submitted without yielding: the batch task cannot run before all of them are queued.
+    for i in 0..30 {
+        let r = if i == 12 {
+            // Bob's response naming alice's conversation: 404 inside the batch.
+            let r = resp(&bob, &bob_key_id, "bob");
+            bobs = r.id.clone();
+            r
+        } else {
+            resp(&alice, &key_id, &format!("{i:02}"))
+        };
+        if i != 12 {
+            saved.push(r.id.clone());
+        }
+        let mark = pending::writing(vec![r.id.clone()]);
+        writer.submit(Save::Response(r), vec![mark]);
+    }
+    let completion_id = ids::completion_id();
+    let mark = pending::writing(vec![completion_id.clone()]);
+    writer.submit(
+        Save::Completion(StoredCompletion {
+            id: completion_id.clone(),
+            user_id: alice.clone(),
+            key_id: key_id.clone(),
+            model: "gpt-test".into(),
+            metadata: Map::new(),
+            messages: vec![msg("hi")],
+            response: json!({"id": completion_id, "object": "chat.completion", "choices": []}),
+            created_at: Utc::now(),
+        }),
+        vec![mark],
+    );
+    assert_eq!(writer.queued(), 31);
+    pending::settled(&completion_id).await;
+    assert_eq!(writer.batches(), batches_before + 1, "one batch for all 31");
+    assert_eq!(writer.queued(), 0);
+
+    // 29 responses, each with its input and output item, in submission order; bob's: nothing.
+    assert_eq!(item_count(&app).await, items_before + 29 * 2);
+    let h = history_for(db, &alice, None, Some(&conv_id)).await.unwrap();
+    let want: Vec<String> = std::iter::once("hello".to_owned())
+        .chain(
+            (0..30)
+                .filter(|i| *i != 12)
+                .flat_map(|i| [format!("q-{i:02}"), format!("a-{i:02}")]),
+        )
+        .collect();
+    assert_eq!(texts(&h), want);
+    for id in &saved {
+        let (s, v) = app.get(&format!("/v1/responses/{id}"), k).await;
+        assert_eq!(s, 200, "{v}");
+    }
+    assert!(
+        entity::responses::Entity::find_by_id(bobs)
+            .one(db)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let (s, v) = app
+        .get(&format!("/v1/chat/completions/{completion_id}"), k)
+        .await;
+    assert_eq!(s, 200, "{v}");
+}

@@ -3,7 +3,7 @@
 
 use chrono::{DateTime, Utc};
 use entity::stored_completions;
-use sea_orm::{DatabaseConnection, TransactionTrait};
+use sea_orm::{DatabaseConnection, TransactionSession, TransactionTrait};
 use serde_json::{Map, Value, json};
 
 use super::paging::{self, ListParams, Order};
@@ -32,7 +32,12 @@ pub struct StoredCompletion {
 }
 
 /// Saves `c` (one transaction: the completion and its metadata pairs).
-pub async fn save_completion(db: &DatabaseConnection, c: StoredCompletion) -> Result<(), ApiError> {
+/// `db` may be a transaction (a batch of saves, `conversations::writer`): this one then goes in a
+/// savepoint of it.
+pub async fn save_completion<C: TransactionTrait>(
+    db: &C,
+    c: StoredCompletion,
+) -> Result<(), ApiError> {
     let metadata = items::metadata(Some(&Value::Object(c.metadata)))?;
     let pairs = pairs_of(&metadata);
     let row = stored_completions::Model {

@@ -17,8 +17,9 @@
 //!   strip `store` and `metadata` from the upstream request.
 //! - [`items::input_items`] turns a Responses `input` (string or array) into stored items.
 //!
-//! Both saves run after the client has its answer; [`pending`] makes the next read on this
-//! replica wait for them (mark with [`pending::writing`] before the answer ends).
+//! Both saves run after the client has its answer, batched with other requests' saves into one
+//! transaction ([`writer`]); [`pending`] makes the next read on this replica wait for them
+//! (mark with [`pending::writing`] before the answer ends).
 //!
 //! With `storage.enabled = false` the hot path calls none of these (it answers `store: false`,
 //! and refuses `previous_response_id` / `conversation` with 400); the routes still serve what is
@@ -48,6 +49,7 @@ pub mod pending;
 pub mod responses;
 pub mod share;
 pub mod socket;
+pub mod writer;
 
 pub use completions::{StoredCompletion, save_completion};
 pub use responses::{StoredResponse, history_for, save_response};

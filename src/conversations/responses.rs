@@ -3,7 +3,7 @@
 
 use chrono::{DateTime, Utc};
 use entity::responses;
-use sea_orm::{DatabaseConnection, TransactionTrait};
+use sea_orm::{DatabaseConnection, TransactionSession, TransactionTrait};
 use serde_json::{Value, json};
 
 use super::conversation::rows;
@@ -51,8 +51,8 @@ pub struct StoredResponse {
 /// Saves `r` and, when it ran in a conversation, appends its input items then its output items
 /// to that conversation — in one transaction: both land or neither does. The conversation must
 /// be the user's (else 404 and nothing is written). Returns the stored input items (with ids).
-pub async fn save_response(
-    db: &DatabaseConnection,
+pub async fn save_response<C: TransactionTrait>(
+    db: &C,
     mut r: StoredResponse,
 ) -> Result<Vec<Value>, ApiError> {
     let input = r

@@ -327,13 +327,10 @@ fn save_later(s: Stored, response: serde_json::Value, usage: Option<Usage>) {
         created_at: chrono::DateTime::from_timestamp(ctx.created_at, 0)
             .unwrap_or_else(chrono::Utc::now),
     };
-    let tracker = state.background.clone();
-    tracker.spawn(async move {
-        if let Err(e) = crate::conversations::save_response(&state.db, stored).await {
-            tracing::error!(error = %e, response_id = %ctx.id, "storing a response failed");
-        }
-        drop((writing, conversation));
-    });
+    state.stored.submit(
+        crate::conversations::writer::Save::Response(stored),
+        vec![writing, conversation],
+    );
 }
 
 /// The stored copy of an upstream's response carries tollgate's id and the client's model name.

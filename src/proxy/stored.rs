@@ -6,7 +6,7 @@
 use bytes::Bytes;
 use serde_json::{Map, Value};
 
-use crate::conversations::{StoredCompletion, ids, items, save_completion};
+use crate::conversations::{StoredCompletion, ids, items};
 use crate::error::ApiError;
 use crate::pivot::{ChatChunk, ChunkAccumulator};
 use crate::providers::Usage;
@@ -89,19 +89,14 @@ impl ToStore {
             response,
             created_at: chrono::Utc::now(),
         };
-        let db = self.state.db.clone();
         // A list of the user's completions waits for this one too.
         let listed = crate::conversations::pending::writing(vec![
             crate::conversations::pending::completions_of(&c.user_id),
         ]);
-        let writing = self.writing;
-        self.state.background.spawn(async move {
-            let id = c.id.clone();
-            if let Err(e) = save_completion(&db, c).await {
-                tracing::error!(error = %e, completion_id = %id, "storing a chat completion failed");
-            }
-            drop((writing, listed));
-        });
+        self.state.stored.submit(
+            crate::conversations::writer::Save::Completion(c),
+            vec![self.writing, listed],
+        );
     }
 
     /// A complete answer: the client's copy carries this id; it is saved.
