@@ -36,6 +36,12 @@ pub const CLOSE_TOO_MANY: u16 = 4429;
 /// Close code: going away (idle, shutdown).
 const CLOSE_GOING_AWAY: u16 = 1001;
 
+/// The socket's read buffer to start with. tungstenite allocates 128 KiB per connection by
+/// default, before any frame arrives: for thousands of idle sockets that is most of their memory
+/// (benches/state.rs, `ws`). Chat frames are small; a larger one grows the buffer as it arrives
+/// (up to the frame limit), so this only sets the idle cost.
+pub const READ_BUFFER_BYTES: usize = 4 * 1024;
+
 /// The reason given to a client that sent its token in the URL.
 pub const TOKEN_IN_URL: &str = "Tokens in URLs are refused: connect without it and send {\"type\":\"auth\",\"token\":\"…\"} as the first message.";
 

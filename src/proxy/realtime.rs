@@ -211,6 +211,7 @@ pub async fn open(
                 .protocols([SUBPROTOCOL])
                 .max_message_size(MAX_FRAME_BYTES)
                 .max_frame_size(MAX_FRAME_BYTES)
+                .read_buffer_size(crate::conversations::socket::READ_BUFFER_BYTES)
                 .on_upgrade(move |socket| {
                     // Tracked: shutdown waits for the session's last record.
                     tracker.track_future(session.relay(socket))
@@ -537,7 +538,8 @@ async fn connect_upstream(
     let tls = tls().map_err(Refused::NoAnswer)?;
     let config = ts::protocol::WebSocketConfig::default()
         .max_message_size(Some(MAX_FRAME_BYTES))
-        .max_frame_size(Some(MAX_FRAME_BYTES));
+        .max_frame_size(Some(MAX_FRAME_BYTES))
+        .read_buffer_size(crate::conversations::socket::READ_BUFFER_BYTES);
     let handshake = tokio_tungstenite::client_async_tls_with_config(
         req,
         tcp,

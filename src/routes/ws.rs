@@ -58,6 +58,7 @@ async fn chat_socket(
         .saturating_add(FRAME_OVERHEAD);
     ws.max_message_size(max)
         .max_frame_size(max)
+        .read_buffer_size(crate::conversations::socket::READ_BUFFER_BYTES)
         .on_upgrade(move |socket| {
             // Tracked: shutdown waits for the answer under way before the database closes.
             let tracker = state.background.clone();
