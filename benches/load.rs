@@ -430,6 +430,7 @@ fn run() -> anyhow::Result<()> {
                     common::chat_body_for(common::ANTHROPIC_MODEL, stream),
                     key.as_str(),
                     Some(TARGET_TRANSLATED),
+                    None,
                 ),
                 (
                     "messages → openai",
@@ -437,6 +438,7 @@ fn run() -> anyhow::Result<()> {
                     common::messages_body(MODEL, stream),
                     key.as_str(),
                     Some(TARGET_TRANSLATED),
+                    None,
                 ),
                 (
                     "responses, store off",
@@ -444,6 +446,7 @@ fn run() -> anyhow::Result<()> {
                     common::responses_body(MODEL, stream, false),
                     key.as_str(),
                     Some(TARGET_TRANSLATED),
+                    None,
                 ),
                 (
                     "responses, store on",
@@ -451,12 +454,14 @@ fn run() -> anyhow::Result<()> {
                     common::responses_body(MODEL, stream, true),
                     key.as_str(),
                     None,
+                    None,
                 ),
                 (
                     "retries, 1/2 failing",
                     "v1/chat/completions",
                     common::chat_body_for(common::FLAKY_MODEL, stream),
                     key.as_str(),
+                    None,
                     None,
                 ),
             ];
@@ -467,18 +472,32 @@ fn run() -> anyhow::Result<()> {
                     common::chat_ui_body(MODEL),
                     token.as_str(),
                     None,
+                    None,
+                ));
+            } else {
+                // The response cache (non-stream only): after the first request every one is a
+                // hit answered from memory, which should beat the hop to the upstream (issue 21).
+                lines.push((
+                    "cache hits",
+                    "v1/chat/completions",
+                    common::chat_body_for(MODEL, false),
+                    key.as_str(),
+                    Some(TARGET_CACHE_HIT),
+                    Some(("x-tollgate-cache-ttl", "3600")),
                 ));
             }
-            for (i, (name, path, body, auth, goal)) in lines.into_iter().enumerate() {
+            for (i, (name, path, body, auth, goal, extra)) in lines.into_iter().enumerate() {
                 let body_path = tmp
                     .path()
                     .join(format!("body-path-{}-{i}.json", mode.name()));
                 std::fs::write(&body_path, &body)?;
-                let script = write_script(
+                let extra: Vec<(&str, &str)> = extra.into_iter().collect();
+                let script = write_script_with(
                     tmp.path(),
                     &format!("path-{}-{i}", mode.name()),
                     &body_path,
                     auth,
+                    &extra,
                 )?;
                 let url = format!("http://{}/{path}", tg.addr);
                 eprintln!("load: {} / {name} …", mode.name());
@@ -487,15 +506,17 @@ fn run() -> anyhow::Result<()> {
                 let first = ctl.block_on(async {
                     // A connection of its own: the shared client's pooled ones may have been
                     // closed by tollgate's idle timeout while this runtime was not driven.
-                    let r = reqwest::Client::builder()
+                    let mut req = reqwest::Client::builder()
                         .pool_max_idle_per_host(0)
                         .build()?
                         .post(&url)
                         .bearer_auth(auth)
                         .header(header::CONTENT_TYPE, "application/json")
-                        .body(body.clone())
-                        .send()
-                        .await?;
+                        .body(body.clone());
+                    for (n, v) in &extra {
+                        req = req.header(*n, *v);
+                    }
+                    let r = req.send().await?;
                     let status = r.status();
                     anyhow::Ok((status, r.text().await?))
                 })?;
@@ -705,6 +726,8 @@ struct Translated {
 
 /// The translated paths' goal: throughput at least this × the reference hop's (issue 20).
 const TARGET_TRANSLATED: f64 = 0.6;
+/// A response-cache hit's goal: faster than the reference hop's pass-through (issue 21).
+const TARGET_CACHE_HIT: f64 = 1.0;
 
 /// The extra paths beside the pass-through and the reference hop of the same mode.
 fn translated_table(log: &mut Log, rows: &[Row], lines: &[Translated]) {
@@ -1220,7 +1243,22 @@ fn lua_string(s: &str) -> String {
 }
 
 fn write_script(dir: &Path, name: &str, body: &Path, key: &str) -> anyhow::Result<PathBuf> {
+    write_script_with(dir, name, body, key, &[])
+}
+
+/// [`write_script`] with more request headers.
+fn write_script_with(
+    dir: &Path,
+    name: &str,
+    body: &Path,
+    key: &str,
+    headers: &[(&str, &str)],
+) -> anyhow::Result<PathBuf> {
     let path = dir.join(format!("{name}.lua"));
+    let extra: String = headers
+        .iter()
+        .map(|(n, v)| format!("wrk.headers[{}] = {}\n", lua_string(n), lua_string(v)))
+        .collect();
     let script = format!(
         r#"-- POST a JSON body with the gateway key (written by benches/load.rs)
 local f = assert(io.open({body}, "rb"))
@@ -1229,7 +1267,7 @@ wrk.body = f:read("*a")
 f:close()
 wrk.headers["Content-Type"] = "application/json"
 wrk.headers["Authorization"] = {auth}
-{DONE_HOOK}"#,
+{extra}{DONE_HOOK}"#,
         body = lua_string(&body.display().to_string()),
         auth = lua_string(&format!("Bearer {key}")),
     );
