@@ -488,6 +488,29 @@ async fn responses_history_chain_and_routes() {
     assert_eq!(e.parts().0.as_u16(), 404);
 }
 
+/// A stored response of `user` in conversation `conv_id`: input `q-{text}`, output a function
+/// call then the message `a-{text}`.
+fn conversation_turn(user: &str, key_id: &str, conv_id: &str, text: &str) -> StoredResponse {
+    let id = ids::response_id();
+    StoredResponse {
+        id: id.clone(),
+        user_id: user.to_owned(),
+        key_id: key_id.to_owned(),
+        model: "gpt-test".into(),
+        status: "completed".into(),
+        previous_response_id: None,
+        conversation_id: Some(conv_id.to_owned()),
+        input_items: vec![json!({"role": "user", "content": format!("q-{text}")})],
+        response: json!({"id": id, "object": "response", "output": [
+            {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
+            {"type": "message", "role": "assistant", "status": "completed",
+             "content": [{"type": "output_text", "text": format!("a-{text}"), "annotations": []}]}]}),
+        input_tokens: 1,
+        output_tokens: 1,
+        created_at: Utc::now(),
+    }
+}
+
 #[tokio::test]
 async fn responses_in_a_conversation_append_atomically() {
     let app = TestApp::spawn().await;
@@ -500,26 +523,8 @@ async fn responses_in_a_conversation_append_atomically() {
         .await;
     let conv_id = conv["id"].as_str().unwrap().to_owned();
 
-    let resp = |user: &str, key_id: &str, text: &str| {
-        let id = ids::response_id();
-        StoredResponse {
-            id: id.clone(),
-            user_id: user.to_owned(),
-            key_id: key_id.to_owned(),
-            model: "gpt-test".into(),
-            status: "completed".into(),
-            previous_response_id: None,
-            conversation_id: Some(conv_id.clone()),
-            input_items: vec![json!({"role": "user", "content": format!("q-{text}")})],
-            response: json!({"id": id, "object": "response", "output": [
-                {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
-                {"type": "message", "role": "assistant", "status": "completed",
-                 "content": [{"type": "output_text", "text": format!("a-{text}"), "annotations": []}]}]}),
-            input_tokens: 1,
-            output_tokens: 1,
-            created_at: Utc::now(),
-        }
-    };
+    let resp =
+        |user: &str, key_id: &str, text: &str| conversation_turn(user, key_id, &conv_id, text);
     let r1 = resp(&alice, &key_id, "1");
     let r1_id = r1.id.clone();
     save_response(db, r1).await.unwrap();
@@ -1165,23 +1170,10 @@ async fn saves_queued_together_land_in_one_batch_and_a_failing_one_rolls_back_al
         .await;
     let conv_id = conv["id"].as_str().unwrap().to_owned();
     let resp = |user: &str, key_id: &str, text: &str| {
-        let id = ids::response_id();
-        StoredResponse {
-            id: id.clone(),
-            user_id: user.to_owned(),
-            key_id: key_id.to_owned(),
-            model: "gpt-test".into(),
-            status: "completed".into(),
-            previous_response_id: None,
-            conversation_id: Some(conv_id.clone()),
-            input_items: vec![json!({"role": "user", "content": format!("q-{text}")})],
-            response: json!({"id": id, "object": "response", "output": [
-                {"type": "message", "role": "assistant", "status": "completed",
-                 "content": [{"type": "output_text", "text": format!("a-{text}"), "annotations": []}]}]}),
-            input_tokens: 1,
-            output_tokens: 1,
-            created_at: Utc::now(),
-        }
+        let mut r = conversation_turn(user, key_id, &conv_id, text);
+        // Only the answer's message: no function call.
+        r.response["output"].as_array_mut().unwrap().remove(0);
+        r
     };
     let writer = &app.state.stored;
     let batches_before = writer.batches();
