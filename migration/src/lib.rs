@@ -11,6 +11,7 @@ mod m20261203_000003_state;
 mod m20261203_000010_routing;
 mod m20261203_000022_chat;
 mod m20261204_000021_response_cache;
+mod m20261205_000022_search_owner;
 
 pub struct Migrator;
 
@@ -26,6 +27,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261203_000010_routing::Migration),
             Box::new(m20261203_000022_chat::Migration),
             Box::new(m20261204_000021_response_cache::Migration),
+            Box::new(m20261205_000022_search_owner::Migration),
         ]
     }
 }

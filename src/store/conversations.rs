@@ -442,7 +442,11 @@ pub fn search_words(q: &str) -> Vec<String> {
 
 /// The `WHERE` of the full-text match of the user's items with every word of `words`, in the
 /// database's own index: SQLite FTS5, PostgreSQL `tsvector` (GIN), MySQL/MariaDB `FULLTEXT`.
-fn match_clause(backend: sea_orm::DbBackend, words: &[String]) -> (String, Vec<sea_orm::Value>) {
+fn match_clause(
+    backend: sea_orm::DbBackend,
+    user_id: &str,
+    words: &[String],
+) -> (String, Vec<sea_orm::Value>) {
     use sea_orm::DbBackend;
     match backend {
         DbBackend::Sqlite => {
@@ -451,13 +455,22 @@ fn match_clause(backend: sea_orm::DbBackend, words: &[String]) -> (String, Vec<s
                 .map(|w| format!("\"{}\"", w.replace('"', "\"\"")))
                 .collect::<Vec<_>>()
                 .join(" ");
+            // The owner's token (`hex(user_id)`, see the migration) and every word: FTS5
+            // intersects the owner's short doclist with the words' however common they are.
+            let owner = hex::encode_upper(user_id.as_bytes());
             (
                 "ci.user_id = ? AND ci.seq IN (SELECT rowid FROM conversation_items_fts WHERE conversation_items_fts MATCH ?)".into(),
-                vec![q.into()],
+                vec![format!("owner : \"{owner}\" AND content_text : ({q})").into()],
             )
         }
+        // The index's expression exactly (migration `m20261205_000022_search_owner`): the
+        // owner's lexeme `'u' || md5(user_id)` and the words, intersected inside the GIN index.
+        // A query without lexemes would leave the owner's alone (every item): refused by
+        // `numnode`.
         DbBackend::Postgres => (
-            "ci.user_id = $1 AND to_tsvector('simple', coalesce(ci.content_text, '')) @@ plainto_tsquery('simple', $2)".into(),
+            "ci.user_id = $1 AND numnode(plainto_tsquery('simple', $2)) > 0 AND \
+             (to_tsvector('simple', coalesce(ci.content_text, '')) || array_to_tsvector(ARRAY['u' || md5(ci.user_id)])) \
+             @@ (plainto_tsquery('simple', $2) && ('u' || md5($1))::tsquery)".into(),
             vec![words.join(" ").into()],
         ),
         _ => {
@@ -520,7 +533,7 @@ pub fn search_items_statements(
     if words.is_empty() {
         return None;
     }
-    let (clause, extra) = match_clause(backend, &words);
+    let (clause, extra) = match_clause(backend, user_id, &words);
     let mut values: Vec<sea_orm::Value> = vec![user_id.into()];
     values.extend(extra);
     let count_sql = format!("SELECT COUNT(*) AS n FROM conversation_items ci WHERE {clause}");
@@ -551,7 +564,7 @@ pub async fn search_conversation_ids(
         return Ok(Vec::new());
     }
     let backend = db.get_database_backend();
-    let (clause, extra) = match_clause(backend, &words);
+    let (clause, extra) = match_clause(backend, user_id, &words);
     let mut values: Vec<sea_orm::Value> = vec![user_id.into()];
     values.extend(extra);
     values.push(i64::try_from(limit).unwrap_or(i64::MAX).into());
