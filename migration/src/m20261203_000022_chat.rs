@@ -27,7 +27,7 @@ enum Conversations {
     ShareTokenHash,
 }
 
-const SQLITE_UP: &[&str] = &[
+pub(crate) const SQLITE_UP: &[&str] = &[
     "CREATE VIRTUAL TABLE conversation_items_fts USING fts5(content_text, content='conversation_items', content_rowid='seq')",
     "CREATE TRIGGER conversation_items_fts_ai AFTER INSERT ON conversation_items WHEN new.content_text IS NOT NULL BEGIN \
      INSERT INTO conversation_items_fts(rowid, content_text) VALUES (new.seq, new.content_text); END",

@@ -44,20 +44,6 @@ const SQLITE_UP: &[&str] = &[
     "INSERT INTO conversation_items_fts(conversation_items_fts) VALUES ('rebuild')",
 ];
 
-/// The first migration's FTS5 table and triggers, for `down`.
-const SQLITE_DOWN: &[&str] = &[
-    "CREATE VIRTUAL TABLE conversation_items_fts USING fts5(content_text, content='conversation_items', content_rowid='seq')",
-    "CREATE TRIGGER conversation_items_fts_ai AFTER INSERT ON conversation_items WHEN new.content_text IS NOT NULL BEGIN \
-     INSERT INTO conversation_items_fts(rowid, content_text) VALUES (new.seq, new.content_text); END",
-    "CREATE TRIGGER conversation_items_fts_ad AFTER DELETE ON conversation_items WHEN old.content_text IS NOT NULL BEGIN \
-     INSERT INTO conversation_items_fts(conversation_items_fts, rowid, content_text) VALUES ('delete', old.seq, old.content_text); END",
-    "CREATE TRIGGER conversation_items_fts_aud AFTER UPDATE OF content_text ON conversation_items WHEN old.content_text IS NOT NULL BEGIN \
-     INSERT INTO conversation_items_fts(conversation_items_fts, rowid, content_text) VALUES ('delete', old.seq, old.content_text); END",
-    "CREATE TRIGGER conversation_items_fts_aui AFTER UPDATE OF content_text ON conversation_items WHEN new.content_text IS NOT NULL BEGIN \
-     INSERT INTO conversation_items_fts(rowid, content_text) VALUES (new.seq, new.content_text); END",
-    "INSERT INTO conversation_items_fts(conversation_items_fts) VALUES ('rebuild')",
-];
-
 /// The PostgreSQL index expression; `store::conversations::match_clause` repeats it exactly
 /// (with the `ci.` alias) so the planner uses the index.
 pub const PG_INDEX: &str = "CREATE INDEX idx_conv_items_fts ON conversation_items USING GIN \
@@ -94,7 +80,13 @@ impl MigrationTrait for Migration {
         match manager.get_database_backend() {
             DbBackend::Sqlite => {
                 run(db, SQLITE_DROP).await?;
-                run(db, SQLITE_DOWN).await
+                // The first migration's table and triggers, filled from the rows.
+                run(db, crate::m20261203_000022_chat::SQLITE_UP).await?;
+                run(
+                    db,
+                    &["INSERT INTO conversation_items_fts(conversation_items_fts) VALUES ('rebuild')"],
+                )
+                .await
             }
             DbBackend::Postgres => {
                 run(
