@@ -46,7 +46,7 @@ const SQLITE_UP: &[&str] = &[
 
 /// The PostgreSQL index expression; `store::conversations::match_clause` repeats it exactly
 /// (with the `ci.` alias) so the planner uses the index.
-pub const PG_INDEX: &str = "CREATE INDEX idx_conv_items_fts ON conversation_items USING GIN \
+const PG_INDEX: &str = "CREATE INDEX idx_conv_items_fts ON conversation_items USING GIN \
      ((to_tsvector('simple', coalesce(content_text, '')) || array_to_tsvector(ARRAY['u' || md5(user_id)])))";
 
 const PG_INDEX_DOWN: &str = "CREATE INDEX idx_conv_items_fts ON conversation_items \
