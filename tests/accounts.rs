@@ -1258,7 +1258,7 @@ async fn the_username_migration_renames_case_duplicates_and_drops_none() {
     use migration::{Migrator, MigratorTrait};
     use sea_orm::ConnectionTrait;
     let db = common::TestDb::new().await;
-    let conn = store::connect(&db.url, 2).await.unwrap();
+    let conn = store::connect(&db.url, 1).await.unwrap();
     Migrator::up(&conn, Some(1)).await.unwrap();
     let backend = conn.get_database_backend();
     let mysql = backend == sea_orm::DbBackend::MySql;

@@ -1276,7 +1276,8 @@ async fn catalog_kinds_migration_is_reversible_and_marks_openai() {
     use migration::{Migrator, MigratorTrait};
     use sea_orm::ConnectionTrait;
     let db = common::TestDb::new().await;
-    let conn = store::connect(&db.url, 2).await.unwrap();
+    // One connection: SQLite checks DDL against the schema a connection cached (see below).
+    let conn = store::connect(&db.url, 1).await.unwrap();
     let all = Migrator::migrations().len() as u32;
     // Everything before this migration (later ones come after it).
     let before = Migrator::migrations()
@@ -1339,4 +1340,47 @@ async fn catalog_kinds_migration_is_reversible_and_marks_openai() {
         .unwrap()
         .unwrap();
     assert!(!groq.supports_responses);
+}
+
+/// `store::migrate` runs the migrations on one connection. SQLite checks DDL against the schema
+/// each connection has cached, so when a migration's `DROP TRIGGER` and `CREATE TRIGGER` of the
+/// same name landed on two pooled connections, the second could fail with "trigger … already
+/// exists" (it did, once in CI, at a test's start). Here every pooled connection has read the
+/// schema as it was before the search-owner migration, which drops and recreates the triggers.
+#[tokio::test]
+async fn migrations_ignore_what_pooled_connections_cached_of_the_schema() {
+    use migration::{Migrator, MigratorTrait};
+    use sea_orm::{ConnectionTrait, TransactionTrait};
+    const POOL: u32 = 8;
+    let before = Migrator::migrations()
+        .iter()
+        .position(|m| m.name() == "m20261205_000022_search_owner")
+        .expect("the search-owner migration") as u32;
+    // Which connection a statement lands on is the pool's choice: a few fresh databases make a
+    // stray landing (one run in three before the fix) all but certain.
+    for _ in 0..5 {
+        let db = common::TestDb::new().await;
+        let conn = store::connect(&db.url, POOL).await.unwrap();
+        Migrator::up(&conn, Some(before)).await.unwrap();
+        let mut held = Vec::new();
+        for _ in 0..POOL {
+            let txn = conn.begin().await.unwrap();
+            txn.execute_unprepared("SELECT count(*) FROM conversation_items")
+                .await
+                .unwrap();
+            held.push(txn);
+        }
+        drop(held);
+        store::migrate(&conn, &db.url).await.unwrap();
+        assert!(
+            Migrator::get_pending_migrations(&conn)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        // The pooled connections read the new schema.
+        conn.execute_unprepared("SELECT count(*) FROM conversation_items")
+            .await
+            .unwrap();
+    }
 }

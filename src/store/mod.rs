@@ -173,7 +173,27 @@ pub async fn migrate(db: &DatabaseConnection, url: &str) -> anyhow::Result<()> {
                 Ok(file)
             })
             .await??;
-            let res = Migrator::up(db, None).await;
+            // One connection for the whole run: DDL is checked against the schema a connection
+            // has cached, so a `CREATE TRIGGER` on one pooled connection right after the
+            // `DROP TRIGGER` ran on another could fail with "already exists".
+            let res = match &lock {
+                Some(_) => match connect(url, 1).await {
+                    Ok(one) => {
+                        let res = Migrator::up(&one, None).await;
+                        let _ = one.close().await;
+                        res
+                    }
+                    Err(e) => {
+                        if let Some(f) = &file {
+                            let _ = f.unlock();
+                        }
+                        return Err(e);
+                    }
+                },
+                // `:memory:` is a single connection already (and a second one would be another
+                // database).
+                None => Migrator::up(db, None).await,
+            };
             if let Some(f) = file {
                 let _ = f.unlock();
             }
