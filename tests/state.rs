@@ -1125,7 +1125,7 @@ async fn every_stored_state_call_writes_one_free_usage_record() {
     assert_eq!(s, 401);
     let records = common::gateway::wait_records(&app, &token, 4).await;
     assert_eq!(records.len(), 4, "{records:?}");
-    let mut seen: Vec<(String, i64)> = records
+    let mut seen: Vec<(String, i64, Value, Value)> = records
         .iter()
         .map(|r| {
             assert_eq!(r["key_id"], key_id.as_str());
@@ -1136,17 +1136,26 @@ async fn every_stored_state_call_writes_one_free_usage_record() {
             (
                 r["endpoint"].as_str().unwrap().to_owned(),
                 r["status"].as_i64().unwrap(),
+                r["conversation_id"].clone(),
+                r["response_id"].clone(),
             )
         })
         .collect();
-    seen.sort();
+    seen.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
+    // Each record names the conversation it was about (the created one too); a call that
+    // failed names nothing: the id in its path was not the user's.
     assert_eq!(
         seen,
         [
-            ("chat.completions.stored".to_owned(), 200),
-            ("conversations".to_owned(), 200),
-            ("conversations".to_owned(), 200),
-            ("responses.stored".to_owned(), 404),
+            (
+                "chat.completions.stored".to_owned(),
+                200,
+                Value::Null,
+                Value::Null
+            ),
+            ("conversations".to_owned(), 200, json!(id), Value::Null),
+            ("conversations".to_owned(), 200, json!(id), Value::Null),
+            ("responses.stored".to_owned(), 404, Value::Null, Value::Null),
         ]
     );
 }

@@ -52,8 +52,35 @@ pub(crate) async fn caller(
     Ok(key)
 }
 
+/// What a stored-state call was about, for its usage record's `response_id` / `conversation_id`.
+/// Recorded only when the call succeeded: an id from a failed call (not found, not the caller's)
+/// names nothing of the user's.
+#[derive(Clone, Copy)]
+pub(crate) enum Subject<'a> {
+    /// A conversation by its path id, or (`None`) the one the answer names (create).
+    Conversation(Option<&'a str>),
+    /// A stored response by its path id (and its conversation, when the answer names one).
+    Response(&'a str),
+    /// Nothing a usage record has a column for (stored chat completions).
+    Other,
+}
+
+impl Subject<'_> {
+    /// `(response_id, conversation_id)` for a successful call's answer `v`.
+    fn ids(self, v: &Value) -> (Option<String>, Option<String>) {
+        let id_of = |v: &Value| v.get("id").and_then(Value::as_str).map(str::to_owned);
+        match self {
+            Subject::Conversation(Some(id)) => (None, Some(id.to_owned())),
+            Subject::Conversation(None) => (None, id_of(v)),
+            Subject::Response(id) => (Some(id.to_owned()), v.get("conversation").and_then(id_of)),
+            Subject::Other => (None, None),
+        }
+    }
+}
+
 /// Writes the request's usage record (API.md §8: every `/v1` route writes one): no model, no
-/// tokens, cost 0, the status the client gets; then answers `result`. The usage queue's
+/// tokens, cost 0, the status the client gets, the response or conversation it was about; then
+/// answers `result`. The usage queue's
 /// back-pressure applies as on the hot path; a queue still full after 5 s is logged and counted,
 /// and the answer goes out anyway (these calls cost nothing).
 pub(crate) async fn metered(
@@ -61,12 +88,13 @@ pub(crate) async fn metered(
     key: &KeyCtx,
     headers: &HeaderMap,
     endpoint: Endpoint,
+    subject: Subject<'_>,
     started: Instant,
     result: Result<Value, ApiError>,
 ) -> Result<Json<Value>, ApiError> {
-    let status = match &result {
-        Ok(_) => 200,
-        Err(e) => e.parts().0.as_u16(),
+    let (status, (response_id, conversation_id)) = match &result {
+        Ok(v) => (200, subject.ids(v)),
+        Err(e) => (e.parts().0.as_u16(), (None, None)),
     };
     match state.usage.reserve(Duration::from_secs(5)).await {
         Some(permit) => drop(
@@ -98,8 +126,8 @@ pub(crate) async fn metered(
                 reservation: Default::default(),
                 charged: false,
                 ticket: Default::default(),
-                response_id: None,
-                conversation_id: None,
+                response_id,
+                conversation_id,
                 routed: Default::default(),
                 extra_cost_nanos: 0,
             }),
@@ -162,6 +190,7 @@ async fn create_conversation(
         &key,
         &headers,
         Endpoint::Conversations,
+        Subject::Conversation(None),
         started,
         res,
     )
@@ -187,6 +216,7 @@ async fn get_conversation(
         &key,
         &headers,
         Endpoint::Conversations,
+        Subject::Conversation(Some(&id)),
         started,
         res,
     )
@@ -215,6 +245,7 @@ async fn update_conversation(
         &key,
         &headers,
         Endpoint::Conversations,
+        Subject::Conversation(Some(&id)),
         started,
         res,
     )
@@ -240,6 +271,7 @@ async fn delete_conversation(
         &key,
         &headers,
         Endpoint::Conversations,
+        Subject::Conversation(Some(&id)),
         started,
         res,
     )
@@ -272,6 +304,7 @@ async fn list_items(
         &key,
         &headers,
         Endpoint::Conversations,
+        Subject::Conversation(Some(&id)),
         started,
         res,
     )
@@ -300,6 +333,7 @@ async fn add_items(
         &key,
         &headers,
         Endpoint::Conversations,
+        Subject::Conversation(Some(&id)),
         started,
         res,
     )
@@ -325,6 +359,7 @@ async fn get_item(
         &key,
         &headers,
         Endpoint::Conversations,
+        Subject::Conversation(Some(&id)),
         started,
         res,
     )
@@ -350,8 +385,40 @@ async fn delete_item(
         &key,
         &headers,
         Endpoint::Conversations,
+        Subject::Conversation(Some(&id)),
         started,
         res,
     )
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Subject;
+    use serde_json::json;
+
+    #[test]
+    fn a_usage_record_names_what_the_call_was_about() {
+        let conv = json!({"id": "conv_new", "object": "conversation"});
+        assert_eq!(
+            Subject::Conversation(None).ids(&conv),
+            (None, Some("conv_new".into()))
+        );
+        let list = json!({"object": "list", "data": []});
+        assert_eq!(
+            Subject::Conversation(Some("conv_path")).ids(&list),
+            (None, Some("conv_path".into()))
+        );
+        let attached = json!({"id": "resp_1", "conversation": {"id": "conv_a"}});
+        assert_eq!(
+            Subject::Response("resp_1").ids(&attached),
+            (Some("resp_1".into()), Some("conv_a".into()))
+        );
+        let alone = json!({"id": "resp_2", "conversation": null});
+        assert_eq!(
+            Subject::Response("resp_2").ids(&alone),
+            (Some("resp_2".into()), None)
+        );
+        assert_eq!(Subject::Other.ids(&conv), (None, None));
+    }
 }

@@ -15,7 +15,7 @@ use crate::routes::ClientIp;
 use std::time::Instant;
 
 use crate::providers::Endpoint;
-use crate::routes::conversations::{caller, field, metered};
+use crate::routes::conversations::{Subject, caller, field, metered};
 use crate::state::AppState;
 
 pub fn router() -> OpenApiRouter<AppState> {
@@ -53,6 +53,7 @@ async fn list_completions(
         &key,
         &headers,
         Endpoint::StoredCompletions,
+        Subject::Other,
         started,
         res,
     )
@@ -78,6 +79,7 @@ async fn get_completion(
         &key,
         &headers,
         Endpoint::StoredCompletions,
+        Subject::Other,
         started,
         res,
     )
@@ -106,6 +108,7 @@ async fn update_completion(
         &key,
         &headers,
         Endpoint::StoredCompletions,
+        Subject::Other,
         started,
         res,
     )
@@ -131,6 +134,7 @@ async fn delete_completion(
         &key,
         &headers,
         Endpoint::StoredCompletions,
+        Subject::Other,
         started,
         res,
     )
@@ -161,6 +165,7 @@ async fn list_messages(
         &key,
         &headers,
         Endpoint::StoredCompletions,
+        Subject::Other,
         started,
         res,
     )

@@ -14,7 +14,7 @@ use crate::routes::ClientIp;
 use std::time::Instant;
 
 use crate::providers::Endpoint;
-use crate::routes::conversations::{caller, metered};
+use crate::routes::conversations::{Subject, caller, metered};
 use crate::state::AppState;
 
 pub fn router() -> OpenApiRouter<AppState> {
@@ -42,6 +42,7 @@ async fn get_response(
         &key,
         &headers,
         Endpoint::StoredResponses,
+        Subject::Response(&id),
         started,
         res,
     )
@@ -67,6 +68,7 @@ async fn delete_response(
         &key,
         &headers,
         Endpoint::StoredResponses,
+        Subject::Response(&id),
         started,
         res,
     )
@@ -98,6 +100,7 @@ async fn input_items(
         &key,
         &headers,
         Endpoint::StoredResponses,
+        Subject::Response(&id),
         started,
         res,
     )
