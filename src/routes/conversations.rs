@@ -80,9 +80,8 @@ impl Subject<'_> {
 
 /// Writes the request's usage record (API.md §8: every `/v1` route writes one): no model, no
 /// tokens, cost 0, the status the client gets, the response or conversation it was about; then
-/// answers `result`. The usage queue's
-/// back-pressure applies as on the hot path; a queue still full after 5 s is logged and counted,
-/// and the answer goes out anyway (these calls cost nothing).
+/// answers `result`. The usage queue's back-pressure applies as on the hot path; a queue still
+/// full after 5 s is logged and counted, and the answer goes out anyway (these calls cost nothing).
 pub(crate) async fn metered(
     state: &AppState,
     key: &KeyCtx,
