@@ -2,7 +2,8 @@
 //! ① auth (gateway key → context on a warm cache) ② admit (allow-lists and the four governor
 //! limiters) ③ route (provider key from the cache, opened with the key ring) ④ the request
 //! rewrite (model swap + `include_usage` injection on a ~2 KB chat body) ⑤ SSE scanning and
-//! mapping, per chunk ⑥ the usage writer's batch insert (500 records into a SQLite file).
+//! mapping, per chunk ⑥ the usage writer's batch insert (500 records into a SQLite file) ⑦ the
+//! usage spool's started record (per request) and finished records (per batch).
 //!
 //! The setup is a real `App` (SQLite in a temp dir) holding a gateway made through the store
 //! modules, exactly what the load harness serves. Run with `cargo bench --bench hot_path`;
@@ -23,10 +24,11 @@ use tollgate::app::App;
 use tollgate::cache::KeyCtx;
 use tollgate::crypto::generate_master_key;
 use tollgate::metering::event::{Prices, Reservation, UsageEvent};
-use tollgate::metering::spool::Ticket;
+use tollgate::metering::spool::{Spool, Ticket};
 use tollgate::metering::writer::{Settled, charges};
 use tollgate::providers::openai::OpenAi;
 use tollgate::providers::{Adapter, Endpoint, EventCtx, EventOut, Usage};
+use tollgate::proxy::meter::RequestFacts;
 use tollgate::proxy::request::RequestView;
 use tollgate::proxy::stream::SseScanner;
 use tollgate::proxy::{admit, auth, route};
@@ -378,8 +380,86 @@ fn stage_usage_writer(c: &mut Criterion, e: &Env) {
     g.finish();
 }
 
+/// ⑦ The usage spool's started record, written on the request path just before a request goes
+/// upstream (one per request), and the finished lines of a writer batch (500).
+fn stage_spool(c: &mut Criterion, e: &Env) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (spool, _) = Spool::open(dir.path()).expect("spool");
+    let facts = RequestFacts {
+        user_id: e.fx.user_id.clone(),
+        key_id: e.fx.key_id.clone(),
+        model: MODEL.into(),
+        provider: PROVIDER.into(),
+        endpoint: Endpoint::ChatCompletions,
+        stream: true,
+        prices: Prices {
+            input: 2_500_000_000,
+            output: 10_000_000_000,
+            cached_input: Some(1_250_000_000),
+            ..Default::default()
+        },
+        request_id: uuid::Uuid::new_v4().to_string(),
+        shared_key: false,
+        reservation: Reservation::default(),
+        charged: true,
+        bounds: Default::default(),
+        request_body: Bytes::new(),
+        request_len: 2048,
+        response_id: None,
+        conversation_id: None,
+        routed: Default::default(),
+        extra_cost_nanos: 0,
+        units_metered: false,
+    };
+    // Every started request is committed (outside the timing) so sealed segments go away, as
+    // the writer does it.
+    let commit = |tickets: Vec<Ticket>| {
+        let mut tickets = tickets.into_iter();
+        loop {
+            let mut rows = usage_rows(&e.fx);
+            rows.truncate(tickets.len());
+            if rows.is_empty() {
+                break;
+            }
+            for r in &mut rows {
+                r.event.ticket = tickets.next().expect("a ticket per row");
+            }
+            spool.committed(&rows);
+        }
+        spool.maintain();
+    };
+    let mut g = c.benchmark_group("spool");
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("started_line", |b| {
+        b.iter_custom(|iters| {
+            let mut tickets: Vec<Ticket> = (0..iters).map(|_| Ticket::new()).collect();
+            let at = chrono::Utc::now();
+            let t0 = Instant::now();
+            for t in &mut tickets {
+                spool.started(t, black_box(&facts), at).expect("append");
+            }
+            let took = t0.elapsed();
+            commit(tickets);
+            took
+        })
+    });
+    g.throughput(Throughput::Elements(BATCH as u64));
+    g.bench_function("finished_lines_500", |b| {
+        b.iter_batched(
+            || usage_rows(&e.fx),
+            |rows| {
+                spool.finished(black_box(&rows)).expect("append");
+                spool.maintain();
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    g.finish();
+}
+
 fn hot_path(c: &mut Criterion) {
     let e = env();
+    stage_spool(c, &e);
     stage_auth(c, &e);
     stage_admit(c, &e);
     stage_route(c, &e);

@@ -53,7 +53,7 @@ pub struct Inner {
     pub usage: UsageQueue,
     /// Balance and budget this replica has reserved in the database, handed to requests.
     pub leases: Leases,
-    /// The usage spool: started lines of requests going upstream (`metering::spool`).
+    /// The usage spool: started records of requests going upstream (`metering::spool`).
     pub spool: Arc<Spool>,
     pub started_at: Instant,
 }

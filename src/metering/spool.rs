@@ -1,12 +1,22 @@
 //! The usage spool: a local append-only journal that makes usage records survive `kill -9`.
 //!
-//! Two lines per request, in files (*segments*) under `usage.spool_dir`:
-//! - a **started** line, written with one `write(2)` just before the request goes upstream (its
-//!   facts and body size: enough to bill it if nothing else survives);
-//! - a **finished** line per settled record, written by the usage writer with one `write(2)` per
-//!   batch, after pricing and before the batch's transaction.
+//! Two records per request, in files (*segments*) under `usage.spool_dir`:
+//! - a **started** record, written with one `pwrite(2)` just before the request goes upstream
+//!   (its facts and body size: enough to bill it if nothing else survives);
+//! - a **finished** record per settled request, written by the usage writer with one `pwrite(2)`
+//!   per batch, after pricing and before the batch's transaction.
 //!
-//! A `write(2)` lands in the kernel's page cache at once, so a killed process loses none of it (no
+//! A record is a small binary frame (postcard payload, length, CRC-32; see [`frame`]): the
+//! started record is on every request's path, and encoding it costs a fraction of a JSON line
+//! (no field names, no string escaping, no date formatting). A segment is made at its full size
+//! (sparse: only what is written takes disk), and each frame is written in place at an offset
+//! reserved with an atomic add, so no write extends the file and the file system does not update
+//! the inode's size on every request, as an `O_APPEND` write does. The unwritten rest of a
+//! segment reads as NUL bytes; a frame cut short by the process dying mid-write fails its CRC, so
+//! replay steps over it to the next whole frame. Segments of earlier releases (JSON lines) still
+//! replay.
+//!
+//! A write lands in the kernel's page cache at once, so a killed process loses none of it (no
 //! `fsync`: the spool guards against the process dying, not the machine; see README). At start,
 //! before serving, [`replay`] reads what a previous process left: every record whose `event_id` is
 //! not in `usage_records` is written — the finished record when there is one, else a record for a
@@ -22,7 +32,8 @@
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::Read;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -42,17 +53,21 @@ use crate::store::usage_batch;
 
 /// A segment is sealed once this big …
 const SEGMENT_BYTES: u64 = 4 << 20;
+/// … and is made this big (sparse), so records written between two of the usage writer's
+/// maintenance passes still fit; a record that does not fit seals it at once.
+const SEGMENT_CAP: u64 = 2 * SEGMENT_BYTES;
 /// … or this old with something in it.
 const SEGMENT_AGE: Duration = Duration::from_secs(5);
 /// Records written per transaction by [`replay`].
 const REPLAY_BATCH: usize = 256;
-/// A spool line longer than this is not one the gateway wrote: skipped.
-const MAX_LINE: usize = 64 * 1024;
+/// A record (or an earlier release's JSON line) longer than this is not one the gateway wrote:
+/// skipped.
+const MAX_RECORD: usize = 64 * 1024;
 /// `error` of a record for a request cut off by a restart.
 pub const RESTARTED: &str = "gateway_restarted";
 
 /// One request's place in the spool: its record's unique id, and the segment holding its started
-/// line (released when the record is committed).
+/// record (released when the record is committed).
 #[derive(Debug)]
 pub struct Ticket {
     pub id: Uuid,
@@ -68,7 +83,7 @@ impl Ticket {
         }
     }
 
-    /// No started line was written for it.
+    /// No started record was written for it.
     pub fn is_unspooled(&self) -> bool {
         self.seg.is_none()
     }
@@ -85,6 +100,9 @@ struct Segment {
     path: PathBuf,
     file: File,
     opened: Instant,
+    /// The file's length, fixed when it is made.
+    cap: u64,
+    /// Bytes reserved so far: the next record's offset (past `cap` once one did not fit).
     bytes: AtomicU64,
     /// Requests started here whose record is not committed yet.
     outstanding: AtomicI64,
@@ -92,11 +110,17 @@ struct Segment {
 }
 
 impl Segment {
-    fn append(&self, buf: &[u8]) -> std::io::Result<()> {
-        // O_APPEND: each write(2) lands whole at the end, whichever worker thread makes it.
-        (&self.file).write_all(buf)?;
-        self.bytes.fetch_add(buf.len() as u64, Ordering::Relaxed);
-        Ok(())
+    /// Writes `buf` at the next free offset; `Ok(false)` when it does not fit (the segment is
+    /// then full for every later record too).
+    fn append(&self, buf: &[u8]) -> std::io::Result<bool> {
+        let len = buf.len() as u64;
+        // The reserved ranges never overlap, whichever worker thread writes.
+        let at = self.bytes.fetch_add(len, Ordering::Relaxed);
+        if at.saturating_add(len) > self.cap {
+            return Ok(false);
+        }
+        self.file.write_all_at(buf, at)?;
+        Ok(true)
     }
 }
 
@@ -116,28 +140,29 @@ impl std::fmt::Debug for Spool {
     }
 }
 
-/// A model's prices. Fields added after the first release default when absent, so a spool an
-/// older process left still replays (the same holds for every line's later fields).
+/// A model's prices. In the JSON lines of earlier releases, fields added after the first
+/// release default when absent (the same holds for every line's later fields).
 #[derive(Serialize, Deserialize)]
 struct SPrices {
     i: i64,
     o: i64,
     c: Option<i64>,
     /// Cache-write input.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     cw: Option<i64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     img: Option<i64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     min: Option<i64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     chars: Option<i64>,
 }
 
-/// What both lines carry (borrowed when written, owned when read back).
+/// What both records carry (borrowed when written, owned when read back).
 #[derive(Serialize, Deserialize)]
 struct Common<'a> {
     id: Uuid,
+    #[serde(with = "at_micros")]
     at: DateTime<Utc>,
     user: Cow<'a, str>,
     key: Cow<'a, str>,
@@ -149,43 +174,35 @@ struct Common<'a> {
     request_id: Cow<'a, str>,
     shared_key: bool,
     charged: bool,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     response_id: Option<Cow<'a, str>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     conversation_id: Option<Cow<'a, str>>,
     /// Upstream attempts (absent: 1).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     attempts: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     fallback_from: Option<Cow<'a, str>>,
     /// Answered from the response cache (absent: false).
-    #[serde(default, skip_serializing_if = "is_false")]
+    #[serde(default)]
     hit: bool,
 }
 
+/// What a finished record adds.
 #[derive(Serialize, Deserialize)]
-struct Started<'a> {
-    #[serde(flatten)]
-    c: Common<'a>,
-    body_len: u64,
-}
-
-#[derive(Serialize, Deserialize)]
-struct Finished<'a> {
-    #[serde(flatten)]
-    c: Common<'a>,
+struct Tail<'a> {
     status: u16,
     prompt: i64,
     completion: i64,
     cached: i64,
     /// Cache-write tokens.
-    #[serde(default, skip_serializing_if = "is_zero")]
+    #[serde(default)]
     cw: i64,
     /// Reasoning tokens.
-    #[serde(default, skip_serializing_if = "is_zero")]
+    #[serde(default)]
     rs: i64,
     /// The non-token part of `cost` (already inside it).
-    #[serde(default, skip_serializing_if = "is_zero")]
+    #[serde(default)]
     extra: i64,
     cost: i64,
     latency_ms: i64,
@@ -194,18 +211,117 @@ struct Finished<'a> {
     error: Option<Cow<'a, str>>,
 }
 
+/// A record as written: postcard, every field present in declaration order (so a field is only
+/// ever added as a new record version, see [`VERSION`]).
 #[derive(Serialize, Deserialize)]
+enum Rec<'a> {
+    /// A started request and its body's size.
+    S(Common<'a>, u64),
+    F(Common<'a>, Tail<'a>),
+}
+
+/// A JSON line as releases before the binary records wrote it; still read, so a spool left by
+/// one replays after an upgrade.
+#[derive(Deserialize)]
 enum Line<'a> {
     S(Started<'a>),
     F(Finished<'a>),
 }
 
-fn is_zero(n: &i64) -> bool {
-    *n == 0
+#[derive(Deserialize)]
+struct Started<'a> {
+    #[serde(flatten)]
+    c: Common<'a>,
+    body_len: u64,
 }
 
-fn is_false(b: &bool) -> bool {
-    !*b
+#[derive(Deserialize)]
+struct Finished<'a> {
+    #[serde(flatten)]
+    c: Common<'a>,
+    #[serde(flatten)]
+    t: Tail<'a>,
+}
+
+impl<'a> From<Line<'a>> for Rec<'a> {
+    fn from(line: Line<'a>) -> Self {
+        match line {
+            Line::S(s) => Rec::S(s.c, s.body_len),
+            Line::F(f) => Rec::F(f.c, f.t),
+        }
+    }
+}
+
+/// `at` in a record: microseconds since the Unix epoch (no text formatting on the request
+/// path); an RFC 3339 string in the JSON lines of earlier releases.
+mod at_micros {
+    use chrono::{DateTime, Utc};
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(at: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_i64(at.timestamp_micros())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<DateTime<Utc>, D::Error> {
+        if d.is_human_readable() {
+            DateTime::<Utc>::deserialize(d)
+        } else {
+            let us = i64::deserialize(d)?;
+            DateTime::from_timestamp_micros(us)
+                .ok_or_else(|| serde::de::Error::custom("time out of range"))
+        }
+    }
+}
+
+/// A record's frame: [`MAGIC`], [`VERSION`], the payload's length (u32 LE) and CRC-32 (u32 LE),
+/// the payload. A frame cut short by the process dying mid-write fails its CRC and is skipped.
+const MAGIC: u8 = 0xA5;
+/// The record layout ([`Rec`]) a frame holds.
+const VERSION: u8 = 1;
+const HEADER: usize = 10;
+
+/// Appends `rec`'s frame to `buf`.
+fn frame(buf: &mut Vec<u8>, rec: &Rec<'_>) -> std::io::Result<()> {
+    let at = buf.len();
+    buf.extend_from_slice(&[MAGIC, VERSION, 0, 0, 0, 0, 0, 0, 0, 0]);
+    let mut out = postcard::to_extend(rec, std::mem::take(buf)).map_err(std::io::Error::other)?;
+    let payload = &out[at + HEADER..];
+    if payload.len() > MAX_RECORD {
+        return Err(std::io::Error::other("usage spool record too large"));
+    }
+    let len = (payload.len() as u32).to_le_bytes();
+    let crc = crc32fast::hash(payload).to_le_bytes();
+    out[at + 2..at + 6].copy_from_slice(&len);
+    out[at + 6..at + HEADER].copy_from_slice(&crc);
+    *buf = out;
+    Ok(())
+}
+
+/// The record of the frame at the start of `b` and the frame's length, if it is whole.
+fn unframe(b: &[u8]) -> Option<(Rec<'static>, usize)> {
+    let head = b.get(..HEADER)?;
+    if head[0] != MAGIC || head[1] != VERSION {
+        return None;
+    }
+    let len = u32::from_le_bytes(head[2..6].try_into().ok()?) as usize;
+    if len > MAX_RECORD {
+        return None;
+    }
+    let payload = b.get(HEADER..HEADER + len)?;
+    if crc32fast::hash(payload).to_le_bytes() != head[6..HEADER] {
+        return None;
+    }
+    // `Cow`s deserialize owned: the record outlives `b`.
+    let rec = postcard::from_bytes::<Rec<'static>>(payload).ok()?;
+    Some((rec, HEADER + len))
+}
+
+impl Rec<'_> {
+    fn id(&self) -> Uuid {
+        match self {
+            Rec::S(c, _) | Rec::F(c, _) => c.id,
+        }
+    }
 }
 
 fn endpoint_of(s: &str) -> Endpoint {
@@ -246,7 +362,7 @@ impl Spool {
             .filter(|p| p.extension().is_some_and(|x| x == "spool"))
             .collect();
         left.sort();
-        let first = Self::new_segment(dir, 0)?;
+        let first = Self::new_segment(dir, 0, SEGMENT_CAP)?;
         Ok((
             Self {
                 dir: dir.to_owned(),
@@ -259,24 +375,27 @@ impl Spool {
         ))
     }
 
-    fn new_segment(dir: &Path, seq: u64) -> anyhow::Result<Arc<Segment>> {
+    fn new_segment(dir: &Path, seq: u64, cap: u64) -> anyhow::Result<Arc<Segment>> {
         let path = dir.join(segment_name(seq));
         let file = OpenOptions::new()
-            .create(true)
-            .append(true)
+            .create_new(true)
+            .write(true)
             .open(&path)
             .with_context(|| format!("cannot create spool segment {}", path.display()))?;
+        file.set_len(cap)
+            .with_context(|| format!("cannot size spool segment {}", path.display()))?;
         Ok(Arc::new(Segment {
             path,
             file,
             opened: Instant::now(),
+            cap,
             bytes: AtomicU64::new(0),
             outstanding: AtomicI64::new(0),
             sealed: AtomicBool::new(false),
         }))
     }
 
-    /// The started line of a request about to go upstream: one `write(2)`. On a write error
+    /// The started record of a request about to go upstream: one `pwrite(2)`. On a write error
     /// (disk full) the request still proceeds — its record is then only as safe as without a
     /// spool — and the error is counted and logged.
     pub fn started(
@@ -285,34 +404,76 @@ impl Spool {
         facts: &RequestFacts,
         at: DateTime<Utc>,
     ) -> std::io::Result<()> {
-        let line = Line::S(Started {
-            c: common(ticket.id, at, facts_parts(facts)),
-            body_len: facts.request_len as u64,
-        });
-        let mut buf = Vec::with_capacity(512);
-        serde_json::to_writer(&mut buf, &line).map_err(std::io::Error::other)?;
-        buf.push(b'\n');
-        let seg = {
-            let cur = self.current.lock().unwrap_or_else(PoisonError::into_inner);
-            // Counted under the lock: a segment sealed after this sees the request.
-            cur.outstanding.fetch_add(1, Ordering::Relaxed);
-            cur.clone()
-        };
-        let res = seg.append(&buf);
-        ticket.seg = Some(seg);
+        let rec = Rec::S(
+            common(ticket.id, at, facts_parts(facts)),
+            facts.request_len as u64,
+        );
+        let mut buf = Vec::with_capacity(256);
+        frame(&mut buf, &rec)?;
+        let (seg, res) = self.append(&buf, true);
+        ticket.seg = seg;
         res
     }
 
-    /// The finished lines of a batch about to be written: one `write(2)`.
+    /// Writes `buf` into the current segment, sealing it and making the next when it is full.
+    /// `started`: `buf` is a request's started record, counted in its segment's outstanding
+    /// requests (the segment is returned for the request's ticket).
+    fn append(&self, buf: &[u8], started: bool) -> (Option<Arc<Segment>>, std::io::Result<()>) {
+        loop {
+            let seg = {
+                let cur = self.current.lock().unwrap_or_else(PoisonError::into_inner);
+                if started {
+                    // Counted under the lock: a segment sealed after this sees the request.
+                    cur.outstanding.fetch_add(1, Ordering::Relaxed);
+                }
+                cur.clone()
+            };
+            match seg.append(buf) {
+                Ok(true) => return (Some(seg), Ok(())),
+                // Counted: the request's ticket releases it at commit.
+                Err(e) => return (Some(seg), Err(e)),
+                Ok(false) => {
+                    if started {
+                        seg.outstanding.fetch_sub(1, Ordering::Relaxed);
+                    }
+                    if let Err(e) = self.rotate(&seg, buf.len() as u64) {
+                        return (None, Err(std::io::Error::other(format!("{e:#}"))));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Seals `full` and makes the next segment (at least `need` bytes), unless another thread
+    /// did it already.
+    fn rotate(&self, full: &Arc<Segment>, need: u64) -> anyhow::Result<()> {
+        let old = {
+            let mut cur = self.current.lock().unwrap_or_else(PoisonError::into_inner);
+            if !Arc::ptr_eq(&cur, full) {
+                return Ok(());
+            }
+            let seq = self.next.fetch_add(1, Ordering::Relaxed);
+            let new = Self::new_segment(&self.dir, seq, SEGMENT_CAP.max(need))?;
+            std::mem::replace(&mut *cur, new)
+        };
+        old.sealed.store(true, Ordering::Relaxed);
+        self.sealed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(old);
+        Ok(())
+    }
+
+    /// The finished records of a batch about to be written: one `pwrite(2)`.
     pub fn finished(&self, rows: &[Settled]) -> std::io::Result<()> {
         if rows.is_empty() {
             return Ok(());
         }
-        let mut buf = Vec::with_capacity(rows.len() * 400);
+        let mut buf = Vec::with_capacity(rows.len() * 256);
         for r in rows {
             let e = &r.event;
-            let line = Line::F(Finished {
-                c: common(
+            let rec = Rec::F(
+                common(
                     e.ticket.id,
                     e.at,
                     Parts {
@@ -331,28 +492,24 @@ impl Spool {
                         routed: &e.routed,
                     },
                 ),
-                status: e.status,
-                prompt: e.usage.prompt,
-                completion: e.usage.completion,
-                cached: e.usage.cached,
-                cw: e.usage.cache_write,
-                rs: e.usage.reasoning,
-                extra: e.extra_cost_nanos,
-                cost: r.cost_nanos,
-                latency_ms: e.latency_ms,
-                ttft_ms: e.ttft_ms,
-                estimated: r.event.tokens_estimated,
-                error: e.error.as_deref().map(Cow::Borrowed),
-            });
-            serde_json::to_writer(&mut buf, &line).map_err(std::io::Error::other)?;
-            buf.push(b'\n');
+                Tail {
+                    status: e.status,
+                    prompt: e.usage.prompt,
+                    completion: e.usage.completion,
+                    cached: e.usage.cached,
+                    cw: e.usage.cache_write,
+                    rs: e.usage.reasoning,
+                    extra: e.extra_cost_nanos,
+                    cost: r.cost_nanos,
+                    latency_ms: e.latency_ms,
+                    ttft_ms: e.ttft_ms,
+                    estimated: r.event.tokens_estimated,
+                    error: e.error.as_deref().map(Cow::Borrowed),
+                },
+            );
+            frame(&mut buf, &rec)?;
         }
-        let seg = self
-            .current
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone();
-        seg.append(&buf)
+        self.append(&buf, false).1
     }
 
     /// The batch's transaction committed: its requests no longer keep their segments.
@@ -366,7 +523,7 @@ impl Spool {
 
     /// Seals the current segment when it is big or old enough, and deletes sealed segments whose
     /// requests are all committed. The usage writer calls it between batches only, so a sealed
-    /// segment never holds the finished line of a batch still being written.
+    /// segment never holds the finished records of a batch still being written.
     pub fn maintain(&self) {
         let cur = self
             .current
@@ -374,22 +531,10 @@ impl Spool {
             .unwrap_or_else(PoisonError::into_inner)
             .clone();
         let bytes = cur.bytes.load(Ordering::Relaxed);
-        if bytes >= SEGMENT_BYTES || (bytes > 0 && cur.opened.elapsed() >= SEGMENT_AGE) {
-            let seq = self.next.fetch_add(1, Ordering::Relaxed);
-            match Self::new_segment(&self.dir, seq) {
-                Ok(new) => {
-                    let old = {
-                        let mut c = self.current.lock().unwrap_or_else(PoisonError::into_inner);
-                        std::mem::replace(&mut *c, new)
-                    };
-                    old.sealed.store(true, Ordering::Relaxed);
-                    self.sealed
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .push(old);
-                }
-                Err(e) => tracing::warn!(error = %e, "usage spool: cannot rotate"),
-            }
+        if (bytes >= SEGMENT_BYTES || (bytes > 0 && cur.opened.elapsed() >= SEGMENT_AGE))
+            && let Err(e) = self.rotate(&cur, 0)
+        {
+            tracing::warn!(error = %e, "usage spool: cannot rotate");
         }
         let done: Vec<Arc<Segment>> = {
             let mut sealed = self.sealed.lock().unwrap_or_else(PoisonError::into_inner);
@@ -553,10 +698,10 @@ fn event(c: Common<'_>) -> UsageEvent {
     }
 }
 
-fn settled(line: Line<'_>) -> Settled {
-    match line {
-        Line::F(f) => {
-            let mut e = event(f.c);
+fn settled(rec: Rec<'_>) -> Settled {
+    match rec {
+        Rec::F(c, f) => {
+            let mut e = event(c);
             e.status = f.status;
             e.usage = Usage {
                 prompt: f.prompt,
@@ -575,13 +720,13 @@ fn settled(line: Line<'_>) -> Settled {
                 cost_nanos: f.cost,
             }
         }
-        Line::S(s) => {
-            let mut e = event(s.c);
+        Rec::S(c, body_len) => {
+            let mut e = event(c);
             e.status = 499;
             e.error = Some(RESTARTED.to_owned());
             // The upstream had the prompt: ~4 bytes a token, as admission estimates it.
             e.usage = Usage {
-                prompt: s.body_len.div_ceil(4).min(i64::MAX as u64) as i64,
+                prompt: body_len.div_ceil(4).min(i64::MAX as u64) as i64,
                 completion: 0,
                 cached: 0,
                 ..Default::default()
@@ -595,10 +740,54 @@ fn settled(line: Line<'_>) -> Settled {
     }
 }
 
+/// The records a segment holds, in order: whole frames, and the JSON lines an earlier release
+/// wrote. Between and after them are NUL bytes (a segment's unwritten rest) and whatever a
+/// process killed mid-write left of a record (its CRC fails): both are stepped over a byte at a
+/// time until the next whole record.
+fn read_segment(path: &Path) -> anyhow::Result<Vec<Rec<'static>>> {
+    let mut bytes = Vec::new();
+    File::open(path)
+        .with_context(|| format!("open {}", path.display()))?
+        .read_to_end(&mut bytes)
+        .with_context(|| format!("read {}", path.display()))?;
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < bytes.len() {
+        let rest = &bytes[i..];
+        match rest[0] {
+            0 | b'\n' => {
+                i += rest
+                    .iter()
+                    .position(|b| *b != 0 && *b != b'\n')
+                    .unwrap_or(rest.len());
+            }
+            MAGIC => match unframe(rest) {
+                Some((rec, n)) => {
+                    out.push(rec);
+                    i += n;
+                }
+                None => i += 1,
+            },
+            b'{' => {
+                let end = memchr::memchr2(b'\n', 0, rest).unwrap_or(rest.len());
+                match serde_json::from_slice::<Line<'static>>(&rest[..end]) {
+                    Ok(line) if end <= MAX_RECORD => {
+                        out.push(line.into());
+                        i += end;
+                    }
+                    _ => i += 1,
+                }
+            }
+            _ => i += 1,
+        }
+    }
+    Ok(out)
+}
+
 /// What [`replay`] did.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Replayed {
-    /// Records written from finished lines.
+    /// Records written from finished records.
     pub finished: usize,
     /// Records written for requests the restart cut off.
     pub restarted: usize,
@@ -615,42 +804,19 @@ pub async fn replay(
     if files.is_empty() {
         return Ok(Replayed::default());
     }
-    // The finished line wins over the started one.
-    let mut lines: HashMap<Uuid, Line<'static>> = HashMap::new();
+    // The finished record wins over the started one.
+    let mut recs: HashMap<Uuid, Rec<'static>> = HashMap::new();
     let mut order: Vec<Uuid> = Vec::new();
     for path in files {
-        let file = File::open(path).with_context(|| format!("open {}", path.display()))?;
-        let mut reader = BufReader::new(file);
-        let mut buf = Vec::new();
-        loop {
-            buf.clear();
-            let n = Read::take(&mut reader, MAX_LINE as u64 + 1).read_until(b'\n', &mut buf)?;
-            if n == 0 {
-                break;
-            }
-            if buf.last() != Some(&b'\n') {
-                if n > MAX_LINE {
-                    // Not ours: skip to the end of the line.
-                    let mut rest = Vec::new();
-                    reader.read_until(b'\n', &mut rest)?;
-                }
-                // A line cut short (the machine, not just the process, went down): skipped.
-                continue;
-            }
-            let Ok(line) = serde_json::from_slice::<Line<'static>>(&buf) else {
-                continue;
-            };
-            let id = match &line {
-                Line::S(s) => s.c.id,
-                Line::F(f) => f.c.id,
-            };
-            match lines.get(&id) {
+        for rec in read_segment(path)? {
+            let id = rec.id();
+            match recs.get(&id) {
                 None => {
                     order.push(id);
-                    lines.insert(id, line);
+                    recs.insert(id, rec);
                 }
-                Some(Line::S(_)) if matches!(line, Line::F(_)) => {
-                    lines.insert(id, line);
+                Some(Rec::S(..)) if matches!(rec, Rec::F(..)) => {
+                    recs.insert(id, rec);
                 }
                 Some(_) => {}
             }
@@ -665,12 +831,12 @@ pub async fn replay(
             if present.contains(&id.to_string()) {
                 continue;
             }
-            if let Some(line) = lines.remove(id) {
-                match line {
-                    Line::F(_) => out.finished += 1,
-                    Line::S(_) => out.restarted += 1,
+            if let Some(rec) = recs.remove(id) {
+                match rec {
+                    Rec::F(..) => out.finished += 1,
+                    Rec::S(..) => out.restarted += 1,
                 }
-                rows.push(settled(line));
+                rows.push(settled(rec));
             }
         }
         crate::metering::writer::write_settled(db, replica, &rows).await?;
@@ -692,9 +858,8 @@ pub async fn replay(
 mod tests {
     use super::*;
 
-    #[test]
-    fn lines_round_trip_and_a_cut_request_is_estimated_from_its_size() {
-        let facts = RequestFacts {
+    fn facts() -> RequestFacts {
+        RequestFacts {
             user_id: "u".into(),
             key_id: "k".into(),
             model: "m".into(),
@@ -717,7 +882,12 @@ mod tests {
             routed: Default::default(),
             extra_cost_nanos: 0,
             units_metered: false,
-        };
+        }
+    }
+
+    #[test]
+    fn records_round_trip_and_a_cut_request_is_estimated_from_its_size() {
+        let facts = facts();
         let dir = tempfile::tempdir().unwrap();
         let (spool, left) = Spool::open(dir.path()).unwrap();
         assert!(left.is_empty());
@@ -725,9 +895,9 @@ mod tests {
         assert!(Spool::open(dir.path()).is_err());
         let mut t = Ticket::new();
         spool.started(&mut t, &facts, Utc::now()).unwrap();
-        let text = std::fs::read_to_string(&t.seg.as_ref().unwrap().path).unwrap();
-        let line: Line<'static> = serde_json::from_str(text.trim_end()).unwrap();
-        let s = settled(line);
+        let mut lines = read_segment(&t.seg.as_ref().unwrap().path).unwrap();
+        assert_eq!(lines.len(), 1);
+        let s = settled(lines.pop().unwrap());
         assert_eq!(s.event.ticket.id, t.id);
         assert_eq!(s.event.status, 499);
         assert_eq!(s.event.error.as_deref(), Some(RESTARTED));
@@ -738,10 +908,10 @@ mod tests {
         assert_eq!(s.event.endpoint, Endpoint::Embeddings);
     }
 
-    /// A finished line carries cache writes, reasoning, the non-token cost and the stored
-    /// response and conversation; a line written before those existed still replays.
+    /// A finished record carries cache writes, reasoning, the non-token cost and the stored
+    /// response and conversation; a JSON line an earlier release wrote still replays.
     #[test]
-    fn finished_lines_carry_the_new_fields_and_old_lines_still_read() {
+    fn finished_records_carry_every_field_and_old_json_lines_still_read() {
         let dir = tempfile::tempdir().unwrap();
         let (spool, _) = Spool::open(dir.path()).unwrap();
         let event = UsageEvent {
@@ -798,8 +968,9 @@ mod tests {
             .map(|e| e.path())
             .find(|p| p.extension().is_some_and(|x| x == "spool"))
             .unwrap();
-        let text = std::fs::read_to_string(path).unwrap();
-        let back = settled(serde_json::from_str(text.trim_end()).unwrap());
+        let mut lines = read_segment(&path).unwrap();
+        assert_eq!(lines.len(), 1);
+        let back = settled(lines.pop().unwrap());
         let (e, want) = (&back.event, &rows[0].event);
         assert_eq!(e.usage, want.usage);
         assert_eq!(e.prices, want.prices);
@@ -813,7 +984,7 @@ mod tests {
 
         // Lines as the previous release wrote them.
         let old_f = r#"{"F":{"id":"0190a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b","at":"2026-11-30T10:00:00Z","user":"u","key":"k","model":"m","provider":"p","endpoint":"chat.completions","stream":false,"prices":{"i":2500000000,"o":10000000000,"c":null},"request_id":"r","shared_key":false,"charged":true,"status":200,"prompt":1000,"completion":500,"cached":200,"cost":7500000,"latency_ms":12,"ttft_ms":null,"estimated":false,"error":null}}"#;
-        let s = settled(serde_json::from_str(old_f).unwrap());
+        let s = settled(serde_json::from_str::<Line<'_>>(old_f).unwrap().into());
         assert_eq!(
             s.event.usage,
             Usage {
@@ -827,10 +998,142 @@ mod tests {
         assert_eq!(s.event.prices.cache_write_input, None);
         assert_eq!((s.event.response_id, s.event.extra_cost_nanos), (None, 0));
         let old_s = r#"{"S":{"id":"0190a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5c","at":"2026-11-30T10:00:00Z","user":"u","key":"k","model":"m","provider":"p","endpoint":"embeddings","stream":false,"prices":{"i":1000000000,"o":0,"c":null},"request_id":"r","shared_key":true,"charged":true,"body_len":4000}}"#;
-        let s = settled(serde_json::from_str(old_s).unwrap());
+        let s = settled(serde_json::from_str::<Line<'_>>(old_s).unwrap().into());
         assert_eq!(
             (s.event.status, s.event.usage.prompt, s.cost_nanos),
             (499, 1000, 1_000_000)
         );
+        // A segment of such lines, as an earlier release left it, replays.
+        let old = dir.path().join("0000000000000000-00000000.spool");
+        std::fs::write(&old, format!("{old_f}\n{old_s}\n")).unwrap();
+        let recs = read_segment(&old).unwrap();
+        assert_eq!(
+            ids(&recs),
+            [
+                "0190a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b"
+                    .parse::<Uuid>()
+                    .unwrap(),
+                "0190a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5c".parse().unwrap()
+            ]
+        );
+        assert!(matches!(recs[..], [Rec::F(..), Rec::S(..)]));
+    }
+
+    fn ids(recs: &[Rec<'_>]) -> Vec<Uuid> {
+        recs.iter().map(Rec::id).collect()
+    }
+
+    /// A process killed mid-write leaves part of a record and NULs where the rest was to go
+    /// (whichever part the copy reached), then the records other threads wrote after it, then
+    /// the segment's unwritten rest: replay keeps every whole record and nothing else.
+    #[test]
+    fn a_record_cut_short_and_the_unwritten_rest_are_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, _) = Spool::open(dir.path()).unwrap();
+        let facts = facts();
+        let tickets: Vec<Ticket> = (0..3)
+            .map(|_| {
+                let mut t = Ticket::new();
+                spool.started(&mut t, &facts, Utc::now()).unwrap();
+                t
+            })
+            .collect();
+        let path = tickets[0].seg.as_ref().unwrap().path.clone();
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(bytes.len() as u64, SEGMENT_CAP, "made at its full size");
+        let mut whole: Vec<&[u8]> = Vec::new();
+        let mut at = 0;
+        for t in &tickets {
+            let (rec, n) = unframe(&bytes[at..]).expect("a whole frame");
+            assert_eq!(rec.id(), t.id);
+            whole.push(&bytes[at..at + n]);
+            at += n;
+        }
+        assert!(bytes[at..].iter().all(|b| *b == 0));
+        let (a, b, c) = (whole[0], whole[1], whole[2]);
+        assert_ne!(b.last(), Some(&0));
+        for cut in [
+            // The head of b copied, not its tail.
+            [&b[..b.len() / 2], &vec![0u8; b.len() - b.len() / 2][..]].concat(),
+            // Its tail copied, not its head.
+            [&vec![0u8; b.len() - 20][..], &b[b.len() - 20..]].concat(),
+            // Both ends, not the middle.
+            [&b[..30], &vec![0u8; b.len() - 60][..], &b[b.len() - 30..]].concat(),
+            // All but its last byte.
+            [&b[..b.len() - 1], &[0u8][..]].concat(),
+            // Its header, with a length reaching into the next record.
+            [&b[..HEADER], &vec![0u8; b.len() - HEADER][..]].concat(),
+            // Bytes that start a frame and a JSON line, then nothing.
+            [
+                &[MAGIC, VERSION, 3, 0][..],
+                b"{\"S\":{",
+                &vec![0u8; b.len() - 10][..],
+            ]
+            .concat(),
+        ] {
+            assert_eq!(cut.len(), b.len());
+            let torn = [a, &cut[..], c, &[0u8; 4096][..]].concat();
+            std::fs::write(&path, &torn).unwrap();
+            let got = ids(&read_segment(&path).unwrap());
+            assert_eq!(got, [tickets[0].id, tickets[2].id]);
+        }
+        // Nothing cut: all three.
+        std::fs::write(&path, [a, b, c].concat()).unwrap();
+        assert_eq!(
+            ids(&read_segment(&path).unwrap()),
+            tickets.iter().map(|t| t.id).collect::<Vec<_>>()
+        );
+    }
+
+    /// A segment that fills up between two of the writer's maintenance passes is sealed by the
+    /// request that found it full; every line is in one of the two segments, and once the
+    /// records are committed the sealed one is deleted.
+    #[test]
+    fn a_full_segment_is_sealed_and_the_next_takes_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, _) = Spool::open(dir.path()).unwrap();
+        let facts = facts();
+        let mut tickets = Vec::new();
+        let first = loop {
+            let mut t = Ticket::new();
+            spool.started(&mut t, &facts, Utc::now()).unwrap();
+            let path = t.seg.as_ref().unwrap().path.clone();
+            tickets.push(t);
+            if path != tickets[0].seg.as_ref().unwrap().path {
+                break tickets[0].seg.as_ref().unwrap().clone();
+            }
+            assert!(tickets.len() < 1_000_000, "never rotated");
+        };
+        assert!(first.sealed.load(Ordering::Relaxed));
+        assert!(first.bytes.load(Ordering::Relaxed) > SEGMENT_BYTES);
+        assert_eq!(spool.segments(), 2);
+        let mut got: Vec<Uuid> = Vec::new();
+        let mut files: Vec<PathBuf> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "spool"))
+            .collect();
+        files.sort();
+        for f in &files {
+            got.extend(ids(&read_segment(f).unwrap()));
+        }
+        assert_eq!(got, tickets.iter().map(|t| t.id).collect::<Vec<_>>());
+        // Commit them all (as the writer does, through the events' tickets).
+        let rows: Vec<Settled> = tickets
+            .into_iter()
+            .map(|ticket| {
+                let mut e = event(common(ticket.id, Utc::now(), facts_parts(&facts)));
+                e.ticket = ticket;
+                Settled {
+                    event: e,
+                    cost_nanos: 0,
+                }
+            })
+            .collect();
+        drop(first);
+        spool.committed(&rows);
+        spool.maintain();
+        assert_eq!(spool.segments(), 1, "the sealed segment is deleted");
     }
 }

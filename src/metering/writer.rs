@@ -152,7 +152,7 @@ async fn run(
         }
         metrics.usage_queue_depth.set(rx.len() as i64);
         let rows = prepare(std::mem::take(&mut batch));
-        // The finished lines first: a kill from here until the commit replays them at start.
+        // The finished records first: a kill from here until the commit replays them at start.
         if let Err(e) = spool.finished(&rows) {
             metrics.usage_spool_errors_total.inc();
             tracing::error!(error = %e, "usage spool: cannot append a batch");

@@ -81,7 +81,7 @@ pub struct Meter {
     metrics: crate::telemetry::Metrics,
     /// Told the reported usage when the request ends (token-per-minute limiters).
     on_usage: Option<Box<dyn FnOnce(Usage) + Send + Sync>>,
-    /// The record's id, and once [`Meter::spool`] ran, its started line in the usage spool.
+    /// The record's id, and once [`Meter::spool`] ran, its started record in the usage spool.
     ticket: Ticket,
 }
 
@@ -103,7 +103,7 @@ impl Meter {
         }
     }
 
-    /// Appends the request's started line to the usage spool (one `write(2)`), just before it
+    /// Appends the request's started record to the usage spool (one `pwrite(2)`), just before it
     /// goes upstream: a `kill -9` from here on still leaves a record (see `metering::spool`).
     pub fn spool(&mut self, spool: &Spool) {
         if let Err(e) = spool.started(&mut self.ticket, &self.facts, self.at) {
@@ -124,7 +124,7 @@ impl Meter {
     /// Gives up a meter that turned out to stand for no request (a realtime session's next
     /// response, made ready after the last one, that never came): no record is sent, its usage
     /// slot is freed, and its reservation is returned for the caller to release. Only for a
-    /// meter [`Meter::spool`] never ran on (its started line would wait for a record forever).
+    /// meter [`Meter::spool`] never ran on (its started record would wait for a finished one forever).
     pub fn discard(mut self) -> Reservation {
         debug_assert!(self.ticket.is_unspooled(), "a spooled meter must finish");
         self.permit = None;

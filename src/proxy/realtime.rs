@@ -609,7 +609,7 @@ struct Session {
     user_tpm: u32,
     upstream: Upstream,
     meter: Option<Meter>,
-    /// `meter`'s started line is in the usage spool (it must finish, not be discarded).
+    /// `meter`'s started record is in the usage spool (it must finish, not be discarded).
     spooled: bool,
     /// The facts every response's meter starts from.
     template: RequestFacts,
