@@ -33,7 +33,7 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::Read;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -342,12 +342,17 @@ impl Spool {
     /// Opens (creating) `dir`, locks it, and returns the spool with the segments a previous
     /// process left, oldest first, for [`replay`].
     pub fn open(dir: &Path) -> anyhow::Result<(Self, Vec<PathBuf>)> {
-        std::fs::create_dir_all(dir)
+        // Owner-only, as the database: the records name users, keys and requests.
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
             .with_context(|| format!("usage.spool_dir {}: cannot create", dir.display()))?;
         let lock = OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
+            .mode(0o600)
             .open(dir.join("lock"))
             .with_context(|| format!("usage.spool_dir {}: cannot open its lock", dir.display()))?;
         if lock.try_lock().is_err() {
@@ -380,6 +385,7 @@ impl Spool {
         let file = OpenOptions::new()
             .create_new(true)
             .write(true)
+            .mode(0o600)
             .open(&path)
             .with_context(|| format!("cannot create spool segment {}", path.display()))?;
         file.set_len(cap)
@@ -1029,7 +1035,8 @@ mod tests {
     #[test]
     fn a_record_cut_short_and_the_unwritten_rest_are_skipped() {
         let dir = tempfile::tempdir().unwrap();
-        let (spool, _) = Spool::open(dir.path()).unwrap();
+        let sdir = dir.path().join("spool");
+        let (spool, _) = Spool::open(&sdir).unwrap();
         let facts = facts();
         let tickets: Vec<Ticket> = (0..3)
             .map(|_| {
@@ -1041,6 +1048,12 @@ mod tests {
         let path = tickets[0].seg.as_ref().unwrap().path.clone();
         let bytes = std::fs::read(&path).unwrap();
         assert_eq!(bytes.len() as u64, SEGMENT_CAP, "made at its full size");
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode(&path), 0o600, "owner-only, as the database");
+            assert_eq!(mode(&sdir), 0o700);
+        }
         let mut whole: Vec<&[u8]> = Vec::new();
         let mut at = 0;
         for t in &tickets {
