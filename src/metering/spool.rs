@@ -60,6 +60,12 @@ const SEGMENT_CAP: u64 = 2 * SEGMENT_BYTES;
 const SEGMENT_AGE: Duration = Duration::from_secs(5);
 /// Records written per transaction by [`replay`].
 const REPLAY_BATCH: usize = 256;
+/// The finished records of a batch are written in pieces of about this size, so no write needs
+/// more than a segment's room however large `usage.batch_size` is.
+const WRITE_CHUNK: usize = 1 << 20;
+/// Replay reads at most this much of a segment (ours stay within [`SEGMENT_CAP`]; an earlier
+/// release's could exceed 4 MiB by one batch): a larger file is not one the gateway wrote whole.
+const READ_MAX: u64 = 64 << 20;
 /// A record (or an earlier release's JSON line) longer than this is not one the gateway wrote:
 /// skipped.
 const MAX_RECORD: usize = 64 * 1024;
@@ -280,13 +286,19 @@ const MAGIC: u8 = 0xA5;
 const VERSION: u8 = 1;
 const HEADER: usize = 10;
 
-/// Appends `rec`'s frame to `buf`.
+/// Appends `rec`'s frame to `buf` (a record too large is refused, `buf` left as it was).
 fn frame(buf: &mut Vec<u8>, rec: &Rec<'_>) -> std::io::Result<()> {
     let at = buf.len();
     buf.extend_from_slice(&[MAGIC, VERSION, 0, 0, 0, 0, 0, 0, 0, 0]);
-    let mut out = postcard::to_extend(rec, std::mem::take(buf)).map_err(std::io::Error::other)?;
+    let mut out = match postcard::to_extend(rec, std::mem::take(buf)) {
+        Ok(out) => out,
+        // Not reachable for these types (no maps of unknown length, no `deserialize_any`).
+        Err(e) => return Err(std::io::Error::other(e)),
+    };
     let payload = &out[at + HEADER..];
     if payload.len() > MAX_RECORD {
+        out.truncate(at);
+        *buf = out;
         return Err(std::io::Error::other("usage spool record too large"));
     }
     let len = (payload.len() as u32).to_le_bytes();
@@ -470,13 +482,18 @@ impl Spool {
         Ok(())
     }
 
-    /// The finished records of a batch about to be written: one `pwrite(2)`.
+    /// The finished records of a batch about to be written: one `pwrite(2)` (one per
+    /// [`WRITE_CHUNK`] of records for a batch larger than that).
     pub fn finished(&self, rows: &[Settled]) -> std::io::Result<()> {
         if rows.is_empty() {
             return Ok(());
         }
-        let mut buf = Vec::with_capacity(rows.len() * 256);
+        let mut buf = Vec::with_capacity(rows.len().saturating_mul(256).min(2 * WRITE_CHUNK));
         for r in rows {
+            if buf.len() >= WRITE_CHUNK {
+                self.append(&buf, false).1?;
+                buf.clear();
+            }
             let e = &r.event;
             let rec = Rec::F(
                 common(
@@ -751,9 +768,13 @@ fn settled(rec: Rec<'_>) -> Settled {
 /// process killed mid-write left of a record (its CRC fails): both are stepped over a byte at a
 /// time until the next whole record.
 fn read_segment(path: &Path) -> anyhow::Result<Vec<Rec<'static>>> {
+    let file = File::open(path).with_context(|| format!("open {}", path.display()))?;
+    let len = file.metadata().map_or(0, |m| m.len());
+    if len > READ_MAX {
+        tracing::warn!(path = %path.display(), bytes = len, read = READ_MAX, "usage spool: a segment larger than any the gateway writes; reading only its start");
+    }
     let mut bytes = Vec::new();
-    File::open(path)
-        .with_context(|| format!("open {}", path.display()))?
+    file.take(READ_MAX)
         .read_to_end(&mut bytes)
         .with_context(|| format!("read {}", path.display()))?;
     let mut out = Vec::new();
@@ -1148,5 +1169,96 @@ mod tests {
         spool.committed(&rows);
         spool.maintain();
         assert_eq!(spool.segments(), 1, "the sealed segment is deleted");
+    }
+
+    /// A batch far larger than a segment (a large `usage.batch_size`) is written in pieces: every
+    /// record lands, and no segment grows past its size.
+    #[test]
+    fn a_huge_batch_is_written_in_pieces_within_segments() {
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, _) = Spool::open(dir.path()).unwrap();
+        let facts = facts();
+        // One and a half segments' worth of finished records.
+        let mut one = Vec::new();
+        frame(
+            &mut one,
+            &Rec::F(
+                common(Uuid::now_v7(), Utc::now(), facts_parts(&facts)),
+                Tail {
+                    status: 200,
+                    prompt: 0,
+                    completion: 0,
+                    cached: 0,
+                    cw: 0,
+                    rs: 0,
+                    extra: 0,
+                    cost: 1,
+                    latency_ms: 0,
+                    ttft_ms: None,
+                    estimated: false,
+                    error: None,
+                },
+            ),
+        )
+        .unwrap();
+        let n = SEGMENT_CAP as usize / one.len() * 3 / 2;
+        let rows: Vec<Settled> = (0..n)
+            .map(|_| {
+                let ticket = Ticket::new();
+                let mut e = event(common(ticket.id, Utc::now(), facts_parts(&facts)));
+                e.ticket = ticket;
+                e.status = 200;
+                Settled {
+                    event: e,
+                    cost_nanos: 1,
+                }
+            })
+            .collect();
+        spool.finished(&rows).unwrap();
+        let mut files: Vec<PathBuf> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "spool"))
+            .collect();
+        files.sort();
+        assert!(files.len() > 1, "more than a segment's worth");
+        let mut got = Vec::new();
+        for f in &files {
+            assert!(std::fs::metadata(f).unwrap().len() <= SEGMENT_CAP);
+            got.extend(ids(&read_segment(f).unwrap()));
+        }
+        let want: Vec<Uuid> = rows.iter().map(|r| r.event.ticket.id).collect();
+        assert_eq!(got, want);
+    }
+
+    /// Replay reads at most [`READ_MAX`] of a file: a record past it is not read.
+    #[test]
+    fn replay_reads_a_bounded_part_of_a_segment() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("0000000000000000-00000000.spool");
+        let facts = facts();
+        let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
+        let mut fa = Vec::new();
+        frame(
+            &mut fa,
+            &Rec::S(common(a, Utc::now(), facts_parts(&facts)), 1),
+        )
+        .unwrap();
+        let mut fb = Vec::new();
+        frame(
+            &mut fb,
+            &Rec::S(common(b, Utc::now(), facts_parts(&facts)), 1),
+        )
+        .unwrap();
+        let file = File::create(&path).unwrap();
+        // Sparse: the test writes two records, not 64 MiB.
+        file.set_len(READ_MAX + 4096).unwrap();
+        file.write_all_at(&fa, 0).unwrap();
+        file.write_all_at(&fb, READ_MAX + 16).unwrap();
+        assert_eq!(ids(&read_segment(&path).unwrap()), [a]);
+        // Within the bound, both are read.
+        file.write_all_at(&fb, READ_MAX - fb.len() as u64).unwrap();
+        assert_eq!(ids(&read_segment(&path).unwrap()), [a, b]);
     }
 }
