@@ -373,12 +373,7 @@ impl Spool {
                 dir.display()
             );
         }
-        let mut left: Vec<PathBuf> = std::fs::read_dir(dir)?
-            .filter_map(Result::ok)
-            .map(|e| e.path())
-            .filter(|p| p.extension().is_some_and(|x| x == "spool"))
-            .collect();
-        left.sort();
+        let left = segment_files(dir)?;
         let first = Self::new_segment(dir, 0, SEGMENT_CAP)?;
         Ok((
             Self {
@@ -604,12 +599,19 @@ impl Spool {
 
     /// Segment files in the directory now (tests).
     pub fn segments(&self) -> usize {
-        std::fs::read_dir(&self.dir).map_or(0, |d| {
-            d.filter_map(Result::ok)
-                .filter(|e| e.path().extension().is_some_and(|x| x == "spool"))
-                .count()
-        })
+        segment_files(&self.dir).map_or(0, |f| f.len())
     }
+}
+
+/// The segment files in `dir`, oldest first (their names start with the time they were made).
+fn segment_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "spool"))
+        .collect();
+    files.sort();
+    Ok(files)
 }
 
 struct Parts<'a> {
@@ -989,13 +991,11 @@ mod tests {
             event,
         }];
         spool.finished(&rows).unwrap();
-        let path = std::fs::read_dir(dir.path())
-            .unwrap()
-            .filter_map(Result::ok)
-            .map(|e| e.path())
-            .find(|p| p.extension().is_some_and(|x| x == "spool"))
-            .unwrap();
-        let mut lines = read_segment(&path).unwrap();
+        let files = segment_files(dir.path()).unwrap();
+        let [path] = &files[..] else {
+            panic!("one segment: {files:?}")
+        };
+        let mut lines = read_segment(path).unwrap();
         assert_eq!(lines.len(), 1);
         let back = settled(lines.pop().unwrap());
         let (e, want) = (&back.event, &rows[0].event);
@@ -1142,13 +1142,7 @@ mod tests {
         assert!(first.bytes.load(Ordering::Relaxed) > SEGMENT_BYTES);
         assert_eq!(spool.segments(), 2);
         let mut got: Vec<Uuid> = Vec::new();
-        let mut files: Vec<PathBuf> = std::fs::read_dir(dir.path())
-            .unwrap()
-            .filter_map(Result::ok)
-            .map(|e| e.path())
-            .filter(|p| p.extension().is_some_and(|x| x == "spool"))
-            .collect();
-        files.sort();
+        let files = segment_files(dir.path()).unwrap();
         for f in &files {
             got.extend(ids(&read_segment(f).unwrap()));
         }
@@ -1215,13 +1209,7 @@ mod tests {
             })
             .collect();
         spool.finished(&rows).unwrap();
-        let mut files: Vec<PathBuf> = std::fs::read_dir(dir.path())
-            .unwrap()
-            .filter_map(Result::ok)
-            .map(|e| e.path())
-            .filter(|p| p.extension().is_some_and(|x| x == "spool"))
-            .collect();
-        files.sort();
+        let files = segment_files(dir.path()).unwrap();
         assert!(files.len() > 1, "more than a segment's worth");
         let mut got = Vec::new();
         for f in &files {
