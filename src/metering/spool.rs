@@ -66,6 +66,8 @@ const WRITE_CHUNK: usize = 1 << 20;
 /// Replay reads at most this much of a segment (ours stay within [`SEGMENT_CAP`]; an earlier
 /// release's could exceed 4 MiB by one batch): a larger file is not one the gateway wrote whole.
 const READ_MAX: u64 = 64 << 20;
+/// Damaged candidate records replay steps over in one segment before it gives up on the rest.
+const MAX_BAD_CANDIDATES: usize = 4096;
 /// A record (or an earlier release's JSON line) longer than this is not one the gateway wrote:
 /// skipped.
 const MAX_RECORD: usize = 64 * 1024;
@@ -780,8 +782,16 @@ fn read_segment(path: &Path) -> anyhow::Result<Vec<Rec<'static>>> {
         .read_to_end(&mut bytes)
         .with_context(|| format!("read {}", path.display()))?;
     let mut out = Vec::new();
+    // Candidate records that did not check out: a killed process leaves one or two per thread
+    // that was writing; past this many the file is not one the gateway wrote, and the rest of
+    // it is not scanned (each check can read up to a record's length).
+    let mut failed = 0usize;
     let mut i = 0;
     while i < bytes.len() {
+        if failed > MAX_BAD_CANDIDATES {
+            tracing::warn!(path = %path.display(), at = i, "usage spool: a segment full of damaged records; not reading the rest of it");
+            break;
+        }
         let rest = &bytes[i..];
         match rest[0] {
             0 | b'\n' => {
@@ -795,16 +805,26 @@ fn read_segment(path: &Path) -> anyhow::Result<Vec<Rec<'static>>> {
                     out.push(rec);
                     i += n;
                 }
-                None => i += 1,
+                None => {
+                    failed += 1;
+                    i += 1;
+                }
             },
-            b'{' => {
+            // An earlier release's JSON line: only where a line starts.
+            b'{' if i == 0 || bytes[i - 1] == b'\n' => {
                 let end = memchr::memchr2(b'\n', 0, rest).unwrap_or(rest.len());
-                match serde_json::from_slice::<Line<'static>>(&rest[..end]) {
-                    Ok(line) if end <= MAX_RECORD => {
+                match (end <= MAX_RECORD)
+                    .then(|| serde_json::from_slice::<Line<'static>>(&rest[..end]).ok())
+                    .flatten()
+                {
+                    Some(line) => {
                         out.push(line.into());
                         i += end;
                     }
-                    _ => i += 1,
+                    None => {
+                        failed += 1;
+                        i += 1;
+                    }
                 }
             }
             _ => i += 1,
@@ -1248,5 +1268,51 @@ mod tests {
         // Within the bound, both are read.
         file.write_all_at(&fb, READ_MAX - fb.len() as u64).unwrap();
         assert_eq!(ids(&read_segment(&path).unwrap()), [a, b]);
+    }
+
+    /// Damage is stepped over at a bounded cost: a file of candidate frame headers that all
+    /// fail their check is given up on after [`MAX_BAD_CANDIDATES`], and a `{` that does not
+    /// start a line is not parsed as JSON.
+    #[test]
+    fn damaged_segments_cost_a_bounded_scan() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("0000000000000000-00000000.spool");
+        let facts = facts();
+        let good = Uuid::now_v7();
+        let mut frame_bytes = Vec::new();
+        frame(
+            &mut frame_bytes,
+            &Rec::S(common(good, Utc::now(), facts_parts(&facts)), 1),
+        )
+        .unwrap();
+        // Headers claiming the largest record, each failing its CRC, then a whole record.
+        let bad = [MAGIC, VERSION, 0, 0, 1, 0, 1, 2, 3, 4];
+        let mut few = bad.repeat(10);
+        few.extend_from_slice(&vec![0u8; 64 * 1024]);
+        few.extend_from_slice(&frame_bytes);
+        std::fs::write(&path, &few).unwrap();
+        assert_eq!(
+            ids(&read_segment(&path).unwrap()),
+            [good],
+            "a few are stepped over"
+        );
+        let mut many = bad.repeat(MAX_BAD_CANDIDATES + 10);
+        many.extend_from_slice(&vec![0u8; 64 * 1024]);
+        many.extend_from_slice(&frame_bytes);
+        std::fs::write(&path, &many).unwrap();
+        assert!(
+            read_segment(&path).unwrap().is_empty(),
+            "past the bound the rest is not read"
+        );
+        // A JSON line glued to the end of a frame is not a line: not read.
+        let old_s = r#"{"S":{"id":"0190a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5c","at":"2026-11-30T10:00:00Z","user":"u","key":"k","model":"m","provider":"p","endpoint":"embeddings","stream":false,"prices":{"i":1000000000,"o":0,"c":null},"request_id":"r","shared_key":true,"charged":true,"body_len":4000}}"#;
+        std::fs::write(&path, [&frame_bytes[..], old_s.as_bytes(), b"\n"].concat()).unwrap();
+        assert_eq!(ids(&read_segment(&path).unwrap()), [good]);
+        std::fs::write(
+            &path,
+            [&frame_bytes[..], b"\n", old_s.as_bytes(), b"\n"].concat(),
+        )
+        .unwrap();
+        assert_eq!(ids(&read_segment(&path).unwrap()).len(), 2);
     }
 }
