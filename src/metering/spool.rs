@@ -1140,7 +1140,7 @@ mod tests {
     }
 
     /// A segment that fills up between two of the writer's maintenance passes is sealed by the
-    /// request that found it full; every line is in one of the two segments, and once the
+    /// request that found it full; every record is in one of the two segments, and once the
     /// records are committed the sealed one is deleted.
     #[test]
     fn a_full_segment_is_sealed_and_the_next_takes_the_rest() {
