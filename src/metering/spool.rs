@@ -542,8 +542,10 @@ impl Spool {
     }
 
     /// Seals the current segment when it is big or old enough, and deletes sealed segments whose
-    /// requests are all committed. The usage writer calls it between batches only, so a sealed
-    /// segment never holds the finished records of a batch still being written.
+    /// requests are all committed. A request that finds the segment full seals it at any time
+    /// (even while a batch's finished records are going into it), but only this deletes, and
+    /// the usage writer calls it between batches only: a segment is never deleted while it holds
+    /// the finished records of a batch not yet committed.
     pub fn maintain(&self) {
         let cur = self
             .current
