@@ -493,25 +493,7 @@ impl Spool {
             }
             let e = &r.event;
             let rec = Rec::F(
-                common(
-                    e.ticket.id,
-                    e.at,
-                    Parts {
-                        user: &e.user_id,
-                        key: &e.key_id,
-                        model: &e.model,
-                        provider: &e.provider,
-                        endpoint: e.endpoint,
-                        stream: e.stream,
-                        prices: e.prices,
-                        request_id: &e.request_id,
-                        shared_key: e.shared_key,
-                        charged: e.charged,
-                        response_id: e.response_id.as_deref(),
-                        conversation_id: e.conversation_id.as_deref(),
-                        routed: &e.routed,
-                    },
-                ),
+                common(e.ticket.id, e.at, event_parts(e)),
                 Tail {
                     status: e.status,
                     prompt: e.usage.prompt,
@@ -649,6 +631,24 @@ fn facts_parts(f: &RequestFacts) -> Parts<'_> {
         response_id: f.response_id.as_deref(),
         conversation_id: f.conversation_id.as_deref(),
         routed: &f.routed,
+    }
+}
+
+fn event_parts(e: &UsageEvent) -> Parts<'_> {
+    Parts {
+        user: &e.user_id,
+        key: &e.key_id,
+        model: &e.model,
+        provider: &e.provider,
+        endpoint: e.endpoint,
+        stream: e.stream,
+        prices: e.prices,
+        request_id: &e.request_id,
+        shared_key: e.shared_key,
+        charged: e.charged,
+        response_id: e.response_id.as_deref(),
+        conversation_id: e.conversation_id.as_deref(),
+        routed: &e.routed,
     }
 }
 
