@@ -693,8 +693,10 @@ fn measure_set(
             upstream_cpu_us: per_req(up0, up1),
             load,
             singles: Vec::new(),
+            pairs: Vec::new(),
         });
     }
+    ab_pairs(wrk, endpoints, &mut rows, secs, conns, &label, &count)?;
     let round_secs = single_round_secs(secs);
     for round in 1..=SINGLE_ROUNDS {
         for (e, row) in endpoints.iter().zip(rows.iter_mut()) {
@@ -712,6 +714,47 @@ fn measure_set(
         }
     }
     Ok(rows)
+}
+
+/// `LOAD_AB_PAIRS` (default 4; 0 turns it off): with a baseline build, that many more loaded runs
+/// of tollgate and of the baseline, taking turns (the order swapped every pair, so a drift of the
+/// machine cannot favour one), each pair giving its own ratio. Their median is steadier than the
+/// ratio of one run of each, which a noisy neighbour can move by 20%.
+fn ab_pairs(
+    wrk: &Path,
+    endpoints: &[Endpoint<'_>],
+    rows: &mut [Row],
+    secs: u64,
+    conns: u64,
+    label: &dyn Fn(&Endpoint<'_>) -> String,
+    count: &dyn Fn(&Endpoint<'_>, u64),
+) -> anyhow::Result<()> {
+    let pairs = env_u64("LOAD_AB_PAIRS", 4)?;
+    let find = |t: Target| endpoints.iter().position(|e| e.target == t);
+    let (Some(ti), Some(bi)) = (find(Target::Tollgate), find(Target::Baseline)) else {
+        return Ok(());
+    };
+    for pair in 1..=pairs {
+        let order = if pair % 2 == 1 { [ti, bi] } else { [bi, ti] };
+        let mut got = [(0.0, None); 2];
+        for i in order {
+            let e = &endpoints[i];
+            eprintln!("load: {} A/B pair {pair}/{pairs} …", label(e));
+            let cpu0 = (e.cpu)();
+            let load = wrk_run(wrk, &e.url, &e.script, conns.min(2), conns, secs)?;
+            let cpu1 = (e.cpu)();
+            count(e, load.requests);
+            let n = load.requests;
+            let cpu = (n > 0).then(|| (cpu1.saturating_sub(cpu0) * US_PER_TICK) as f64 / n as f64);
+            got[usize::from(i == bi)] = (load.rps(), cpu);
+        }
+        let [(t_rps, t_cpu), (b_rps, b_cpu)] = got;
+        rows[ti].pairs.push((
+            if b_rps > 0.0 { t_rps / b_rps } else { 0.0 },
+            t_cpu.zip(b_cpu).filter(|(_, b)| *b > 0.0).map(|(t, b)| t / b),
+        ));
+    }
+    Ok(())
 }
 
 /// One extra path's loaded run (translated, Responses, retries, chat).
@@ -860,6 +903,8 @@ writes them, with every raw wrk report, to benches/results/latest.txt.
   LOAD_TOLLGATE_BIN=P   tollgate binary to measure (default: the one cargo built)
   LOAD_BASELINE_BIN=P   another tollgate build (e.g. the previous commit's) measured in the same
                         run, on its own database and upstream: adds tollgate ÷ baseline ratios
+  LOAD_AB_PAIRS=4       with a baseline: that many more loaded runs of each, taking turns; prints
+                        each pair's ratio and their median (0: none)
   LOAD_BILLING=0        no key budget, balance enforcement off (no reservations)
   LOAD_MODES=stream     only these modes (comma-separated: non-stream, stream; default both)
   --soak, LOAD_SOAK_SECS=300, LOAD_SOAK_RPS=200
@@ -956,6 +1001,9 @@ struct Row {
     /// CPU of the server process per request: the upstream for `direct`, else the proxy alone.
     cpu_us: Option<f64>,
     upstream_cpu_us: Option<f64>,
+    /// `LOAD_AB_PAIRS` (tollgate's row only): per interleaved pair of loaded runs, tollgate ÷
+    /// baseline throughput and CPU per request.
+    pairs: Vec<(f64, Option<f64>)>,
 }
 
 impl Row {
@@ -1189,6 +1237,18 @@ fn set_table(log: &mut Log, set: Set, rows: &[Row]) {
                 ratio(b.load.rps(), n.load.rps()),
                 single_ratio(b, n),
             ));
+            if !t.pairs.is_empty() {
+                let cpus: Vec<f64> = t.pairs.iter().filter_map(|p| p.1).collect();
+                log.say(format!(
+                    "{:<11} tollgate ÷ baseline, {} interleaved pairs (LOAD_AB_PAIRS): throughput {} (median {:.3}), CPU/req {} (median {})",
+                    "",
+                    t.pairs.len(),
+                    t.pairs.iter().map(|p| format!("{:.3}", p.0)).collect::<Vec<_>>().join(" "),
+                    median(t.pairs.iter().map(|p| p.0).collect()),
+                    cpus.iter().map(|c| format!("{c:.3}")).collect::<Vec<_>>().join(" "),
+                    if cpus.is_empty() { "-".into() } else { format!("{:.3}", median(cpus)) },
+                ));
+            }
         }
         let rounds: Vec<String> = (0..t.singles.len())
             .map(|i| {
