@@ -751,7 +751,10 @@ fn ab_pairs(
         let [(t_rps, t_cpu), (b_rps, b_cpu)] = got;
         rows[ti].pairs.push((
             if b_rps > 0.0 { t_rps / b_rps } else { 0.0 },
-            t_cpu.zip(b_cpu).filter(|(_, b)| *b > 0.0).map(|(t, b)| t / b),
+            t_cpu
+                .zip(b_cpu)
+                .filter(|(_, b)| *b > 0.0)
+                .map(|(t, b)| t / b),
         ));
     }
     Ok(())
