@@ -6,6 +6,10 @@
 //! - a **finished** record per settled request, written by the usage writer with one `pwrite(2)`
 //!   per batch, after pricing and before the batch's transaction.
 //!
+//! Each request thread writes its started records into a segment of its own and the usage writer
+//! its finished records into another ([`Spool::lanes`]): a write holds its file's inode lock, and
+//! a request would otherwise sleep behind another thread's record or a whole batch.
+//!
 //! A record is a small binary frame (postcard payload, length, CRC-32; see [`frame`]): the
 //! started record is on every request's path, and encoding it costs a fraction of a JSON line
 //! (no field names, no string escaping, no date formatting). A segment is made at its full size
@@ -35,7 +39,7 @@ use std::fs::{File, OpenOptions};
 use std::io::Read;
 use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -71,6 +75,9 @@ const MAX_BAD_CANDIDATES: usize = 4096;
 /// A record (or an earlier release's JSON line) longer than this is not one the gateway wrote:
 /// skipped.
 const MAX_RECORD: usize = 64 * 1024;
+/// Started records go into up to this many segments at a time, one per request thread (see
+/// [`Spool::lanes`]).
+const MAX_STARTED_LANES: usize = 8;
 /// `error` of a record for a request cut off by a restart.
 pub const RESTARTED: &str = "gateway_restarted";
 
@@ -135,7 +142,12 @@ impl Segment {
 /// The spool of this process (see the module docs).
 pub struct Spool {
     dir: PathBuf,
-    current: Mutex<Arc<Segment>>,
+    /// The segment each lane writes into now. A file's writes queue on its inode lock (ext4 takes
+    /// it for every buffered write), so a request thread keeps a lane of its own for its started
+    /// records (the first lanes, one per CPU up to [`MAX_STARTED_LANES`]) and the usage writer's
+    /// finished records, whose batch-sized writes hold that lock longest, have the last: no
+    /// request thread sleeps on another's write or on a batch's.
+    lanes: Box<[Mutex<Arc<Segment>>]>,
     sealed: Mutex<Vec<Arc<Segment>>>,
     next: AtomicU64,
     /// Held (locked) for the life of the process.
@@ -376,13 +388,18 @@ impl Spool {
             );
         }
         let left = segment_files(dir)?;
-        let first = Self::new_segment(dir, 0, SEGMENT_CAP)?;
+        let started = std::thread::available_parallelism()
+            .map_or(1, usize::from)
+            .clamp(1, MAX_STARTED_LANES);
+        let lanes = (0..=started as u64)
+            .map(|seq| Self::new_segment(dir, seq, SEGMENT_CAP).map(Mutex::new))
+            .collect::<anyhow::Result<Box<[_]>>>()?;
         Ok((
             Self {
                 dir: dir.to_owned(),
-                current: Mutex::new(first),
+                next: AtomicU64::new(lanes.len() as u64),
+                lanes,
                 sealed: Mutex::new(Vec::new()),
-                next: AtomicU64::new(1),
                 _lock: lock,
             },
             left,
@@ -425,18 +442,40 @@ impl Spool {
         );
         let mut buf = Vec::with_capacity(256);
         frame(&mut buf, &rec)?;
-        let (seg, res) = self.append(&buf, true);
+        let (seg, res) = self.append(self.started_lane(), &buf, true);
         ticket.seg = seg;
         res
     }
 
-    /// Writes `buf` into the current segment, sealing it and making the next when it is full.
-    /// `started`: `buf` is a request's started record, counted in its segment's outstanding
+    /// The calling thread's lane for started records: threads take the started lanes in turn
+    /// as they first write, and keep theirs.
+    fn started_lane(&self) -> usize {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        thread_local! {
+            static LANE: usize = NEXT.fetch_add(1, Ordering::Relaxed);
+        }
+        LANE.with(|l| *l) % (self.lanes.len() - 1).max(1)
+    }
+
+    /// The lane of the finished records.
+    fn finished_lane(&self) -> usize {
+        self.lanes.len() - 1
+    }
+
+    /// Writes `buf` into `lane`'s current segment, sealing it and making the next when it is
+    /// full. `started`: `buf` is a request's started record, counted in its segment's outstanding
     /// requests (the segment is returned for the request's ticket).
-    fn append(&self, buf: &[u8], started: bool) -> (Option<Arc<Segment>>, std::io::Result<()>) {
+    fn append(
+        &self,
+        lane: usize,
+        buf: &[u8],
+        started: bool,
+    ) -> (Option<Arc<Segment>>, std::io::Result<()>) {
         loop {
             let seg = {
-                let cur = self.current.lock().unwrap_or_else(PoisonError::into_inner);
+                let cur = self.lanes[lane]
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner);
                 if started {
                     // Counted under the lock: a segment sealed after this sees the request.
                     cur.outstanding.fetch_add(1, Ordering::Relaxed);
@@ -451,7 +490,7 @@ impl Spool {
                     if started {
                         seg.outstanding.fetch_sub(1, Ordering::Relaxed);
                     }
-                    if let Err(e) = self.rotate(&seg, buf.len() as u64) {
+                    if let Err(e) = self.rotate(lane, &seg, buf.len() as u64) {
                         return (None, Err(std::io::Error::other(format!("{e:#}"))));
                     }
                 }
@@ -459,11 +498,13 @@ impl Spool {
         }
     }
 
-    /// Seals `full` and makes the next segment (at least `need` bytes), unless another thread
-    /// did it already.
-    fn rotate(&self, full: &Arc<Segment>, need: u64) -> anyhow::Result<()> {
+    /// Seals `full`, `lane`'s segment, and makes the lane's next (at least `need` bytes), unless
+    /// another thread did it already.
+    fn rotate(&self, lane: usize, full: &Arc<Segment>, need: u64) -> anyhow::Result<()> {
         let old = {
-            let mut cur = self.current.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut cur = self.lanes[lane]
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
             if !Arc::ptr_eq(&cur, full) {
                 return Ok(());
             }
@@ -485,10 +526,11 @@ impl Spool {
         if rows.is_empty() {
             return Ok(());
         }
+        let lane = self.finished_lane();
         let mut buf = Vec::with_capacity(rows.len().saturating_mul(256).min(2 * WRITE_CHUNK));
         for r in rows {
             if buf.len() >= WRITE_CHUNK {
-                self.append(&buf, false).1?;
+                self.append(lane, &buf, false).1?;
                 buf.clear();
             }
             let e = &r.event;
@@ -511,7 +553,7 @@ impl Spool {
             );
             frame(&mut buf, &rec)?;
         }
-        self.append(&buf, false).1
+        self.append(lane, &buf, false).1
     }
 
     /// The batch's transaction committed: its requests no longer keep their segments.
@@ -523,22 +565,23 @@ impl Spool {
         }
     }
 
-    /// Seals the current segment when it is big or old enough, and deletes sealed segments whose
-    /// requests are all committed. A request that finds the segment full seals it at any time
+    /// Seals each lane's segment when it is big or old enough, and deletes sealed segments whose
+    /// requests are all committed. A request that finds a segment full seals it at any time
     /// (even while a batch's finished records are going into it), but only this deletes, and
     /// the usage writer calls it between batches only: a segment is never deleted while it holds
     /// the finished records of a batch not yet committed.
     pub fn maintain(&self) {
-        let cur = self
-            .current
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone();
-        let bytes = cur.bytes.load(Ordering::Relaxed);
-        if (bytes >= SEGMENT_BYTES || (bytes > 0 && cur.opened.elapsed() >= SEGMENT_AGE))
-            && let Err(e) = self.rotate(&cur, 0)
-        {
-            tracing::warn!(error = %e, "usage spool: cannot rotate");
+        for (lane, current) in self.lanes.iter().enumerate() {
+            let cur = current
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone();
+            let bytes = cur.bytes.load(Ordering::Relaxed);
+            if (bytes >= SEGMENT_BYTES || (bytes > 0 && cur.opened.elapsed() >= SEGMENT_AGE))
+                && let Err(e) = self.rotate(lane, &cur, 0)
+            {
+                tracing::warn!(error = %e, "usage spool: cannot rotate");
+            }
         }
         let done: Vec<Arc<Segment>> = {
             let mut sealed = self.sealed.lock().unwrap_or_else(PoisonError::into_inner);
@@ -557,17 +600,18 @@ impl Spool {
 
     /// Clean shutdown: every record is committed, so every segment goes.
     pub fn close(&self) {
-        let cur = self
-            .current
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone();
-        if cur.outstanding.load(Ordering::Relaxed) <= 0 {
-            cur.sealed.store(true, Ordering::Relaxed);
-            self.sealed
+        for current in &self.lanes {
+            let cur = current
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
-                .push(cur);
+                .clone();
+            if cur.outstanding.load(Ordering::Relaxed) <= 0 {
+                cur.sealed.store(true, Ordering::Relaxed);
+                self.sealed
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .push(cur);
+            }
         }
         // Sealed segments still outstanding (a writer that gave up) stay for the next start.
         let done: Vec<Arc<Segment>> = {
@@ -1014,8 +1058,12 @@ mod tests {
         }];
         spool.finished(&rows).unwrap();
         let files = segment_files(dir.path()).unwrap();
-        let [path] = &files[..] else {
-            panic!("one segment: {files:?}")
+        let holding: Vec<&PathBuf> = files
+            .iter()
+            .filter(|f| !read_segment(f).unwrap().is_empty())
+            .collect();
+        let [path] = &holding[..] else {
+            panic!("one segment holds it: {files:?}")
         };
         let mut lines = read_segment(path).unwrap();
         assert_eq!(lines.len(), 1);
@@ -1148,6 +1196,9 @@ mod tests {
     fn a_full_segment_is_sealed_and_the_next_takes_the_rest() {
         let dir = tempfile::tempdir().unwrap();
         let (spool, _) = Spool::open(dir.path()).unwrap();
+        // One segment per lane, made at open.
+        let lanes = spool.segments();
+        assert_eq!(lanes, spool.lanes.len());
         let facts = facts();
         let mut tickets = Vec::new();
         let first = loop {
@@ -1162,7 +1213,7 @@ mod tests {
         };
         assert!(first.sealed.load(Ordering::Relaxed));
         assert!(first.bytes.load(Ordering::Relaxed) > SEGMENT_BYTES);
-        assert_eq!(spool.segments(), 2);
+        assert_eq!(spool.segments(), lanes + 1);
         let mut got: Vec<Uuid> = Vec::new();
         let files = segment_files(dir.path()).unwrap();
         for f in &files {
@@ -1184,7 +1235,7 @@ mod tests {
         drop(first);
         spool.committed(&rows);
         spool.maintain();
-        assert_eq!(spool.segments(), 1, "the sealed segment is deleted");
+        assert_eq!(spool.segments(), lanes, "the sealed segment is deleted");
     }
 
     /// A batch far larger than a segment (a large `usage.batch_size`) is written in pieces: every
@@ -1232,14 +1283,86 @@ mod tests {
             .collect();
         spool.finished(&rows).unwrap();
         let files = segment_files(dir.path()).unwrap();
-        assert!(files.len() > 1, "more than a segment's worth");
         let mut got = Vec::new();
+        let mut holding = 0;
         for f in &files {
             assert!(std::fs::metadata(f).unwrap().len() <= SEGMENT_CAP);
-            got.extend(ids(&read_segment(f).unwrap()));
+            let recs = read_segment(f).unwrap();
+            holding += usize::from(!recs.is_empty());
+            got.extend(ids(&recs));
         }
+        assert!(holding > 1, "more than a segment's worth");
         let want: Vec<Uuid> = rows.iter().map(|r| r.event.ticket.id).collect();
         assert_eq!(got, want);
+    }
+
+    /// Started records go into the writing thread's own lane, finished records into another: a
+    /// request's `pwrite` never queues behind another thread's on one file's inode lock. Every
+    /// record still replays, whichever file holds it.
+    #[test]
+    fn each_request_thread_and_the_writer_write_their_own_segment() {
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, _) = Spool::open(dir.path()).unwrap();
+        let spool = Arc::new(spool);
+        let facts = Arc::new(facts());
+        let started = |spool: Arc<Spool>, facts: Arc<RequestFacts>| {
+            std::thread::spawn(move || {
+                (0..3)
+                    .map(|_| {
+                        let mut t = Ticket::new();
+                        spool.started(&mut t, &facts, Utc::now()).unwrap();
+                        t
+                    })
+                    .collect::<Vec<_>>()
+            })
+        };
+        let a = started(spool.clone(), facts.clone()).join().unwrap();
+        let b = started(spool.clone(), facts.clone()).join().unwrap();
+        let path = |t: &Ticket| t.seg.as_ref().unwrap().path.clone();
+        assert!(
+            a.iter().all(|t| path(t) == path(&a[0])),
+            "a thread keeps its lane"
+        );
+        assert!(b.iter().all(|t| path(t) == path(&b[0])));
+        if spool.lanes.len() > 2 {
+            assert_ne!(path(&a[0]), path(&b[0]), "two threads, two lanes");
+        }
+        let rows: Vec<Settled> = a
+            .into_iter()
+            .chain(b)
+            .map(|ticket| {
+                let mut e = event(common(ticket.id, Utc::now(), facts_parts(&facts)));
+                e.ticket = ticket;
+                e.status = 200;
+                Settled {
+                    event: e,
+                    cost_nanos: 7,
+                }
+            })
+            .collect();
+        spool.finished(&rows).unwrap();
+        let finished = spool.lanes[spool.finished_lane()]
+            .lock()
+            .unwrap()
+            .path
+            .clone();
+        assert!(
+            rows.iter()
+                .all(|r| r.event.ticket.seg.as_ref().unwrap().path != finished)
+        );
+        let recs = read_segment(&finished).unwrap();
+        assert_eq!(recs.len(), rows.len());
+        assert!(recs.iter().all(|r| matches!(r, Rec::F(..))));
+        // Across the files, each request has its started and its finished record.
+        let mut all = Vec::new();
+        for f in segment_files(dir.path()).unwrap() {
+            all.extend(read_segment(&f).unwrap());
+        }
+        for r in &rows {
+            let id = r.event.ticket.id;
+            assert!(all.iter().any(|x| x.id() == id && matches!(x, Rec::S(..))));
+            assert!(all.iter().any(|x| x.id() == id && matches!(x, Rec::F(..))));
+        }
     }
 
     /// Replay reads at most [`READ_MAX`] of a file: a record past it is not read.
