@@ -980,6 +980,17 @@ mod tests {
         }
     }
 
+    /// The settled row of a request whose started record `ticket` holds (status 200).
+    fn settled_row(ticket: Ticket, facts: &RequestFacts, cost_nanos: i64) -> Settled {
+        let mut e = event(common(ticket.id, Utc::now(), facts_parts(facts)));
+        e.ticket = ticket;
+        e.status = 200;
+        Settled {
+            event: e,
+            cost_nanos,
+        }
+    }
+
     #[test]
     fn records_round_trip_and_a_cut_request_is_estimated_from_its_size() {
         let facts = facts();
@@ -1223,14 +1234,7 @@ mod tests {
         // Commit them all (as the writer does, through the events' tickets).
         let rows: Vec<Settled> = tickets
             .into_iter()
-            .map(|ticket| {
-                let mut e = event(common(ticket.id, Utc::now(), facts_parts(&facts)));
-                e.ticket = ticket;
-                Settled {
-                    event: e,
-                    cost_nanos: 0,
-                }
-            })
+            .map(|ticket| settled_row(ticket, &facts, 0))
             .collect();
         drop(first);
         spool.committed(&rows);
@@ -1270,16 +1274,7 @@ mod tests {
         .unwrap();
         let n = SEGMENT_CAP as usize / one.len() * 3 / 2;
         let rows: Vec<Settled> = (0..n)
-            .map(|_| {
-                let ticket = Ticket::new();
-                let mut e = event(common(ticket.id, Utc::now(), facts_parts(&facts)));
-                e.ticket = ticket;
-                e.status = 200;
-                Settled {
-                    event: e,
-                    cost_nanos: 1,
-                }
-            })
+            .map(|_| settled_row(Ticket::new(), &facts, 1))
             .collect();
         spool.finished(&rows).unwrap();
         let files = segment_files(dir.path()).unwrap();
@@ -1330,15 +1325,7 @@ mod tests {
         let rows: Vec<Settled> = a
             .into_iter()
             .chain(b)
-            .map(|ticket| {
-                let mut e = event(common(ticket.id, Utc::now(), facts_parts(&facts)));
-                e.ticket = ticket;
-                e.status = 200;
-                Settled {
-                    event: e,
-                    cost_nanos: 7,
-                }
-            })
+            .map(|ticket| settled_row(ticket, &facts, 7))
             .collect();
         spool.finished(&rows).unwrap();
         let finished = spool.lanes[spool.finished_lane()]
