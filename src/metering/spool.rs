@@ -448,13 +448,14 @@ impl Spool {
     }
 
     /// The calling thread's lane for started records: threads take the started lanes in turn
-    /// as they first write, and keep theirs.
+    /// as they first write, and keep theirs. (`open` makes at least one started lane besides the
+    /// finished one.)
     fn started_lane(&self) -> usize {
         static NEXT: AtomicUsize = AtomicUsize::new(0);
         thread_local! {
             static LANE: usize = NEXT.fetch_add(1, Ordering::Relaxed);
         }
-        LANE.with(|l| *l) % (self.lanes.len() - 1).max(1)
+        LANE.with(|l| *l) % (self.lanes.len() - 1)
     }
 
     /// The lane of the finished records.
