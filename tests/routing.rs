@@ -519,16 +519,35 @@ async fn five_hundred_requests_through_a_flaky_deployment() {
     }
     assert!(retried > 0);
     assert!(e.mock.count("flaky") > 0);
-    // The breaker opened (five failures in a row), and its metric says so.
-    let (_, health) = app.get("/api/admin/routing/health", Some(&e.admin)).await;
-    let flaky = health["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|d| d["upstream_model"] == "flaky")
-        .unwrap()
-        .clone();
-    assert!(flaky["breaker_opens"].as_u64().unwrap() >= 1, "{flaky}");
+    // The breaker opens after three failures in a row, and its metric says so. Ten requests at a
+    // time can finish a burst's answers between its failures (and the burst's 429 can keep the
+    // pair out of the 500 altogether), so one request at a time until it has opened: the mock's
+    // next burst then fails three in a row in this order.
+    let flaky_health = || async {
+        let (_, health) = app.get("/api/admin/routing/health", Some(&e.admin)).await;
+        health["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["upstream_model"] == "flaky")
+            .unwrap()
+            .clone()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut extra = 0;
+    loop {
+        let flaky = flaky_health().await;
+        if flaky["breaker_opens"].as_u64().unwrap() >= 1 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never opened: {flaky}"
+        );
+        let (s, _, b) = chat(&app, &e.key, "duo").await;
+        assert_eq!(s, 200, "{b}");
+        extra += 1;
+    }
     let metrics = app
         .client
         .get(app.url("/metrics"))
@@ -550,19 +569,11 @@ async fn five_hundred_requests_through_a_flaky_deployment() {
     // It heals: a probe after the cool-down closes the breaker, and it takes requests again.
     e.mock.heal();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    let mut extra = 0;
     loop {
         let (s, _, _) = chat(&app, &e.key, "duo").await;
         assert_eq!(s, 200);
         extra += 1;
-        let (_, health) = app.get("/api/admin/routing/health", Some(&e.admin)).await;
-        let f = health["data"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|d| d["upstream_model"] == "flaky")
-            .unwrap()
-            .clone();
+        let f = flaky_health().await;
         if f["state"] == "healthy" && f["consecutive_failures"] == 0 {
             break;
         }

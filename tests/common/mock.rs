@@ -8,8 +8,9 @@
 //! (429 without it), `auth401`, `reset` (the connection closes before any response head),
 //! `stall` (no response head for 30 s), `ctx400` (400 `context_length_exceeded`), and `flaky`:
 //! bursts of five failures (503, a reset, 500, 502, then a 429 with `retry-after: 1`: four in a
-//! row before the cool-down, so a breaker threshold up to 4 opens in any timing) then five answers —
-//! half its requests fail — until [`Mock::heal`]. [`Mock::count`] counts the requests per model.
+//! row before the cool-down when requests come one at a time — concurrent ones can finish a
+//! burst's answers between its failures) then five answers — half its requests fail — until
+//! [`Mock::heal`]. [`Mock::count`] counts the requests per model.
 //!
 //! `held`: a streamed answer in Markdown ([`HELD_HEAD`], then [`HELD_TAIL`]) that stops after its
 //! head until the test says how it ends: [`Mock::release_held`] sends the rest, usage and
