@@ -284,6 +284,8 @@ pub struct MetricsInner {
     pub usage_records_written_total: IntCounter,
     /// Failed appends to the usage spool (those records are not crash-safe).
     pub usage_spool_errors_total: IntCounter,
+    /// `pwrite(2)`s of started records; under load one carries several requests' records.
+    pub usage_spool_started_writes_total: IntCounter,
     pub auth_cache_hits_total: IntCounter,
     pub auth_cache_misses_total: IntCounter,
     /// Requests answered from the response cache (`routing::cache`).
@@ -426,6 +428,10 @@ impl Metrics {
             usage_spool_errors_total: counter(
                 "tollgate_usage_spool_errors_total",
                 "Failed appends to the local usage spool (those records would not survive a kill -9).",
+            ),
+            usage_spool_started_writes_total: counter(
+                "tollgate_usage_spool_started_writes_total",
+                "Writes of started records to the local usage spool; one write carries the records of every request a worker started in one scheduler round.",
             ),
             auth_cache_hits_total: counter(
                 "tollgate_auth_cache_hits_total",

@@ -1,8 +1,9 @@
 //! The usage spool: a local append-only journal that makes usage records survive `kill -9`.
 //!
 //! Two records per request, in files (*segments*) under `usage.spool_dir`:
-//! - a **started** record, written with one `pwrite(2)` just before the request goes upstream
-//!   (its facts and body size: enough to bill it if nothing else survives);
+//! - a **started** record, written just before the request goes upstream (its facts and body
+//!   size: enough to bill it if nothing else survives) — one `pwrite(2)` for all the requests a
+//!   worker thread starts in one scheduler round ([`Spool::started_shared`]);
 //! - a **finished** record per settled request, written by the usage writer with one `pwrite(2)`
 //!   per batch, after pricing and before the batch's transaction.
 //!
@@ -78,6 +79,9 @@ const MAX_RECORD: usize = 64 * 1024;
 /// Started records go into up to this many segments at a time, one per request thread (see
 /// [`Spool::lanes`]).
 const MAX_STARTED_LANES: usize = 8;
+/// Started records staged on one lane are written out before they pass this many bytes (see
+/// [`Spool::stage`]).
+const STAGE_MAX: usize = 64 * 1024;
 /// `error` of a record for a request cut off by a restart.
 pub const RESTARTED: &str = "gateway_restarted";
 
@@ -139,6 +143,65 @@ impl Segment {
     }
 }
 
+/// A request thread's started records waiting for one write ([`Spool::stage`]): contiguous
+/// frames for `seg` from offset `at`.
+#[derive(Default)]
+struct Staging {
+    seg: Option<Arc<Segment>>,
+    at: u64,
+    buf: Vec<u8>,
+    /// Records staged on this lane so far, and how many of them have gone out in a write.
+    staged: u64,
+    written: u64,
+    /// Records whose write failed, not reported yet.
+    lost: Option<Lost>,
+}
+
+impl Staging {
+    /// Writes what is staged (one `pwrite(2)`).
+    fn write_out(&mut self) {
+        let records = self.staged - self.written;
+        self.written = self.staged;
+        let Some(seg) = self.seg.take() else {
+            return;
+        };
+        let res = seg.file.write_all_at(&self.buf, self.at);
+        self.buf.clear();
+        if self.buf.capacity() > STAGE_MAX {
+            self.buf.shrink_to(STAGE_MAX);
+        }
+        if let Err(error) = res {
+            let records = records + self.lost.take().map_or(0, |l| l.records);
+            self.lost = Some(Lost { records, error });
+        }
+    }
+}
+
+/// Started records a failed write (disk full, say) left out of the spool: their requests went
+/// on, only as safe as without a spool.
+#[derive(Debug)]
+pub struct Lost {
+    pub records: u64,
+    pub error: std::io::Error,
+}
+
+impl Lost {
+    fn one(error: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        Self {
+            records: 1,
+            error: std::io::Error::other(error),
+        }
+    }
+}
+
+/// A started record [`Spool::stage`] took: [`Spool::write_staged`] makes sure it is written.
+#[derive(Debug)]
+#[must_use = "a staged record must be written before its request goes upstream"]
+pub struct Staged {
+    lane: usize,
+    seq: u64,
+}
+
 /// The spool of this process (see the module docs).
 pub struct Spool {
     dir: PathBuf,
@@ -148,6 +211,8 @@ pub struct Spool {
     /// finished records, whose batch-sized writes hold that lock longest, have the last: no
     /// request thread sleeps on another's write or on a batch's.
     lanes: Box<[Mutex<Arc<Segment>>]>,
+    /// Per started lane, the records staged for its next write.
+    staging: Box<[Mutex<Staging>]>,
     sealed: Mutex<Vec<Arc<Segment>>>,
     next: AtomicU64,
     /// Held (locked) for the life of the process.
@@ -398,6 +463,7 @@ impl Spool {
             Self {
                 dir: dir.to_owned(),
                 next: AtomicU64::new(lanes.len() as u64),
+                staging: (0..started).map(|_| Mutex::default()).collect(),
                 lanes,
                 sealed: Mutex::new(Vec::new()),
                 _lock: lock,
@@ -427,24 +493,106 @@ impl Spool {
         }))
     }
 
-    /// The started record of a request about to go upstream: one `pwrite(2)`. On a write error
-    /// (disk full) the request still proceeds — its record is then only as safe as without a
-    /// spool — and the error is counted and logged.
+    /// The started record of a request about to go upstream, written at once: one `pwrite(2)`
+    /// (with whatever this thread had staged). On a write error (disk full) the request still
+    /// proceeds — its record is then only as safe as without a spool — and the caller counts and
+    /// logs it.
     pub fn started(
         &self,
         ticket: &mut Ticket,
         facts: &RequestFacts,
         at: DateTime<Utc>,
-    ) -> std::io::Result<()> {
+    ) -> Result<(), Lost> {
+        let staged = self.stage(ticket, facts, at)?;
+        self.write_staged(staged).map(drop)
+    }
+
+    /// [`Spool::started`], sharing the write with the other requests of this scheduler round:
+    /// the record is staged, the task yields once (tokio runs the worker's other ready tasks,
+    /// then polls for I/O), and the first of them to run again writes every record the worker
+    /// staged in one `pwrite(2)`. Returns once this record is written (`Ok(true)`: by this
+    /// call), so the guarantee is [`Spool::started`]'s; under load one system call serves
+    /// several requests.
+    pub async fn started_shared(
+        &self,
+        ticket: &mut Ticket,
+        facts: &RequestFacts,
+        at: DateTime<Utc>,
+    ) -> Result<bool, Lost> {
+        let staged = self.stage(ticket, facts, at)?;
+        tokio::task::yield_now().await;
+        self.write_staged(staged)
+    }
+
+    /// Stages a request's started record in the calling thread's lane, written by the next
+    /// [`Spool::write_staged`] on that lane, whoever calls it: the requests of one scheduler
+    /// round on a worker stage theirs, yield, and the first to run again writes them all in one
+    /// `pwrite(2)` ([`Spool::started_shared`]). The record's place in its segment is reserved here, so
+    /// a lane's staged records are contiguous and nothing else lands between them.
+    pub fn stage(
+        &self,
+        ticket: &mut Ticket,
+        facts: &RequestFacts,
+        at: DateTime<Utc>,
+    ) -> Result<Staged, Lost> {
         let rec = Rec::S(
             common(ticket.id, at, facts_parts(facts)),
             facts.request_len as u64,
         );
         let mut buf = Vec::with_capacity(256);
-        frame(&mut buf, &rec)?;
-        let (seg, res) = self.append(self.started_lane(), &buf, true);
-        ticket.seg = seg;
-        res
+        frame(&mut buf, &rec).map_err(Lost::one)?;
+        let lane = self.started_lane();
+        let len = buf.len() as u64;
+        let mut st = self.staging[lane]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let (seg, at) = loop {
+            let seg = {
+                let cur = self.lanes[lane]
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner);
+                // Counted under the lock: a segment sealed after this sees the request.
+                cur.outstanding.fetch_add(1, Ordering::Relaxed);
+                cur.clone()
+            };
+            // The reserved ranges never overlap, whichever thread reserves.
+            let at = seg.bytes.fetch_add(len, Ordering::Relaxed);
+            if at.saturating_add(len) <= seg.cap {
+                break (seg, at);
+            }
+            seg.outstanding.fetch_sub(1, Ordering::Relaxed);
+            self.rotate(lane, &seg, len)
+                .map_err(|e| Lost::one(format!("{e:#}")))?;
+        };
+        let joins = st.seg.as_ref().is_some_and(|s| Arc::ptr_eq(s, &seg))
+            && st.at.saturating_add(st.buf.len() as u64) == at
+            && st.buf.len() < STAGE_MAX;
+        if !joins {
+            st.write_out();
+            st.seg = Some(seg.clone());
+            st.at = at;
+        }
+        st.buf.extend_from_slice(&buf);
+        st.staged += 1;
+        ticket.seg = Some(seg);
+        Ok(Staged {
+            lane,
+            seq: st.staged,
+        })
+    }
+
+    /// Writes `staged`'s record unless a write of its lane took it already (`Ok(true)`: this
+    /// call wrote); reports records whose write failed since the last report (this one's or
+    /// others').
+    pub fn write_staged(&self, staged: Staged) -> Result<bool, Lost> {
+        let mut st = self.staging[staged.lane]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let wrote = st.written < staged.seq;
+        if wrote {
+            st.write_out();
+        }
+        st.lost.take().map_or(Ok(wrote), Err)
     }
 
     /// The calling thread's lane for started records: threads take the started lanes in turn
@@ -463,39 +611,19 @@ impl Spool {
         self.lanes.len() - 1
     }
 
-    /// Writes `buf` into `lane`'s current segment, sealing it and making the next when it is
-    /// full. `started`: `buf` is a request's started record, counted in its segment's outstanding
-    /// requests (the segment is returned for the request's ticket).
-    fn append(
-        &self,
-        lane: usize,
-        buf: &[u8],
-        started: bool,
-    ) -> (Option<Arc<Segment>>, std::io::Result<()>) {
+    /// Writes `buf` (finished records) into `lane`'s current segment, sealing it and making the
+    /// next when it is full.
+    fn append(&self, lane: usize, buf: &[u8]) -> std::io::Result<()> {
         loop {
-            let seg = {
-                let cur = self.lanes[lane]
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner);
-                if started {
-                    // Counted under the lock: a segment sealed after this sees the request.
-                    cur.outstanding.fetch_add(1, Ordering::Relaxed);
-                }
-                cur.clone()
-            };
-            match seg.append(buf) {
-                Ok(true) => return (Some(seg), Ok(())),
-                // Counted: the request's ticket releases it at commit.
-                Err(e) => return (Some(seg), Err(e)),
-                Ok(false) => {
-                    if started {
-                        seg.outstanding.fetch_sub(1, Ordering::Relaxed);
-                    }
-                    if let Err(e) = self.rotate(lane, &seg, buf.len() as u64) {
-                        return (None, Err(std::io::Error::other(format!("{e:#}"))));
-                    }
-                }
+            let seg = self.lanes[lane]
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone();
+            if seg.append(buf)? {
+                return Ok(());
             }
+            self.rotate(lane, &seg, buf.len() as u64)
+                .map_err(|e| std::io::Error::other(format!("{e:#}")))?;
         }
     }
 
@@ -531,7 +659,7 @@ impl Spool {
         let mut buf = Vec::with_capacity(rows.len().saturating_mul(256).min(2 * WRITE_CHUNK));
         for r in rows {
             if buf.len() >= WRITE_CHUNK {
-                self.append(lane, &buf, false).1?;
+                self.append(lane, &buf)?;
                 buf.clear();
             }
             let e = &r.event;
@@ -554,7 +682,7 @@ impl Spool {
             );
             frame(&mut buf, &rec)?;
         }
-        self.append(lane, &buf, false).1
+        self.append(lane, &buf)
     }
 
     /// The batch's transaction committed: its requests no longer keep their segments.
@@ -1351,6 +1479,170 @@ mod tests {
             assert!(all.iter().any(|x| x.id() == id && matches!(x, Rec::S(..))));
             assert!(all.iter().any(|x| x.id() == id && matches!(x, Rec::F(..))));
         }
+    }
+
+    /// The records staged on a lane go out in one write, by whichever staged request asks
+    /// first; the others find theirs written, and nothing is written twice.
+    #[test]
+    fn staged_records_go_out_in_one_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, _) = Spool::open(dir.path()).unwrap();
+        let facts = facts();
+        let mut tickets: Vec<Ticket> = (0..3).map(|_| Ticket::new()).collect();
+        let staged: Vec<Staged> = tickets
+            .iter_mut()
+            .map(|t| spool.stage(t, &facts, Utc::now()).unwrap())
+            .collect();
+        let seg = tickets[0].seg.clone().unwrap();
+        assert!(
+            tickets
+                .iter()
+                .all(|t| Arc::ptr_eq(t.seg.as_ref().unwrap(), &seg))
+        );
+        assert!(
+            read_segment(&seg.path).unwrap().is_empty(),
+            "staged, not written"
+        );
+        let mut staged = staged.into_iter();
+        let (a, b, c) = (
+            staged.next().unwrap(),
+            staged.next().unwrap(),
+            staged.next().unwrap(),
+        );
+        assert!(spool.write_staged(b).unwrap(), "the first to ask writes");
+        let want: Vec<Uuid> = tickets.iter().map(|t| t.id).collect();
+        assert_eq!(ids(&read_segment(&seg.path).unwrap()), want);
+        assert!(!spool.write_staged(a).unwrap(), "already written");
+        assert!(!spool.write_staged(c).unwrap());
+        assert_eq!(ids(&read_segment(&seg.path).unwrap()), want, "once each");
+        // The next round starts a new write after the last.
+        let mut d = Ticket::new();
+        let sd = spool.stage(&mut d, &facts, Utc::now()).unwrap();
+        assert!(spool.write_staged(sd).unwrap());
+        let mut want = want;
+        want.push(d.id);
+        assert_eq!(ids(&read_segment(&seg.path).unwrap()), want);
+    }
+
+    /// Requests started in one round of a worker's scheduler share one write: each gets its
+    /// record written before `started_shared` returns, and one of them did the writing.
+    #[test]
+    fn one_rounds_requests_share_a_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, _) = Spool::open(dir.path()).unwrap();
+        let spool = Arc::new(spool);
+        let facts = Arc::new(facts());
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let (wrote, tickets): (Vec<bool>, Vec<Ticket>) = rt.block_on(async {
+            let tasks: Vec<_> = (0..5)
+                .map(|_| {
+                    let (spool, facts) = (spool.clone(), facts.clone());
+                    tokio::spawn(async move {
+                        let mut t = Ticket::new();
+                        let wrote = spool.started_shared(&mut t, &facts, Utc::now()).await;
+                        // Written by the time it returns.
+                        let seg = t.seg.as_ref().unwrap();
+                        assert!(ids(&read_segment(&seg.path).unwrap()).contains(&t.id));
+                        (wrote.unwrap(), t)
+                    })
+                })
+                .collect();
+            let mut out = Vec::new();
+            for t in tasks {
+                out.push(t.await.unwrap());
+            }
+            out.into_iter().unzip()
+        });
+        assert_eq!(wrote.iter().filter(|w| **w).count(), 1, "{wrote:?}");
+        let seg = tickets[0].seg.clone().unwrap();
+        let want: Vec<Uuid> = tickets.iter().map(|t| t.id).collect();
+        assert_eq!(ids(&read_segment(&seg.path).unwrap()), want);
+    }
+
+    /// A lane whose segment is replaced between two staged records (rotated, say) writes the
+    /// first one into the old segment before staging the second: each lands where it was
+    /// reserved. What a lane holds staged is bounded by [`STAGE_MAX`].
+    #[test]
+    fn staging_follows_rotation_and_is_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, _) = Spool::open(dir.path()).unwrap();
+        let facts = facts();
+        let (mut a, mut b) = (Ticket::new(), Ticket::new());
+        let sa = spool.stage(&mut a, &facts, Utc::now()).unwrap();
+        let lane = spool.started_lane();
+        let old = spool.lanes[lane].lock().unwrap().clone();
+        spool.rotate(lane, &old, 0).unwrap();
+        let sb = spool.stage(&mut b, &facts, Utc::now()).unwrap();
+        assert_eq!(
+            ids(&read_segment(&old.path).unwrap()),
+            [a.id],
+            "written at once"
+        );
+        let new = b.seg.clone().unwrap();
+        assert!(!Arc::ptr_eq(&old, &new));
+        assert!(read_segment(&new.path).unwrap().is_empty());
+        assert!(!spool.write_staged(sa).unwrap());
+        assert!(spool.write_staged(sb).unwrap());
+        assert_eq!(ids(&read_segment(&new.path).unwrap()), [b.id]);
+
+        // Staged without a write, a lane holds at most STAGE_MAX bytes.
+        let mut tickets = Vec::new();
+        let mut staged = Vec::new();
+        let mut one = Vec::new();
+        frame(
+            &mut one,
+            &Rec::S(common(a.id, Utc::now(), facts_parts(&facts)), 0),
+        )
+        .unwrap();
+        for _ in 0..2 * STAGE_MAX / one.len() {
+            let mut t = Ticket::new();
+            staged.push(spool.stage(&mut t, &facts, Utc::now()).unwrap());
+            tickets.push(t);
+            let held = spool.staging[lane].lock().unwrap().buf.len();
+            assert!(held <= STAGE_MAX + one.len(), "{held}");
+        }
+        let on_disk = read_segment(&new.path).unwrap().len() - 1;
+        assert!(on_disk > 0 && on_disk < tickets.len(), "{on_disk}");
+        for s in staged {
+            spool.write_staged(s).unwrap();
+        }
+        let mut want = vec![b.id];
+        want.extend(tickets.iter().map(|t| t.id));
+        assert_eq!(ids(&read_segment(&new.path).unwrap()), want);
+    }
+
+    /// A failed write is reported with the number of records it held, once, to whoever asks
+    /// next; the requests go on.
+    #[test]
+    fn a_failed_staged_write_reports_its_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, _) = Spool::open(dir.path()).unwrap();
+        let facts = facts();
+        let lane = spool.started_lane();
+        // A segment whose file is open read-only: every write to it fails.
+        let path = dir.path().join("readonly.spool");
+        File::create(&path).unwrap().set_len(SEGMENT_CAP).unwrap();
+        let broken = Arc::new(Segment {
+            path: path.clone(),
+            file: File::open(&path).unwrap(),
+            opened: Instant::now(),
+            cap: SEGMENT_CAP,
+            bytes: AtomicU64::new(0),
+            outstanding: AtomicI64::new(0),
+            sealed: AtomicBool::new(false),
+        });
+        *spool.lanes[lane].lock().unwrap() = broken;
+        let (mut a, mut b) = (Ticket::new(), Ticket::new());
+        let sa = spool.stage(&mut a, &facts, Utc::now()).unwrap();
+        let sb = spool.stage(&mut b, &facts, Utc::now()).unwrap();
+        let lost = spool.write_staged(sa).unwrap_err();
+        assert_eq!(lost.records, 2);
+        assert!(!spool.write_staged(sb).unwrap(), "reported once");
+        let mut c = Ticket::new();
+        let lost = spool.started(&mut c, &facts, Utc::now()).unwrap_err();
+        assert_eq!(lost.records, 1);
     }
 
     /// Replay reads at most [`READ_MAX`] of a file: a record past it is not read.

@@ -563,7 +563,7 @@ async fn attempt(
     // The last failure, answered when nothing else can be tried.
     let mut last: Option<Failed> = None;
     // ④ upstream — from here the request is billed even if the process is killed.
-    meter.spool(&state.spool);
+    meter.spool_shared(&state.spool).await;
     loop {
         let within = attempts < max_attempts && started.is_none_or(|t| t.elapsed() < budget);
         let pick = if !within {
