@@ -82,6 +82,11 @@ const MAX_STARTED_LANES: usize = 8;
 /// Started records staged on one lane are written out before they pass this many bytes (see
 /// [`Spool::stage`]).
 const STAGE_MAX: usize = 64 * 1024;
+/// A lane whose last this many writes each carried one record writes the next at once: a
+/// request alone on its worker gains nothing from yielding, and the yield costs it latency.
+const LONE_WRITES: u32 = 8;
+/// … but every this many records it yields again, to notice company.
+const PROBE_EVERY: u64 = 16;
 /// `error` of a record for a request cut off by a restart.
 pub const RESTARTED: &str = "gateway_restarted";
 
@@ -155,6 +160,8 @@ struct Staging {
     written: u64,
     /// Records whose write failed, not reported yet.
     lost: Option<Lost>,
+    /// The writes in a row, up to now, that carried one record each.
+    lone: u32,
 }
 
 impl Staging {
@@ -162,6 +169,11 @@ impl Staging {
     fn write_out(&mut self) {
         let records = self.staged - self.written;
         self.written = self.staged;
+        match records {
+            0 => {}
+            1 => self.lone = self.lone.saturating_add(1),
+            _ => self.lone = 0,
+        }
         let Some(seg) = self.seg.take() else {
             return;
         };
@@ -200,6 +212,9 @@ impl Lost {
 pub struct Staged {
     lane: usize,
     seq: u64,
+    /// Worth yielding for: the lane's recent writes carried several records, or it is time to
+    /// look again.
+    share: bool,
 }
 
 /// The spool of this process (see the module docs).
@@ -512,7 +527,9 @@ impl Spool {
     /// then polls for I/O), and the first of them to run again writes every record the worker
     /// staged in one `pwrite(2)`. Returns once this record is written (`Ok(true)`: by this
     /// call), so the guarantee is [`Spool::started`]'s; under load one system call serves
-    /// several requests.
+    /// several requests. A lane whose last [`LONE_WRITES`] writes carried one record each (a
+    /// request alone on its worker) writes at once instead, yielding only every
+    /// [`PROBE_EVERY`]th record to notice when company comes back.
     pub async fn started_shared(
         &self,
         ticket: &mut Ticket,
@@ -520,7 +537,9 @@ impl Spool {
         at: DateTime<Utc>,
     ) -> Result<bool, Lost> {
         let staged = self.stage(ticket, facts, at)?;
-        tokio::task::yield_now().await;
+        if staged.share {
+            tokio::task::yield_now().await;
+        }
         self.write_staged(staged)
     }
 
@@ -578,6 +597,7 @@ impl Spool {
         Ok(Staged {
             lane,
             seq: st.staged,
+            share: st.lone < LONE_WRITES || st.staged.is_multiple_of(PROBE_EVERY),
         })
     }
 
@@ -1559,6 +1579,34 @@ mod tests {
         let seg = tickets[0].seg.clone().unwrap();
         let want: Vec<Uuid> = tickets.iter().map(|t| t.id).collect();
         assert_eq!(ids(&read_segment(&seg.path).unwrap()), want);
+    }
+
+    /// A lane whose writes keep carrying one record stops yielding (but for a probe now and
+    /// then); one write that carries several turns sharing back on.
+    #[test]
+    fn a_lone_lane_writes_at_once_until_company_comes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, _) = Spool::open(dir.path()).unwrap();
+        let facts = facts();
+        let one = |spool: &Spool| {
+            let mut t = Ticket::new();
+            let s = spool.stage(&mut t, &facts, Utc::now()).unwrap();
+            let share = s.share;
+            assert!(spool.write_staged(s).unwrap());
+            share
+        };
+        let shares: Vec<bool> = (0..2 * PROBE_EVERY).map(|_| one(&spool)).collect();
+        let lone = LONE_WRITES as usize;
+        assert!(shares[..lone].iter().all(|s| *s), "{shares:?}");
+        let probes = shares[lone..].iter().filter(|s| **s).count();
+        assert!((1..=2).contains(&probes), "only probes yield: {shares:?}");
+        // Two requests in one round: their write carries both, and sharing is back.
+        let (mut a, mut b) = (Ticket::new(), Ticket::new());
+        let sa = spool.stage(&mut a, &facts, Utc::now()).unwrap();
+        let sb = spool.stage(&mut b, &facts, Utc::now()).unwrap();
+        assert!(spool.write_staged(sa).unwrap());
+        assert!(!spool.write_staged(sb).unwrap());
+        assert!(one(&spool), "sharing again");
     }
 
     /// A lane whose segment is replaced between two staged records (rotated, say) writes the
