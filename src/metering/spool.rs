@@ -546,8 +546,10 @@ impl Spool {
     /// Stages a request's started record in the calling thread's lane, written by the next
     /// [`Spool::write_staged`] on that lane, whoever calls it: the requests of one scheduler
     /// round on a worker stage theirs, yield, and the first to run again writes them all in one
-    /// `pwrite(2)` ([`Spool::started_shared`]). The record's place in its segment is reserved here, so
-    /// a lane's staged records are contiguous and nothing else lands between them.
+    /// `pwrite(2)` ([`Spool::started_shared`]). The record's place in its segment is reserved
+    /// here, so a lane's staged records are contiguous and nothing else lands between them.
+    /// Staged records count in their segment's outstanding requests, so it is not deleted
+    /// before they are written.
     pub fn stage(
         &self,
         ticket: &mut Ticket,
