@@ -183,7 +183,7 @@ impl Staging {
             self.buf.shrink_to(STAGE_MAX);
         }
         if let Err(error) = res {
-            let records = records + self.lost.take().map_or(0, |l| l.records);
+            let records = records.saturating_add(self.lost.take().map_or(0, |l| l.records));
             self.lost = Some(Lost { records, error });
         }
     }
