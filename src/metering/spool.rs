@@ -134,6 +134,19 @@ struct Segment {
 }
 
 impl Segment {
+    /// An empty segment in `file`, made `cap` bytes long.
+    fn new(path: PathBuf, file: File, cap: u64) -> Arc<Self> {
+        Arc::new(Segment {
+            path,
+            file,
+            opened: Instant::now(),
+            cap,
+            bytes: AtomicU64::new(0),
+            outstanding: AtomicI64::new(0),
+            sealed: AtomicBool::new(false),
+        })
+    }
+
     /// Writes `buf` at the next free offset; `Ok(false)` when it does not fit (the segment is
     /// then full for every later record too).
     fn append(&self, buf: &[u8]) -> std::io::Result<bool> {
@@ -497,15 +510,7 @@ impl Spool {
             .with_context(|| format!("cannot create spool segment {}", path.display()))?;
         file.set_len(cap)
             .with_context(|| format!("cannot size spool segment {}", path.display()))?;
-        Ok(Arc::new(Segment {
-            path,
-            file,
-            opened: Instant::now(),
-            cap,
-            bytes: AtomicU64::new(0),
-            outstanding: AtomicI64::new(0),
-            sealed: AtomicBool::new(false),
-        }))
+        Ok(Segment::new(path, file, cap))
     }
 
     /// The started record of a request about to go upstream, written at once: one `pwrite(2)`
@@ -1104,6 +1109,13 @@ pub async fn replay(
 mod tests {
     use super::*;
 
+    /// A spool in a new directory (kept while the `TempDir` lives) and a request's facts.
+    fn fresh() -> (tempfile::TempDir, Spool, RequestFacts) {
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, _) = Spool::open(dir.path()).unwrap();
+        (dir, spool, facts())
+    }
+
     fn facts() -> RequestFacts {
         RequestFacts {
             user_id: "u".into(),
@@ -1397,9 +1409,7 @@ mod tests {
     /// record lands, and no segment grows past its size.
     #[test]
     fn a_huge_batch_is_written_in_pieces_within_segments() {
-        let dir = tempfile::tempdir().unwrap();
-        let (spool, _) = Spool::open(dir.path()).unwrap();
-        let facts = facts();
+        let (dir, spool, facts) = fresh();
         // One and a half segments' worth of finished records.
         let mut one = Vec::new();
         frame(
@@ -1507,9 +1517,7 @@ mod tests {
     /// first; the others find theirs written, and nothing is written twice.
     #[test]
     fn staged_records_go_out_in_one_write() {
-        let dir = tempfile::tempdir().unwrap();
-        let (spool, _) = Spool::open(dir.path()).unwrap();
-        let facts = facts();
+        let (_dir, spool, facts) = fresh();
         let mut tickets: Vec<Ticket> = (0..3).map(|_| Ticket::new()).collect();
         let staged: Vec<Staged> = tickets
             .iter_mut()
@@ -1587,9 +1595,7 @@ mod tests {
     /// then); one write that carries several turns sharing back on.
     #[test]
     fn a_lone_lane_writes_at_once_until_company_comes() {
-        let dir = tempfile::tempdir().unwrap();
-        let (spool, _) = Spool::open(dir.path()).unwrap();
-        let facts = facts();
+        let (_dir, spool, facts) = fresh();
         let one = |spool: &Spool| {
             let mut t = Ticket::new();
             let s = spool.stage(&mut t, &facts, Utc::now()).unwrap();
@@ -1616,9 +1622,7 @@ mod tests {
     /// reserved. What a lane holds staged is bounded by [`STAGE_MAX`].
     #[test]
     fn staging_follows_rotation_and_is_bounded() {
-        let dir = tempfile::tempdir().unwrap();
-        let (spool, _) = Spool::open(dir.path()).unwrap();
-        let facts = facts();
+        let (_dir, spool, facts) = fresh();
         let (mut a, mut b) = (Ticket::new(), Ticket::new());
         let sa = spool.stage(&mut a, &facts, Utc::now()).unwrap();
         let lane = spool.started_lane();
@@ -1667,22 +1671,12 @@ mod tests {
     /// next; the requests go on.
     #[test]
     fn a_failed_staged_write_reports_its_records() {
-        let dir = tempfile::tempdir().unwrap();
-        let (spool, _) = Spool::open(dir.path()).unwrap();
-        let facts = facts();
+        let (dir, spool, facts) = fresh();
         let lane = spool.started_lane();
         // A segment whose file is open read-only: every write to it fails.
         let path = dir.path().join("readonly.spool");
         File::create(&path).unwrap().set_len(SEGMENT_CAP).unwrap();
-        let broken = Arc::new(Segment {
-            path: path.clone(),
-            file: File::open(&path).unwrap(),
-            opened: Instant::now(),
-            cap: SEGMENT_CAP,
-            bytes: AtomicU64::new(0),
-            outstanding: AtomicI64::new(0),
-            sealed: AtomicBool::new(false),
-        });
+        let broken = Segment::new(path.clone(), File::open(&path).unwrap(), SEGMENT_CAP);
         *spool.lanes[lane].lock().unwrap() = broken;
         let (mut a, mut b) = (Ticket::new(), Ticket::new());
         let sa = spool.stage(&mut a, &facts, Utc::now()).unwrap();
