@@ -25,6 +25,8 @@ use crate::state::AppState;
 
 /// The request header asking for the cache, in seconds.
 pub const TTL_HEADER: &str = "x-tollgate-cache-ttl";
+/// [`TTL_HEADER`] as a name, looked up without parsing it again.
+const TTL_HEADER_NAME: http::HeaderName = http::HeaderName::from_static(TTL_HEADER);
 /// The response header: `hit` (answered from the cache) or `miss` (answered upstream, kept).
 pub const STATUS_HEADER: &str = "x-tollgate-cache";
 
@@ -39,7 +41,7 @@ pub struct Lookup {
 /// The request's TTL in seconds: the header's (a bad one is a 400), else the key's; at most
 /// `max`.
 fn ttl_secs(headers: &HeaderMap, key_ttl: u32, max: u64) -> Result<u64, ApiError> {
-    let asked = match headers.get(TTL_HEADER) {
+    let asked = match headers.get(&TTL_HEADER_NAME) {
         None => u64::from(key_ttl),
         Some(v) => {
             let digits = v.to_str().ok().map(str::trim).filter(|s| {

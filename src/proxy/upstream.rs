@@ -259,15 +259,16 @@ where
 }
 
 /// Request headers a client sends that its upstream must see (spec §8; never the client's
-/// `authorization`, `api-key` or `x-api-key`).
-pub const FORWARDED_REQUEST_HEADERS: [&str; 7] = [
-    "openai-beta",
-    "openai-organization",
-    "openai-project",
-    "user-agent",
-    "accept",
-    "anthropic-version",
-    "anthropic-beta",
+/// `authorization`, `api-key` or `x-api-key`). Names, not strings: a lookup by `&str` parses the
+/// name again on every request.
+pub const FORWARDED_REQUEST_HEADERS: [http::HeaderName; 7] = [
+    http::HeaderName::from_static("openai-beta"),
+    http::HeaderName::from_static("openai-organization"),
+    http::HeaderName::from_static("openai-project"),
+    header::USER_AGENT,
+    header::ACCEPT,
+    http::HeaderName::from_static("anthropic-version"),
+    http::HeaderName::from_static("anthropic-beta"),
 ];
 
 /// The [`FORWARDED_REQUEST_HEADERS`] the client sent (`accept` only when `with_accept`: a
@@ -275,11 +276,11 @@ pub const FORWARDED_REQUEST_HEADERS: [&str; 7] = [
 pub fn client_headers(from: &http::HeaderMap, with_accept: bool) -> http::HeaderMap {
     let mut out = http::HeaderMap::new();
     for name in FORWARDED_REQUEST_HEADERS {
-        if name == "accept" && !with_accept {
+        if name == header::ACCEPT && !with_accept {
             continue;
         }
-        for v in from.get_all(name) {
-            out.append(name, v.clone());
+        for v in from.get_all(&name) {
+            out.append(name.clone(), v.clone());
         }
     }
     out
