@@ -1368,12 +1368,10 @@ mod tests {
     /// records are committed the sealed one is deleted.
     #[test]
     fn a_full_segment_is_sealed_and_the_next_takes_the_rest() {
-        let dir = tempfile::tempdir().unwrap();
-        let (spool, _) = Spool::open(dir.path()).unwrap();
+        let (dir, spool, facts) = fresh();
         // One segment per lane, made at open.
         let lanes = spool.segments();
         assert_eq!(lanes, spool.lanes.len());
-        let facts = facts();
         let mut tickets = Vec::new();
         let first = loop {
             let mut t = Ticket::new();
@@ -1457,10 +1455,8 @@ mod tests {
     /// record still replays, whichever file holds it.
     #[test]
     fn each_request_thread_and_the_writer_write_their_own_segment() {
-        let dir = tempfile::tempdir().unwrap();
-        let (spool, _) = Spool::open(dir.path()).unwrap();
-        let spool = Arc::new(spool);
-        let facts = Arc::new(facts());
+        let (dir, spool, facts) = fresh();
+        let (spool, facts) = (Arc::new(spool), Arc::new(facts));
         let started = |spool: Arc<Spool>, facts: Arc<RequestFacts>| {
             std::thread::spawn(move || {
                 (0..3)
@@ -1558,10 +1554,8 @@ mod tests {
     /// record written before `started_shared` returns, and one of them did the writing.
     #[test]
     fn one_rounds_requests_share_a_write() {
-        let dir = tempfile::tempdir().unwrap();
-        let (spool, _) = Spool::open(dir.path()).unwrap();
-        let spool = Arc::new(spool);
-        let facts = Arc::new(facts());
+        let (_dir, spool, facts) = fresh();
+        let (spool, facts) = (Arc::new(spool), Arc::new(facts));
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();
