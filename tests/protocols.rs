@@ -22,6 +22,8 @@ use serde_json::{Value, json};
 #[derive(Clone, Default)]
 struct Anthropic {
     requests: Arc<Mutex<Vec<(String, HeaderMap, Value)>>>,
+    /// Model `claude-held`: the stream sends its first text delta, then waits for this.
+    release: Arc<tokio::sync::Notify>,
 }
 
 const MESSAGE_USAGE: &str = r#"{"input_tokens": 20, "cache_read_input_tokens": 30, "cache_creation_input_tokens": 10, "output_tokens": 6}"#;
@@ -48,6 +50,9 @@ async fn anthropic_handle(
             .into_response();
     }
     let usage: Value = serde_json::from_str(MESSAGE_USAGE).expect("usage");
+    if body["model"] == "claude-held" && body["stream"] == true {
+        return held_stream(&m.release);
+    }
     if body["stream"] != true {
         return axum::Json(json!({
             "id": "msg_mock", "type": "message", "role": "assistant", "model": body["model"],
@@ -96,6 +101,60 @@ async fn anthropic_handle(
     Response::builder()
         .header(header::CONTENT_TYPE, "text/event-stream")
         .body(Body::from(text))
+        .expect("response")
+}
+
+/// An Anthropic stream whose first text delta comes at once and the rest only once `release`
+/// is notified.
+fn held_stream(release: &Arc<tokio::sync::Notify>) -> Response {
+    let ev = |name: &str, data: Value| Bytes::from(format!("event: {name}\ndata: {data}\n\n"));
+    let first = [
+        ev(
+            "message_start",
+            json!({"type": "message_start", "message": {"id": "msg_held", "type": "message", "role": "assistant", "model": "claude-held", "content": [], "stop_reason": null, "stop_sequence": null,
+                "usage": {"input_tokens": 20, "output_tokens": 1}}}),
+        ),
+        ev(
+            "content_block_start",
+            json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+        ),
+        ev(
+            "content_block_delta",
+            json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "First"}}),
+        ),
+    ];
+    let rest = [
+        ev(
+            "content_block_delta",
+            json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": " then the rest"}}),
+        ),
+        ev(
+            "content_block_stop",
+            json!({"type": "content_block_stop", "index": 0}),
+        ),
+        ev(
+            "message_delta",
+            json!({"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": null}, "usage": {"output_tokens": 4}}),
+        ),
+        ev("message_stop", json!({"type": "message_stop"})),
+    ];
+    let release = release.clone();
+    let parts = futures_util::stream::unfold(0u8, move |step| {
+        let (first, rest, release) = (first.concat(), rest.concat(), release.clone());
+        async move {
+            match step {
+                0 => Some((Ok::<_, std::convert::Infallible>(Bytes::from(first)), 1)),
+                1 => {
+                    release.notified().await;
+                    Some((Ok(Bytes::from(rest)), 2))
+                }
+                _ => None,
+            }
+        }
+    });
+    Response::builder()
+        .header(header::CONTENT_TYPE, "text/event-stream")
+        .body(Body::from_stream(parts))
         .expect("response")
 }
 
@@ -314,6 +373,72 @@ async fn openai_chat_to_anthropic_translated_both_ways_with_cache_tokens_metered
         let cost = r["cost_usd"].as_f64().expect("cost");
         assert!((cost - want).abs() < 1e-9, "cost {cost} want {want}: {r}");
     }
+    app.stop().await;
+}
+
+/// A translated stream gathers what the upstream has at hand into one write, but never waits
+/// for more: the first text reaches the client while the upstream still holds the rest.
+#[tokio::test]
+async fn a_translated_stream_sends_each_event_when_it_arrives() {
+    use futures_util::StreamExt;
+    let app = TestApp::spawn().await;
+    let w = world(&app).await;
+    let (s, b) = app
+        .post(
+            "/api/admin/models",
+            Some(&w.g.admin),
+            json!({"name": "claude-held", "provider": "claude", "upstream_model": "claude-held",
+                   "type": "chat", "input_price_per_1m": 3.0, "output_price_per_1m": 15.0}),
+        )
+        .await;
+    assert_eq!(s, 201, "model: {b}");
+    let resp = app
+        .client
+        .post(app.url("/v1/chat/completions"))
+        .header("authorization", bearer(&w.g.key))
+        .json(&json!({"model": "claude-held", "stream": true,
+                      "messages": [{"role": "user", "content": "Hi"}]}))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.bytes_stream();
+    let mut got = String::new();
+    // The upstream sends the rest only after this: a gateway that held the first event back
+    // would never show it.
+    let first = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        while !got.contains("First") {
+            let Some(Ok(part)) = body.next().await else {
+                break;
+            };
+            got.push_str(&String::from_utf8_lossy(&part));
+        }
+    })
+    .await;
+    assert!(
+        first.is_ok() && got.contains("First"),
+        "the first text did not arrive while the upstream held the rest: {got:?}"
+    );
+    assert!(!got.contains("[DONE]"), "{got}");
+    w.anthropic.release.notify_one();
+    while let Some(part) = body.next().await {
+        got.push_str(&String::from_utf8_lossy(&part.expect("part")));
+    }
+    let chunks: Vec<Value> = sse(&got)
+        .iter()
+        .filter(|e| e.1 != "[DONE]")
+        .map(|e| serde_json::from_str(&e.1).expect("chunk json"))
+        .collect();
+    let text: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(text, "First then the rest");
+    assert!(got.ends_with("data: [DONE]\n\n"), "{got}");
+    let records = gateway::wait_records(&app, &w.g.user, 1).await;
+    let r = record_for(&records, "claude-held", "chat.completions");
+    assert_eq!(r["status"], 200, "{r}");
+    assert_eq!(r["completion_tokens"], 4, "{r}");
     app.stop().await;
 }
 

@@ -44,7 +44,7 @@ use crate::state::AppState;
 const MAX_UPSTREAM_BODY: usize = 64 * 1024 * 1024;
 
 /// How long a stream's response head waits for the first events, so both leave in one write.
-const STREAM_HEAD_WAIT: Duration = Duration::from_millis(1);
+pub(crate) const STREAM_HEAD_WAIT: Duration = Duration::from_millis(1);
 
 /// How long admission waits for a usage-queue slot before answering 503.
 const USAGE_SLOT_WAIT: Duration = Duration::from_secs(30);

@@ -204,7 +204,7 @@ fn data_of(raw: &Bytes) -> Option<Bytes> {
 }
 
 /// Mapped events are sent once this much is gathered, even while the upstream has more at hand.
-const FLUSH_AT: usize = 16 * 1024;
+pub(crate) const FLUSH_AT: usize = 16 * 1024;
 
 /// The most hyper buffers per HTTP/1.1 connection each way: a client connection's queued writes
 /// (`src/server.rs`) and an upstream connection's read buffer (`proxy/upstream/pool.rs`); also
@@ -547,37 +547,75 @@ where
         }
     }
 
-    /// Runs before the response head is sent: waits up to `wait` for the first events, then takes
-    /// what follows at once (one scheduler turn at a time, while each turn brings more — hyper's
-    /// client hands a body over chunk by chunk). The head and the first events then leave in one
-    /// write, and a short stream in one write altogether. Waiting never delays an event: only the
-    /// head, and only while no event has come.
+    /// Runs before the response head is sent: see [`prime`].
     pub async fn prime(&mut self, wait: Duration) {
-        let first = std::future::poll_fn(|cx| match self.gather(cx) {
-            Poll::Pending if self.out.is_empty() => Poll::Pending,
-            _ => Poll::Ready(()),
-        });
-        if tokio::time::timeout(wait, first).await.is_err() {
+        prime(self, wait).await;
+    }
+}
+
+impl<B> Gather for MeteredStream<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: std::fmt::Display,
+{
+    fn gather(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        MeteredStream::gather(self, cx)
+    }
+    fn awaiting_first(&self) -> bool {
+        self.out.is_empty()
+    }
+    fn ready_to_send(&self) -> bool {
+        MeteredStream::ready_to_send(self)
+    }
+    fn received(&self) -> u64 {
+        self.received
+    }
+}
+
+/// A streamed body that reads what its upstream has at hand and maps it into one outgoing
+/// frame (the pass-through's [`MeteredStream`], the translated stream of `proxy::translate`).
+pub(crate) trait Gather {
+    /// Reads and maps what the upstream has: `Ready` once the stream ended or enough waits to
+    /// be sent, `Pending` when the upstream has nothing more right now.
+    fn gather(&mut self, cx: &mut Context<'_>) -> Poll<()>;
+    /// Nothing from the upstream is ready to send yet.
+    fn awaiting_first(&self) -> bool;
+    /// The stream ended, or a full frame waits.
+    fn ready_to_send(&self) -> bool;
+    /// Data frames read from the upstream so far.
+    fn received(&self) -> u64;
+}
+
+/// Runs before the response head is sent: waits up to `wait` for the first events, then takes
+/// what follows at once (one scheduler turn at a time, while each turn brings more — hyper's
+/// client hands a body over chunk by chunk). The head and the first events then leave in one
+/// write, and a short stream in one write altogether. Waiting never delays an event: only the
+/// head, and only while no event has come.
+pub(crate) async fn prime<G: Gather>(g: &mut G, wait: Duration) {
+    let first = std::future::poll_fn(|cx| match g.gather(cx) {
+        Poll::Pending if g.awaiting_first() => Poll::Pending,
+        _ => Poll::Ready(()),
+    });
+    if tokio::time::timeout(wait, first).await.is_err() {
+        return;
+    }
+    // hyper's client hands the body over one chunk per turn of its connection task, so keep
+    // yielding to it while each turn brings more: a stream that is already complete upstream
+    // then leaves in one write, closing chunk included. Progress is counted in upstream
+    // frames, not mapped events, since some events (the injected usage chunk) are dropped.
+    loop {
+        if g.ready_to_send() {
             return;
         }
-        // hyper's client hands the body over one chunk per turn of its connection task, so keep
-        // yielding to it while each turn brings more: a stream that is already complete upstream
-        // then leaves in one write, closing chunk included. Progress is counted in upstream
-        // frames, not mapped events, since some events (the injected usage chunk) are dropped.
-        loop {
-            if self.ready_to_send() {
-                return;
-            }
-            let before = self.received;
-            tokio::task::yield_now().await;
-            std::future::poll_fn(|cx| {
-                let _ = self.gather(cx);
-                Poll::Ready(())
-            })
-            .await;
-            if self.received == before {
-                return;
-            }
+        let before = g.received();
+        tokio::task::yield_now().await;
+        std::future::poll_fn(|cx| {
+            let _ = g.gather(cx);
+            Poll::Ready(())
+        })
+        .await;
+        if g.received() == before {
+            return;
         }
     }
 }

@@ -23,6 +23,7 @@ use crate::protocols::{ChunkEncoder, ClientProtocol, EncodeCtx};
 use crate::providers::{ChunkDecoder, Operation, StreamFault, Usage};
 use crate::proxy::meter::Meter;
 use crate::proxy::route::Route;
+use crate::proxy::stream::{self, FLUSH_AT, Gather};
 use crate::proxy::upstream::{self, Outbound};
 use crate::state::AppState;
 
@@ -154,7 +155,7 @@ pub async fn forward(
         let mut encoder = x.protocol.stream_encoder(&x.ctx);
         let mut out = BytesMut::new();
         encoder.start(&mut out);
-        let body = TranslatedStream {
+        let mut body = TranslatedStream {
             upstream: Box::pin(resp.into_body()),
             decoder: translator.chat_stream(&t, max),
             encoder,
@@ -164,12 +165,17 @@ pub async fn forward(
             meter: Some(meter),
             idle: Box::pin(tokio::time::sleep(idle)),
             idle_timeout: idle,
+            last_data: tokio::time::Instant::now(),
+            received: 0,
             max_event_bytes: max,
             ended: false,
             on_done: x.on_done,
             active_streams: state.metrics.active_streams.clone(),
         };
         body.active_streams.inc();
+        // The head waits (at most `STREAM_HEAD_WAIT`) for the upstream's first events, so the
+        // opening events and the first answer leave together, and a short stream in one write.
+        stream::prime(&mut body, super::STREAM_HEAD_WAIT).await;
         let mut out = Response::new(Body::new(body));
         let h = out.headers_mut();
         h.insert(
@@ -260,8 +266,10 @@ pub async fn forward(
 }
 
 /// A translated stream: upstream bytes → the provider's decoder → pivot chunks → the client
-/// protocol's encoder. Holds at most one upstream event (the decoder's bound) and what one
-/// upstream read produced.
+/// protocol's encoder. Holds at most one upstream event (the decoder's bound) and what the
+/// upstream had at hand, up to [`FLUSH_AT`] of encoded output: like the pass-through, what is
+/// read together leaves in one frame (one write to the client), and the last frame carries the
+/// closing chunk.
 struct TranslatedStream<B> {
     upstream: Pin<Box<B>>,
     decoder: Box<dyn ChunkDecoder>,
@@ -271,8 +279,13 @@ struct TranslatedStream<B> {
     /// The pivot chunks, for the estimate when the upstream reports no usage.
     kept: KeptPayloads,
     meter: Option<Meter>,
+    /// Fires at the earliest moment the stream could be idle too long; re-armed from
+    /// `last_data` only when it fires, so chunks do not touch the timer wheel.
     idle: Pin<Box<Sleep>>,
     idle_timeout: Duration,
+    last_data: tokio::time::Instant,
+    /// Data frames read from the upstream so far.
+    received: u64,
     max_event_bytes: usize,
     ended: bool,
     on_done: Option<OnDone>,
@@ -334,6 +347,91 @@ impl<B> TranslatedStream<B> {
     }
 }
 
+impl<B> Gather for TranslatedStream<B>
+where
+    B: HttpBody<Data = Bytes>,
+    B::Error: std::fmt::Display,
+{
+    /// Reads, decodes and encodes what the upstream has: `Ready` once the stream ended (the
+    /// meter finished, the closing events written) or [`FLUSH_AT`] bytes wait, `Pending` when
+    /// the upstream has nothing more right now.
+    fn gather(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        loop {
+            if self.ready_to_send() {
+                return Poll::Ready(());
+            }
+            match self.upstream.as_mut().poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    let Ok(data) = frame.into_data() else {
+                        continue;
+                    };
+                    if let Some(m) = self.meter.as_mut() {
+                        m.mark_first_byte();
+                    }
+                    self.last_data = tokio::time::Instant::now();
+                    self.received += 1;
+                    match self.decoder.push(&data, &mut self.chunks) {
+                        Ok(()) => self.encode_chunks(),
+                        Err(fault) => self.end(Err(fault)),
+                    }
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    tracing::warn!(error = %e, "upstream stream broke off");
+                    self.fail(
+                        UpstreamError {
+                            status: 502,
+                            kind: "api_error".into(),
+                            message: "The upstream connection was lost mid-stream.".into(),
+                            code: Some("upstream_disconnected".into()),
+                        },
+                        "upstream_disconnected",
+                    );
+                }
+                Poll::Ready(None) => {
+                    let mut chunks = std::mem::take(&mut self.chunks);
+                    let result = self.decoder.finish(&mut chunks);
+                    self.chunks = chunks;
+                    self.end(result);
+                }
+                Poll::Pending => {
+                    if self.idle.as_mut().poll(cx).is_ready() {
+                        let due = self.last_data + self.idle_timeout;
+                        if due > tokio::time::Instant::now() {
+                            self.idle.as_mut().reset(due);
+                            continue;
+                        }
+                        self.fail(
+                            UpstreamError {
+                                status: 504,
+                                kind: "api_error".into(),
+                                message: "The upstream stopped sending data.".into(),
+                                code: Some("upstream_timeout".into()),
+                            },
+                            "upstream_idle_timeout",
+                        );
+                        continue;
+                    }
+                    return Poll::Pending;
+                }
+            }
+        }
+    }
+
+    /// The encoder's opening events (`message_start`, `response.created`) do not count: the
+    /// head waits for the upstream's first frame.
+    fn awaiting_first(&self) -> bool {
+        self.received == 0 && !self.ended
+    }
+
+    fn ready_to_send(&self) -> bool {
+        self.ended || self.out.len() >= FLUSH_AT
+    }
+
+    fn received(&self) -> u64 {
+        self.received
+    }
+}
+
 impl<B> HttpBody for TranslatedStream<B>
 where
     B: HttpBody<Data = Bytes>,
@@ -348,61 +446,18 @@ where
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = &mut *self;
         loop {
+            // What the upstream has at hand leaves as one frame: when it has nothing more right
+            // now, when enough is gathered, or at the end (the meter is finished by then, so
+            // `is_end_stream` lets hyper write the closing chunk with the last data).
+            let gathered = this.gather(cx);
             if !this.out.is_empty() {
                 return Poll::Ready(Some(Ok(Frame::data(this.out.split().freeze()))));
             }
             if this.ended {
                 return Poll::Ready(None);
             }
-            match this.upstream.as_mut().poll_frame(cx) {
-                Poll::Ready(Some(Ok(frame))) => {
-                    let Ok(data) = frame.into_data() else {
-                        continue;
-                    };
-                    if let Some(m) = this.meter.as_mut() {
-                        m.mark_first_byte();
-                    }
-                    let deadline = tokio::time::Instant::now() + this.idle_timeout;
-                    this.idle.as_mut().reset(deadline);
-                    let pushed = this.decoder.push(&data, &mut this.chunks);
-                    match pushed {
-                        Ok(()) => this.encode_chunks(),
-                        Err(fault) => this.end(Err(fault)),
-                    }
-                }
-                Poll::Ready(Some(Err(e))) => {
-                    tracing::warn!(error = %e, "upstream stream broke off");
-                    this.fail(
-                        UpstreamError {
-                            status: 502,
-                            kind: "api_error".into(),
-                            message: "The upstream connection was lost mid-stream.".into(),
-                            code: Some("upstream_disconnected".into()),
-                        },
-                        "upstream_disconnected",
-                    );
-                }
-                Poll::Ready(None) => {
-                    let mut chunks = std::mem::take(&mut this.chunks);
-                    let result = this.decoder.finish(&mut chunks);
-                    this.chunks = chunks;
-                    this.end(result);
-                }
-                Poll::Pending => {
-                    if this.idle.as_mut().poll(cx).is_ready() {
-                        this.fail(
-                            UpstreamError {
-                                status: 504,
-                                kind: "api_error".into(),
-                                message: "The upstream stopped sending data.".into(),
-                                code: Some("upstream_timeout".into()),
-                            },
-                            "upstream_idle_timeout",
-                        );
-                        continue;
-                    }
-                    return Poll::Pending;
-                }
+            if gathered.is_pending() {
+                return Poll::Pending;
             }
         }
     }
