@@ -2024,7 +2024,7 @@ struct Tollgate {
     /// Key budget and balance enforcement on (a SQL reservation per request).
     billing: bool,
     /// The fixture has the translated paths' `anthropic` provider and model, the flaky
-    /// deployment and a chat access token (this build's fixture, not an older build's).
+    /// deployment and a chat access token (a build of this schema, not an older one).
     translated: bool,
     /// An access token for `/api/chat/…` (this build only).
     chat_token: Option<String>,
@@ -2104,7 +2104,7 @@ impl Tollgate {
                 String::from_utf8_lossy(&out.stderr)
             );
         }
-        let (fixture, chat_token) = ctl.block_on(async {
+        let (fixture, chat_token, translated) = ctl.block_on(async {
             use migration::{Migrator, MigratorTrait};
             use sea_orm::ConnectionTrait;
             // One connection: SQLite checks DDL against the schema a connection cached.
@@ -2125,26 +2125,29 @@ impl Tollgate {
             };
             store::migrate(&db, &db_url).await?;
             let fx = common::create_fixture(&db, &ring, &cfg, upstream_base).await?;
+            // This build's migrations the other build does not know: none when it is a build
+            // of this schema (e.g. this tree with a change), which then gets the other paths too.
+            let newer = if own_schema {
+                Migrator::migrations()
+                    .iter()
+                    .filter(|m| !known.iter().any(|k| k == m.name()))
+                    .count()
+            } else {
+                0
+            };
             let mut chat_token = None;
-            if !own_schema {
+            if newer == 0 {
                 // This build's translated paths, retries and chat (an older build may not have
                 // them).
                 common::add_anthropic(&db, &ring, &fx.user_id, upstream_base).await?;
                 let origin = upstream_base.trim_end_matches('/').trim_end_matches("/v1");
                 common::add_flaky(&db, &ring, &fx.user_id, origin).await?;
                 chat_token = Some(common::access_token(&db, &cfg, &fx.user_id).await?);
-            }
-            if own_schema {
-                let newer = Migrator::migrations()
-                    .iter()
-                    .filter(|m| !known.iter().any(|k| k == m.name()))
-                    .count();
-                if newer > 0 {
-                    Migrator::down(&db, Some(newer as u32)).await?;
-                }
+            } else {
+                Migrator::down(&db, Some(newer as u32)).await?;
             }
             db.close().await?;
-            anyhow::Ok((fx, chat_token))
+            anyhow::Ok((fx, chat_token, newer == 0))
         })?;
 
         let log_path = dir.join("tollgate.log");
@@ -2184,7 +2187,7 @@ impl Tollgate {
         Ok(Self {
             addr,
             billing,
-            translated: !own_schema,
+            translated,
             chat_token,
             child,
             bin,
