@@ -3,7 +3,8 @@
 //! limiters) ③ route (provider key from the cache, opened with the key ring) ④ the request
 //! rewrite (model swap + `include_usage` injection on a ~2 KB chat body) ⑤ SSE scanning and
 //! mapping, per chunk ⑥ the usage writer's batch insert (500 records into a SQLite file) ⑦ the
-//! usage spool's started record (per request) and finished records (per batch).
+//! usage spool's started record (per request) and finished records (per batch) ⑧ the
+//! translated paths' work per request, both directions (pivot decode and encode).
 //!
 //! The setup is a real `App` (SQLite in a temp dir) holding a gateway made through the store
 //! modules, exactly what the load harness serves. Run with `cargo bench --bench hot_path`;
@@ -305,6 +306,126 @@ fn stage_stream(c: &mut Criterion) {
     g.finish();
 }
 
+/// One translated exchange's per-request work, both directions, as `proxy::translate` does it
+/// (the three paths of the load harness's other lines): the client's body decoded into the
+/// pivot and encoded for the provider; the provider's answer decoded and encoded for the
+/// client — a complete body, or a whole stream read at once (what one upstream read brings).
+fn stage_translate(c: &mut Criterion) {
+    use tollgate::pivot::ChatChunk;
+    use tollgate::protocols::{ClientProtocol, EncodeCtx, anthropic::AnthropicMessages};
+    use tollgate::protocols::{openai_chat::OpenAiChat, responses::Responses};
+    use tollgate::providers::Translator;
+    use tollgate::providers::anthropic::Anthropic;
+
+    let target = |up: &'static str| tollgate::providers::Target {
+        base_url: "http://127.0.0.1:1/v1",
+        upstream_model: up,
+        api_version: None,
+        region: None,
+        default_max_tokens: 4096,
+    };
+    let ctx = |id: Option<&str>| EncodeCtx {
+        client_model: MODEL.into(),
+        include_usage: false,
+        created: 1_700_000_000,
+        id: id.map(str::to_owned),
+    };
+    let anthropic_sse: Vec<u8> = common::anthropic_events(common::ANTHROPIC_UPSTREAM_MODEL)
+        .concat()
+        .into_bytes();
+    let openai_sse: Vec<u8> = common::sse_events(UPSTREAM_MODEL).concat().into_bytes();
+    let anthropic_msg = common::anthropic_message(common::ANTHROPIC_UPSTREAM_MODEL).into_bytes();
+    let completion = common::completion_body(UPSTREAM_MODEL).into_bytes();
+
+    // (name, client protocol, provider, upstream stream body, upstream complete body, client
+    // request body, encoder id)
+    type Case<'a> = (
+        &'static str,
+        &'static dyn ClientProtocol,
+        &'static dyn Translator,
+        &'a [u8],
+        &'a [u8],
+        Vec<u8>,
+        Option<&'static str>,
+    );
+    let cases: [Case<'_>; 3] = [
+        (
+            "chat_to_anthropic",
+            &OpenAiChat,
+            &Anthropic,
+            &anthropic_sse,
+            &anthropic_msg,
+            common::chat_body_for(MODEL, true),
+            None,
+        ),
+        (
+            "messages_to_openai",
+            &AnthropicMessages,
+            &OpenAi,
+            &openai_sse,
+            &completion,
+            common::messages_body(MODEL, true),
+            Some("msg_bench"),
+        ),
+        (
+            "responses_to_openai",
+            &Responses,
+            &OpenAi,
+            &openai_sse,
+            &completion,
+            common::responses_body(MODEL, true, false),
+            Some("resp_bench"),
+        ),
+    ];
+    let mut g = c.benchmark_group("translate");
+    for (name, client, provider, sse, complete, request, id) in cases {
+        let t = target(UPSTREAM_MODEL);
+        // Checked once: each direction yields what the bench then times.
+        let pivot = client.decode_request(&request).expect("client request");
+        assert!(
+            !provider
+                .encode_chat(&pivot, &t)
+                .expect("provider body")
+                .is_empty()
+        );
+        let answer = provider.decode_chat(complete, &t).expect("complete answer");
+        assert!(!client.encode_response(&answer, &ctx(id)).is_empty());
+        let stream = |sse: &[u8]| {
+            let mut dec = provider.chat_stream(&t, 1 << 20);
+            let mut enc = client.stream_encoder(&ctx(id));
+            let mut out = bytes::BytesMut::new();
+            let mut chunks: Vec<ChatChunk> = Vec::new();
+            enc.start(&mut out);
+            dec.push(sse, &mut chunks).expect("stream");
+            dec.finish(&mut chunks).expect("stream end");
+            for c in chunks.drain(..) {
+                enc.chunk(&c, &mut out);
+            }
+            enc.finish(dec.usage(), &mut out);
+            out
+        };
+        assert!(stream(sse).len() > 100, "{name}: a stream");
+        g.bench_function(format!("{name}/request"), |b| {
+            b.iter(|| {
+                let p = client.decode_request(black_box(&request)).expect("request");
+                provider.encode_chat(&p, &t).expect("provider body")
+            })
+        });
+        g.bench_function(format!("{name}/answer"), |b| {
+            b.iter(|| {
+                let a = provider
+                    .decode_chat(black_box(complete), &t)
+                    .expect("answer");
+                client.encode_response(&a, &ctx(id))
+            })
+        });
+        g.bench_function(format!("{name}/stream"), |b| {
+            b.iter(|| stream(black_box(sse)))
+        });
+    }
+    g.finish();
+}
+
 const BATCH: usize = 500;
 
 fn usage_rows(fx: &Fixture) -> Vec<Settled> {
@@ -466,6 +587,7 @@ fn hot_path(c: &mut Criterion) {
     stage_route(c, &e);
     stage_request(c);
     stage_stream(c);
+    stage_translate(c);
     stage_usage_writer(c, &e);
     stage_spool(c, &e);
 }
