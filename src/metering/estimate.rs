@@ -59,6 +59,12 @@ fn prompt_tokens_counted(endpoint: Endpoint, body: &[u8], tokenized: &mut usize)
         prompt: Option<Value>,
         #[serde(default)]
         input: Option<Value>,
+        /// Anthropic's system prompt (a string or text blocks).
+        #[serde(default)]
+        system: Option<Value>,
+        /// The Responses API's system prompt.
+        #[serde(default)]
+        instructions: Option<Value>,
     }
     let Ok(req) = serde_json::from_slice::<Req>(body) else {
         return 0;
@@ -66,12 +72,16 @@ fn prompt_tokens_counted(endpoint: Endpoint, body: &[u8], tokenized: &mut usize)
     let mut text = String::new();
     let mut framing = 0;
     match endpoint {
-        // Translated protocols keep the pivot (an OpenAI chat body); pass-through Responses
-        // bodies carry `input`, Anthropic ones `messages`.
+        // Each protocol's own body (the client's, translated or not): chat `messages`,
+        // Responses `instructions` and `input`, Anthropic `system` and `messages`.
         Endpoint::ChatCompletions
         | Endpoint::Responses
         | Endpoint::Messages
         | Endpoint::CountTokens => {
+            for p in [&req.system, &req.instructions].into_iter().flatten() {
+                framing += 4;
+                strings(p, &mut text, "\n");
+            }
             req.input.iter().for_each(|p| strings(p, &mut text, "\n"));
             for m in req.messages.iter().flatten() {
                 framing += 4;
@@ -210,6 +220,33 @@ mod tests {
             br#"{"model":"e","input":["a b c","d"]}"#,
         );
         assert!(e >= 2);
+    }
+
+    /// Translated requests keep the client's own body: Anthropic's `system` and the Responses
+    /// API's `instructions` count as a chat body's system message does.
+    #[test]
+    fn system_and_instructions_count_like_a_system_message() {
+        let sys = "You are a careful assistant for an online bookshop; cite catalogue numbers.";
+        let chat = serde_json::json!({"model": "m", "messages": [
+            {"role": "system", "content": sys}, {"role": "user", "content": "Any dragons?"}]});
+        let messages = serde_json::json!({"model": "m", "max_tokens": 5,
+            "system": [{"type": "text", "text": sys}],
+            "messages": [{"role": "user", "content": "Any dragons?"}]});
+        let responses =
+            serde_json::json!({"model": "m", "instructions": sys, "input": "Any dragons?"});
+        let bare = prompt_tokens(
+            Endpoint::Messages,
+            br#"{"messages":[{"role":"user","content":"Any dragons?"}]}"#,
+        );
+        let c = prompt_tokens(Endpoint::ChatCompletions, chat.to_string().as_bytes());
+        let m = prompt_tokens(Endpoint::Messages, messages.to_string().as_bytes());
+        let r = prompt_tokens(Endpoint::Responses, responses.to_string().as_bytes());
+        assert!(
+            m >= bare + 14 && r >= 14 + 3,
+            "system counted: {bare} {m} {r}"
+        );
+        assert!((m - c).abs() <= 4, "messages {m} vs chat {c}");
+        assert!((r - c).abs() <= 8, "responses {r} vs chat {c}");
     }
 
     /// A long stream's kept payloads are folded into their text as they come: it holds the

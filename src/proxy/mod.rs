@@ -1018,7 +1018,7 @@ async fn translated(
     state: &AppState,
     route: &route::Route,
     call: &Call<'_>,
-    mut meter: Meter,
+    meter: Meter,
     to_store: Option<stored::ToStore>,
     upload: Option<multipart::Upload>,
 ) -> Response {
@@ -1073,7 +1073,8 @@ async fn translated(
             return translate::api_error_response(protocol, e);
         }
     };
-    meter.facts.keep_body(&translate::pivot_body(&pivot));
+    // The meter keeps the client's own body for an estimate (`meter` did): the estimator reads
+    // each protocol's messages, system and instructions, so the pivot is not encoded again.
     let ctx = crate::protocols::EncodeCtx {
         client_model: view.model.clone(),
         include_usage: pivot.include_usage(),

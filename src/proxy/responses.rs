@@ -148,7 +148,11 @@ pub async fn forward(state: &AppState, route: &Route, call: &Call<'_>, meter: Me
         Err(e) => return passthrough::refuse(protocol, meter, e),
     };
     call.view.model.clone_into(&mut pivot.model);
-    meter.facts.keep_body(&translate::pivot_body(&pivot));
+    if !history.is_empty() {
+        // The estimate counts the stored history too, which the client's body (kept already)
+        // does not carry.
+        meter.facts.keep_body(&translate::pivot_body(&pivot));
+    }
     let with_ctx = WithCtx(ctx);
     let encode_ctx = EncodeCtx {
         client_model: call.view.model.clone(),
