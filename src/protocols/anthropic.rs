@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use bytes::BytesMut;
 use rand::RngExt;
 use rand::distr::Alphanumeric;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
 use super::{ChunkEncoder, ClientProtocol, EncodeCtx};
@@ -640,15 +640,30 @@ impl ClientProtocol for AnthropicMessages {
 
 // ---- streams ----
 
-/// `event: <name>\ndata: <json>\n\n`.
-fn frame(out: &mut BytesMut, name: &str, data: &Value) {
+/// `event: <name>\ndata: <json>\n\n`, the JSON encoded straight into `out`.
+fn frame(out: &mut BytesMut, name: &str, data: &impl Serialize) {
     out.extend_from_slice(b"event: ");
     out.extend_from_slice(name.as_bytes());
     out.extend_from_slice(b"\ndata: ");
-    if let Ok(json) = serde_json::to_vec(data) {
-        out.extend_from_slice(&json);
-    }
+    let _ = serde_json::to_writer(bytes::BufMut::writer(&mut *out), data);
     out.extend_from_slice(b"\n\n");
+}
+
+/// `content_block_delta` around `delta`.
+#[derive(Serialize)]
+struct BlockDelta<D> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    index: u32,
+    delta: D,
+}
+
+/// A `text_delta` (the streamed text's own event: typed, not built as a JSON tree).
+#[derive(Serialize)]
+struct TextDelta<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    text: &'a str,
 }
 
 /// The content block being written.
@@ -705,11 +720,15 @@ impl MessagesStream {
         index
     }
 
-    fn delta(out: &mut BytesMut, index: u32, delta: Value) {
+    fn delta(out: &mut BytesMut, index: u32, delta: impl Serialize) {
         frame(
             out,
             "content_block_delta",
-            &json!({"type": "content_block_delta", "index": index, "delta": delta}),
+            &BlockDelta {
+                kind: "content_block_delta",
+                index,
+                delta,
+            },
         );
     }
 
@@ -722,7 +741,14 @@ impl MessagesStream {
                 i
             }
         };
-        Self::delta(out, index, json!({"type": "text_delta", "text": text}));
+        Self::delta(
+            out,
+            index,
+            TextDelta {
+                kind: "text_delta",
+                text,
+            },
+        );
     }
 
     /// The open thinking block (started when another kind is open): its index and whether text

@@ -16,6 +16,7 @@ use std::collections::HashMap;
 
 use base64::Engine as _;
 use bytes::BytesMut;
+use serde::Serialize;
 use serde_json::{Map, Value, json};
 
 use super::{ChunkEncoder, ClientProtocol, EncodeCtx};
@@ -1292,6 +1293,64 @@ pub struct ResponsesStream {
     error: Option<Value>,
 }
 
+/// Writes one event, framed: `event: <kind>` and its `data:` line, the JSON being `type`,
+/// `sequence_number` (then incremented) and `body`'s fields — encoded straight into `out`.
+fn emit(seq: &mut u64, out: &mut BytesMut, kind: &str, body: impl Serialize) {
+    #[derive(Serialize)]
+    struct Event<'a, B> {
+        #[serde(rename = "type")]
+        kind: &'a str,
+        sequence_number: u64,
+        #[serde(flatten)]
+        body: B,
+    }
+    out.extend_from_slice(b"event: ");
+    out.extend_from_slice(kind.as_bytes());
+    out.extend_from_slice(b"\ndata: ");
+    let event = Event {
+        kind,
+        sequence_number: *seq,
+        body,
+    };
+    *seq += 1;
+    let _ = serde_json::to_writer(bytes::BufMut::writer(&mut *out), &event);
+    out.extend_from_slice(b"\n\n");
+}
+
+/// `response.created`, `….in_progress`, `….completed`, …: the response object.
+#[derive(Serialize)]
+struct WithResponse<'a> {
+    response: &'a Value,
+}
+
+/// `response.output_text.delta` (with its empty `logprobs`) and `response.refusal.delta`.
+#[derive(Serialize)]
+struct PartDelta<'a> {
+    item_id: &'a str,
+    output_index: usize,
+    content_index: usize,
+    delta: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    logprobs: Option<[(); 0]>,
+}
+
+/// `response.reasoning_summary_text.delta`.
+#[derive(Serialize)]
+struct SummaryDelta<'a> {
+    item_id: &'a str,
+    output_index: usize,
+    summary_index: usize,
+    delta: &'a str,
+}
+
+/// `response.function_call_arguments.delta`.
+#[derive(Serialize)]
+struct ArgumentsDelta<'a> {
+    item_id: &'a str,
+    output_index: usize,
+    delta: &'a str,
+}
+
 impl ResponsesStream {
     pub fn new(ctx: ResponseCtx) -> Self {
         Self {
@@ -1326,17 +1385,8 @@ impl ResponsesStream {
         )
     }
 
-    fn emit(&mut self, out: &mut BytesMut, mut event: Value) {
-        let kind = event["type"].as_str().unwrap_or_default().to_owned();
-        event["sequence_number"] = self.seq.into();
-        self.seq += 1;
-        out.extend_from_slice(b"event: ");
-        out.extend_from_slice(kind.as_bytes());
-        out.extend_from_slice(b"\ndata: ");
-        if let Ok(json) = serde_json::to_vec(&event) {
-            out.extend_from_slice(&json);
-        }
-        out.extend_from_slice(b"\n\n");
+    fn emit(&mut self, out: &mut BytesMut, kind: &str, body: impl Serialize) {
+        emit(&mut self.seq, out, kind, body);
     }
 
     fn ensure_started(&mut self, out: &mut BytesMut) {
@@ -1344,10 +1394,10 @@ impl ResponsesStream {
             return;
         }
         self.started = true;
+        // The same object both times: built and encoded once.
         let r = self.response();
-        self.emit(out, json!({"type": "response.created", "response": r}));
-        let r = self.response();
-        self.emit(out, json!({"type": "response.in_progress", "response": r}));
+        self.emit(out, "response.created", WithResponse { response: &r });
+        self.emit(out, "response.in_progress", WithResponse { response: &r });
     }
 
     fn open(&mut self, out: &mut BytesMut, item: OutItem) -> usize {
@@ -1360,7 +1410,8 @@ impl ResponsesStream {
         let item = self.slots[idx].json();
         self.emit(
             out,
-            json!({"type": "response.output_item.added", "output_index": idx, "item": item}),
+            "response.output_item.added",
+            json!({"output_index": idx, "item": item}),
         );
         idx
     }
@@ -1370,22 +1421,36 @@ impl ResponsesStream {
         if self.slots[idx].done {
             return;
         }
-        let mut events = Vec::new();
+        let seq = &mut self.seq;
         match &self.slots[idx].item {
             OutItem::Message { id, parts } => {
                 for (j, (kind, text)) in parts.iter().enumerate() {
-                    let (done, part) = match kind {
-                        PartKind::Text => (
-                            json!({"type": "response.output_text.done", "item_id": id, "output_index": idx, "content_index": j, "text": text, "logprobs": []}),
-                            text_part(text),
-                        ),
-                        PartKind::Refusal => (
-                            json!({"type": "response.refusal.done", "item_id": id, "output_index": idx, "content_index": j, "refusal": text}),
-                            refusal_part(text),
-                        ),
+                    let part = match kind {
+                        PartKind::Text => {
+                            emit(
+                                seq,
+                                out,
+                                "response.output_text.done",
+                                json!({"item_id": id, "output_index": idx, "content_index": j, "text": text, "logprobs": []}),
+                            );
+                            text_part(text)
+                        }
+                        PartKind::Refusal => {
+                            emit(
+                                seq,
+                                out,
+                                "response.refusal.done",
+                                json!({"item_id": id, "output_index": idx, "content_index": j, "refusal": text}),
+                            );
+                            refusal_part(text)
+                        }
                     };
-                    events.push(done);
-                    events.push(json!({"type": "response.content_part.done", "item_id": id, "output_index": idx, "content_index": j, "part": part}));
+                    emit(
+                        seq,
+                        out,
+                        "response.content_part.done",
+                        json!({"item_id": id, "output_index": idx, "content_index": j, "part": part}),
+                    );
                 }
             }
             OutItem::Reasoning {
@@ -1395,8 +1460,18 @@ impl ResponsesStream {
                 ..
             } => {
                 if *summary_open {
-                    events.push(json!({"type": "response.reasoning_summary_text.done", "item_id": id, "output_index": idx, "summary_index": 0, "text": text}));
-                    events.push(json!({"type": "response.reasoning_summary_part.done", "item_id": id, "output_index": idx, "summary_index": 0, "part": {"type": "summary_text", "text": text}}));
+                    emit(
+                        seq,
+                        out,
+                        "response.reasoning_summary_text.done",
+                        json!({"item_id": id, "output_index": idx, "summary_index": 0, "text": text}),
+                    );
+                    emit(
+                        seq,
+                        out,
+                        "response.reasoning_summary_part.done",
+                        json!({"item_id": id, "output_index": idx, "summary_index": 0, "part": {"type": "summary_text", "text": text}}),
+                    );
                 }
             }
             OutItem::Function {
@@ -1405,11 +1480,13 @@ impl ResponsesStream {
                 arguments,
                 ..
             } => {
-                events.push(json!({"type": "response.function_call_arguments.done", "item_id": id, "output_index": idx, "name": name, "arguments": arguments}));
+                emit(
+                    seq,
+                    out,
+                    "response.function_call_arguments.done",
+                    json!({"item_id": id, "output_index": idx, "name": name, "arguments": arguments}),
+                );
             }
-        }
-        for e in events {
-            self.emit(out, e);
         }
         let slot = &mut self.slots[idx];
         slot.done = true;
@@ -1417,7 +1494,8 @@ impl ResponsesStream {
         let item = slot.json();
         self.emit(
             out,
-            json!({"type": "response.output_item.done", "output_index": idx, "item": item}),
+            "response.output_item.done",
+            json!({"output_index": idx, "item": item}),
         );
         if self.current == Some(idx) {
             self.current = None;
@@ -1476,7 +1554,7 @@ impl ResponsesStream {
         let OutItem::Message { id, parts } = &mut self.slots[idx].item else {
             return;
         };
-        let id = id.clone();
+        let seq = &mut self.seq;
         let new_part = parts.last().is_none_or(|(k, _)| *k != kind);
         if new_part {
             parts.push((kind, String::new()));
@@ -1488,17 +1566,29 @@ impl ResponsesStream {
                 PartKind::Text => text_part(""),
                 PartKind::Refusal => refusal_part(""),
             };
-            self.emit(out, json!({"type": "response.content_part.added", "item_id": id, "output_index": idx, "content_index": j, "part": part}));
+            emit(
+                seq,
+                out,
+                "response.content_part.added",
+                json!({"item_id": id, "output_index": idx, "content_index": j, "part": part}),
+            );
         }
-        let event = match kind {
-            PartKind::Text => {
-                json!({"type": "response.output_text.delta", "item_id": id, "output_index": idx, "content_index": j, "delta": delta, "logprobs": []})
-            }
-            PartKind::Refusal => {
-                json!({"type": "response.refusal.delta", "item_id": id, "output_index": idx, "content_index": j, "delta": delta})
-            }
+        let (kind, logprobs) = match kind {
+            PartKind::Text => ("response.output_text.delta", Some([(); 0])),
+            PartKind::Refusal => ("response.refusal.delta", None),
         };
-        self.emit(out, event);
+        emit(
+            seq,
+            out,
+            kind,
+            PartDelta {
+                item_id: id,
+                output_index: idx,
+                content_index: j,
+                delta,
+                logprobs,
+            },
+        );
     }
 
     fn reasoning_delta(&mut self, out: &mut BytesMut, delta: &str) {
@@ -1512,14 +1602,29 @@ impl ResponsesStream {
         else {
             return;
         };
-        let id = id.clone();
+        let seq = &mut self.seq;
         text.push_str(delta);
         let announce = !*summary_open;
         *summary_open = true;
         if announce {
-            self.emit(out, json!({"type": "response.reasoning_summary_part.added", "item_id": id, "output_index": idx, "summary_index": 0, "part": {"type": "summary_text", "text": ""}}));
+            emit(
+                seq,
+                out,
+                "response.reasoning_summary_part.added",
+                json!({"item_id": id, "output_index": idx, "summary_index": 0, "part": {"type": "summary_text", "text": ""}}),
+            );
         }
-        self.emit(out, json!({"type": "response.reasoning_summary_text.delta", "item_id": id, "output_index": idx, "summary_index": 0, "delta": delta}));
+        emit(
+            seq,
+            out,
+            "response.reasoning_summary_text.delta",
+            SummaryDelta {
+                item_id: id,
+                output_index: idx,
+                summary_index: 0,
+                delta,
+            },
+        );
     }
 
     fn reasoning_block(&mut self, out: &mut BytesMut, block: &ReasoningBlock) {
@@ -1565,10 +1670,18 @@ impl ResponsesStream {
         {
             n.clone_into(name);
         }
-        let id = id.clone();
         if let Some(delta) = d.function.arguments.as_deref().filter(|a| !a.is_empty()) {
             arguments.push_str(delta);
-            self.emit(out, json!({"type": "response.function_call_arguments.delta", "item_id": id, "output_index": idx, "delta": delta}));
+            emit(
+                &mut self.seq,
+                out,
+                "response.function_call_arguments.delta",
+                ArgumentsDelta {
+                    item_id: id,
+                    output_index: idx,
+                    delta,
+                },
+            );
         }
     }
 
@@ -1592,7 +1705,7 @@ impl ResponsesStream {
         } else {
             "response.completed"
         };
-        self.emit(out, json!({"type": kind, "response": r}));
+        self.emit(out, kind, WithResponse { response: &r });
     }
 }
 
@@ -1655,7 +1768,7 @@ impl ChunkEncoder for ResponsesStream {
         self.error = Some(json!({"code": error_code(err), "message": err.message}));
         self.ended = true;
         let r = self.response();
-        self.emit(out, json!({"type": "response.failed", "response": r}));
+        self.emit(out, "response.failed", WithResponse { response: &r });
     }
 
     fn final_object(&self) -> Option<Value> {

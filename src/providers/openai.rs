@@ -341,13 +341,19 @@ impl ChunkStream {
             self.done = true;
             return Ok(());
         }
-        if let Ok(v) = serde_json::from_slice::<serde_json::Value>(data)
+        let parsed = serde_json::from_slice::<ChatChunk>(data);
+        // An error event (`{"error": …}` and no `choices`) parses as an empty chunk, or not at
+        // all: only then is the event looked at as plain JSON (a content chunk is parsed once).
+        let maybe_error = parsed.as_ref().map_or(true, |c| c.choices.is_empty())
+            && memchr::memmem::find(data, b"\"error\"").is_some();
+        if maybe_error
+            && let Ok(v) = serde_json::from_slice::<serde_json::Value>(data)
             && v.get("error").is_some()
             && v.get("choices").is_none()
         {
             return Err(StreamFault::Upstream(decode_openai_error(502, data)));
         }
-        let mut chunk: ChatChunk = serde_json::from_slice(data).map_err(|e| {
+        let mut chunk: ChatChunk = parsed.map_err(|e| {
             StreamFault::Malformed(format!("a chunk that is not a chat chunk: {e}"))
         })?;
         if let Some(u) = chunk.usage.take() {
@@ -407,6 +413,49 @@ mod tests {
             upstream_model: if rename { "theirs" } else { "mine" },
             client_wants_usage: wants,
         }
+    }
+
+    /// The translated stream's decoder: content chunks become pivot chunks; an `error` event
+    /// (no `choices`) ends the stream with the upstream's error, however it is typed.
+    #[test]
+    fn translated_stream_chunks_and_error_events() {
+        let t = Target {
+            base_url: "http://127.0.0.1:1/v1",
+            upstream_model: "theirs",
+            api_version: None,
+            region: None,
+            default_max_tokens: 16,
+        };
+        let run = |events: &[&str]| {
+            let mut d = OpenAi.chat_stream(&t, 1 << 16);
+            let mut out = Vec::new();
+            let body: String = events.iter().map(|e| format!("data: {e}\n\n")).collect();
+            (d.push(body.as_bytes(), &mut out), out)
+        };
+        let content =
+            r#"{"id":"c","model":"theirs","choices":[{"index":0,"delta":{"content":"Hi"}}]}"#;
+        let (res, out) = run(&[content, "[DONE]"]);
+        assert!(res.is_ok());
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].choices[0].delta.content.as_deref(), Some("Hi"));
+        for error in [
+            r#"{"error":{"message":"overloaded","type":"server_error"}}"#,
+            // Not a chat chunk at all (`id` a number), yet an error event.
+            r#"{"id":5,"error":{"message":"overloaded","type":"server_error"}}"#,
+        ] {
+            let (res, out) = run(&[content, error]);
+            let Err(StreamFault::Upstream(e)) = res else {
+                panic!("{error}: {res:?}");
+            };
+            assert_eq!(e.message, "overloaded");
+            assert_eq!(out.len(), 1, "what came before is kept");
+        }
+        // `choices` present: a chunk, whatever else it carries.
+        let both =
+            r#"{"id":"c","error":{"message":"x"},"choices":[{"index":0,"delta":{"content":"!"}}]}"#;
+        let (res, out) = run(&[both]);
+        assert!(res.is_ok(), "{res:?}");
+        assert_eq!(out.len(), 1);
     }
 
     #[test]
