@@ -10,7 +10,8 @@
 //! `LOAD_TOLLGATE_BIN` (another tollgate binary to measure), `LOAD_BASELINE_BIN` (a second build
 //! measured in the same run, e.g. the previous commit's), `LOAD_BILLING=0` (no key budget,
 //! balance enforcement off: no reservations), `LOAD_MODES` (`non-stream`, `stream`, or both,
-//! comma-separated; the default is both).
+//! comma-separated; the default is both), `LOAD_PATHS` (only the other paths whose name contains
+//! one of these, comma-separated: e.g. `retries` or `responses,anthropic`).
 //! `--quick`: the fixed-upstream set alone with short runs (≤ 2 minutes once built).
 //! `--soak` (or `LOAD_SOAK_SECS`) instead runs tollgate alone at a fixed rate
 //! (`LOAD_SOAK_RPS`, default 200) and samples its memory every 10 s.
@@ -486,7 +487,18 @@ fn run() -> anyhow::Result<()> {
                     Some(("x-tollgate-cache-ttl", "3600")),
                 ));
             }
+            // `LOAD_PATHS`: only the lines whose name contains one of these (comma-separated).
+            let only: Vec<String> = std::env::var("LOAD_PATHS")
+                .unwrap_or_default()
+                .split(',')
+                .map(str::trim)
+                .filter(|p| !p.is_empty())
+                .map(str::to_owned)
+                .collect();
             for (i, (name, path, body, auth, goal, extra)) in lines.into_iter().enumerate() {
+                if !only.is_empty() && !only.iter().any(|p| name.contains(p.as_str())) {
+                    continue;
+                }
                 let body_path = tmp
                     .path()
                     .join(format!("body-path-{}-{i}.json", mode.name()));
@@ -910,6 +922,7 @@ writes them, with every raw wrk report, to benches/results/latest.txt.
                         each pair's ratio and their median (0: none)
   LOAD_BILLING=0        no key budget, balance enforcement off (no reservations)
   LOAD_MODES=stream     only these modes (comma-separated: non-stream, stream; default both)
+  LOAD_PATHS=retries    only the other paths whose name contains one of these (comma-separated)
   --soak, LOAD_SOAK_SECS=300, LOAD_SOAK_RPS=200
                         tollgate alone at a fixed rate, memory sampled every 10 s";
 
