@@ -213,6 +213,19 @@ async fn setup(app: &TestApp, upstream: &Upstream) -> (String, String) {
 /// A client connection with a 64 KiB receive buffer that has sent a streamed chat request and
 /// read the response head, and nothing of the body yet.
 async fn open_slow_stream(app: &TestApp, key: &str) -> hyper::Response<Incoming> {
+    let body = json!({"model": "slow-model", "stream": true,
+                      "stream_options": {"include_usage": true},
+                      "messages": [{"role": "user", "content": "Tell me everything."}]});
+    open_slow(app, key, "/v1/chat/completions", body).await
+}
+
+/// The same for any streamed `/v1` request.
+async fn open_slow(
+    app: &TestApp,
+    key: &str,
+    path: &str,
+    body: serde_json::Value,
+) -> hyper::Response<Incoming> {
     let sock = TcpSocket::new_v4().expect("socket");
     sock.set_recv_buffer_size(CLIENT_RCVBUF).expect("SO_RCVBUF");
     let stream = sock.connect(app.addr).await.expect("connect");
@@ -220,10 +233,7 @@ async fn open_slow_stream(app: &TestApp, key: &str) -> hyper::Response<Incoming>
         .await
         .expect("handshake");
     tokio::spawn(conn);
-    let body = json!({"model": "slow-model", "stream": true,
-                      "stream_options": {"include_usage": true},
-                      "messages": [{"role": "user", "content": "Tell me everything."}]});
-    let req = hyper::Request::post("/v1/chat/completions")
+    let req = hyper::Request::post(path)
         .header("host", app.addr.to_string())
         .header("authorization", format!("Bearer {key}"))
         .header("content-type", "application/json")
@@ -464,4 +474,71 @@ async fn two_hundred_slow_readers_stay_bounded() {
         estimated, 0,
         "the completed streams carry the upstream's usage"
     );
+}
+
+/// The same slow reader on a translated stream (an Anthropic Messages client, the OpenAI
+/// upstream's chunks re-encoded event by event): the translated body gathers at most a frame's
+/// worth and is pulled by the client's connection like the pass-through, so the upstream is held
+/// back and the gateway does not grow; read to the end, the text arrives whole and is metered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_reader_of_a_translated_stream_holds_its_upstream_back() {
+    const WRITES: usize = 256; // × ~65 KiB ≈ 16 MiB
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let upstream = Upstream::start(WRITES).await;
+    let app = TestApp::spawn().await;
+    let (user, key) = setup(&app, &upstream).await;
+
+    let before = rss_kb();
+    let body = json!({"model": "slow-model", "max_tokens": 64, "stream": true,
+                      "messages": [{"role": "user", "content": "Tell me everything."}]});
+    let resp = open_slow(&app, &key, "/v1/messages", body).await;
+    tokio::time::sleep(PAUSE - Duration::from_secs(1)).await;
+    let at_2s = upstream.accepted();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let at_3s = upstream.accepted();
+    let grown_kb = rss_kb().saturating_sub(before);
+    assert_eq!(at_3s.len(), 1, "one upstream connection");
+    assert_eq!(at_2s, at_3s, "the upstream kept writing into the gateway");
+    assert!(
+        at_3s[0] <= 12 * MIB,
+        "the upstream got {} KiB out while the client read nothing",
+        at_3s[0] / 1024
+    );
+    assert!(
+        grown_kb <= 8 * 1024,
+        "the gateway grew by {grown_kb} KiB for one paused translated stream"
+    );
+
+    // Read it all: Anthropic events, the text whole, `message_stop` last.
+    let mut body = resp.into_body();
+    let mut buf = BytesMut::new();
+    let (mut text_chars, mut last) = (0usize, String::new());
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame.expect("the stream broke off").into_data() else {
+            continue;
+        };
+        buf.extend_from_slice(&data);
+        while let Some(end) = buf.windows(2).position(|w| w == b"\n\n") {
+            let ev = buf.split_to(end + 2);
+            let ev = std::str::from_utf8(&ev).expect("utf-8");
+            let data = ev
+                .lines()
+                .find_map(|l| l.strip_prefix("data: "))
+                .expect("a data line");
+            let v: serde_json::Value = serde_json::from_str(data).expect("JSON event");
+            if v["type"] == "content_block_delta" {
+                text_chars += v["delta"]["text"].as_str().map_or(0, str::len);
+            }
+            last = v["type"].as_str().unwrap_or_default().to_owned();
+        }
+    }
+    assert!(buf.is_empty(), "{} bytes after the last event", buf.len());
+    assert_eq!(last, "message_stop");
+    assert_eq!(text_chars, WRITES * EVENTS_PER_WRITE * EVENT_CONTENT);
+    assert_eq!(upstream.finished.load(Ordering::SeqCst), 1);
+    let recs = wait_records(&app, &user, 1).await;
+    assert_eq!(recs[0]["status"], 200, "{}", recs[0]);
+    assert_eq!(recs[0]["endpoint"], "messages");
+    assert_eq!(recs[0]["prompt_tokens"], PROMPT_TOKENS);
+    assert_eq!(recs[0]["tokens_estimated"], false);
 }
