@@ -570,6 +570,17 @@ where
     fn received(&self) -> u64 {
         self.received
     }
+    fn take_out(&mut self) -> Option<Bytes> {
+        MeteredStream::take_out(self)
+    }
+    fn ended(&self) -> bool {
+        self.ended
+    }
+    /// The last frame: metering now lets `is_end_stream` say so, and hyper writes the closing
+    /// chunk with this data instead of on its own.
+    fn on_last(&mut self) {
+        self.finish_meter(200, None);
+    }
 }
 
 /// A streamed body that reads what its upstream has at hand and maps it into one outgoing
@@ -584,6 +595,36 @@ pub(crate) trait Gather {
     fn ready_to_send(&self) -> bool;
     /// Data frames read from the upstream so far.
     fn received(&self) -> u64;
+    /// Everything mapped so far, as one frame's data.
+    fn take_out(&mut self) -> Option<Bytes>;
+    /// The upstream's stream is over (or failed) and its last events are mapped.
+    fn ended(&self) -> bool;
+    /// Runs as the last frame (or the end) is handed over.
+    fn on_last(&mut self) {}
+
+    /// The body's next frame: what the upstream has at hand, gathered into one (sent when it has
+    /// nothing more right now, when enough is gathered, or at the end).
+    fn poll_gathered(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, std::convert::Infallible>>> {
+        loop {
+            let gathered = self.gather(cx);
+            if let Some(b) = self.take_out() {
+                if self.ended() {
+                    self.on_last();
+                }
+                return Poll::Ready(Some(Ok(Frame::data(b))));
+            }
+            if self.ended() {
+                self.on_last();
+                return Poll::Ready(None);
+            }
+            if gathered.is_pending() {
+                return Poll::Pending;
+            }
+        }
+    }
 }
 
 /// Runs before the response head is sent: waits up to `wait` for the first events, then takes
@@ -632,27 +673,7 @@ where
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        let this = &mut *self;
-        loop {
-            // Events are gathered while the upstream has more at hand, then sent as one frame:
-            // when it has nothing more right now, when enough is gathered, or at the end.
-            let gathered = this.gather(cx);
-            if let Some(b) = this.take_out() {
-                if this.ended {
-                    // The last frame: metering now lets `is_end_stream` say so, and hyper
-                    // writes the closing chunk with this data instead of on its own.
-                    this.finish_meter(200, None);
-                }
-                return Poll::Ready(Some(Ok(Frame::data(b))));
-            }
-            if this.ended {
-                this.finish_meter(200, None);
-                return Poll::Ready(None);
-            }
-            if gathered.is_pending() {
-                return Poll::Pending;
-            }
-        }
+        self.poll_gathered(cx)
     }
 
     fn is_end_stream(&self) -> bool {

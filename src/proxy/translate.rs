@@ -430,6 +430,14 @@ where
     fn received(&self) -> u64 {
         self.received
     }
+
+    fn take_out(&mut self) -> Option<Bytes> {
+        (!self.out.is_empty()).then(|| self.out.split().freeze())
+    }
+
+    fn ended(&self) -> bool {
+        self.ended
+    }
 }
 
 impl<B> HttpBody for TranslatedStream<B>
@@ -440,26 +448,13 @@ where
     type Data = Bytes;
     type Error = std::convert::Infallible;
 
+    /// Gathered as the pass-through's (the meter is finished by the last frame, so
+    /// `is_end_stream` lets hyper write the closing chunk with the last data).
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        let this = &mut *self;
-        loop {
-            // What the upstream has at hand leaves as one frame: when it has nothing more right
-            // now, when enough is gathered, or at the end (the meter is finished by then, so
-            // `is_end_stream` lets hyper write the closing chunk with the last data).
-            let gathered = this.gather(cx);
-            if !this.out.is_empty() {
-                return Poll::Ready(Some(Ok(Frame::data(this.out.split().freeze()))));
-            }
-            if this.ended {
-                return Poll::Ready(None);
-            }
-            if gathered.is_pending() {
-                return Poll::Pending;
-            }
-        }
+        self.poll_gathered(cx)
     }
 
     fn is_end_stream(&self) -> bool {
