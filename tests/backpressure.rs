@@ -310,30 +310,17 @@ fn rss_kb() -> u64 {
 
 const MIB: u64 = 1024 * 1024;
 
-/// The two tests measure this process's RSS, so they must not run at the same time (the test
-/// runner runs a file's tests in parallel threads): each holds this for its whole run.
-static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-/// One slow reader against an upstream offering 64 MiB: the upstream gets out only a few MiB
-/// (kernel buffers on three sockets and the gateway's bounded buffers), then stays blocked; the
-/// gateway does not grow; then the client reads all 64 MiB intact, and the usage is recorded.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_slow_reader_throttles_its_upstream_and_the_gateway_holds_a_bounded_amount() {
-    const WRITES: usize = 1024; // × ~65 KiB ≈ 64 MiB
-    let _alone = ONE_AT_A_TIME.lock().await;
-    let upstream = Upstream::start(WRITES).await;
-    let app = TestApp::spawn().await;
-    let (user, key) = setup(&app, &upstream).await;
-
-    let before = rss_kb();
-    let resp = open_slow_stream(&app, &key).await;
+/// While the client reads nothing for [`PAUSE`]: the upstream (one connection, offering
+/// `writes` writes) got only a bounded part out and then stopped, and this process (the gateway)
+/// grew by at most 8 MiB since `before_kb`.
+async fn held_back(upstream: &Upstream, before_kb: u64, writes: usize) {
     tokio::time::sleep(PAUSE - Duration::from_secs(1)).await;
     let at_2s = upstream.accepted();
     tokio::time::sleep(Duration::from_secs(1)).await;
     let at_3s = upstream.accepted();
-    let grown_kb = rss_kb().saturating_sub(before);
+    let grown_kb = rss_kb().saturating_sub(before_kb);
     assert_eq!(at_3s.len(), 1, "one upstream connection");
-    let offered = (WRITES * EVENTS_PER_WRITE * (EVENT_CONTENT + 150)) as u64;
+    let offered = (writes * EVENTS_PER_WRITE * (EVENT_CONTENT + 150)) as u64;
     eprintln!(
         "one slow reader: upstream got out {} KiB of {} KiB after 2 s, {} KiB after 3 s; gateway RSS +{grown_kb} KiB",
         at_2s[0] / 1024,
@@ -351,6 +338,26 @@ async fn a_slow_reader_throttles_its_upstream_and_the_gateway_holds_a_bounded_am
         grown_kb <= 8 * 1024,
         "the gateway grew by {grown_kb} KiB for one paused stream"
     );
+}
+
+/// The tests measure this process's RSS, so they must not run at the same time (the test
+/// runner runs a file's tests in parallel threads): each holds this for its whole run.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// One slow reader against an upstream offering 64 MiB: the upstream gets out only a few MiB
+/// (kernel buffers on three sockets and the gateway's bounded buffers), then stays blocked; the
+/// gateway does not grow; then the client reads all 64 MiB intact, and the usage is recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_reader_throttles_its_upstream_and_the_gateway_holds_a_bounded_amount() {
+    const WRITES: usize = 1024; // × ~65 KiB ≈ 64 MiB
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let upstream = Upstream::start(WRITES).await;
+    let app = TestApp::spawn().await;
+    let (user, key) = setup(&app, &upstream).await;
+
+    let before = rss_kb();
+    let resp = open_slow_stream(&app, &key).await;
+    held_back(&upstream, before, WRITES).await;
 
     let read = read_all(resp).await;
     assert_eq!(
@@ -492,22 +499,7 @@ async fn a_slow_reader_of_a_translated_stream_holds_its_upstream_back() {
     let body = json!({"model": "slow-model", "max_tokens": 64, "stream": true,
                       "messages": [{"role": "user", "content": "Tell me everything."}]});
     let resp = open_slow(&app, &key, "/v1/messages", body).await;
-    tokio::time::sleep(PAUSE - Duration::from_secs(1)).await;
-    let at_2s = upstream.accepted();
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let at_3s = upstream.accepted();
-    let grown_kb = rss_kb().saturating_sub(before);
-    assert_eq!(at_3s.len(), 1, "one upstream connection");
-    assert_eq!(at_2s, at_3s, "the upstream kept writing into the gateway");
-    assert!(
-        at_3s[0] <= 12 * MIB,
-        "the upstream got {} KiB out while the client read nothing",
-        at_3s[0] / 1024
-    );
-    assert!(
-        grown_kb <= 8 * 1024,
-        "the gateway grew by {grown_kb} KiB for one paused translated stream"
-    );
+    held_back(&upstream, before, WRITES).await;
 
     // Read it all: Anthropic events, the text whole, `message_stop` last.
     let mut body = resp.into_body();
