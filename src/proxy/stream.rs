@@ -278,6 +278,42 @@ pub trait UsageReader: Send {
     }
 }
 
+/// The idle timeout between an upstream body's data frames: one timer, re-armed from the last
+/// data only when it fires, so frames do not touch the timer wheel.
+pub(crate) struct IdleTimer {
+    sleep: Pin<Box<Sleep>>,
+    timeout: Duration,
+    last_data: tokio::time::Instant,
+}
+
+impl IdleTimer {
+    pub(crate) fn new(timeout: Duration) -> Self {
+        Self {
+            sleep: Box::pin(tokio::time::sleep(timeout)),
+            timeout,
+            last_data: tokio::time::Instant::now(),
+        }
+    }
+
+    /// Data came from the upstream.
+    pub(crate) fn touch(&mut self) {
+        self.last_data = tokio::time::Instant::now();
+    }
+
+    /// The upstream has nothing right now: whether it has been silent for the whole timeout
+    /// (if not, `cx` is woken when it could be).
+    pub(crate) fn expired(&mut self, cx: &mut Context<'_>) -> bool {
+        while self.sleep.as_mut().poll(cx).is_ready() {
+            let due = self.last_data + self.timeout;
+            if due <= tokio::time::Instant::now() {
+                return true;
+            }
+            self.sleep.as_mut().reset(due);
+        }
+        false
+    }
+}
+
 pub struct StreamMapping {
     /// Maps OpenAI chat events (`None`: events pass untouched and `reader` reads the usage).
     pub adapter: Option<&'static dyn Adapter>,
@@ -302,11 +338,7 @@ pub struct MeteredStream<B> {
     /// Payloads kept for estimation until the upstream reports usage (bounded).
     kept: KeptPayloads,
     meter: Option<Meter>,
-    /// Fires at the earliest moment the stream could be idle too long; re-armed from
-    /// `last_data` only when it fires, so chunks do not touch the timer wheel.
-    idle: Pin<Box<Sleep>>,
-    idle_timeout: Duration,
-    last_data: tokio::time::Instant,
+    idle: IdleTimer,
     /// Data frames read from the upstream so far (progress, even when an event is dropped).
     received: u64,
     ended: bool,
@@ -331,9 +363,7 @@ impl<B> MeteredStream<B> {
             usage: None,
             kept: KeptPayloads::default(),
             meter: Some(meter),
-            idle: Box::pin(tokio::time::sleep(limits.idle_timeout)),
-            idle_timeout: limits.idle_timeout,
-            last_data: tokio::time::Instant::now(),
+            idle: IdleTimer::new(limits.idle_timeout),
             received: 0,
             ended: false,
             active_streams,
@@ -491,7 +521,7 @@ where
                     if let Some(m) = self.meter.as_mut() {
                         m.mark_first_byte();
                     }
-                    self.last_data = tokio::time::Instant::now();
+                    self.idle.touch();
                     self.received += 1;
                     self.scanner.push(&data);
                     loop {
@@ -524,12 +554,7 @@ where
                     self.ended = true;
                 }
                 Poll::Pending => {
-                    if self.idle.as_mut().poll(cx).is_ready() {
-                        let due = self.last_data + self.idle_timeout;
-                        if due > tokio::time::Instant::now() {
-                            self.idle.as_mut().reset(due);
-                            continue;
-                        }
+                    if self.idle.expired(cx) {
                         self.fail(
                             504,
                             ApiError::Upstream {
@@ -703,8 +728,7 @@ impl<B> Drop for MeteredStream<B> {
 pub struct MeteredBytes<B> {
     upstream: Pin<Box<B>>,
     meter: Option<Meter>,
-    idle: Pin<Box<Sleep>>,
-    idle_timeout: Duration,
+    idle: IdleTimer,
     active_streams: prometheus::IntGauge,
 }
 
@@ -719,8 +743,7 @@ impl<B> MeteredBytes<B> {
         Self {
             upstream: Box::pin(upstream),
             meter: Some(meter),
-            idle: Box::pin(tokio::time::sleep(idle_timeout)),
-            idle_timeout,
+            idle: IdleTimer::new(idle_timeout),
             active_streams,
         }
     }
@@ -753,8 +776,7 @@ where
                 if let Some(m) = this.meter.as_mut() {
                     m.mark_first_byte();
                 }
-                let deadline = tokio::time::Instant::now() + this.idle_timeout;
-                this.idle.as_mut().reset(deadline);
+                this.idle.touch();
                 if this.upstream.is_end_stream() {
                     this.finish(200, None);
                 }
@@ -770,7 +792,7 @@ where
                 Poll::Ready(None)
             }
             Poll::Pending => {
-                if this.idle.as_mut().poll(cx).is_ready() {
+                if this.idle.expired(cx) {
                     this.finish(504, Some("upstream_idle_timeout"));
                     return Poll::Ready(Some(Err("the upstream stopped sending data".into())));
                 }
@@ -798,6 +820,23 @@ impl<B> Drop for MeteredBytes<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Data re-arms the idle timer only when it fires: silent for less than the timeout since
+    /// the last data is not idle, even past the first deadline; silent for all of it is.
+    #[tokio::test]
+    async fn idle_timer_counts_from_the_last_data() {
+        async fn check(t: &mut IdleTimer) -> bool {
+            std::future::poll_fn(|cx| Poll::Ready(t.expired(cx))).await
+        }
+        let mut t = IdleTimer::new(Duration::from_millis(1000));
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        t.touch();
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        // 1.2 s after the start, 0.6 s after the data (due at 1.6 s).
+        assert!(!check(&mut t).await, "idle with data 0.6 s ago");
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert!(check(&mut t).await, "not idle after 1.2 s without data");
+    }
 
     fn events(chunks: &[&[u8]]) -> Vec<(String, Option<String>)> {
         let mut s = SseScanner::default();

@@ -14,7 +14,6 @@ use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use secrecy::ExposeSecret;
-use tokio::time::Sleep;
 
 use crate::error::ApiError;
 use crate::metering::event::KeptPayloads;
@@ -23,7 +22,7 @@ use crate::protocols::{ChunkEncoder, ClientProtocol, EncodeCtx};
 use crate::providers::{ChunkDecoder, Operation, StreamFault, Usage};
 use crate::proxy::meter::Meter;
 use crate::proxy::route::Route;
-use crate::proxy::stream::{self, FLUSH_AT, Gather};
+use crate::proxy::stream::{self, FLUSH_AT, Gather, IdleTimer};
 use crate::proxy::upstream::{self, Outbound};
 use crate::state::AppState;
 
@@ -163,9 +162,7 @@ pub async fn forward(
             out,
             kept: KeptPayloads::default(),
             meter: Some(meter),
-            idle: Box::pin(tokio::time::sleep(idle)),
-            idle_timeout: idle,
-            last_data: tokio::time::Instant::now(),
+            idle: IdleTimer::new(idle),
             received: 0,
             max_event_bytes: max,
             ended: false,
@@ -279,11 +276,7 @@ struct TranslatedStream<B> {
     /// The pivot chunks, for the estimate when the upstream reports no usage.
     kept: KeptPayloads,
     meter: Option<Meter>,
-    /// Fires at the earliest moment the stream could be idle too long; re-armed from
-    /// `last_data` only when it fires, so chunks do not touch the timer wheel.
-    idle: Pin<Box<Sleep>>,
-    idle_timeout: Duration,
-    last_data: tokio::time::Instant,
+    idle: IdleTimer,
     /// Data frames read from the upstream so far.
     received: u64,
     max_event_bytes: usize,
@@ -368,7 +361,7 @@ where
                     if let Some(m) = self.meter.as_mut() {
                         m.mark_first_byte();
                     }
-                    self.last_data = tokio::time::Instant::now();
+                    self.idle.touch();
                     self.received += 1;
                     match self.decoder.push(&data, &mut self.chunks) {
                         Ok(()) => self.encode_chunks(),
@@ -394,12 +387,7 @@ where
                     self.end(result);
                 }
                 Poll::Pending => {
-                    if self.idle.as_mut().poll(cx).is_ready() {
-                        let due = self.last_data + self.idle_timeout;
-                        if due > tokio::time::Instant::now() {
-                            self.idle.as_mut().reset(due);
-                            continue;
-                        }
+                    if self.idle.expired(cx) {
                         self.fail(
                             UpstreamError {
                                 status: 504,
