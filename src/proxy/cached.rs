@@ -28,7 +28,7 @@ pub const TTL_HEADER: &str = "x-tollgate-cache-ttl";
 /// [`TTL_HEADER`] as a name, looked up without parsing it again.
 const TTL_HEADER_NAME: http::HeaderName = http::HeaderName::from_static(TTL_HEADER);
 /// The response header: `hit` (answered from the cache) or `miss` (answered upstream, kept).
-pub const STATUS_HEADER: &str = "x-tollgate-cache";
+pub const STATUS_HEADER: http::HeaderName = http::HeaderName::from_static("x-tollgate-cache");
 
 /// A request that uses the response cache.
 #[derive(Debug, Clone, Copy)]
@@ -120,10 +120,7 @@ pub fn answer(meter: Meter, hit: &CachedAnswer) -> Response {
             .unwrap_or_else(|| HeaderValue::from_static("application/json")),
     );
     h.insert(STATUS_HEADER, HeaderValue::from_static("hit"));
-    if let Ok(v) = HeaderValue::from_str(&hit.model) {
-        h.insert("x-tollgate-model", v);
-    }
-    h.insert("x-tollgate-attempts", HeaderValue::from(0u32));
+    crate::proxy::routing_headers(h, &hit.model, 0);
     out
 }
 

@@ -774,12 +774,21 @@ fn outcome_of_status(status: StatusCode, headers: &http::HeaderMap) -> Outcome {
 
 /// `x-tollgate-model` (the model that answered) and `x-tollgate-attempts`.
 fn with_routing(mut resp: Response, model: &str, attempts: u32) -> Response {
-    let h = resp.headers_mut();
-    if let Ok(v) = HeaderValue::from_str(model) {
-        h.insert("x-tollgate-model", v);
-    }
-    h.insert("x-tollgate-attempts", HeaderValue::from(attempts.max(1)));
+    routing_headers(resp.headers_mut(), model, attempts.max(1));
     resp
+}
+
+/// The response header naming the model that answered.
+const X_TOLLGATE_MODEL: http::HeaderName = http::HeaderName::from_static("x-tollgate-model");
+/// The response header counting the upstream attempts behind the answer (0: a cache hit).
+const X_TOLLGATE_ATTEMPTS: http::HeaderName = http::HeaderName::from_static("x-tollgate-attempts");
+
+/// Sets `x-tollgate-model` and `x-tollgate-attempts` (names built once, not parsed per request).
+pub(crate) fn routing_headers(h: &mut http::HeaderMap, model: &str, attempts: u32) {
+    if let Ok(v) = HeaderValue::from_str(model) {
+        h.insert(X_TOLLGATE_MODEL, v);
+    }
+    h.insert(X_TOLLGATE_ATTEMPTS, HeaderValue::from(attempts));
 }
 
 /// One pass-through attempt: the request for this route's deployment, up to its response head.
