@@ -254,6 +254,7 @@ where
         Limits {
             idle_timeout: Duration::from_secs(cfg.pool_idle_timeout_secs),
             max_idle_per_origin: cfg.pool_max_idle_per_host,
+            max_h2_streams: pool::MAX_H2_STREAMS,
         },
     ))
 }

@@ -1,5 +1,8 @@
 //! One worker's upstream connections: idle HTTP/1.1 connections kept per origin for reuse, and
-//! one shared HTTP/2 connection per origin when the provider negotiates `h2` by ALPN.
+//! shared HTTP/2 connections per origin when the provider negotiates `h2` by ALPN — each carrying
+//! at most [`Limits::max_h2_streams`] requests at once, another opened when all are that busy
+//! (a provider refuses streams beyond its `SETTINGS_MAX_CONCURRENT_STREAMS`, and hyper would hold
+//! the request back until one of the others ended: behind 30-second streams, a stall).
 //!
 //! Built on hyper's connection API (`hyper::client::conn`) rather than hyper-util's pooled
 //! `Client`: a pool belongs to one server worker, so it needs neither the `Client`'s shared
@@ -9,6 +12,7 @@
 
 use std::collections::HashMap;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
@@ -47,7 +51,15 @@ pub struct Limits {
     pub idle_timeout: Duration,
     /// At most this many idle HTTP/1.1 connections are kept per origin.
     pub max_idle_per_origin: usize,
+    /// At most this many requests at once on one HTTP/2 connection ([`MAX_H2_STREAMS`]).
+    pub max_h2_streams: usize,
 }
+
+/// Requests carried at once by one HTTP/2 connection to a provider. RFC 9113 (§6.5.2) asks a
+/// server to allow at least 100 concurrent streams, and providers' edges allow 100 (Google) to
+/// 256 (Cloudflare); hyper does not tell the peer's own figure, so the pool stays within the
+/// one every provider allows.
+pub const MAX_H2_STREAMS: usize = 100;
 
 /// Scheme and authority: where a connection goes. Compared and hashed byte for byte, in one
 /// write (hashing an `Authority` itself folds case a byte at a time); a host spelt in another
@@ -76,12 +88,38 @@ impl std::hash::Hash for Origin {
 type H1 = http1::SendRequest<super::RequestBody>;
 type H2 = http2::SendRequest<super::RequestBody>;
 
-/// Idle connections of one worker, by origin: HTTP/1.1 ones with the time each came back.
+/// Idle connections of one worker, by origin: HTTP/1.1 ones with the time each came back, and
+/// the HTTP/2 ones (idle or not).
 #[derive(Default)]
 struct Idle {
     h1: HashMap<Origin, Vec<(H1, Instant)>>,
-    h2: HashMap<Origin, H2>,
+    h2: HashMap<Origin, Vec<Shared>>,
     sweeping: bool,
+}
+
+/// An HTTP/2 connection and the requests it carries now.
+struct Shared {
+    tx: H2,
+    open: Arc<AtomicUsize>,
+}
+
+impl Shared {
+    /// One more request on this connection, counted until its [`Slot`] drops.
+    fn slot(&self) -> Slot {
+        self.open.fetch_add(1, Ordering::Relaxed);
+        Slot(self.open.clone())
+    }
+}
+
+/// A request's place on an HTTP/2 connection: held by its response body, freed when the body
+/// ends or is dropped (or when the request failed).
+#[derive(Debug)]
+struct Slot(Arc<AtomicUsize>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// A connection pool over connector `C` (TCP, then TLS where the scheme says so).
@@ -134,8 +172,8 @@ where
                 None => Box::pin(self.connect(&origin)).await?,
             };
             let err = match conn {
-                Conn::H2(mut tx) => match tx.try_send_request(req).await {
-                    Ok(resp) => return Ok(resp.map(UpstreamBody::plain)),
+                Conn::H2(mut tx, slot) => match tx.try_send_request(req).await {
+                    Ok(resp) => return Ok(resp.map(|b| UpstreamBody::shared(b, slot))),
                     Err(e) => e,
                 },
                 Conn::H1(mut tx) => {
@@ -171,12 +209,19 @@ where
         }
     }
 
-    /// An idle connection to `origin` that is still open, most recently used first.
+    /// An open HTTP/2 connection to `origin` with room for one more request, else an idle
+    /// HTTP/1.1 one that is still open, most recently used first.
     fn checkout(&self, origin: &Origin) -> Option<Conn> {
         let mut idle = self.idle.lock().expect("pool lock");
-        if let Some(tx) = idle.h2.get(origin) {
-            if !tx.is_closed() {
-                return Some(Conn::H2(tx.clone()));
+        if let Some(list) = idle.h2.get_mut(origin) {
+            list.retain(|c| !c.tx.is_closed());
+            let max = self.limits.max_h2_streams.max(1);
+            if let Some(c) = list.iter().find(|c| c.open.load(Ordering::Relaxed) < max) {
+                return Some(Conn::H2(c.tx.clone(), c.slot()));
+            }
+            if !list.is_empty() {
+                // Every HTTP/2 connection is full: a new one (`connect`), not an HTTP/1.1 one.
+                return None;
             }
             idle.h2.remove(origin);
         }
@@ -213,13 +258,19 @@ where
                 }
             });
             tx.ready().await?;
+            let shared = Shared {
+                tx: tx.clone(),
+                open: Arc::default(),
+            };
+            let slot = shared.slot();
             self.idle
                 .lock()
                 .expect("pool lock")
                 .h2
                 .entry(origin.clone())
-                .or_insert_with(|| tx.clone());
-            Ok(Conn::H2(tx))
+                .or_default()
+                .push(shared);
+            Ok(Conn::H2(tx, slot))
         } else {
             let (mut tx, conn) = http1::Builder::new()
                 .max_buf_size(crate::proxy::stream::CONN_BUF_BYTES)
@@ -271,12 +322,22 @@ fn sweep(idle: &mut Idle, timeout: Duration) {
         list.retain(|(tx, since)| !tx.is_closed() && now.duration_since(*since) < timeout);
         !list.is_empty()
     });
-    idle.h2.retain(|_, tx| !tx.is_closed());
+    // HTTP/2: closed connections go, and so does every idle one but the first (opened for a
+    // burst beyond one connection's streams).
+    idle.h2.retain(|_, list| {
+        let mut first = true;
+        list.retain(|c| {
+            let keep = !c.tx.is_closed() && (first || c.open.load(Ordering::Relaxed) > 0);
+            first &= !keep;
+            keep
+        });
+        !list.is_empty()
+    });
 }
 
 enum Conn {
     H1(H1),
-    H2(H2),
+    H2(H2, Slot),
 }
 
 /// The request back if the upstream never started on it on a reused connection (so it is safe
@@ -334,17 +395,24 @@ impl Home {
 pub struct UpstreamBody {
     inner: Incoming,
     home: Option<Home>,
+    /// The request's place on its HTTP/2 connection, freed with the body.
+    slot: Option<Slot>,
 }
 
 impl UpstreamBody {
-    fn plain(inner: Incoming) -> Self {
-        Self { inner, home: None }
+    fn shared(inner: Incoming, slot: Slot) -> Self {
+        Self {
+            inner,
+            home: None,
+            slot: Some(slot),
+        }
     }
 
     fn pooled(inner: Incoming, home: Home) -> Self {
         let mut body = Self {
             inner,
             home: Some(home),
+            slot: None,
         };
         if body.inner.is_end_stream() {
             body.release();
@@ -353,6 +421,7 @@ impl UpstreamBody {
     }
 
     fn release(&mut self) {
+        self.slot = None;
         if let Some(home) = self.home.take() {
             home.release();
         }
@@ -372,7 +441,10 @@ impl Body for UpstreamBody {
         match &frame {
             None => this.release(),
             Some(Ok(_)) if this.inner.is_end_stream() => this.release(),
-            Some(Err(_)) => this.home = None,
+            Some(Err(_)) => {
+                this.home = None;
+                this.slot = None;
+            }
             Some(Ok(_)) => {}
         }
         Poll::Ready(frame)
@@ -460,6 +532,7 @@ mod tests {
             Limits {
                 idle_timeout,
                 max_idle_per_origin: max,
+                max_h2_streams: MAX_H2_STREAMS,
             },
         )
     }
@@ -592,6 +665,35 @@ mod tests {
         }
     }
 
+    /// A pool whose connections say HTTP/2 was negotiated ([`H2Tcp`]).
+    fn h2_pool(
+        max_h2_streams: usize,
+    ) -> Pool<
+        impl Service<
+            Uri,
+            Response = H2Tcp,
+            Error = std::io::Error,
+            Future = impl Future<Output = std::io::Result<H2Tcp>> + Send,
+        > + Clone
+        + Send
+        + 'static,
+    > {
+        let connector = tower::service_fn(|uri: Uri| async move {
+            let host = uri.authority().expect("authority").as_str().to_owned();
+            Ok::<_, std::io::Error>(H2Tcp(TokioIo::new(
+                tokio::net::TcpStream::connect(host).await?,
+            )))
+        });
+        Pool::new(
+            connector,
+            Limits {
+                idle_timeout: Duration::from_secs(60),
+                max_idle_per_origin: 8,
+                max_h2_streams,
+            },
+        )
+    }
+
     #[tokio::test]
     async fn an_http2_upstream_carries_concurrent_requests_on_one_connection() {
         let (url, accepted) = listen(|tcp| async move {
@@ -609,19 +711,7 @@ mod tests {
                 .await;
         })
         .await;
-        let connector = tower::service_fn(|uri: Uri| async move {
-            let host = uri.authority().expect("authority").as_str().to_owned();
-            Ok::<_, std::io::Error>(H2Tcp(TokioIo::new(
-                tokio::net::TcpStream::connect(host).await?,
-            )))
-        });
-        let pool = Pool::new(
-            connector,
-            Limits {
-                idle_timeout: Duration::from_secs(60),
-                max_idle_per_origin: 8,
-            },
-        );
+        let pool = h2_pool(MAX_H2_STREAMS);
         let a = pool.send(post(&url)).await.unwrap();
         let b = pool.send(post(&url)).await.unwrap();
         assert_eq!(a.version(), http::Version::HTTP_2);
@@ -630,6 +720,72 @@ mod tests {
         read(pool.send(post(&url)).await.unwrap()).await;
         assert_eq!(accepted.load(Ordering::SeqCst), 1);
         assert_eq!(pool.idle_h1(), 0);
+    }
+
+    /// Streams held open beyond what one HTTP/2 connection carries each get their head at once,
+    /// on further connections (the provider allows 2 streams a connection here, as the pool's
+    /// limit says): none waits for another to end. Once they end, the extra connections are
+    /// closed by the sweep and the first one carries the next request.
+    #[tokio::test]
+    async fn http2_streams_beyond_a_connections_limit_go_on_another_connection() {
+        let (release, released) = tokio::sync::watch::channel(false);
+        let (url, accepted) = listen(move |tcp| {
+            let released = released.clone();
+            async move {
+                let svc = hyper::service::service_fn(move |_req: Request<Incoming>| {
+                    let mut released = released.clone();
+                    async move {
+                        // A body whose one frame comes when the test says so: a long stream.
+                        let frame = futures_util::stream::once(async move {
+                            let _ = released.wait_for(|r| *r).await;
+                            Ok::<_, Infallible>(Frame::data(Bytes::from_static(b"done")))
+                        });
+                        let body = http_body_util::StreamBody::new(Box::pin(frame));
+                        Ok::<_, Infallible>(Response::new(body))
+                    }
+                });
+                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .max_concurrent_streams(2)
+                    .serve_connection(TokioIo::new(tcp), svc)
+                    .await;
+            }
+        })
+        .await;
+        let pool = h2_pool(2);
+        let mut open = Vec::new();
+        for i in 0..5 {
+            let head = tokio::time::timeout(Duration::from_secs(5), pool.send(post(&url))).await;
+            let resp = head
+                .unwrap_or_else(|_| panic!("stream {i} waited for another to end"))
+                .unwrap();
+            open.push(resp);
+        }
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            3,
+            "5 streams, 2 a connection"
+        );
+        release.send(true).unwrap();
+        for resp in open {
+            assert_eq!(read(resp).await, "done");
+        }
+        sweep(&mut pool.idle.lock().unwrap(), Duration::from_secs(60));
+        assert_eq!(
+            pool.idle
+                .lock()
+                .unwrap()
+                .h2
+                .values()
+                .map(Vec::len)
+                .sum::<usize>(),
+            1
+        );
+        let next = tokio::time::timeout(Duration::from_secs(5), pool.send(post(&url)))
+            .await
+            .expect("a free connection")
+            .unwrap();
+        drop(next);
+        assert_eq!(accepted.load(Ordering::SeqCst), 3);
     }
 
     #[tokio::test]
