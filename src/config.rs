@@ -192,6 +192,9 @@ pub struct UpstreamConfig {
     /// Largest single server-sent event accepted from a streaming upstream: what the gateway
     /// buffers for one event, so an upstream that never ends a line cannot grow it without bound.
     pub max_sse_event_bytes: usize,
+    /// Speak HTTP/2 without TLS (prior knowledge, "h2c") to `http://` base URLs; `https://` ones
+    /// negotiate HTTP/2 by ALPN either way.
+    pub http2_cleartext: bool,
 }
 
 impl Default for UpstreamConfig {
@@ -203,6 +206,7 @@ impl Default for UpstreamConfig {
             pool_idle_timeout_secs: 90,
             pool_max_idle_per_host: 256,
             max_sse_event_bytes: crate::proxy::stream::DEFAULT_MAX_EVENT_BYTES,
+            http2_cleartext: false,
         }
     }
 }

@@ -255,6 +255,7 @@ where
             idle_timeout: Duration::from_secs(cfg.pool_idle_timeout_secs),
             max_idle_per_origin: cfg.pool_max_idle_per_host,
             max_h2_streams: pool::MAX_H2_STREAMS,
+            h2c: cfg.http2_cleartext,
         },
     ))
 }

@@ -53,6 +53,8 @@ pub struct Limits {
     pub max_idle_per_origin: usize,
     /// At most this many requests at once on one HTTP/2 connection ([`MAX_H2_STREAMS`]).
     pub max_h2_streams: usize,
+    /// HTTP/2 without TLS (prior knowledge) to `http` origins (`upstream.http2_cleartext`).
+    pub h2c: bool,
 }
 
 /// Requests carried at once by one HTTP/2 connection to a provider. RFC 9113 (§6.5.2) asks a
@@ -250,7 +252,8 @@ where
             .await
             .map_err(|e| SendError::Connect(e.into()))?;
         self.start_sweeping();
-        if io.connected().is_negotiated_h2() {
+        let h2c = self.limits.h2c && origin.scheme == Scheme::HTTP;
+        if h2c || io.connected().is_negotiated_h2() {
             let (mut tx, conn) = self.h2.handshake(io).await?;
             tokio::spawn(async move {
                 if let Err(e) = conn.await {
@@ -533,6 +536,7 @@ mod tests {
                 idle_timeout,
                 max_idle_per_origin: max,
                 max_h2_streams: MAX_H2_STREAMS,
+                h2c: false,
             },
         )
     }
@@ -690,6 +694,7 @@ mod tests {
                 idle_timeout: Duration::from_secs(60),
                 max_idle_per_origin: 8,
                 max_h2_streams,
+                h2c: false,
             },
         )
     }
@@ -786,6 +791,37 @@ mod tests {
             .unwrap();
         drop(next);
         assert_eq!(accepted.load(Ordering::SeqCst), 3);
+    }
+
+    /// With `upstream.http2_cleartext`, an `http://` upstream gets HTTP/2 at once (no TLS, no
+    /// ALPN), and concurrent requests share its connection.
+    #[tokio::test]
+    async fn http2_cleartext_speaks_http2_to_an_http_origin() {
+        let (url, accepted) = listen(|tcp| async move {
+            let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
+                let answer = format!("{:?}", req.version());
+                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(answer))))
+            });
+            // Only HTTP/2: an HTTP/1.1 request would fail here.
+            let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(tcp), svc)
+                .await;
+        })
+        .await;
+        let pool = Pool::new(
+            HttpConnector::new(),
+            Limits {
+                idle_timeout: Duration::from_secs(60),
+                max_idle_per_origin: 8,
+                max_h2_streams: MAX_H2_STREAMS,
+                h2c: true,
+            },
+        );
+        let a = pool.send(post(&url)).await.unwrap();
+        let b = pool.send(post(&url)).await.unwrap();
+        assert_eq!(read(a).await, "HTTP/2.0");
+        assert_eq!(read(b).await, "HTTP/2.0");
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
     }
 
     #[tokio::test]
