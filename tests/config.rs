@@ -92,7 +92,8 @@ fn documented_keys(text: &str) -> BTreeSet<String> {
         let body = line.trim_start_matches('#').trim();
         if let Some((key, _)) = body.split_once('=') {
             let key = key.trim();
-            if !key.is_empty() && key.bytes().all(|b| b.is_ascii_lowercase() || b == b'_') {
+            let word = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_';
+            if key.starts_with(|c: char| c.is_ascii_lowercase()) && key.bytes().all(word) {
                 keys.insert(format!("{section}.{key}"));
             }
         }
