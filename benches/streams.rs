@@ -19,7 +19,13 @@
 //! `LONG_STREAM_SECS` (default 30), `STREAMS_RAMP_PER_SEC` (new streams per second while
 //! opening, default 2000), `STREAMS_SRC_ADDRS` (client source addresses 127.0.0.1..=127.0.0.x,
 //! default 4), `STREAMS_TOLLGATE_BIN` (the binary to measure; default this build's),
-//! `STREAMS_NGINX` (an nginx binary; `none` to measure tollgate alone).
+//! `STREAMS_NGINX` (an nginx binary; `none` to measure tollgate alone), `STREAMS_H2C=1`
+//! (tollgate speaks HTTP/2 to the upstream, `upstream.http2_cleartext`: many streams on one
+//! connection, as with a provider reached over `https://`; nginx cannot, it stays on HTTP/1.1).
+//!
+//! The upstream runs in a process of its own (this binary again, `STREAMS_UPSTREAM_EVENTS` set):
+//! a process may hold at most `RLIMIT_NOFILE` sockets (a hard 20,000 on some machines), and
+//! the clients and the upstream's end of each connection then need not share that budget.
 
 mod common;
 
@@ -56,6 +62,15 @@ const STARVED_GAP: Duration = Duration::from_secs(1);
 const US_PER_TICK: f64 = 10_000.0;
 
 fn main() -> ExitCode {
+    if let Ok(events) = std::env::var(UPSTREAM_CHILD) {
+        return match upstream_child(&events) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("streams upstream: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     match run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -100,43 +115,40 @@ fn run() -> anyhow::Result<()> {
         "STREAMS_N: at least one count"
     );
     let secs = env_u64("LONG_STREAM_SECS", 30)?.max(3);
+    let h2c = env_u64("STREAMS_H2C", 0)? != 0;
     let ramp = env_u64("STREAMS_RAMP_PER_SEC", 2000)?.max(1);
     let src_addrs = env_u64("STREAMS_SRC_ADDRS", 4)?.clamp(1, 250) as u8;
     let events = (secs * 1000 / EVENT_EVERY.as_millis() as u64) as usize;
     let max_n = ns.iter().copied().max().unwrap_or(0);
 
-    // This process holds each stream's client socket and upstream socket, the proxy its two:
-    // raise RLIMIT_NOFILE as far as allowed (children inherit it) and skip the counts it cannot
-    // hold (raising the hard limit needs CAP_SYS_RESOURCE).
+    // This process holds each stream's client socket, the upstream process its end of each
+    // upstream connection, tollgate one socket per stream and one per upstream connection (one
+    // per stream over HTTP/1.1, a few over HTTP/2), nginx's two workers half of both: raise
+    // RLIMIT_NOFILE as far as allowed (children inherit it) and skip the counts tollgate
+    // cannot hold (raising the hard limit needs CAP_SYS_RESOURCE).
     let files = raise_nofile((max_n as u64 * 2 + 1024).max(65_536));
-    let (ns, skipped): (Vec<usize>, Vec<usize>) =
-        ns.into_iter().partition(|&n| n as u64 * 2 + 512 <= files);
+    let per_stream = if h2c { 1 } else { 2 };
+    let (ns, skipped): (Vec<usize>, Vec<usize>) = ns
+        .into_iter()
+        .partition(|&n| n as u64 * per_stream + 512 <= files);
     let max_n = ns.iter().copied().max().unwrap_or(0);
 
     let mut log = Log(String::new());
     let tmp = tempfile::tempdir()?;
-    let upstream_rt = runtime("streams-upstream")?;
     let client_rt = runtime("streams-client")?;
     let ctl = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let upstream = Arc::new(UpstreamState::new(events));
 
     // tollgate, then nginx, each with an upstream listener of its own (a fresh port per run,
     // so the TIME_WAITs one run leaves do not meet the next).
-    let tollgate = Tollgate::start(&ctl, tmp.path(), &upstream_rt, &upstream, max_n)?;
+    let tollgate = Tollgate::start(&ctl, tmp.path(), events, max_n, h2c)?;
     let nginx = match find_program(
         "nginx",
         "STREAMS_NGINX",
         &["/usr/sbin/nginx", "/usr/local/sbin/nginx"],
     ) {
-        Some(bin) => Some(Nginx::start(
-            &bin,
-            tmp.path(),
-            &upstream_rt,
-            &upstream,
-            max_n,
-        )?),
+        Some(bin) => Some(Nginx::start(&bin, tmp.path(), events, max_n, files)?),
         None => {
             eprintln!("streams: nginx not found (apt-get install -y nginx-light): tollgate alone");
             None
@@ -154,9 +166,14 @@ fn run() -> anyhow::Result<()> {
         loadavg()
     ));
     log.say(format!(
-        "tollgate: {} (pid {}); reference: {}",
+        "tollgate: {} (pid {}), upstream over {}; reference: {}",
         tollgate.bin.display(),
         tollgate.child.id(),
+        if h2c {
+            "HTTP/2 (upstream.http2_cleartext)"
+        } else {
+            "HTTP/1.1"
+        },
         nginx.as_ref().map_or_else(
             || "none".into(),
             |n| format!("{} (worker_processes 2, keepalive 64, proxy_http_version 1.1, proxy_buffering off)", n.version)
@@ -164,8 +181,8 @@ fn run() -> anyhow::Result<()> {
     ));
     for n in &skipped {
         log.say(format!(
-            "N={n} SKIPPED: it needs about {} open files in this process and in the proxy; RLIMIT_NOFILE is {files} here and could not be raised (the hard limit needs CAP_SYS_RESOURCE)",
-            n * 2 + 512
+            "N={n} SKIPPED: tollgate needs about {} open files; RLIMIT_NOFILE is {files} here and could not be raised (the hard limit needs CAP_SYS_RESOURCE)",
+            *n as u64 * per_stream + 512
         ));
     }
     ensure!(!ns.is_empty(), "no stream count fits RLIMIT_NOFILE {files}");
@@ -184,7 +201,6 @@ fn run() -> anyhow::Result<()> {
         };
         let t = run_streams(
             &client_rt,
-            &upstream,
             &Proxy::Tollgate(&tollgate),
             &params,
             &tollgate.fixture,
@@ -192,13 +208,7 @@ fn run() -> anyhow::Result<()> {
         log.say(format!("N={n} tollgate: {}", t.line()));
         let g = match &nginx {
             Some(ng) => {
-                let r = run_streams(
-                    &client_rt,
-                    &upstream,
-                    &Proxy::Nginx(ng),
-                    &params,
-                    &tollgate.fixture,
-                )?;
+                let r = run_streams(&client_rt, &Proxy::Nginx(ng), &params, &tollgate.fixture)?;
                 log.say(format!("N={n} nginx:    {}", r.line()));
                 Some(r)
             }
@@ -448,18 +458,65 @@ async fn answer(
     Ok(r)
 }
 
-/// A listener of the upstream on a free port, served on `rt`.
-fn upstream_listener(rt: &Runtime, st: &Arc<UpstreamState>) -> anyhow::Result<SocketAddr> {
+/// The environment variable that makes this binary the upstream: its value is the count of
+/// content events per stream.
+const UPSTREAM_CHILD: &str = "STREAMS_UPSTREAM_EVENTS";
+
+/// The upstream process: a listener on a free port (its address the first line on stdout),
+/// served until the process is killed.
+fn upstream_child(events: &str) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let events: usize = events.trim().parse().context(UPSTREAM_CHILD)?;
+    let rt = runtime("streams-upstream")?;
     let listener = rt.block_on(async {
         let s = TcpSocket::new_v4()?;
         s.set_reuseaddr(true)?;
         s.bind((Ipv4Addr::LOCALHOST, 0).into())?;
         s.listen(4096)
     })?;
-    let addr = listener.local_addr()?;
-    let st = st.clone();
-    rt.spawn(serve_upstream(listener, st));
-    Ok(addr)
+    let mut out = std::io::stdout();
+    writeln!(out, "{}", listener.local_addr()?)?;
+    out.flush()?;
+    rt.block_on(serve_upstream(
+        listener,
+        Arc::new(UpstreamState::new(events)),
+    ));
+    Ok(())
+}
+
+/// An upstream process of this harness; killed when dropped.
+struct Upstream {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Upstream {
+    fn spawn(events: usize) -> anyhow::Result<Self> {
+        use std::io::BufRead as _;
+        let mut child = Command::new(std::env::current_exe()?)
+            .env(UPSTREAM_CHILD, events.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("starting the upstream process")?;
+        let mut line = String::new();
+        let stdout = child.stdout.take().context("upstream stdout")?;
+        std::io::BufReader::new(stdout).read_line(&mut line)?;
+        let addr = match line.trim().parse() {
+            Ok(a) => a,
+            Err(_) => {
+                terminate(&mut child, Duration::from_secs(1));
+                bail!("the upstream process said {line:?}, not its address");
+            }
+        };
+        Ok(Self { child, addr })
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        terminate(&mut self.child, Duration::from_secs(2));
+    }
 }
 
 async fn serve_upstream(listener: TcpListener, st: Arc<UpstreamState>) {
@@ -475,9 +532,10 @@ async fn serve_upstream(listener: TcpListener, st: Arc<UpstreamState>) {
         let st = st.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req| answer(req, st.clone()));
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
+            let _ =
+                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
         });
     }
 }
@@ -491,6 +549,7 @@ struct Tollgate {
     addr: SocketAddr,
     db_url: String,
     fixture: Fixture,
+    _upstream: Upstream,
 }
 
 impl Tollgate {
@@ -500,17 +559,17 @@ impl Tollgate {
     fn start(
         ctl: &Runtime,
         tmp: &Path,
-        upstream_rt: &Runtime,
-        upstream: &Arc<UpstreamState>,
+        events: usize,
         max_n: usize,
+        h2c: bool,
     ) -> anyhow::Result<Self> {
         let (bin, own_schema) = match std::env::var_os("STREAMS_TOLLGATE_BIN") {
             Some(p) => (PathBuf::from(p), true),
             None => (PathBuf::from(env!("CARGO_BIN_EXE_tollgate")), false),
         };
         ensure!(bin.exists(), "no tollgate binary at {}", bin.display());
-        let up = upstream_listener(upstream_rt, upstream)?;
-        let upstream_base = format!("http://{up}/v1");
+        let upstream = Upstream::spawn(events)?;
+        let upstream_base = format!("http://{}/v1", upstream.addr);
         let dir = tmp.join("tollgate");
         std::fs::create_dir_all(&dir)?;
         let db_url = format!("sqlite://{}?mode=rwc", dir.join("tollgate.db").display());
@@ -518,11 +577,14 @@ impl Tollgate {
         let cfg = common::bench_config(&db_url, &master_key, true);
         let ring = KeyRing::new(&[parse_master_key(&master_key)?])?;
         let config_path = dir.join("config.toml");
-        let toml = common::bench_config_toml(&db_url, &master_key, true).replacen(
+        let mut toml = common::bench_config_toml(&db_url, &master_key, true).replacen(
             "[server]\n",
             &format!("[server]\nmax_connections = {}\n", (max_n * 2).max(20_000)),
             1,
         );
+        if h2c {
+            toml.push_str("\n[upstream]\nhttp2_cleartext = true\n");
+        }
         std::fs::write(&config_path, toml)?;
         if own_schema {
             // Another build migrates its own schema; the fixture then goes in on it.
@@ -587,6 +649,7 @@ impl Tollgate {
             addr,
             db_url,
             fixture,
+            _upstream: upstream,
         })
     }
 
@@ -647,19 +710,22 @@ struct Nginx {
     addr: SocketAddr,
     version: String,
     pids: Vec<u32>,
+    _upstream: Upstream,
 }
 
 impl Nginx {
     /// nginx from the distribution as in the load harness (`benches/load.rs`), with room for
-    /// the streams: `worker_connections` and `worker_rlimit_nofile` above 2 × N per worker.
+    /// the streams: `worker_connections` above 2 × N per worker, `worker_rlimit_nofile` as high
+    /// as `nofile_limit` allows.
     fn start(
         bin: &Path,
         tmp: &Path,
-        upstream_rt: &Runtime,
-        upstream: &Arc<UpstreamState>,
+        events: usize,
         max_n: usize,
+        nofile_limit: u64,
     ) -> anyhow::Result<Self> {
-        let up = upstream_listener(upstream_rt, upstream)?;
+        let upstream = Upstream::spawn(events)?;
+        let up = upstream.addr;
         let dir = tmp.join("nginx");
         for sub in ["logs", "temp"] {
             std::fs::create_dir_all(dir.join(sub))?;
@@ -717,7 +783,8 @@ http {{
     }}
 }}
 "#,
-                files = conns * 2,
+                // Within the limit this process could raise (each worker holds about N).
+                files = (conns as u64 * 2).min(nofile_limit),
             ),
         )?;
         let log = std::fs::File::create(dir.join("logs/stderr.log"))?;
@@ -751,6 +818,7 @@ http {{
                     addr,
                     version,
                     pids,
+                    _upstream: upstream,
                 });
             }
             if let Some(status) = child.try_wait()? {
@@ -954,7 +1022,6 @@ fn percentile<T: Copy>(sorted: &[T], p: f64) -> Option<T> {
 
 fn run_streams(
     rt: &Runtime,
-    _upstream: &Arc<UpstreamState>,
     proxy: &Proxy<'_>,
     p: &RunParams,
     fx: &Fixture,
