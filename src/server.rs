@@ -19,17 +19,18 @@
 use std::cell::Cell;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::ConnectInfo;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto::Builder;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::runtime::Handle;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
 use crate::app::App;
@@ -63,6 +64,50 @@ impl Drop for OpenConnection {
     }
 }
 
+/// The first bytes of every HTTP/2 connection (RFC 9113 §3.4).
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// How long a new connection may stay silent: the same fixed bound as a request head's.
+const FIRST_BYTES_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What a new connection's first bytes say it speaks.
+#[derive(Debug, PartialEq, Eq)]
+enum Sniffed {
+    Http1,
+    Http2,
+    /// Only part of HTTP/2's preface so far (a client writing it in pieces): left to the
+    /// protocol detection of hyper-util, which reads until it knows.
+    Unsure,
+    /// Closed, failed, or silent past [`FIRST_BYTES_TIMEOUT`].
+    Gone,
+}
+
+/// Tells HTTP/1.1 from HTTP/2 by peeking at the connection's first bytes, without reading
+/// them. hyper-util's detection reads them instead, 24 bytes, and hands them back in front of
+/// the socket, so hyper's HTTP/1.1 side first reads those 24 alone, then reserves a second
+/// 8 KiB for the rest: every client connection then held a 16 KiB read buffer where 8 do
+/// (`benches/README.md`, long-lived streams), and made one more `read(2)`.
+async fn sniff(stream: &TcpStream) -> Sniffed {
+    let mut first = [0u8; H2_PREFACE.len()];
+    match tokio::time::timeout(FIRST_BYTES_TIMEOUT, stream.peek(&mut first)).await {
+        Ok(Ok(0)) | Ok(Err(_)) | Err(_) => Sniffed::Gone,
+        Ok(Ok(n)) if first[..n] != H2_PREFACE[..n] => Sniffed::Http1,
+        Ok(Ok(n)) if n == H2_PREFACE.len() => Sniffed::Http2,
+        Ok(Ok(_)) => Sniffed::Unsure,
+    }
+}
+
+/// Serves `conn` until it ends; once `stopping` is cancelled, it finishes the request under
+/// way (`graceful`: hyper's graceful shutdown of that kind of connection) and closes.
+async fn until_done<C: Future>(conn: C, stopping: &CancellationToken, graceful: fn(Pin<&mut C>)) {
+    let mut conn = std::pin::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => return,
+        _ = stopping.cancelled() => graceful(conn.as_mut()),
+    }
+    let _ = conn.await;
+}
+
 /// How long the usage writer may take to flush after the drain.
 const FLUSH_LIMIT: Duration = Duration::from_secs(60);
 
@@ -78,7 +123,8 @@ pub async fn serve(
         retention,
     } = app;
     let drain = Duration::from_secs(state.config.server.shutdown_drain_secs);
-    let graceful = GracefulShutdown::new();
+    // Cancelled on shutdown: every connection then finishes what it is serving and closes.
+    let stopping = CancellationToken::new();
     let mut connections = JoinSet::new();
     let mut builder = Builder::new(TokioExecutor::new());
     builder
@@ -88,6 +134,14 @@ pub async fn serve(
         // Bounds what a client that reads slowly makes the connection hold (see the constant).
         .max_buf_size(crate::proxy::stream::CONN_BUF_BYTES);
     builder.http2().timer(hyper_util::rt::TokioTimer::new());
+    // The same settings, for a connection whose protocol `sniff` already knows.
+    let mut http1 = hyper::server::conn::http1::Builder::new();
+    http1
+        .timer(hyper_util::rt::TokioTimer::new())
+        .keep_alive(true)
+        .max_buf_size(crate::proxy::stream::CONN_BUF_BYTES);
+    let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    http2.timer(hyper_util::rt::TokioTimer::new());
     let mut workers = Workers::start(state.config.workers())?;
     // The proxied `/v1` routes skip the router (see `edge`), unless CORS needs its layer.
     let fast = state
@@ -157,7 +211,8 @@ pub async fn serve(
                         Box::pin(router.oneshot(req)).await
                     }
                 });
-                let (builder, watcher) = (builder.clone(), graceful.watcher());
+                let (builder, stopping) = (builder.clone(), stopping.clone());
+                let (http1, http2) = (http1.clone(), http2.clone());
                 let open = OpenConnection::new(slot, &state.metrics.connections_open);
                 connections.spawn_on(
                     async move {
@@ -165,11 +220,22 @@ pub async fn serve(
                         let Ok(stream) = TcpStream::from_std(stream) else {
                             return;
                         };
-                        let conn = builder.serve_connection_with_upgrades(
-                            TokioIo::new(stream),
-                            svc,
-                        );
-                        let _ = watcher.watch(conn).await;
+                        let io = TokioIo::new(stream);
+                        match sniff(io.inner()).await {
+                            Sniffed::Gone => {}
+                            Sniffed::Http1 => {
+                                let conn = http1.serve_connection(io, svc).with_upgrades();
+                                until_done(conn, &stopping, |c| c.graceful_shutdown()).await;
+                            }
+                            Sniffed::Http2 => {
+                                let conn = http2.serve_connection(io, svc);
+                                until_done(conn, &stopping, |c| c.graceful_shutdown()).await;
+                            }
+                            Sniffed::Unsure => {
+                                let conn = builder.serve_connection_with_upgrades(io, svc);
+                                until_done(conn, &stopping, |c| c.graceful_shutdown()).await;
+                            }
+                        }
                     },
                     workers.next(),
                 );
@@ -187,7 +253,10 @@ pub async fn serve(
         "shutting down: not accepting; draining in-flight requests"
     );
     tokio::select! {
-        _ = graceful.shutdown() => {}
+        _ = async {
+            stopping.cancel();
+            while connections.join_next().await.is_some() {}
+        } => {}
         _ = tokio::time::sleep(drain) => {
             tracing::warn!(drain_secs = drain.as_secs(), "drain timeout reached; closing remaining connections");
         }
@@ -331,5 +400,53 @@ pub fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
         {
             let _ = tokio::signal::ctrl_c().await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::AsyncWriteExt;
+
+    use super::*;
+
+    /// A connection on which the client has written `sent` (and then `close`s if asked): what
+    /// `sniff` makes of it.
+    async fn sniffed(sent: &[u8], close: bool) -> Sniffed {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        client.write_all(sent).await.unwrap();
+        if close {
+            client.shutdown().await.unwrap();
+        }
+        let verdict = sniff(&server).await;
+        // Peeked, not read: hyper still gets every byte.
+        let mut all = vec![0u8; sent.len()];
+        if !sent.is_empty() {
+            let n = server.peek(&mut all).await.unwrap();
+            assert_eq!(&all[..n], &sent[..n]);
+        }
+        verdict
+    }
+
+    #[tokio::test]
+    async fn the_first_bytes_tell_the_protocol_without_being_read() {
+        assert_eq!(
+            sniffed(b"POST /v1/chat/completions HTTP/1.1\r\n", false).await,
+            Sniffed::Http1
+        );
+        assert_eq!(
+            sniffed(b"GET / HTTP/1.1\r\n\r\n", false).await,
+            Sniffed::Http1
+        );
+        let mut h2 = H2_PREFACE.to_vec();
+        h2.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]);
+        assert_eq!(sniffed(&h2, false).await, Sniffed::Http2);
+        // A prefix of the preface ("P" could still be "POST"): hyper-util's detection decides.
+        assert_eq!(sniffed(b"P", false).await, Sniffed::Unsure);
+        assert_eq!(sniffed(&H2_PREFACE[..10], false).await, Sniffed::Unsure);
+        assert_eq!(sniffed(b"", true).await, Sniffed::Gone);
     }
 }

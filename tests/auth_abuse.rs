@@ -384,3 +384,31 @@ async fn connections_past_the_cap_wait_for_a_free_slot() {
     drop((second, third));
     until("every connection closed", || m.connections_open.get() == 0).await;
 }
+
+/// A client speaking HTTP/2 from its first byte (prior knowledge) is served as one speaking
+/// HTTP/1.1 is: the server tells them apart by peeking at the connection's first bytes.
+#[tokio::test]
+async fn an_http2_client_is_served_on_the_same_port() {
+    let app = TestApp::spawn().await;
+    let tcp = tokio::net::TcpStream::connect(app.addr)
+        .await
+        .expect("connect");
+    let (mut tx, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .expect("HTTP/2 handshake");
+    tokio::spawn(conn);
+    for _ in 0..2 {
+        let req = http::Request::get(format!("http://{}/health", app.addr))
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let resp = tx.send_request(req).await.expect("response");
+        assert_eq!(resp.version(), http::Version::HTTP_2);
+        assert_eq!(resp.status(), 200);
+    }
+    // And HTTP/1.1 beside it.
+    let (status, _) = app.get("/health", None).await;
+    assert_eq!(status, 200);
+}
