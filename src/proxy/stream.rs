@@ -376,8 +376,11 @@ impl<B> MeteredStream<B> {
     }
 
     /// Everything mapped so far as one frame (one write to the client instead of one per event).
+    /// The buffer goes with it, spare room and all: kept for the next frame, that room would
+    /// hold the frame's whole allocation ([`OUT_CHUNK`]) while a long stream waits between
+    /// events; the next frame allocates its own.
     fn take_out(&mut self) -> Option<Bytes> {
-        (!self.out.is_empty()).then(|| self.out.split().freeze())
+        (!self.out.is_empty()).then(|| std::mem::take(&mut self.out).freeze())
     }
 
     fn handle_event(&mut self, ev: SseEvent) {
