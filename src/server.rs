@@ -221,7 +221,12 @@ pub async fn serve(
                             return;
                         };
                         let io = TokioIo::new(stream);
-                        match sniff(io.inner()).await {
+                        // A shutdown does not wait for a connection that has said nothing yet.
+                        let sniffed = tokio::select! {
+                            s = sniff(io.inner()) => s,
+                            _ = stopping.cancelled() => Sniffed::Gone,
+                        };
+                        match sniffed {
                             Sniffed::Gone => {}
                             Sniffed::Http1 => {
                                 let conn = http1.serve_connection(io, svc).with_upgrades();

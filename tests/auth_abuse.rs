@@ -412,3 +412,21 @@ async fn an_http2_client_is_served_on_the_same_port() {
     let (status, _) = app.get("/health", None).await;
     assert_eq!(status, 200);
 }
+
+/// A connection that has sent nothing does not hold a shutdown for the whole drain: it is closed
+/// at once (the drain is for requests under way).
+#[tokio::test]
+async fn a_silent_connection_does_not_hold_the_shutdown() {
+    let app = TestApp::spawn_with(|c| c.server.shutdown_drain_secs = 120).await;
+    let m = app.state.metrics.clone();
+    let mut silent = tokio::net::TcpStream::connect(app.addr)
+        .await
+        .expect("connect");
+    until("the connection is open", || m.connections_open.get() == 1).await;
+    // Well inside the 120 s drain: the server returns without waiting for it.
+    tokio::time::timeout(Duration::from_secs(20), app.stop())
+        .await
+        .expect("shutdown waited for a silent connection");
+    let mut buf = [0u8; 1];
+    assert_eq!(silent.read(&mut buf).await.expect("closed, not reset"), 0);
+}
