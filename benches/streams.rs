@@ -140,7 +140,7 @@ fn run() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
 
-    // tollgate, then nginx, each with an upstream listener of its own (a fresh port per run,
+    // tollgate, then nginx, each with an upstream process of its own (a fresh port per run,
     // so the TIME_WAITs one run leaves do not meet the next).
     let tollgate = Tollgate::start(&ctl, tmp.path(), events, max_n, h2c)?;
     let nginx = match find_program(
