@@ -15,6 +15,9 @@
 //! On shutdown it stops accepting, lets in-flight requests and streams finish (bounded by
 //! `server.shutdown_drain_secs`), aborts what is still open after that (their metered bodies are
 //! dropped, which meters them), and finally flushes every pending usage record.
+//!
+//! Every client connection closes by lingering ([`linger`]): a client still sending a body the
+//! gateway answered early (413, a bad form) reads that answer instead of a reset.
 
 use std::cell::Cell;
 use std::future::Future;
@@ -34,6 +37,9 @@ use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
 use crate::app::App;
+
+mod linger;
+use linger::Lingering;
 
 /// See `Workers::start`.
 const WORKER_TICK: Duration = Duration::from_secs(1);
@@ -220,10 +226,10 @@ pub async fn serve(
                         let Ok(stream) = TcpStream::from_std(stream) else {
                             return;
                         };
-                        let io = TokioIo::new(stream);
+                        let io = TokioIo::new(Lingering::new(stream, &linger::BOUNDS));
                         // A shutdown does not wait for a connection that has said nothing yet.
                         let sniffed = tokio::select! {
-                            s = sniff(io.inner()) => s,
+                            s = sniff(io.inner().get_ref()) => s,
                             _ = stopping.cancelled() => Sniffed::Gone,
                         };
                         match sniffed {

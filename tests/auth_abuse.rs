@@ -430,3 +430,38 @@ async fn a_silent_connection_does_not_hold_the_shutdown() {
     let mut buf = [0u8; 1];
     assert_eq!(silent.read(&mut buf).await.expect("closed, not reset"), 0);
 }
+
+/// A client still sending a body the gateway answered early (here a declared body over
+/// `server.max_body_bytes`, refused before it is read) reads that answer and then the end of the
+/// connection: the server reads and discards the rest before closing, instead of closing on
+/// unread data, which resets the connection under the client's writes.
+#[tokio::test]
+async fn an_early_answer_reaches_a_client_still_sending() {
+    let app = TestApp::spawn_with(|c| c.server.max_body_bytes = 4096).await;
+    let mut tcp = tokio::net::TcpStream::connect(app.addr)
+        .await
+        .expect("connect");
+    let head = format!(
+        "POST /api/auth/login HTTP/1.1\r\nhost: {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        app.addr,
+        1024 * 1024
+    );
+    tcp.write_all(head.as_bytes()).await.expect("head");
+    tcp.write_all(&[b' '; 64 * 1024]).await.expect("first part");
+    // The answer is sent (and the connection closed by the server) while the client, not
+    // reading, goes on sending.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for _ in 0..20 {
+        tcp.write_all(&[b' '; 16 * 1024])
+            .await
+            .expect("still sending, not reset");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let mut answer = Vec::new();
+    tcp.read_to_end(&mut answer)
+        .await
+        .expect("the answer, then the end");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(answer.contains("payload_too_large"), "{answer}");
+}
