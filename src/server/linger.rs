@@ -124,9 +124,11 @@ impl AsyncWrite for Lingering {
         let now = Instant::now();
         let bounds = this.bounds;
         let hard_stop = *this.hard_stop.get_or_insert(now + bounds.at_most);
-        let until = this
-            .until
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(now + bounds.quiet_for)));
+        let until = this.until.get_or_insert_with(|| {
+            Box::pin(tokio::time::sleep_until(
+                (now + bounds.quiet_for).min(hard_stop),
+            ))
+        });
         let mut scratch = [0u8; DRAIN_CHUNK];
         loop {
             if until.as_mut().poll(cx).is_ready() {
@@ -157,26 +159,38 @@ mod tests {
 
     use super::*;
 
-    /// Shorter than the real ones, so the tests wait less.
-    static TEST_BOUNDS: Bounds = Bounds {
-        quiet_for: Duration::from_millis(300),
-        at_most: Duration::from_millis(1500),
+    /// Long enough that a test machine's stalls do not end a linger early.
+    static PATIENT: Bounds = Bounds {
+        quiet_for: Duration::from_secs(5),
+        at_most: Duration::from_secs(10),
     };
 
-    async fn pair() -> (TcpStream, Lingering) {
+    /// A short silence ends it.
+    static QUICK_TO_GIVE_UP: Bounds = Bounds {
+        quiet_for: Duration::from_millis(300),
+        at_most: Duration::from_secs(10),
+    };
+
+    /// The total bound ends it, well before any silence would.
+    static CUT_SHORT: Bounds = Bounds {
+        quiet_for: Duration::from_secs(5),
+        at_most: Duration::from_secs(1),
+    };
+
+    async fn pair(bounds: &'static Bounds) -> (TcpStream, Lingering) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let client = TcpStream::connect(listener.local_addr().unwrap())
             .await
             .unwrap();
         let (server, _) = listener.accept().await.unwrap();
-        (client, Lingering::new(server, &TEST_BOUNDS))
+        (client, Lingering::new(server, bounds))
     }
 
     /// The server answers without reading what the client sent, and closes while the client
     /// keeps sending: the client reads the whole answer, then the end — no reset.
     #[tokio::test]
     async fn a_client_still_sending_reads_the_answer_then_the_end() {
-        let (mut client, mut server) = pair().await;
+        let (mut client, mut server) = pair(&PATIENT).await;
         client.write_all(&[b'x'; 64 * 1024]).await.unwrap();
         server.write_all(b"HTTP/1.1 413\r\n\r\n").await.unwrap();
         let closing = tokio::spawn(async move {
@@ -198,23 +212,28 @@ mod tests {
     /// A client that never closes holds the connection for `quiet_for` of silence, no longer.
     #[tokio::test]
     async fn a_silent_client_is_waited_for_only_so_long() {
-        let (client, mut server) = pair().await;
+        let (client, mut server) = pair(&QUICK_TO_GIVE_UP).await;
         let started = Instant::now();
         server.shutdown().await.unwrap();
         let waited = started.elapsed();
-        let quiet = TEST_BOUNDS.quiet_for;
-        assert!(
-            waited >= quiet && waited < TEST_BOUNDS.at_most,
-            "{waited:?}"
-        );
+        assert!(waited >= QUICK_TO_GIVE_UP.quiet_for, "{waited:?}");
+        assert!(waited < QUICK_TO_GIVE_UP.at_most, "{waited:?}");
+        drop(client);
+        // Nor past the total bound when that comes first.
+        let (client, mut server) = pair(&CUT_SHORT).await;
+        let started = Instant::now();
+        server.shutdown().await.unwrap();
+        let waited = started.elapsed();
+        assert!(waited >= CUT_SHORT.at_most, "{waited:?}");
+        assert!(waited < CUT_SHORT.quiet_for, "{waited:?}");
         drop(client);
     }
 
-    /// A client that keeps sending (every 100 ms, inside `quiet_for`) is read for `at_most`,
-    /// no longer.
+    /// A client that keeps sending (every 100 ms, well inside `quiet_for`) is read for
+    /// `at_most`, no longer.
     #[tokio::test]
     async fn a_client_that_keeps_sending_is_cut_off() {
-        let (mut client, mut server) = pair().await;
+        let (mut client, mut server) = pair(&CUT_SHORT).await;
         let started = Instant::now();
         let closing = tokio::spawn(async move { server.shutdown().await });
         while !closing.is_finished() {
@@ -226,19 +245,19 @@ mod tests {
         }
         closing.await.unwrap().unwrap();
         let waited = started.elapsed();
-        assert!(waited >= TEST_BOUNDS.at_most, "{waited:?}");
-        assert!(waited < TEST_BOUNDS.at_most * 3, "{waited:?}");
+        assert!(waited >= CUT_SHORT.at_most, "{waited:?}");
+        assert!(waited < CUT_SHORT.quiet_for, "{waited:?}");
     }
 
     /// A client that closed first: nothing to wait for.
     #[tokio::test]
     async fn a_client_that_closed_first_is_not_waited_for() {
-        let (client, mut server) = pair().await;
+        let (client, mut server) = pair(&PATIENT).await;
         drop(client);
         let mut buf = [0u8; 16];
         assert_eq!(server.read(&mut buf).await.unwrap(), 0);
         let started = Instant::now();
         server.shutdown().await.unwrap();
-        assert!(started.elapsed() < TEST_BOUNDS.quiet_for);
+        assert!(started.elapsed() < PATIENT.quiet_for);
     }
 }
