@@ -1797,6 +1797,74 @@ mod tests {
         );
     }
 
+    /// Cut anywhere after `message_start` — between events, inside one, after a `message_delta`
+    /// that omits the cache fields — the usage so far keeps message_start's input, cache read
+    /// and cache write (never zeroed, never summed), both in the translating decoder and in the
+    /// pass-through's reader.
+    #[test]
+    fn a_cut_stream_keeps_the_cache_fields_it_reported() {
+        let bytes = STREAM.as_bytes();
+        let head_end = STREAM.find("\n\n").expect("message_start") + 2;
+        let stop = STREAM.find("event: message_stop").expect("stop");
+        let first_delta = STREAM.find("event: message_delta").expect("delta");
+        let last_delta = STREAM.rfind("event: message_delta").expect("delta");
+        // Where an event's JSON ends: a stream cut there, without the blank line, still ends
+        // with the whole event (the decoder takes it at the end; the pass-through's scanner,
+        // run here without its `finish`, only once the blank line is in).
+        let json_end = |at: usize| at + STREAM[at..].find("\n\n").expect("end");
+        let want = |cut: usize, slack: usize| {
+            if cut >= json_end(last_delta) + slack {
+                89
+            } else if cut >= json_end(first_delta) + slack {
+                60
+            } else {
+                6
+            }
+        };
+        let cached = |completion| Usage {
+            prompt: 423 + 2000 + 100,
+            completion,
+            cached: 2000,
+            cache_write: 100,
+            reasoning: 0,
+        };
+        for cut in head_end..stop {
+            let (_, r, usage) = decode_stream(&bytes[..cut]);
+            assert!(
+                matches!(r, Err(StreamFault::Malformed(_))),
+                "cut at {cut}: {r:?}"
+            );
+            assert_eq!(usage, Some(cached(want(cut, 0))), "cut at {cut}");
+
+            let mut p = PassthroughUsage::new();
+            let mut sc = SseScanner::new(1 << 20);
+            sc.push(&bytes[..cut]);
+            while let Ok(Some(ev)) = sc.next_event() {
+                if let Some(d) = ev.data {
+                    p.on_event(&d);
+                }
+            }
+            assert_eq!(
+                p.usage(),
+                Some(cached(want(cut, 2))),
+                "pass-through cut at {cut}"
+            );
+        }
+        // Before message_start is whole there is nothing reported.
+        let (_, r, usage) = decode_stream(&bytes[..head_end - 3]);
+        assert!(r.is_err());
+        assert_eq!(usage, None);
+        // A later report that gives the cache fields as null or leaves them out keeps them.
+        let nulls = STREAM.replace(
+            r#""usage":{"output_tokens":60}"#,
+            r#""usage":{"output_tokens":60,"cache_read_input_tokens":null,"cache_creation_input_tokens":null}"#,
+        );
+        assert_ne!(nulls, STREAM);
+        let cut = nulls.find("event: message_stop").expect("stop");
+        let (_, _, usage) = decode_stream(&nulls.as_bytes()[..cut]);
+        assert_eq!(usage, Some(cached(89)));
+    }
+
     #[test]
     fn stream_error_event_is_an_upstream_fault() {
         let s = include_str!("../../tests/fixtures/anthropic/stream_error.sse");
