@@ -1198,3 +1198,179 @@ async fn chat_completions_with_store_are_kept_by_the_gateway_not_the_upstream() 
     assert_eq!(w.g.mock.requests().len(), before);
     app.stop().await;
 }
+
+/// Spec §11 beyond OpenAI's pass-through: an attempt through the pivot, or Anthropic's Messages
+/// passed through, that fails before any byte reached the client is retried on the next
+/// deployment — whatever kind it is — for an OpenAI and an Anthropic client, streamed or not;
+/// when every attempt fails, the last failure is the answer, in the client's shape.
+#[tokio::test]
+async fn translated_attempts_are_retried_on_the_next_deployment() {
+    let app = TestApp::spawn_with(|c| c.routing.failure_threshold = 1000).await;
+    let w = world(&app).await;
+    let auth = bearer(&w.g.key);
+    let dep = |provider: &str, upstream: &str, priority: i32| json!({"provider": provider, "upstream_model": upstream, "priority": priority});
+    for (name, deployments) in [
+        (
+            "anthropic-first",
+            json!([
+                dep("claude", "claude-overloaded", 0),
+                dep("mock", "normal", 1)
+            ]),
+        ),
+        (
+            "openai-first",
+            json!([dep("mock", "fail503", 0), dep("claude", "claude-ok", 1)]),
+        ),
+        (
+            "all-failing",
+            json!([
+                dep("claude", "claude-overloaded", 0),
+                dep("mock", "fail503", 1)
+            ]),
+        ),
+    ] {
+        let (s, b) = app
+            .post(
+                "/api/admin/models",
+                Some(&w.g.admin),
+                json!({"name": name, "deployments": deployments, "input_price_per_1m": 1.0,
+                       "output_price_per_1m": 2.0, "max_output_tokens": 100}),
+            )
+            .await;
+        assert_eq!(s, 201, "model {name}: {b}");
+    }
+    let attempts = |h: &HeaderMap| -> u32 {
+        h["x-tollgate-attempts"]
+            .to_str()
+            .expect("ascii")
+            .parse()
+            .expect("a number")
+    };
+    let chat = |model: &str, stream: bool| json!({"model": model, "stream": stream, "messages": [{"role": "user", "content": "Hi"}]});
+    let message = |model: &str, stream: bool| {
+        json!({"model": model, "max_tokens": 50, "stream": stream,
+               "messages": [{"role": "user", "content": "Hi"}]})
+    };
+    let overloaded_before = w.anthropic.requests.lock().expect("lock").len();
+    let fail503_before = w.g.mock.count("fail503");
+
+    // A failing Anthropic deployment, then an OpenAI one.
+    for stream in [false, true] {
+        let (s, h, body) = post_raw(
+            &app,
+            "/v1/chat/completions",
+            &[("authorization", &auth)],
+            chat("anthropic-first", stream),
+        )
+        .await;
+        assert_eq!(s, 200, "chat, stream {stream}: {body}");
+        assert_eq!(attempts(&h), 2, "chat, stream {stream}");
+        assert_eq!(h["x-tollgate-model"], "anthropic-first");
+        if stream {
+            assert!(body.trim_end().ends_with("data: [DONE]"), "{body}");
+        } else {
+            let v: Value = serde_json::from_str(&body).expect("json");
+            assert_eq!(v["object"], "chat.completion", "{v}");
+            assert_eq!(v["model"], "anthropic-first", "{v}");
+        }
+        let (s, h, body) = post_raw(
+            &app,
+            "/v1/messages",
+            &[("x-api-key", &w.g.key)],
+            message("anthropic-first", stream),
+        )
+        .await;
+        assert_eq!(s, 200, "messages, stream {stream}: {body}");
+        assert_eq!(attempts(&h), 2, "messages, stream {stream}");
+        if stream {
+            let events = sse(&body);
+            assert_eq!(events[0].0.as_deref(), Some("message_start"), "{body}");
+            assert_eq!(
+                events.last().and_then(|e| e.0.as_deref()),
+                Some("message_stop")
+            );
+        } else {
+            let v: Value = serde_json::from_str(&body).expect("json");
+            assert_eq!(v["type"], "message", "{v}");
+        }
+    }
+    let overloaded: Vec<Value> = w.anthropic.requests.lock().expect("lock")[overloaded_before..]
+        .iter()
+        .map(|(_, _, b)| b["model"].clone())
+        .collect();
+    assert_eq!(overloaded, vec![json!("claude-overloaded"); 4]);
+
+    // A failing OpenAI deployment, then an Anthropic one (translated for the OpenAI client,
+    // passed through for the Anthropic one).
+    let (s, h, body) = post_raw(
+        &app,
+        "/v1/chat/completions",
+        &[("authorization", &auth)],
+        chat("openai-first", false),
+    )
+    .await;
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(attempts(&h), 2);
+    let v: Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(v["choices"][0]["message"]["content"], "Hello from claude");
+    let (s, h, body) = post_raw(
+        &app,
+        "/v1/messages",
+        &[("x-api-key", &w.g.key)],
+        message("openai-first", false),
+    )
+    .await;
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(attempts(&h), 2);
+    let v: Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(v["content"][0]["text"], "Hello from claude", "{v}");
+    assert_eq!(v["model"], "openai-first", "the client's model name");
+    assert_eq!(w.g.mock.count("fail503") - fail503_before, 2);
+
+    // Every deployment failing: the last failure, in the client's shape.
+    let (s, h, body) = post_raw(
+        &app,
+        "/v1/chat/completions",
+        &[("authorization", &auth)],
+        chat("all-failing", false),
+    )
+    .await;
+    assert_eq!(s, 503, "{body}");
+    assert_eq!(attempts(&h), 2);
+    let v: Value = serde_json::from_str(&body).expect("json");
+    assert!(v["error"]["message"].is_string(), "OpenAI's shape: {v}");
+    let (s, h, body) = post_raw(
+        &app,
+        "/v1/messages",
+        &[("x-api-key", &w.g.key)],
+        message("all-failing", false),
+    )
+    .await;
+    assert_eq!(s, 503, "{body}");
+    assert_eq!(attempts(&h), 2);
+    let v: Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(v["type"], "error", "Anthropic's shape: {v}");
+    assert!(v["error"]["type"].is_string(), "{v}");
+
+    // One usage record per client request, with its attempts and the provider that answered.
+    let records = gateway::wait_records(&app, &w.g.user, 8).await;
+    let ours: Vec<&Value> = records
+        .iter()
+        .filter(|r| {
+            ["anthropic-first", "openai-first", "all-failing"]
+                .contains(&r["model"].as_str().unwrap_or(""))
+        })
+        .collect();
+    assert_eq!(ours.len(), 8, "{ours:?}");
+    for r in &ours {
+        assert_eq!(r["attempts"], 2, "{r}");
+        let want = match (r["model"].as_str(), r["status"].as_i64()) {
+            (Some("anthropic-first"), Some(200)) => "mock",
+            (Some("openai-first"), Some(200)) => "claude",
+            (Some("all-failing"), Some(503)) => "mock",
+            other => panic!("unexpected record {other:?}: {r}"),
+        };
+        assert_eq!(r["provider"], want, "{r}");
+    }
+    app.stop().await;
+}

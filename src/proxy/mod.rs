@@ -567,6 +567,9 @@ async fn attempt(
     let mut started: Option<std::time::Instant> = None;
     // The last failure, answered when nothing else can be tried.
     let mut last: Option<Failed> = None;
+    // The client's request as the pivot, decoded at the first attempt that translates it.
+    let mut pivot: Option<crate::pivot::ChatRequest> = None;
+    let mut to_store = to_store;
     // ④ upstream — from here the request is billed even if the process is killed.
     meter.spool_shared(&state.spool).await;
     loop {
@@ -636,9 +639,44 @@ async fn attempt(
                 call.endpoint,
                 Endpoint::ChatCompletions | Endpoint::Completions | Endpoint::Embeddings
             );
+        if !passes && retried_foreign(call.endpoint, &route) {
+            // Through the pivot, or Anthropic's Messages to an `anthropic` provider: retried
+            // like the pass-through until a byte reached the client.
+            let foreign = Box::pin(attempt_foreign(
+                state,
+                &route,
+                call,
+                &mut pivot,
+                meter,
+                &mut to_store,
+            ));
+            let (m, failed, failure) = match foreign.await {
+                Ok(resp) => {
+                    if let Some(pair) = pair {
+                        note(state, pair, masked, &route, Outcome::Ok, began.elapsed());
+                    }
+                    return with_routing(resp, &plan.model.model.name, attempts);
+                }
+                Err(f) => *f,
+            };
+            meter = m;
+            let (next, outcome) = judge(failure);
+            if let Some(pair) = pair {
+                note(state, pair, masked, &route, outcome, began.elapsed());
+            }
+            match next {
+                Next::Answer => {
+                    return answer_failure(state, meter, Some(failed), &plan, attempts);
+                }
+                Next::Retry => {}
+                Next::Fallback => plan.give_up(),
+            }
+            last = Some(failed);
+            continue;
+        }
         if !passes {
-            // Through the pivot (or another protocol's pass-through): one attempt, its answer
-            // is the client's; health still learns from it.
+            // Through another protocol's pass-through or the media paths: one attempt, its
+            // answer is the client's; health still learns from it.
             // Boxed: the pivot's and the media paths' state (≈ 10 KB) would otherwise sit in
             // every request's future, and be copied with it, pass-through ones included.
             let translated = Box::pin(translated(
@@ -824,6 +862,148 @@ async fn send(
         count_no_answer(state, e);
     }
     res
+}
+
+/// Whether an attempt that is not OpenAI's pass-through can be retried: a chat completion or an
+/// Anthropic Message through the pivot, or Anthropic's Messages passed through. (The Responses
+/// API, token counting, embeddings and the media routes make one attempt.)
+fn retried_foreign(endpoint: Endpoint, route: &route::Route) -> bool {
+    match endpoint {
+        Endpoint::Messages => route.translator.is_some(),
+        Endpoint::ChatCompletions => {
+            route.translator.is_some() && !route.passes_through(Endpoint::ChatCompletions)
+        }
+        _ => false,
+    }
+}
+
+/// A failed attempt: the meter back, the failure as the client would get it, and what it was.
+type ForeignFailure = Box<(Meter, Failed, Failure)>;
+
+/// One attempt of [`retried_foreign`] kind. `Ok`: the client's answer (a success relayed, or a
+/// request this route cannot take); `Err`: the upstream failed before any byte reached the
+/// client, its error answer already in the client's shape.
+async fn attempt_foreign(
+    state: &AppState,
+    route: &route::Route,
+    call: &Call<'_>,
+    pivot: &mut Option<crate::pivot::ChatRequest>,
+    mut meter: Meter,
+    to_store: &mut Option<stored::ToStore>,
+) -> Result<Response, ForeignFailure> {
+    let endpoint = call.endpoint;
+    let Some(protocol) = crate::protocols::for_endpoint(endpoint) else {
+        return Ok(translate::refuse(
+            &crate::protocols::openai_chat::OpenAiChat,
+            meter,
+            ApiError::internal(anyhow::anyhow!("no client protocol for {endpoint:?}")),
+        ));
+    };
+    let passes = route.passes_through(endpoint);
+    let sent = if passes {
+        // Anthropic's Messages to an `anthropic` provider: the body as the client sent it.
+        let mut f = match passthrough::anthropic_request(route, call) {
+            Ok(f) => f,
+            Err(e) => return Ok(passthrough::refuse(protocol, meter, e)),
+        };
+        match passthrough::send(state, route, &mut f, call.request_id).await {
+            Ok(r) if r.status().is_success() => {
+                let out = passthrough::answer(state, route, f, &call.view.model, meter, r);
+                return Ok(Box::pin(out).await);
+            }
+            other => other,
+        }
+    } else {
+        if pivot.is_none() {
+            match translate::decode(protocol, call.bytes, &call.view.model) {
+                Ok(p) => *pivot = Some(p),
+                Err(e) => {
+                    meter.finish(400, None, KeptPayloads::default(), Some("invalid_request"));
+                    return Ok(translate::api_error_response(protocol, e));
+                }
+            }
+        }
+        let Some(p) = pivot.as_ref() else {
+            unreachable!("decoded above")
+        };
+        let prepared = match translate::prepare(route, p, call.headers) {
+            Ok(x) => x,
+            Err(e) => return Ok(translate::refuse(protocol, meter, e)),
+        };
+        match translate::send(state, route, prepared, p.stream, call.request_id).await {
+            Ok(r) if r.status().is_success() => {
+                let Some(pivot) = pivot.take() else {
+                    unreachable!("decoded above")
+                };
+                let x = translated_exchange(protocol, pivot, &call.view.model, to_store.take());
+                let out = translate::answer(state, route, x, meter, r);
+                return Ok(Box::pin(out).await);
+            }
+            other => other,
+        }
+    };
+    let head = match sent {
+        Ok(r) => r,
+        Err(e) => {
+            count_no_answer(state, &e);
+            let failure = if e.parts().0 == StatusCode::GATEWAY_TIMEOUT {
+                Failure::Timeout
+            } else {
+                Failure::Connect
+            };
+            return Err(Box::new((meter, Failed::NoAnswer(e), failure)));
+        }
+    };
+    // An error answer: its body (small, bounded) read, and put in the client's shape.
+    let status = head.status();
+    let retry_after = crate::routing::retry_after(head.headers());
+    let (head, body) = head.into_parts();
+    let idle = Duration::from_secs(state.config.upstream.idle_timeout_secs);
+    let body = collect(body, idle, &mut meter).await.unwrap_or_default();
+    let context_too_long =
+        status == StatusCode::BAD_REQUEST && crate::routing::is_context_too_long(&body);
+    let (head, body, context_too_long) = if passes {
+        (head, body, context_too_long)
+    } else {
+        let (shaped, shaped_body, err) =
+            translate::shaped_error(route, protocol, status, &head.headers, &body);
+        let too_long = context_too_long
+            || (status == StatusCode::BAD_REQUEST
+                && err.code.as_deref() == Some("context_length_exceeded"));
+        (shaped, shaped_body, too_long)
+    };
+    let failure = Failure::Status {
+        status,
+        retry_after,
+        context_too_long,
+    };
+    Err(Box::new((meter, Failed::Answer { head, body }, failure)))
+}
+
+/// The exchange a translated answer is encoded with: the client's model, its usage option, and
+/// (for a stored chat completion) the store that keeps the answer.
+fn translated_exchange<'a>(
+    protocol: &'a dyn crate::protocols::ClientProtocol,
+    pivot: crate::pivot::ChatRequest,
+    client_model: &str,
+    to_store: Option<stored::ToStore>,
+) -> translate::Exchange<'a> {
+    let ctx = crate::protocols::EncodeCtx {
+        client_model: client_model.to_owned(),
+        include_usage: pivot.include_usage(),
+        created: chrono::Utc::now().timestamp(),
+        id: to_store.as_ref().map(|t| t.id.clone()),
+    };
+    let on_done = to_store.map(|t| {
+        Box::new(move |answer: serde_json::Value, _usage: Option<Usage>| t.save(answer))
+            as translate::OnDone
+    });
+    translate::Exchange {
+        protocol,
+        pivot,
+        ctx,
+        on_done,
+    }
 }
 
 /// The last failure goes to the client as it was: the upstream's error answer (status and
@@ -1084,30 +1264,8 @@ async fn translated(
     };
     // The meter keeps the client's own body for an estimate (`meter` did): the estimator reads
     // each protocol's messages, system and instructions, so the pivot is not encoded again.
-    let ctx = crate::protocols::EncodeCtx {
-        client_model: view.model.clone(),
-        include_usage: pivot.include_usage(),
-        created: chrono::Utc::now().timestamp(),
-        id: to_store.as_ref().map(|t| t.id.clone()),
-    };
-    let on_done = to_store.map(|t| {
-        Box::new(move |answer: serde_json::Value, _usage: Option<Usage>| t.save(answer))
-            as translate::OnDone
-    });
-    translate::forward(
-        state,
-        route,
-        translate::Exchange {
-            protocol,
-            pivot,
-            ctx,
-            on_done,
-        },
-        meter,
-        request_id,
-        client_sent,
-    )
-    .await
+    let x = translated_exchange(protocol, pivot, &view.model, to_store);
+    translate::forward(state, route, x, meter, request_id, client_sent).await
 }
 
 /// The body as sent, or decoded from its `content-encoding` (gzip, deflate, br, zstd): the

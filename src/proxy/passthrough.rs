@@ -43,34 +43,55 @@ pub struct Foreign {
     pub on_body: Option<OnBody>,
 }
 
+/// One attempt: sends `f` and answers (the attempt loop uses [`send`] and [`answer`] to retry
+/// Anthropic's Messages before any byte left).
 pub async fn forward(
+    state: &AppState,
+    route: &Route,
+    mut f: Foreign,
+    client_model: &str,
+    meter: Meter,
+    request_id: Option<&HeaderValue>,
+) -> Response {
+    match send(state, route, &mut f, request_id).await {
+        Ok(resp) => answer(state, route, f, client_model, meter, resp).await,
+        Err(e) => api_error_response(f.protocol, super::no_answer(state, meter, e)),
+    }
+}
+
+/// Sends `f`'s request (its headers and body taken), up to the response head.
+pub async fn send(
+    state: &AppState,
+    route: &Route,
+    f: &mut Foreign,
+    request_id: Option<&HeaderValue>,
+) -> Result<http::Response<upstream::ResponseBody>, ApiError> {
+    upstream::send_to(
+        &state.http,
+        Outbound {
+            url: &f.url,
+            guarded: route.guarded,
+            headers: std::mem::take(&mut f.headers),
+            body: std::mem::take(&mut f.body).into(),
+            stream: f.stream,
+            request_id,
+        },
+        Duration::from_secs(state.config.upstream.first_byte_timeout_secs),
+    )
+    .await
+}
+
+/// The answer to a sent request, as the upstream gave it (model renamed, usage read); finishes
+/// `meter`.
+pub async fn answer(
     state: &AppState,
     route: &Route,
     f: Foreign,
     client_model: &str,
     mut meter: Meter,
-    request_id: Option<&HeaderValue>,
+    resp: http::Response<upstream::ResponseBody>,
 ) -> Response {
     let cfg = &state.config.upstream;
-    let sent = upstream::send_to(
-        &state.http,
-        Outbound {
-            url: &f.url,
-            guarded: route.guarded,
-            headers: f.headers,
-            body: f.body.into(),
-            stream: f.stream,
-            request_id,
-        },
-        Duration::from_secs(cfg.first_byte_timeout_secs),
-    )
-    .await;
-    let resp = match sent {
-        Ok(r) => r,
-        Err(e) => {
-            return api_error_response(f.protocol, super::no_answer(state, meter, e));
-        }
-    };
     let status = resp.status();
     let idle = Duration::from_secs(cfg.idle_timeout_secs);
     let is_sse = resp
@@ -223,14 +244,21 @@ pub async fn anthropic(
     call: &super::Call<'_>,
     meter: Meter,
 ) -> Response {
+    match anthropic_request(route, call) {
+        Ok(f) => forward(state, route, f, &call.view.model, meter, call.request_id).await,
+        Err(e) => refuse(&crate::protocols::anthropic::AnthropicMessages, meter, e),
+    }
+}
+
+/// The request [`anthropic`] sends: the client's body with the upstream's model, the provider's
+/// auth and Anthropic's version headers, the client's `anthropic-*` headers.
+pub fn anthropic_request(route: &Route, call: &super::Call<'_>) -> Result<Foreign, ApiError> {
     use crate::providers::{Operation, anthropic};
     let protocol: &'static dyn ClientProtocol = &crate::protocols::anthropic::AnthropicMessages;
     let Some(translator) = route.translator else {
-        return refuse(
-            protocol,
-            meter,
-            ApiError::internal(anyhow::anyhow!("anthropic route without a translator")),
-        );
+        return Err(ApiError::internal(anyhow::anyhow!(
+            "anthropic route without a translator"
+        )));
     };
     let t = route.target();
     let count = call.endpoint == crate::providers::Endpoint::CountTokens;
@@ -240,50 +268,36 @@ pub async fn anthropic(
         Operation::Chat
     };
     let body = call.view.with_model(&route.upstream_model);
-    let prepared = translator.url(&t, op, call.view.stream).and_then(|url| {
-        let mut headers = HeaderMap::new();
-        translator.headers(
-            &mut headers,
-            route.provider_key.expose_secret(),
-            &t,
-            &url,
-            &body,
-        )?;
-        headers.extend(upstream::client_headers(call.headers, true));
-        Ok((url, headers))
-    });
-    let (url, headers) = match prepared {
-        Ok(p) => p,
-        Err(e) => return refuse(protocol, meter, e),
-    };
+    let url = translator.url(&t, op, call.view.stream)?;
+    let mut headers = HeaderMap::new();
+    translator.headers(
+        &mut headers,
+        route.provider_key.expose_secret(),
+        &t,
+        &url,
+        &body,
+    )?;
+    headers.extend(upstream::client_headers(call.headers, true));
     let usage_of_body: fn(&[u8]) -> Option<Usage> = if count {
         // Counting is free upstream: a record with no tokens, never an estimate.
         |_| Some(Usage::default())
     } else {
         anthropic::usage_of_message
     };
-    forward(
-        state,
-        route,
-        Foreign {
-            url,
-            headers,
-            body: Bytes::from(body),
-            stream: call.view.stream && !count,
-            reader: Box::new(anthropic::PassthroughUsage::renaming(&call.view.model)),
-            usage_of_body,
-            protocol,
-            // The client is told the model it asked for, not the upstream's name.
-            on_body: (!count).then(|| -> OnBody {
-                let model = crate::providers::model_json(&call.view.model);
-                Box::new(move |body: Bytes, _| {
-                    anthropic::with_model(&body, &model).map_or(body, Bytes::from)
-                })
-            }),
-        },
-        &call.view.model,
-        meter,
-        call.request_id,
-    )
-    .await
+    Ok(Foreign {
+        url,
+        headers,
+        body: Bytes::from(body),
+        stream: call.view.stream && !count,
+        reader: Box::new(anthropic::PassthroughUsage::renaming(&call.view.model)),
+        usage_of_body,
+        protocol,
+        // The client is told the model it asked for, not the upstream's name.
+        on_body: (!count).then(|| -> OnBody {
+            let model = crate::providers::model_json(&call.view.model);
+            Box::new(move |body: Bytes, _| {
+                anthropic::with_model(&body, &model).map_or(body, Bytes::from)
+            })
+        }),
+    })
 }

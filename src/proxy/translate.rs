@@ -86,66 +86,145 @@ fn fault_error(fault: StreamFault, max: usize) -> (UpstreamError, &'static str) 
 }
 
 /// Sends the exchange along `route` (which has a translator) and answers in the client's
-/// protocol. Every outcome finishes `meter` exactly once.
+/// protocol. Every outcome finishes `meter` exactly once. One attempt: the attempt loop
+/// (`proxy::attempt`) uses [`prepare`], [`send`] and [`answer`] to retry before any byte left.
 pub async fn forward(
     state: &AppState,
     route: &Route,
     x: Exchange<'_>,
-    mut meter: Meter,
+    meter: Meter,
     request_id: Option<&HeaderValue>,
     client_sent: &HeaderMap,
 ) -> Response {
+    let prepared = match prepare(route, &x.pivot, client_sent) {
+        Ok(p) => p,
+        Err(e) => return refuse(x.protocol, meter, e),
+    };
+    match send(state, route, prepared, x.pivot.stream, request_id).await {
+        Ok(resp) => answer(state, route, x, meter, resp).await,
+        Err(e) => api_error_response(x.protocol, super::no_answer(state, meter, e)),
+    }
+}
+
+/// The request to `route`'s provider: its URL, headers (auth included) and body.
+pub struct Prepared {
+    url: String,
+    headers: HeaderMap,
+    body: Vec<u8>,
+}
+
+/// Encodes `pivot` for `route`'s provider; an error is the client's (a request this provider
+/// cannot take, or a route without a translator).
+pub fn prepare(
+    route: &Route,
+    pivot: &ChatRequest,
+    client_sent: &HeaderMap,
+) -> Result<Prepared, ApiError> {
     let Some(translator) = route.translator else {
-        let e = ApiError::internal(anyhow::anyhow!("route {} has no translator", route.kind));
-        meter.finish(500, None, KeptPayloads::default(), Some("internal"));
-        return api_error_response(x.protocol, e);
+        return Err(ApiError::internal(anyhow::anyhow!(
+            "route {} has no translator",
+            route.kind
+        )));
     };
     let t = route.target();
-    let stream = x.pivot.stream;
-    let prepared = translator.encode_chat(&x.pivot, &t).and_then(|body| {
-        let url = translator.url(&t, Operation::Chat, stream)?;
-        let mut headers = upstream::client_headers(client_sent, false);
-        translator.headers(
-            &mut headers,
-            route.provider_key.expose_secret(),
-            &t,
-            &url,
-            &body,
-        )?;
-        Ok((url, headers, body))
-    });
-    let (url, headers, body) = match prepared {
-        Ok(p) => p,
-        Err(e) => {
-            meter.finish(
-                e.parts().0.as_u16(),
-                None,
-                KeptPayloads::default(),
-                Some("untranslatable"),
-            );
-            return api_error_response(x.protocol, e);
-        }
+    let body = translator.encode_chat(pivot, &t)?;
+    let url = translator.url(&t, Operation::Chat, pivot.stream)?;
+    let mut headers = upstream::client_headers(client_sent, false);
+    translator.headers(
+        &mut headers,
+        route.provider_key.expose_secret(),
+        &t,
+        &url,
+        &body,
+    )?;
+    Ok(Prepared { url, headers, body })
+}
+
+/// A request [`prepare`] refused: the error in the client's shape, metered.
+pub fn refuse(protocol: &dyn ClientProtocol, meter: Meter, e: ApiError) -> Response {
+    let reason = if e.parts().0 == StatusCode::INTERNAL_SERVER_ERROR {
+        "internal"
+    } else {
+        "untranslatable"
     };
+    meter.finish(
+        e.parts().0.as_u16(),
+        None,
+        KeptPayloads::default(),
+        Some(reason),
+    );
+    api_error_response(protocol, e)
+}
+
+/// Sends a prepared request, up to the response head (a connect error or no head within
+/// `upstream.first_byte_timeout_secs` is the error).
+pub async fn send(
+    state: &AppState,
+    route: &Route,
+    p: Prepared,
+    stream: bool,
+    request_id: Option<&HeaderValue>,
+) -> Result<http::Response<upstream::ResponseBody>, ApiError> {
     let cfg = &state.config.upstream;
-    let sent = upstream::send_to(
+    upstream::send_to(
         &state.http,
         Outbound {
-            url: &url,
+            url: &p.url,
             guarded: route.guarded,
-            headers,
-            body: Bytes::from(body).into(),
+            headers: p.headers,
+            body: Bytes::from(p.body).into(),
             stream,
             request_id,
         },
         Duration::from_secs(cfg.first_byte_timeout_secs),
     )
-    .await;
-    let resp = match sent {
-        Ok(r) => r,
-        Err(e) => {
-            return api_error_response(x.protocol, super::no_answer(state, meter, e));
-        }
+    .await
+}
+
+/// An upstream error answer in the client protocol's shape: its status (as the protocol maps
+/// it: Anthropic's 529 is 503 to an OpenAI client) and body, with the upstream's retry and
+/// rate-limit headers.
+pub fn shaped_error(
+    route: &Route,
+    protocol: &dyn ClientProtocol,
+    status: StatusCode,
+    upstream_headers: &HeaderMap,
+    body: &[u8],
+) -> (http::response::Parts, Bytes, UpstreamError) {
+    let err = match route.translator {
+        Some(t) => t.decode_error(status.as_u16(), body),
+        None => UpstreamError::malformed("The upstream answered with an error."),
     };
+    let (mut head, ()) = http::Response::new(()).into_parts();
+    head.status = StatusCode::from_u16(err.status).unwrap_or(StatusCode::BAD_GATEWAY);
+    head.headers = super::passthrough::passed_headers(upstream_headers);
+    head.headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    let body = Bytes::from(protocol.error_body(err.status, &err));
+    (head, body, err)
+}
+
+/// The answer to a sent exchange, in the client's protocol: a stream relayed event by event, a
+/// complete body translated once, an error answer in the client's shape. Finishes `meter`.
+pub async fn answer(
+    state: &AppState,
+    route: &Route,
+    x: Exchange<'_>,
+    mut meter: Meter,
+    resp: http::Response<upstream::ResponseBody>,
+) -> Response {
+    let Some(translator) = route.translator else {
+        return refuse(
+            x.protocol,
+            meter,
+            ApiError::internal(anyhow::anyhow!("route {} has no translator", route.kind)),
+        );
+    };
+    let t = route.target();
+    let stream = x.pivot.stream;
+    let cfg = &state.config.upstream;
     let status = resp.status();
     let idle = Duration::from_secs(cfg.idle_timeout_secs);
 
