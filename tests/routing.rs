@@ -696,3 +696,530 @@ async fn health_reaches_the_other_replica() {
         "b skipped the pair cooling down"
     );
 }
+
+/// An OpenAI-compatible upstream that answers by the provider key it is given: every request's
+/// bearer key is recorded in order, a key in `refused` is answered 401 (`/models` included, so
+/// verify sees the refusal too), any other gets a chat completion (11 + 7 tokens).
+#[derive(Clone, Default)]
+struct KeyMock {
+    base: String,
+    /// (path, key) per request, in arrival order.
+    seen: std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>>,
+    refused: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+}
+
+impl KeyMock {
+    async fn start() -> Self {
+        use axum::http::{HeaderMap, StatusCode, Uri};
+        use axum::response::IntoResponse;
+        let mut mock = KeyMock::default();
+        let state = mock.clone();
+        let app = axum::Router::new().fallback(move |uri: Uri, headers: HeaderMap| {
+            let state = state.clone();
+            async move {
+                let key = headers
+                    .get("authorization")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.strip_prefix("Bearer "))
+                    .unwrap_or_default()
+                    .to_owned();
+                state
+                    .seen
+                    .lock()
+                    .expect("lock")
+                    .push((uri.path().to_owned(), key.clone()));
+                if state.refused.lock().expect("lock").contains(&key) {
+                    return (
+                        StatusCode::UNAUTHORIZED,
+                        axum::Json(json!({"error": {"message": "Incorrect API key provided", "type": "invalid_request_error", "param": null, "code": "invalid_api_key"}})),
+                    )
+                        .into_response();
+                }
+                if uri.path().ends_with("/models") {
+                    return axum::Json(json!({"object": "list", "data": [{"id": "m", "object": "model"}]}))
+                        .into_response();
+                }
+                axum::Json(json!({
+                    "id": "chatcmpl-keymock", "object": "chat.completion", "created": 1_700_000_000, "model": "m",
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
+                    "usage": {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18}
+                }))
+                .into_response()
+            }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        mock.base = format!("http://{}/v1", listener.local_addr().expect("addr"));
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        mock
+    }
+
+    fn refuse(&self, key: &str, yes: bool) {
+        let mut r = self.refused.lock().expect("lock");
+        if yes {
+            r.insert(key.to_owned());
+        } else {
+            r.remove(key);
+        }
+    }
+
+    /// Chat requests (not verify's `/models`) that reached it with `key`.
+    fn chats_with(&self, key: &str) -> usize {
+        self.seen
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|(p, k)| p.ends_with("/chat/completions") && k == key)
+            .count()
+    }
+
+    fn chats(&self) -> Vec<String> {
+        self.seen
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|(p, _)| p.ends_with("/chat/completions"))
+            .map(|(_, k)| k.clone())
+            .collect()
+    }
+}
+
+/// A provider on `mock` and a catalog model `pm` on it (11 × 1 + 7 × 2 per 1M = 25e-6 a request).
+async fn key_mock_provider(app: &TestApp, admin: &str, mock: &KeyMock) {
+    let (s, b) = app
+        .post(
+            "/api/admin/providers",
+            Some(admin),
+            json!({"key": "pool", "display_name": "pool", "base_url": mock.base, "kind": "openai"}),
+        )
+        .await;
+    assert_eq!(s, 201, "{b}");
+    let (s, b) = app
+        .post(
+            "/api/admin/models",
+            Some(admin),
+            json!({"name": "pm", "provider": "pool", "upstream_model": "m",
+                   "input_price_per_1m": 1.0, "output_price_per_1m": 2.0}),
+        )
+        .await;
+    assert_eq!(s, 201, "{b}");
+}
+
+/// Stores a provider key for `pool`; returns its id.
+async fn pool_key(app: &TestApp, token: &str, secret: &str, extra: Value) -> String {
+    let mut body = json!({"provider": "pool", "api_key": secret});
+    if let Value::Object(m) = extra {
+        body.as_object_mut().expect("an object").extend(m);
+    }
+    let (s, b) = app.post("/api/provider-keys", Some(token), body).await;
+    assert_eq!(s, 201, "{b}");
+    assert_eq!(b["status"], "active", "{b}");
+    b["id"].as_str().expect("id").to_owned()
+}
+
+/// `n` chat requests to `pm`, ten at a time; every one must be answered 200. Returns how many
+/// needed more than one attempt.
+async fn chat_many(app: &TestApp, key: &str, n: usize) -> usize {
+    let mut retried = 0;
+    let mut done = 0;
+    while done < n {
+        let batch: Vec<_> = (0..(n - done).min(10))
+            .map(|_| chat(app, key, "pm"))
+            .collect();
+        for (s, h, b) in futures_util::future::join_all(batch).await {
+            assert_eq!(s, 200, "{b}");
+            assert_eq!(b["choices"][0]["message"]["content"], "ok", "{b}");
+            if attempts(&h) > 1 {
+                retried += 1;
+            }
+            done += 1;
+        }
+    }
+    retried
+}
+
+/// Every usage record of the user behind `token`, once `n` exist.
+async fn all_records(app: &TestApp, token: &str, n: usize) -> Vec<Value> {
+    wait_records(app, token, n).await;
+    let mut all = Vec::new();
+    for page in 1.. {
+        let (s, b) = app
+            .get(
+                &format!("/api/me/usage/records?per_page=100&page={page}"),
+                Some(token),
+            )
+            .await;
+        assert_eq!(s, 200, "{b}");
+        let data = b["data"].as_array().expect("data");
+        if data.is_empty() {
+            break;
+        }
+        all.extend(data.iter().cloned());
+    }
+    all
+}
+
+/// The status of one of the user's provider keys, as the owner sees it.
+async fn key_status(app: &TestApp, token: &str, id: &str) -> String {
+    let (s, keys) = app
+        .get("/api/provider-keys?per_page=100", Some(token))
+        .await;
+    assert_eq!(s, 200, "{keys}");
+    let listed = keys["data"].as_array().expect("data");
+    let Some(k) = listed.iter().find(|k| k["id"] == id) else {
+        panic!("key {id} not listed: {keys}");
+    };
+    k["status"].as_str().expect("status").to_owned()
+}
+
+/// Issue 21's key pools end to end: one user, three keys for one provider weighted 60/30/10.
+/// Requests spread by weight; the heaviest key then gets a 401 upstream: the client still gets
+/// its 200 (retried on another key of the pool), the owner sees the key `invalid`, it is never
+/// sent upstream again — until a verify the upstream accepts puts it back. One usage record per
+/// client request, `attempts: 2` only on the one that met the 401.
+#[tokio::test]
+async fn a_key_pool_is_weighted_and_a_refused_key_leaves_it() {
+    let app = TestApp::spawn().await;
+    let mock = KeyMock::start().await;
+    let admin = admin_token(&app).await;
+    key_mock_provider(&app, &admin, &mock).await;
+    let user = user_token(&app, "alice").await;
+    const HEAVY: &str = "sk-pool-heavy-0123456789";
+    const MID: &str = "sk-pool-mid-0123456789";
+    const LIGHT: &str = "sk-pool-light-0123456789";
+    let heavy = pool_key(&app, &user, HEAVY, json!({"weight": 60})).await;
+    let mid = pool_key(&app, &user, MID, json!({"weight": 30})).await;
+    let light = pool_key(&app, &user, LIGHT, json!({"weight": 10})).await;
+    let (key, _) = new_key(&app, &user, json!({"name": "t"})).await;
+    let mut sent = 0usize;
+
+    // (a) Weighted: 400 requests, one attempt each, each reaching upstream exactly once. Expected
+    // shares 60/30/10 %; the bounds below sit six or more standard deviations out.
+    const N: usize = 400;
+    assert_eq!(
+        chat_many(&app, &key, N).await,
+        0,
+        "a healthy pool needs no retry"
+    );
+    sent += N;
+    assert_eq!(mock.chats().len(), N, "one upstream call per request");
+    let (h, m, l) = (
+        mock.chats_with(HEAVY),
+        mock.chats_with(MID),
+        mock.chats_with(LIGHT),
+    );
+    assert_eq!(h + m + l, N);
+    assert!(h > m && m > l && l > 0, "heavy {h}, mid {m}, light {l}");
+    let share = |c: usize| c as f64 / N as f64;
+    assert!((0.45..=0.75).contains(&share(h)), "heavy {h} of {N}");
+    assert!((0.15..=0.45).contains(&share(m)), "mid {m} of {N}");
+    assert!((0.02..=0.20).contains(&share(l)), "light {l} of {N}");
+
+    // (b) The heavy key is revoked upstream. One request at a time until one meets it: that
+    // request still succeeds, on a second attempt with another key of the pool.
+    mock.refuse(HEAVY, true);
+    let before = mock.chats().len();
+    let mut met = None;
+    for i in 0..200 {
+        let (s, hd, b) = chat(&app, &key, "pm").await;
+        sent += 1;
+        assert_eq!(s, 200, "{b}");
+        assert_eq!(hd["x-tollgate-model"], "pm");
+        if attempts(&hd) > 1 {
+            met = Some(i);
+            break;
+        }
+        assert_ne!(mock.chats().last().unwrap(), HEAVY);
+    }
+    assert!(
+        met.is_some(),
+        "the heavy key was never picked in 200 requests"
+    );
+    let calls = mock.chats();
+    let tail = &calls[before..];
+    assert_eq!(
+        tail.iter().filter(|k| *k == HEAVY).count(),
+        1,
+        "the refused key was tried once: {tail:?}"
+    );
+    assert_eq!(tail[tail.len() - 2], HEAVY);
+    assert!(
+        [MID, LIGHT].contains(&tail[tail.len() - 1].as_str()),
+        "retried on another key of the pool: {tail:?}"
+    );
+    // The owner sees it invalid (the database write runs in the background); the others stay.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while key_status(&app, &user, &heavy).await != "invalid" {
+        assert!(std::time::Instant::now() < deadline, "never marked invalid");
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    assert_eq!(key_status(&app, &user, &mid).await, "active");
+    assert_eq!(key_status(&app, &user, &light).await, "active");
+    let (_, log) = app
+        .get("/api/me/audit-log?action=provider_key.invalid", Some(&user))
+        .await;
+    assert_eq!(log["total"], 1, "{log}");
+    assert!(log.to_string().contains(&heavy), "{log}");
+    assert!(
+        !log.to_string().contains(HEAVY),
+        "no secret in the audit log"
+    );
+
+    // Never used again: 100 more requests, all on the first attempt, none reaching upstream with
+    // it, and the rest of the pool still shared by weight (30:10 — both used).
+    let heavy_calls = mock.chats_with(HEAVY);
+    let (m0, l0) = (mock.chats_with(MID), mock.chats_with(LIGHT));
+    assert_eq!(chat_many(&app, &key, 100).await, 0);
+    sent += 100;
+    assert_eq!(
+        mock.chats_with(HEAVY),
+        heavy_calls,
+        "an invalid key is not used"
+    );
+    let (m1, l1) = (mock.chats_with(MID) - m0, mock.chats_with(LIGHT) - l0);
+    assert_eq!(m1 + l1, 100);
+    assert!(m1 > l1 && l1 > 0, "mid {m1}, light {l1}");
+
+    // A verify the upstream still refuses leaves it invalid; one it accepts puts it back.
+    let verify = format!("/api/provider-keys/{heavy}/verify");
+    let (s, v) = app.post(&verify, Some(&user), json!({})).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(
+        (v["ok"].as_bool(), v["status"].as_u64()),
+        (Some(false), Some(401)),
+        "{v}"
+    );
+    assert_eq!(key_status(&app, &user, &heavy).await, "invalid");
+    assert_eq!(chat_many(&app, &key, 20).await, 0);
+    sent += 20;
+    assert_eq!(mock.chats_with(HEAVY), heavy_calls);
+    mock.refuse(HEAVY, false);
+    let (s, v) = app.post(&verify, Some(&user), json!({})).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["ok"], true, "{v}");
+    assert_eq!(key_status(&app, &user, &heavy).await, "active");
+    let mut back = false;
+    for _ in 0..50 {
+        let (s, hd, _) = chat(&app, &key, "pm").await;
+        sent += 1;
+        assert_eq!((s, attempts(&hd)), (200, 1));
+        if mock.chats_with(HEAVY) > heavy_calls {
+            back = true;
+            break;
+        }
+    }
+    assert!(back, "the verified key is back in the pool");
+
+    // (c) One usage record per client request; only the request that met the 401 took two
+    // attempts, and every record is the pool provider's, answered 200.
+    let records = all_records(&app, &user, sent).await;
+    assert_eq!(records.len(), sent, "usage records = client requests");
+    let twice: Vec<_> = records.iter().filter(|r| r["attempts"] != 1).collect();
+    assert_eq!(twice.len(), 1, "{twice:?}");
+    assert_eq!(twice[0]["attempts"], 2);
+    for r in &records {
+        assert_eq!(
+            (
+                r["provider"].as_str(),
+                r["status"].as_i64(),
+                r["model"].as_str()
+            ),
+            (Some("pool"), Some(200), Some("pm")),
+            "{r}"
+        );
+    }
+}
+
+async fn balance(app: &TestApp, token: &str) -> f64 {
+    let (s, b) = app.get("/api/me/balance", Some(token)).await;
+    assert_eq!(s, 200, "{b}");
+    b["balance_usd"].as_f64().expect("balance_usd")
+}
+
+/// The shared platform pool: keys an admin marked `shared` serve a user with no key of their own
+/// for the provider (every shared key of the pool, by weight), charged to that user's balance; a
+/// user with a key uses only their own, uncharged; once the first user adds a key, theirs wins.
+#[tokio::test]
+async fn the_platform_pool_serves_users_without_a_key() {
+    let app = TestApp::spawn_with(|c| c.billing.initial_balance_usd = 1.0).await;
+    let mock = KeyMock::start().await;
+    let admin = admin_token(&app).await;
+    key_mock_provider(&app, &admin, &mock).await;
+    const SHARED_A: &str = "sk-platform-a-0123456789";
+    const SHARED_B: &str = "sk-platform-b-0123456789";
+    const ALICE: &str = "sk-alice-own-0123456789";
+    const BOB: &str = "sk-bob-own-0123456789";
+    pool_key(&app, &admin, SHARED_A, json!({"shared": true})).await;
+    pool_key(&app, &admin, SHARED_B, json!({"shared": true})).await;
+    let alice = user_token(&app, "alice").await;
+    pool_key(&app, &alice, ALICE, json!({})).await;
+    let bob = user_token(&app, "bob").await;
+    let (alice_key, _) = new_key(&app, &alice, json!({"name": "a"})).await;
+    let (bob_key, _) = new_key(&app, &bob, json!({"name": "b"})).await;
+    assert_eq!(balance(&app, &bob).await, 1.0);
+
+    // Alice has her own key: only it is used, and nothing is charged.
+    chat_many(&app, &alice_key, 10).await;
+    assert_eq!(mock.chats_with(ALICE), 10);
+    assert_eq!(mock.chats().len(), 10);
+    // Bob has none: the platform pool serves him, both of its keys (equal weights; 40 requests).
+    chat_many(&app, &bob_key, 40).await;
+    let (a, b) = (mock.chats_with(SHARED_A), mock.chats_with(SHARED_B));
+    assert_eq!(a + b, 40, "bob's requests went to the shared keys only");
+    assert!(a > 0 && b > 0, "both shared keys used: {a} / {b}");
+    assert_eq!(mock.chats_with(ALICE), 10, "bob never borrows alice's key");
+    // Bob is charged 25e-6 a request; alice, on her own key, is not.
+    let want = 1.0 - 40.0 * 25e-6;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        let got = balance(&app, &bob).await;
+        if (got - want).abs() < 1e-9 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "bob at {got}, want {want}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(balance(&app, &alice).await, 1.0);
+    let records = all_records(&app, &bob, 40).await;
+    assert_eq!(records.len(), 40);
+    assert!(
+        records
+            .iter()
+            .all(|r| r["provider"] == "pool" && r["attempts"] == 1)
+    );
+
+    // Bob stores a key of his own: from now on it is his pool, and he is not charged.
+    pool_key(&app, &bob, BOB, json!({})).await;
+    let shared_before = mock.chats_with(SHARED_A) + mock.chats_with(SHARED_B);
+    chat_many(&app, &bob_key, 10).await;
+    assert_eq!(mock.chats_with(BOB), 10);
+    assert_eq!(
+        mock.chats_with(SHARED_A) + mock.chats_with(SHARED_B),
+        shared_before
+    );
+    all_records(&app, &bob, 50).await;
+    assert!((balance(&app, &bob).await - want).abs() < 1e-9);
+}
+
+/// The value of the sample `name{labels}` in a Prometheus text exposition.
+fn sample(metrics: &str, name_and_labels: &str) -> Option<f64> {
+    metrics.lines().find_map(|l| {
+        l.strip_prefix(name_and_labels)
+            .and_then(|rest| rest.strip_prefix(' '))
+            .map(|v| v.trim().parse().expect("a number"))
+    })
+}
+
+async fn metrics(app: &TestApp) -> String {
+    let r = app
+        .client
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .expect("GET /metrics");
+    assert_eq!(r.status(), 200);
+    r.text().await.expect("metrics text")
+}
+
+/// `tollgate_routing_breakers_open{provider}` follows one deployment's breaker: 0 below the
+/// threshold, 1 once it opened (for its provider only), 0 again after a probe closed it; and no
+/// metric carries a provider key (id, secret or masked form) in any label.
+#[tokio::test]
+async fn the_breaker_gauge_opens_and_closes_per_provider() {
+    let app = TestApp::spawn_with(|c| {
+        c.routing.failure_threshold = 2;
+        c.routing.cooldown_secs = 1;
+    })
+    .await;
+    let e = env(&app).await;
+    // `flaky` fails its first five requests (503, reset, 500, 502, 429) until healed.
+    model(
+        &app,
+        &e,
+        json!({"name": "duo", "deployments": [dep("p1", "flaky", 0), dep("p2", "normal", 1)]}),
+    )
+    .await;
+    const P1: &str = "tollgate_routing_breakers_open{provider=\"p1\"}";
+    const P2: &str = "tollgate_routing_breakers_open{provider=\"p2\"}";
+    let open = |m: &str, which: &str| sample(m, which).unwrap_or(0.0);
+
+    // One failure: below the threshold, nothing open.
+    let (s, h, _) = chat(&app, &e.key, "duo").await;
+    assert_eq!((s, attempts(&h)), (200, 2));
+    let m = metrics(&app).await;
+    assert_eq!(open(&m, P1), 0.0, "{m}");
+    // The second in a row opens p1's breaker: the gauge says 1 for p1, nothing for p2.
+    let (s, h, _) = chat(&app, &e.key, "duo").await;
+    assert_eq!((s, attempts(&h)), (200, 2));
+    let m = metrics(&app).await;
+    assert_eq!(sample(&m, P1), Some(1.0), "{m}");
+    assert_eq!(open(&m, P2), 0.0, "{m}");
+    // While open, p1 is skipped.
+    let flaky = e.mock.count("flaky");
+    let (s, h, _) = chat(&app, &e.key, "duo").await;
+    assert_eq!((s, attempts(&h)), (200, 1));
+    assert_eq!(e.mock.count("flaky"), flaky);
+    assert_eq!(sample(&metrics(&app).await, P1), Some(1.0));
+
+    // No label of any metric names a provider key.
+    let (_, keys) = app.get("/api/provider-keys", Some(&e.user)).await;
+    let mut secrets: Vec<String> = vec![];
+    for k in keys["data"].as_array().unwrap() {
+        secrets.push(k["id"].as_str().unwrap().to_owned());
+        secrets.push(k["masked"].as_str().unwrap().to_owned());
+    }
+    for p in ["p1", "p2", "p3"] {
+        secrets.push(format!("sk-{p}-0123456789abcdef"));
+    }
+    assert!(secrets.len() >= 9, "{keys}");
+    for line in m.lines().filter(|l| !l.starts_with('#')) {
+        for s in &secrets {
+            assert!(!line.contains(s.as_str()), "a key in a metric: {line}");
+        }
+        let Some(labels) = line.split_once('{').and_then(|(_, r)| r.split_once('}')) else {
+            continue;
+        };
+        for pair in labels.0.split(',').filter(|p| !p.is_empty()) {
+            let name = pair.split('=').next().unwrap();
+            assert!(!name.contains("key"), "a per-key label: {line}");
+        }
+    }
+    let breaker_lines: Vec<_> = m
+        .lines()
+        .filter(|l| l.starts_with("tollgate_routing_breakers_open{"))
+        .collect();
+    assert!(
+        breaker_lines.iter().all(
+            |l| l.starts_with("tollgate_routing_breakers_open{provider=\"") && !l.contains(',')
+        ),
+        "by provider only: {breaker_lines:?}"
+    );
+
+    // It heals: after the cool-down a probe goes to p1, succeeds, and the gauge is back to 0.
+    e.mock.heal();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        let (s, _, _) = chat(&app, &e.key, "duo").await;
+        assert_eq!(s, 200);
+        let m = metrics(&app).await;
+        if sample(&m, P1) == Some(0.0) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "never closed: {m}");
+    }
+    assert!(e.mock.count("flaky") > flaky, "the probe went to p1");
+    let (s, h, _) = chat(&app, &e.key, "duo").await;
+    assert_eq!((s, attempts(&h)), (200, 1));
+    assert_eq!(
+        sample(&metrics(&app).await, P1),
+        Some(0.0),
+        "closed stays closed"
+    );
+}
