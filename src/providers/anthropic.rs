@@ -882,6 +882,10 @@ impl Translator for Anthropic {
         })
     }
 
+    fn usage_of_answer(&self, body: &[u8]) -> Option<Usage> {
+        usage_of_message(body)
+    }
+
     fn chat_stream(&self, _t: &Target<'_>, max_event_bytes: usize) -> Box<dyn ChunkDecoder> {
         Box::new(MessageStream::new(max_event_bytes))
     }

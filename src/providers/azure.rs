@@ -196,6 +196,10 @@ impl Translator for Azure {
         OpenAi.decode_chat(body, t)
     }
 
+    fn usage_of_answer(&self, body: &[u8]) -> Option<Usage> {
+        OpenAi.usage_of_answer(body)
+    }
+
     fn chat_stream(&self, t: &Target<'_>, max_event_bytes: usize) -> Box<dyn ChunkDecoder> {
         Box::new(AzureStream {
             inner: OpenAi.chat_stream(t, max_event_bytes),

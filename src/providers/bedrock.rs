@@ -790,6 +790,11 @@ impl Translator for Bedrock {
         })
     }
 
+    fn usage_of_answer(&self, body: &[u8]) -> Option<Usage> {
+        let v: Value = serde_json::from_slice(body).ok()?;
+        usage_from(v.get("usage")?)
+    }
+
     fn chat_stream(&self, t: &Target<'_>, max_event_bytes: usize) -> Box<dyn ChunkDecoder> {
         Box::new(ConverseStream {
             frames: eventstream::Decoder::new(max_event_bytes),

@@ -1239,6 +1239,11 @@ impl Translator for Gemini {
         decode_response(body, t.upstream_model)
     }
 
+    fn usage_of_answer(&self, body: &[u8]) -> Option<Usage> {
+        let v: Value = serde_json::from_slice(body).ok()?;
+        usage_from_metadata(v.get("usageMetadata")?)
+    }
+
     fn chat_stream(&self, t: &Target<'_>, max_event_bytes: usize) -> Box<dyn ChunkDecoder> {
         Box::new(GeminiStream::new(t.upstream_model, max_event_bytes))
     }

@@ -376,6 +376,11 @@ pub trait Translator: Send + Sync + 'static {
         body: &[u8],
         t: &Target<'_>,
     ) -> Result<crate::pivot::ChatResponse, crate::error::ApiError>;
+    /// The usage a complete answer reports, read on its own: an answer [`Self::decode_chat`]
+    /// refused (not the provider's shape) is metered from what it reports, not estimated.
+    fn usage_of_answer(&self, _body: &[u8]) -> Option<Usage> {
+        None
+    }
     /// A decoder for one chat stream.
     fn chat_stream(&self, t: &Target<'_>, max_event_bytes: usize) -> Box<dyn ChunkDecoder>;
     /// An upstream error answer in neutral terms (status mapped for OpenAI routes).

@@ -41,6 +41,15 @@ struct PromptDetails {
     cached_tokens: Option<i64>,
 }
 
+/// The top-level `usage` of an OpenAI answer, whatever the rest of it is.
+pub fn usage_of_answer(body: &[u8]) -> Option<Usage> {
+    let v: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let u = v.get("usage").filter(|u| u.is_object())?;
+    serde_json::from_value::<WireUsage>(u.clone())
+        .ok()
+        .map(Usage::from)
+}
+
 impl From<WireUsage> for Usage {
     fn from(u: WireUsage) -> Self {
         Usage {
@@ -275,6 +284,10 @@ impl Translator for OpenAi {
             })?;
         resp.usage = resp.usage.map(bounded_wire);
         Ok(resp)
+    }
+
+    fn usage_of_answer(&self, body: &[u8]) -> Option<Usage> {
+        usage_of_answer(body)
     }
 
     fn chat_stream(&self, _t: &Target<'_>, max_event_bytes: usize) -> Box<dyn ChunkDecoder> {

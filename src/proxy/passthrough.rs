@@ -234,6 +234,15 @@ impl UsageReader for crate::providers::anthropic::PassthroughUsage {
     fn rewrite(&mut self, data: &[u8]) -> Option<Vec<u8>> {
         crate::providers::anthropic::PassthroughUsage::rewrite(self, data)
     }
+
+    /// Anthropic's `event: error`, which its SDKs raise as an error.
+    fn error_event(&self, err: &crate::pivot::UpstreamError, out: &mut bytes::BytesMut) -> bool {
+        let body = crate::protocols::anthropic::AnthropicMessages.error_body(err.status, err);
+        out.extend_from_slice(b"event: error\ndata: ");
+        out.extend_from_slice(&body);
+        out.extend_from_slice(b"\n\n");
+        true
+    }
 }
 
 /// An Anthropic client to an `anthropic` provider: `/v1/messages` (and `count_tokens`) with

@@ -276,6 +276,11 @@ pub trait UsageReader: Send {
     fn units(&self) -> Option<Units> {
         None
     }
+    /// Writes the stream's final error event in the client's protocol; false (the default):
+    /// OpenAI's `data: {"error": …}` is written instead.
+    fn error_event(&self, _err: &crate::pivot::UpstreamError, _out: &mut BytesMut) -> bool {
+        false
+    }
 }
 
 /// The idle timeout between an upstream body's data frames: one timer, re-armed from the last
@@ -452,13 +457,19 @@ impl<B> MeteredStream<B> {
         }
     }
 
-    /// Ends the stream with an OpenAI error event and meters what was produced.
+    /// Ends the stream with an error event in the client's protocol (OpenAI's unless the usage
+    /// reader writes its own) and meters what was produced.
     fn fail(&mut self, status: u16, err: ApiError, reason: &str) {
         if let Some(ev) = self.scanner.finish() {
             self.handle_event(ev);
         }
-        let body = serde_json::to_vec(&err.body()).unwrap_or_default();
-        push_data(&mut self.out, &body);
+        let written = self.map.reader.as_ref().is_some_and(|r| {
+            r.error_event(&crate::pivot::UpstreamError::from(&err), &mut self.out)
+        });
+        if !written {
+            let body = serde_json::to_vec(&err.body()).unwrap_or_default();
+            push_data(&mut self.out, &body);
+        }
         self.ended = true;
         self.finish_meter(status, Some(reason));
     }

@@ -308,11 +308,18 @@ pub async fn answer(
                 .upstream_errors_total
                 .with_label_values(&["body"])
                 .inc();
-            // The upstream did work: the meter estimates from what came back.
+            // The upstream did work: metered from the usage it reports if it can be read,
+            // else estimated from what came back.
+            let usage = translator.usage_of_answer(&body);
+            let kept = if usage.is_some() {
+                KeptPayloads::default()
+            } else {
+                KeptPayloads::one(body)
+            };
             meter.finish(
                 e.parts().0.as_u16(),
-                None,
-                KeptPayloads::one(body),
+                usage,
+                kept,
                 Some("upstream_malformed"),
             );
             return api_error_response(x.protocol, e);
