@@ -1252,3 +1252,472 @@ async fn saves_queued_together_land_in_one_batch_and_a_failing_one_rolls_back_al
         .await;
     assert_eq!(s, 200, "{v}");
 }
+
+// ---- issue 19: storage switched off, and refused `/v1/responses` requests ---------------------
+
+/// Rows of the stored-state tables: (responses, conversations, conversation items).
+async fn state_rows(app: &TestApp) -> (u64, u64, u64) {
+    let responses = entity::responses::Entity::find()
+        .count(&app.state.db)
+        .await
+        .unwrap();
+    (
+        responses,
+        conversation_count(app).await,
+        item_count(app).await,
+    )
+}
+
+/// The usage records in the database, oldest first, once at least `n` exist (the writer
+/// batches them); then a moment more, so that a record too many would show as well.
+async fn usage_rows(app: &TestApp, n: usize) -> Vec<entity::usage_records::Model> {
+    use sea_orm::QueryOrder;
+    let all = || async {
+        entity::usage_records::Entity::find()
+            .order_by_asc(entity::usage_records::Column::Id)
+            .all(&app.state.db)
+            .await
+            .unwrap()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while all().await.len() < n {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "only {} of {n} usage records arrived",
+            all().await.len()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    all().await
+}
+
+async fn user_id_of(app: &TestApp, name: &str) -> String {
+    tollgate::store::users::find_by_username(&app.state.db, name)
+        .await
+        .unwrap()
+        .unwrap()
+        .id
+}
+
+/// The key's (spent, reserved) in nano-dollars, straight from the database.
+async fn key_money(app: &TestApp, key_id: &str) -> (i64, i64) {
+    let k = entity::gateway_keys::Entity::find_by_id(key_id.to_owned())
+        .one(&app.state.db)
+        .await
+        .unwrap()
+        .unwrap();
+    (k.spent_nanos, k.reserved_nanos)
+}
+
+/// Polls until neither the user nor the key holds a reservation (leases go back after a second
+/// idle); returns (user balance, key spent) in nano-dollars.
+async fn settled_money(app: &TestApp, user_id: &str, key_id: &str) -> (i64, i64) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        let u = entity::users::Entity::find_by_id(user_id.to_owned())
+            .one(&app.state.db)
+            .await
+            .unwrap()
+            .unwrap();
+        let (spent, key_reserved) = key_money(app, key_id).await;
+        if u.reserved_nanos == 0 && key_reserved == 0 {
+            return (u.balance_nanos, spent);
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still reserved: user {}, key {key_reserved}",
+            u.reserved_nanos
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// `POST /v1/responses` with a raw body; (status, JSON body or the SSE text as `{"raw": …}`).
+async fn post_responses(app: &TestApp, key: &str, body: &Value) -> (u16, Value) {
+    app.post("/v1/responses", Some(key), body.clone()).await
+}
+
+/// The JSON payloads of an SSE body's `data:` lines.
+fn sse_payloads(text: &str) -> Vec<Value> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter_map(|d| serde_json::from_str(d).ok())
+        .collect()
+}
+
+/// `storage.enabled = false` (API.md §9): `store` is a no-op — the response is served and
+/// says `store: false`, and nothing is saved (GET and input_items are 404, no rows, no batch
+/// written) — while `previous_response_id` and `conversation` (either form, stream or not) are
+/// 400 `invalid_value` naming the parameter, in OpenAI's error shape, before any upstream is
+/// asked: one usage record each (§8), free. State saved before the switch stays readable but
+/// is not usable as history.
+#[tokio::test]
+async fn storage_disabled_serves_responses_unstored_and_refuses_history_for_free() {
+    let app = TestApp::spawn_with(|c| c.storage.enabled = false).await;
+    let gw = common::gateway::setup(&app).await;
+    let alice = user_id_of(&app, "alice").await;
+    let k = Some(gw.key.as_str());
+    let old = seed_chain(&app, &alice, &gw.key_id).await.pop().unwrap();
+    let (s, conv) = app
+        .post("/v1/conversations", k, json!({"items": [msg("before")]}))
+        .await;
+    assert_eq!(s, 200, "{conv}");
+    let conv_id = conv["id"].as_str().unwrap().to_owned();
+    let (s, got) = app.get(&format!("/v1/responses/{old}"), k).await;
+    assert_eq!(s, 200, "stored before the switch, still served: {got}");
+    // Two state calls so far (the conversation's creation and the GET): free records.
+    let before = usage_rows(&app, 2).await.len();
+    assert_eq!(before, 2);
+    let rows = state_rows(&app).await;
+    assert_eq!(rows, (3, 1, 1));
+    let batches = app.state.stored.batches();
+
+    let history = [
+        ("previous_response_id", json!(old)),
+        ("conversation", json!(conv_id)),
+        ("conversation", json!({"id": conv_id})),
+    ];
+    for (field, value) in &history {
+        for stream in [false, true] {
+            let mut body = json!({"model": "gpt-test", "input": "hi", "stream": stream});
+            body[*field] = value.clone();
+            let (s, b) = post_responses(&app, &gw.key, &body).await;
+            assert_error(s, &b, 400, "invalid_value");
+            assert_eq!(b["error"]["type"], "invalid_request_error", "{b}");
+            assert_eq!(b["error"]["param"], *field, "{b}");
+            assert!(
+                b["error"]["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("storage.enabled"),
+                "{b}"
+            );
+        }
+    }
+    assert!(
+        gw.mock.requests().is_empty(),
+        "a refused request reached the upstream"
+    );
+    let records = usage_rows(&app, before + 6).await;
+    assert_eq!(records.len(), before + 6, "one record per refusal");
+    for r in &records[before..] {
+        assert_eq!(r.endpoint, "responses");
+        assert_eq!(r.status, 400);
+        assert_eq!(r.cost_nanos, 0, "{r:?}");
+        assert_eq!(
+            (r.prompt_tokens, r.completion_tokens, r.tokens_estimated),
+            (0, 0, false),
+            "{r:?}"
+        );
+        assert_eq!(r.response_id, None, "no response was made: {r:?}");
+    }
+    assert_eq!(key_money(&app, &gw.key_id).await.0, 0, "nothing spent");
+
+    // `store` (explicit or by default, stream or not) is served and stored nowhere.
+    let mut served = Vec::new();
+    for (stream, store) in [(false, Some(true)), (false, None), (true, Some(true))] {
+        let mut body = json!({"model": "gpt-test", "input": "Hi", "stream": stream,
+                              "metadata": {"k": "v"}});
+        if let Some(store) = store {
+            body["store"] = json!(store);
+        }
+        let (s, b) = post_responses(&app, &gw.key, &body).await;
+        assert_eq!(s, 200, "{b}");
+        let response = if stream {
+            let events = sse_payloads(b["raw"].as_str().unwrap());
+            let created = events
+                .iter()
+                .find(|e| e["type"] == "response.created")
+                .unwrap();
+            assert_eq!(created["response"]["store"], false, "{created}");
+            events
+                .into_iter()
+                .find(|e| e["type"] == "response.completed")
+                .unwrap()["response"]
+                .clone()
+        } else {
+            b
+        };
+        assert_eq!(response["object"], "response");
+        assert_eq!(response["status"], "completed");
+        assert_eq!(response["store"], false, "{response}");
+        let message = response["output"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["type"] == "message")
+            .unwrap();
+        assert_eq!(
+            message["content"][0]["text"], "Hello from mock",
+            "{response}"
+        );
+        let up = gw.mock.last();
+        assert!(up.body.get("store").is_none(), "{}", up.body);
+        served.push(response["id"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(gw.mock.requests().len(), 3);
+    let records = usage_rows(&app, before + 9).await;
+    assert_eq!(records.len(), before + 9);
+    assert!(
+        records[before + 6..]
+            .iter()
+            .all(|r| r.status == 200 && r.cost_nanos > 0),
+        "served requests are metered: {records:?}"
+    );
+    for id in &served {
+        // A save in flight would make these wait for it, not answer 404.
+        let (s, b) = app.get(&format!("/v1/responses/{id}"), k).await;
+        assert_error(s, &b, 404, "not_found");
+        let (s, b) = app.get(&format!("/v1/responses/{id}/input_items"), k).await;
+        assert_error(s, &b, 404, "not_found");
+        assert!(
+            entity::responses::Entity::find_by_id(id.clone())
+                .one(&app.state.db)
+                .await
+                .unwrap()
+                .is_none()
+        );
+    }
+    assert_eq!(state_rows(&app).await, rows, "nothing was stored");
+    assert_eq!(app.state.stored.batches(), batches, "no save was written");
+    assert_eq!(app.state.stored.queued(), 0);
+}
+
+/// Refused `POST /v1/responses` requests (API.md §8, §9, issue 19's "bad input"): both
+/// `previous_response_id` and `conversation` → 400; a built-in tool a chat-completions-only
+/// upstream cannot serve → 400 `unsupported_tool` naming it; an unknown or another user's
+/// `resp_…`/`conv_…` → 404 that does not tell the two apart. After all of them: the upstream was
+/// asked nothing, no response, conversation or item was stored, the balance (enforced) and the
+/// key's spend are untouched with nothing left reserved, no ledger entry, and each refusal has
+/// its one usage record (§8) at cost 0 naming no response. A request that is served afterwards
+/// moves every one of those figures, so none of them is stuck.
+#[tokio::test]
+async fn refused_responses_store_nothing_charge_nothing_and_reach_no_upstream() {
+    let app = TestApp::spawn_with(|c| c.billing.enforce_balance = true).await;
+    let gw = common::gateway::setup(&app).await;
+    let alice = user_id_of(&app, "alice").await;
+    let grant = 1_000_000_000_i64;
+    let (s, b) = app
+        .post(
+            &format!("/api/admin/users/{alice}/balance"),
+            Some(&gw.admin),
+            json!({"amount_usd": 1.0, "note": "test"}),
+        )
+        .await;
+    assert!(s == 200 || s == 201, "{s} {b}");
+    let (key, key_id) = new_key(
+        &app,
+        &gw.user,
+        json!({"name": "budgeted", "budget_usd": 5.0}),
+    )
+    .await;
+    let k = Some(key.as_str());
+    let mine = seed_chain(&app, &alice, &key_id).await.pop().unwrap();
+    let (s, conv) = app
+        .post("/v1/conversations", k, json!({"items": [msg("hello")]}))
+        .await;
+    assert_eq!(s, 200, "{conv}");
+    let conv_id = conv["id"].as_str().unwrap().to_owned();
+    let (bob, bob_key, bob_key_id) = user_with_key(&app, "bob").await;
+    let bobs_response = seed_chain(&app, &bob, &bob_key_id).await.pop().unwrap();
+    let (s, bconv) = app
+        .post(
+            "/v1/conversations",
+            Some(&bob_key),
+            json!({"items": [msg("bob's")]}),
+        )
+        .await;
+    assert_eq!(s, 200, "{bconv}");
+    let bobs_conv = bconv["id"].as_str().unwrap().to_owned();
+    let before = usage_rows(&app, 2).await.len();
+    assert_eq!(before, 2, "the two conversations' creations");
+    let rows = state_rows(&app).await;
+    assert_eq!(rows, (6, 2, 2));
+    let batches = app.state.stored.batches();
+    let (balance0, spent0) = settled_money(&app, &alice, &key_id).await;
+    assert_eq!((balance0, spent0), (grant, 0));
+
+    let model = |extra: Value| {
+        let mut b = json!({"model": "gpt-test", "input": "Hello", "store": true});
+        b.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        b
+    };
+    let fn_tool = json!({"type": "function", "name": "f", "parameters": {"type": "object"}});
+    let unknown_response = "resp_00000000000000000000000000000000";
+    let unknown_conv = "conv_00000000000000000000000000000000";
+    // (what, body, status, code, param, the message names)
+    let cases: Vec<(&str, Value, u16, &str, Value, String)> = vec![
+        (
+            "both",
+            model(json!({"previous_response_id": mine, "conversation": conv_id})),
+            400,
+            "invalid_value",
+            json!("conversation"),
+            "previous_response_id".into(),
+        ),
+        (
+            "both, the conversation as an object, streamed",
+            model(
+                json!({"previous_response_id": mine, "conversation": {"id": conv_id}, "stream": true}),
+            ),
+            400,
+            "invalid_value",
+            json!("conversation"),
+            "previous_response_id".into(),
+        ),
+        (
+            "a built-in tool",
+            model(json!({"tools": [{"type": "web_search_preview"}]})),
+            400,
+            "unsupported_tool",
+            json!("tools[0].type"),
+            "web_search_preview".into(),
+        ),
+        (
+            "a built-in tool in the user's conversation, streamed",
+            model(
+                json!({"conversation": conv_id, "stream": true, "tools": [fn_tool, {"type": "file_search", "vector_store_ids": ["vs_1"]}]}),
+            ),
+            400,
+            "unsupported_tool",
+            json!("tools[1].type"),
+            "file_search".into(),
+        ),
+        (
+            "a built-in tool after the user's stored response",
+            model(json!({"previous_response_id": mine, "tools": [{"type": "web_search"}]})),
+            400,
+            "unsupported_tool",
+            json!("tools[0].type"),
+            "web_search".into(),
+        ),
+        (
+            "an unknown response",
+            model(json!({"previous_response_id": unknown_response})),
+            404,
+            "not_found",
+            Value::Null,
+            format!("No response found with id '{unknown_response}'."),
+        ),
+        (
+            "another user's response, streamed",
+            model(json!({"previous_response_id": bobs_response, "stream": true})),
+            404,
+            "not_found",
+            Value::Null,
+            format!("No response found with id '{bobs_response}'."),
+        ),
+        (
+            "an unknown conversation",
+            model(json!({"conversation": unknown_conv})),
+            404,
+            "not_found",
+            Value::Null,
+            format!("Conversation with id '{unknown_conv}' not found."),
+        ),
+        (
+            "another user's conversation",
+            model(json!({"conversation": {"id": bobs_conv}})),
+            404,
+            "not_found",
+            Value::Null,
+            format!("Conversation with id '{bobs_conv}' not found."),
+        ),
+    ];
+    for (what, body, status, code, param, names) in &cases {
+        let (s, b) = post_responses(&app, &key, body).await;
+        assert_eq!(s, *status, "{what}: {b}");
+        assert_error(s, &b, *status, code);
+        assert_eq!(b["error"]["type"], "invalid_request_error", "{what}: {b}");
+        assert_eq!(b["error"]["param"], *param, "{what}: {b}");
+        let message = b["error"]["message"].as_str().unwrap();
+        if *status == 404 {
+            // Another user's id reads exactly as an unknown one.
+            assert_eq!(message, names, "{what}");
+        } else {
+            assert!(message.contains(names.as_str()), "{what}: {message}");
+        }
+    }
+
+    assert!(
+        gw.mock.requests().is_empty(),
+        "a refused request reached the upstream: {:?}",
+        gw.mock.requests()
+    );
+    let records = usage_rows(&app, before + cases.len()).await;
+    assert_eq!(
+        records.len(),
+        before + cases.len(),
+        "one usage record per refusal"
+    );
+    let mut statuses: Vec<i32> = Vec::new();
+    for r in &records[before..] {
+        assert_eq!(r.endpoint, "responses", "{r:?}");
+        assert_eq!(r.key_id, key_id);
+        assert_eq!(r.cost_nanos, 0, "a refusal is free: {r:?}");
+        assert_eq!(
+            (r.prompt_tokens, r.completion_tokens, r.tokens_estimated),
+            (0, 0, false),
+            "{r:?}"
+        );
+        assert_eq!(
+            r.response_id, None,
+            "a refused request made no response: {r:?}"
+        );
+        assert!(
+            r.conversation_id.is_none() || r.conversation_id.as_deref() == Some(conv_id.as_str()),
+            "names only the user's own conversation: {r:?}"
+        );
+        statuses.push(r.status);
+    }
+    statuses.sort_unstable();
+    let mut want: Vec<i32> = cases.iter().map(|c| i32::from(c.2)).collect();
+    want.sort_unstable();
+    assert_eq!(statuses, want);
+
+    // Nothing stored, nothing appended, nothing written, nothing charged or left reserved.
+    assert_eq!(state_rows(&app).await, rows, "nothing was stored");
+    assert_eq!(app.state.stored.batches(), batches);
+    assert_eq!(app.state.stored.queued(), 0);
+    let (s, items) = app
+        .get(&format!("/v1/conversations/{conv_id}/items"), k)
+        .await;
+    assert_eq!(s, 200);
+    assert_eq!(texts(items["data"].as_array().unwrap()), ["hello"]);
+    assert_eq!(
+        settled_money(&app, &alice, &key_id).await,
+        (grant, 0),
+        "balance and key spend untouched"
+    );
+    let usage_entries = {
+        use sea_orm::{ColumnTrait, QueryFilter};
+        entity::balance_ledger::Entity::find()
+            .filter(entity::balance_ledger::Column::UserId.eq(alice.as_str()))
+            .filter(entity::balance_ledger::Column::Kind.eq("usage"))
+            .count(&app.state.db)
+            .await
+            .unwrap()
+    };
+    assert_eq!(usage_entries, 0);
+
+    // The same checks see a request that is served: upstream asked, stored, charged.
+    let (s, b) = post_responses(&app, &key, &model(json!({"conversation": conv_id}))).await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(gw.mock.requests().len(), 1);
+    let id = b["id"].as_str().unwrap();
+    let (s, got) = app.get(&format!("/v1/responses/{id}"), k).await;
+    assert_eq!(s, 200, "{got}");
+    assert_eq!(state_rows(&app).await, (rows.0 + 1, rows.1, rows.2 + 2));
+    let records = usage_rows(&app, before + cases.len() + 2).await;
+    let served = records
+        .iter()
+        .find(|r| r.response_id.as_deref() == Some(id))
+        .unwrap();
+    assert!(served.cost_nanos > 0, "{served:?}");
+    let (balance, spent) = settled_money(&app, &alice, &key_id).await;
+    assert_eq!(spent, served.cost_nanos);
+    assert_eq!(balance, grant - served.cost_nanos);
+}

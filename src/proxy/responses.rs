@@ -109,14 +109,13 @@ pub struct Stored {
 }
 
 pub async fn forward(state: &AppState, route: &Route, call: &Call<'_>, meter: Meter) -> Response {
-    let protocol: &'static dyn ClientProtocol = &crate::protocols::responses::Responses;
     let req = match proto::parse(call.bytes) {
         Ok(r) => r,
-        Err(e) => return passthrough::refuse(protocol, meter, e),
+        Err(e) => return refuse(meter, e),
     };
     let history = match history(state, &meter.facts.user_id, &req).await {
         Ok(h) => h,
-        Err(e) => return passthrough::refuse(protocol, meter, e),
+        Err(e) => return refuse(meter, e),
     };
     let mut ctx = ResponseCtx::new(&req, chrono::Utc::now().timestamp());
     ctx.id = crate::conversations::ids::response_id();
@@ -145,7 +144,11 @@ pub async fn forward(state: &AppState, route: &Route, call: &Call<'_>, meter: Me
     }
     let mut pivot = match proto::to_chat(&req, &history) {
         Ok(p) => p,
-        Err(e) => return passthrough::refuse(protocol, meter, e),
+        Err(e) => {
+            // Refused: no response was made, so its record names none (spec §9).
+            meter.facts.response_id = None;
+            return refuse(meter, e);
+        }
     };
     call.view.model.clone_into(&mut pivot.model);
     if !history.is_empty() {
@@ -192,15 +195,14 @@ async fn upstream_responses(
     let mut headers = upstream::client_headers(call.headers, true);
     let url = if route.kind == "azure" {
         let Some(translator) = route.translator else {
-            return passthrough::refuse(
-                protocol,
+            return refuse(
                 meter,
                 ApiError::internal(anyhow::anyhow!("azure route without a translator")),
             );
         };
         let url = match crate::providers::azure::operation_url(&t, "/responses") {
             Ok(u) => u,
-            Err(e) => return passthrough::refuse(protocol, meter, e),
+            Err(e) => return refuse(meter, e),
         };
         if let Err(e) = translator.headers(
             &mut headers,
@@ -209,7 +211,7 @@ async fn upstream_responses(
             &url,
             &body,
         ) {
-            return passthrough::refuse(protocol, meter, e);
+            return refuse(meter, e);
         }
         url
     } else {
@@ -293,6 +295,19 @@ async fn history(
         ));
     }
     crate::conversations::history_for(&state.db, user_id, prev, conv).await
+}
+
+/// A request refused before any upstream was asked: metered (free) as
+/// [`passthrough::refuse`] does, and answered by the gateway's own OpenAI-shaped renderer, which
+/// keeps the error's `param` (re-rendering through the protocol's `error_body` drops it).
+fn refuse(meter: Meter, e: ApiError) -> Response {
+    meter.finish(
+        e.parts().0.as_u16(),
+        None,
+        crate::metering::event::KeptPayloads::default(),
+        Some("invalid_request"),
+    );
+    axum::response::IntoResponse::into_response(e)
 }
 
 /// Stores a completed response (and appends to its conversation) off the request's path.
