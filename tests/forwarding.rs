@@ -537,7 +537,6 @@ async fn responses_passed_through_pass_back_the_same_headers() {
 /// rules are for every `/v1` route, so the upstream's headers come back here too, on a success
 /// (stream and not) and on a 429 (its `retry-after` above all).
 #[tokio::test]
-#[ignore = "proxy::translate does not pass upstream response headers back yet (API.md §8)"]
 async fn responses_translated_to_chat_pass_back_the_same_headers() {
     let w = world().await;
     for stream in [false, true] {

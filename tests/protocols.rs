@@ -1031,6 +1031,10 @@ async fn responses_to_a_responses_capable_upstream_go_statelessly_with_our_ids()
     assert_ne!(id, "resp_upstream", "the client sees tollgate's id");
     assert!(id.starts_with("resp_"));
     assert_eq!(v["model"], "o-resp");
+    assert_eq!(
+        v["store"], true,
+        "tollgate stored it, whatever the upstream says: {v}"
+    );
     let up = seen.lock().expect("lock").last().cloned().expect("request");
     assert_eq!(up["model"], "o-up");
     assert_eq!(up["store"], false, "upstreams are stateless");
@@ -1061,6 +1065,7 @@ async fn responses_to_a_responses_capable_upstream_go_statelessly_with_our_ids()
             if let Some(r) = e.get("response") {
                 assert_ne!(r["id"], "resp_upstream", "{e}");
                 assert_eq!(r["model"], "o-resp", "{e}");
+                assert_eq!(r["store"], true, "{e}");
             }
         }
         assert_eq!(

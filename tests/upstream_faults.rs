@@ -1014,12 +1014,20 @@ async fn a_cut_anthropic_stream_keeps_the_cache_fields_it_reported() {
                 ..ANTHROPIC_HEAD
             },
         );
-        if model == "an-broken" {
-            assert_eq!(
-                (r.status, r.error.as_deref()),
-                (502, Some("upstream_disconnected"))
-            );
-        }
+        // Cut short, cleanly or not: 502 and Anthropic's final error event, as when translated.
+        let error = if model == "an-broken" {
+            "upstream_disconnected"
+        } else {
+            "upstream_malformed"
+        };
+        assert_eq!(
+            (r.status, r.error.as_deref()),
+            (502, Some(error)),
+            "{model}"
+        );
+        let (_, err) = anthropic_stream_error(&body);
+        assert_eq!(err["type"], "error", "{model}: {body}");
+        assert_eq!(err["error"]["type"], "api_error", "{model}: {body}");
     }
     app.stop().await;
 }

@@ -35,6 +35,11 @@ pub trait ClientProtocol: Send + Sync + 'static {
     fn stream_encoder(&self, ctx: &EncodeCtx) -> Box<dyn ChunkEncoder>;
     /// An error body in the client's shape (`status` is the HTTP status it goes with).
     fn error_body(&self, status: u16, err: &UpstreamError) -> Vec<u8>;
+    /// Its errors are OpenAI's error object: the gateway's own errors go out as the gateway
+    /// renders them (`param` included), not re-rendered through [`UpstreamError`].
+    fn errors_are_openai(&self) -> bool {
+        false
+    }
 }
 
 /// Writes one stream in the client's protocol, framing included.

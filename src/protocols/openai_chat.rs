@@ -64,6 +64,10 @@ impl ClientProtocol for OpenAiChat {
     fn error_body(&self, _status: u16, err: &UpstreamError) -> Vec<u8> {
         error_json(err)
     }
+
+    fn errors_are_openai(&self) -> bool {
+        true
+    }
 }
 
 struct ChatStream {

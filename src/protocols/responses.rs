@@ -1817,6 +1817,10 @@ impl ClientProtocol for Responses {
     fn error_body(&self, _status: u16, err: &UpstreamError) -> Vec<u8> {
         super::openai_chat::error_json(err)
     }
+
+    fn errors_are_openai(&self) -> bool {
+        true
+    }
 }
 
 // ------------------------------------------------------------------------------------------------

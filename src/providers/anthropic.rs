@@ -140,6 +140,8 @@ pub struct PassthroughUsage {
     acc: UsageAcc,
     /// The client's model name as a JSON string, until `message_start` has been renamed.
     rename_to: Option<Vec<u8>>,
+    /// A terminal event (`message_stop`, or `error`) was seen.
+    finished: bool,
 }
 
 impl PassthroughUsage {
@@ -190,6 +192,10 @@ impl PassthroughUsage {
                 .and_then(|m| scan::top_level_members(m.value))
                 .and_then(|inner| inner.iter().find(|m| m.is("usage")).map(|m| m.value)),
             b"\"message_delta\"" => members.iter().find(|m| m.is("usage")).map(|m| m.value),
+            b"\"message_stop\"" | b"\"error\"" => {
+                self.finished = true;
+                None
+            }
             _ => None,
         };
         if let Some(raw) = usage
@@ -203,6 +209,11 @@ impl PassthroughUsage {
     /// What the stream reported so far (`None` before any usage).
     pub fn usage(&self) -> Option<Usage> {
         self.acc.usage()
+    }
+
+    /// The stream reached its terminal event (`message_stop`, or an `error` event).
+    pub fn finished(&self) -> bool {
+        self.finished
     }
 }
 

@@ -235,6 +235,10 @@ impl UsageReader for crate::providers::anthropic::PassthroughUsage {
         crate::providers::anthropic::PassthroughUsage::rewrite(self, data)
     }
 
+    fn cut_short(&self) -> bool {
+        !self.finished()
+    }
+
     /// Anthropic's `event: error`, which its SDKs raise as an error.
     fn error_event(&self, err: &crate::pivot::UpstreamError, out: &mut bytes::BytesMut) -> bool {
         let body = crate::protocols::anthropic::AnthropicMessages.error_body(err.status, err);

@@ -42,6 +42,10 @@ impl ClientProtocol for WithCtx {
     fn error_body(&self, _status: u16, err: &UpstreamError) -> Vec<u8> {
         crate::protocols::openai_chat::error_json(err)
     }
+
+    fn errors_are_openai(&self) -> bool {
+        true
+    }
 }
 
 /// Usage of a relayed Responses stream: the terminal event's `response.usage`.
@@ -54,12 +58,19 @@ struct StreamUsage {
     /// The terminal event's `response`, for storage.
     last: Option<serde_json::Value>,
     on_end: Option<OnDone>,
+    /// tollgate keeps this response (the upstream was sent `store: false`).
+    stored: bool,
+    /// The last event's `sequence_number`: a final error event takes the next one.
+    sequence: u64,
 }
 
 impl UsageReader for StreamUsage {
     fn on_event(&mut self, data: &[u8]) {
         if let Some(u) = proto::usage_of_event(data) {
             self.usage = Some(u);
+        }
+        if let Some(n) = sequence_number(data) {
+            self.sequence = n;
         }
         if self.on_end.is_some()
             && memchr::memmem::find(data, b"response.completed").is_some()
@@ -68,7 +79,7 @@ impl UsageReader for StreamUsage {
             && let Some(r) = v.get("response")
         {
             let mut r = r.clone();
-            relabel(&mut r, &self.id, &self.model);
+            relabel(&mut r, &self.id, &self.model, self.stored);
             self.last = Some(r);
         }
     }
@@ -83,8 +94,23 @@ impl UsageReader for StreamUsage {
         memchr::memmem::find(data, b"\"response\":")?;
         let mut v: serde_json::Value = serde_json::from_slice(data).ok()?;
         let r = v.get_mut("response")?;
-        relabel(r, &self.id, &self.model);
+        relabel(r, &self.id, &self.model, self.stored);
         serde_json::to_vec(&v).ok()
+    }
+
+    /// The Responses API's `error` event, which the SDKs raise.
+    fn error_event(&self, err: &UpstreamError, out: &mut bytes::BytesMut) -> bool {
+        let event = serde_json::json!({
+            "type": "error",
+            "code": err.code.as_deref().unwrap_or(err.kind.as_str()),
+            "message": err.message,
+            "param": null,
+            "sequence_number": self.sequence.saturating_add(1),
+        });
+        out.extend_from_slice(b"event: error\ndata: ");
+        out.extend_from_slice(&serde_json::to_vec(&event).unwrap_or_default());
+        out.extend_from_slice(b"\n\n");
+        true
     }
 
     fn on_end(&mut self) {
@@ -225,6 +251,7 @@ async fn upstream_responses(
     // `previous_response_id` and `GET /v1/responses/{id}` take), and that is what is stored.
     let ctx_id = meter.facts.response_id.clone().unwrap_or_default();
     let client_model = call.view.model.clone();
+    let stored = save.is_some();
     let (on_body, on_end): (Option<passthrough::OnBody>, _) = if req.stream {
         (None, save)
     } else {
@@ -233,7 +260,7 @@ async fn upstream_responses(
             let Ok(mut v) = serde_json::from_slice::<serde_json::Value>(&body) else {
                 return body;
             };
-            relabel(&mut v, &id, &model);
+            relabel(&mut v, &id, &model, save.is_some());
             let out = serde_json::to_vec(&v).map(Bytes::from).unwrap_or(body);
             if let Some(save) = save {
                 save(v, usage);
@@ -254,6 +281,7 @@ async fn upstream_responses(
                 on_end,
                 id: ctx_id,
                 model: client_model,
+                stored,
                 ..StreamUsage::default()
             }),
             usage_of_body: proto::usage_of_response,
@@ -353,9 +381,85 @@ fn save_later(s: Stored, response: serde_json::Value, usage: Option<Usage>) {
 }
 
 /// The stored copy of an upstream's response carries tollgate's id and the client's model name.
-fn relabel(v: &mut serde_json::Value, id: &str, model: &str) {
+fn relabel(v: &mut serde_json::Value, id: &str, model: &str, stored: bool) {
     if let Some(o) = v.as_object_mut() {
         o.insert("id".into(), id.into());
         o.insert("model".into(), model.into());
+        // The upstream was sent `store: false`; what the client is told is what tollgate did.
+        o.insert("store".into(), stored.into());
+    }
+}
+
+/// An event's `sequence_number`, found without parsing the event (the last unescaped
+/// `"sequence_number":` in it; a nested object of an event carries none).
+fn sequence_number(data: &[u8]) -> Option<u64> {
+    const KEY: &[u8] = b"\"sequence_number\":";
+    let at = memchr::memmem::rfind(data, KEY)? + KEY.len();
+    let digits = data[at..]
+        .iter()
+        .skip_while(|b| b.is_ascii_whitespace())
+        .take_while(|b| b.is_ascii_digit())
+        .take(19)
+        .fold(0u64, |n, b| {
+            n.saturating_mul(10).saturating_add(u64::from(b - b'0'))
+        });
+    Some(digits)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proxy::stream::UsageReader;
+
+    #[test]
+    fn a_cut_stream_ends_with_the_responses_error_event_numbered_next() {
+        let mut r = StreamUsage::default();
+        for data in [
+            &br#"{"type":"response.created","sequence_number":0,"response":{"id":"x","metadata":{"note":"\"sequence_number\":99"}}}"#[..],
+            br#"{"type":"response.output_text.delta","sequence_number":7,"delta":"hi"}"#,
+            br#"{"type":"response.output_text.delta","delta":"no number"}"#,
+        ] {
+            r.on_event(data);
+        }
+        let mut out = bytes::BytesMut::new();
+        let err = UpstreamError {
+            status: 502,
+            kind: "api_error".into(),
+            message: "The upstream connection was lost mid-stream.".into(),
+            code: Some("upstream_disconnected".into()),
+        };
+        assert!(r.error_event(&err, &mut out));
+        let text = std::str::from_utf8(&out).expect("utf-8");
+        let data = text
+            .strip_prefix("event: error\ndata: ")
+            .and_then(|t| t.strip_suffix("\n\n"))
+            .expect("one SSE event");
+        let v: serde_json::Value = serde_json::from_str(data).expect("json");
+        assert_eq!(v["type"], "error");
+        assert_eq!(v["code"], "upstream_disconnected");
+        assert_eq!(
+            v["sequence_number"], 8,
+            "after the last numbered event: {v}"
+        );
+        assert_eq!(
+            sequence_number(br#"{"a":"\"sequence_number\":5"}"#),
+            None,
+            "an escaped key inside a string is not the event's"
+        );
+        assert_eq!(
+            sequence_number(br#"{"sequence_number": 99999999999999999999999}"#),
+            Some(9_999_999_999_999_999_999),
+            "at most 19 digits are read: no overflow"
+        );
+    }
+
+    #[test]
+    fn relabel_says_what_tollgate_did() {
+        let mut v = serde_json::json!({"id": "resp_up", "model": "up", "store": false});
+        relabel(&mut v, "resp_ours", "mine", true);
+        assert_eq!(
+            v,
+            serde_json::json!({"id": "resp_ours", "model": "mine", "store": true})
+        );
     }
 }

@@ -276,6 +276,10 @@ pub trait UsageReader: Send {
     fn units(&self) -> Option<Units> {
         None
     }
+    /// The upstream's stream ended without its protocol's terminal event (a cut, not an end).
+    fn cut_short(&self) -> bool {
+        false
+    }
     /// Writes the stream's final error event in the client's protocol; false (the default):
     /// OpenAI's `data: {"error": …}` is written instead.
     fn error_event(&self, _err: &crate::pivot::UpstreamError, _out: &mut BytesMut) -> bool {
@@ -564,6 +568,18 @@ where
                 Poll::Ready(None) => {
                     if let Some(ev) = self.scanner.finish() {
                         self.handle_event(ev);
+                    }
+                    if self.map.reader.as_ref().is_some_and(|r| r.cut_short()) {
+                        self.fail(
+                            502,
+                            ApiError::Upstream {
+                                status: http::StatusCode::BAD_GATEWAY,
+                                message: "The upstream's stream ended before its last event."
+                                    .into(),
+                                code: "upstream_malformed",
+                            },
+                            "upstream_malformed",
+                        );
                     }
                     self.ended = true;
                 }

@@ -53,6 +53,9 @@ pub fn error_response(protocol: &dyn ClientProtocol, err: &UpstreamError) -> Res
 /// A gateway error in the client protocol's shape, keeping the headers the gateway's own
 /// renderer sets (`retry-after`, …).
 pub fn api_error_response(protocol: &dyn ClientProtocol, err: ApiError) -> Response {
+    if protocol.errors_are_openai() {
+        return err.into_response();
+    }
     let neutral = UpstreamError::from(&err);
     let mut resp = err.into_response();
     *resp.body_mut() = Body::from(protocol.error_body(neutral.status, &neutral));
@@ -226,6 +229,8 @@ pub async fn answer(
     let stream = x.pivot.stream;
     let cfg = &state.config.upstream;
     let status = resp.status();
+    // The upstream's rate-limit and retry headers reach the client as on the pass-through (§8).
+    let passed = super::passthrough::passed_headers(resp.headers());
     let idle = Duration::from_secs(cfg.idle_timeout_secs);
 
     if status.is_success() && stream {
@@ -254,6 +259,7 @@ pub async fn answer(
         stream::prime(&mut body, super::STREAM_HEAD_WAIT).await;
         let mut out = Response::new(Body::new(body));
         let h = out.headers_mut();
+        h.extend(passed);
         h.insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("text/event-stream; charset=utf-8"),
@@ -298,7 +304,9 @@ pub async fn answer(
             KeptPayloads::default(),
             Some("upstream_status"),
         );
-        return error_response(x.protocol, &err);
+        let mut out = error_response(x.protocol, &err);
+        out.headers_mut().extend(passed);
+        return out;
     }
     let answer = match translator.decode_chat(&body, &t) {
         Ok(a) => a,
@@ -341,6 +349,7 @@ pub async fn answer(
         done(v, usage);
     }
     let mut resp = Response::new(Body::from(out));
+    resp.headers_mut().extend(passed);
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
