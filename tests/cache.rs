@@ -504,3 +504,96 @@ async fn redis_down_is_a_miss_not_an_error() {
     let link = app.state.cluster.redis.as_ref().expect("redis link");
     assert!(link.is_down(), "the link knows Redis is down");
 }
+
+/// A hit held by this replica is found from the request's bytes before they are parsed again:
+/// the same bytes are a hit (admitted and metered with what the request asked), other bytes
+/// meaning the same are a miss, and an entry that does not say what its request asked (one a
+/// replica of an earlier version shared through Redis) is served the usual way, after parsing.
+#[tokio::test]
+async fn a_hit_is_found_from_the_bytes_and_metered_with_what_they_asked() {
+    let app = TestApp::spawn().await;
+    let gw = setup(&app).await;
+    let (key, _) = new_key(&app, &gw.user, json!({"name": "c", "cache_ttl_secs": 60})).await;
+    let raw = |body: &'static str| {
+        app.client
+            .post(app.url("/v1/chat/completions"))
+            .bearer_auth(&key)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    const BODY: &str = r#"{"model":"gpt-test","max_tokens":5,"n":2,"messages":[{"role":"user","content":"bytes"}]}"#;
+    const SPACED: &str = r#"{"model": "gpt-test","max_tokens":5,"n":2,"messages":[{"role":"user","content":"bytes"}]}"#;
+    let first = raw(BODY).await.expect("send");
+    assert_eq!(first.headers()["x-tollgate-cache"], "miss");
+    let first = first.text().await.expect("body");
+    let second = raw(BODY).await.expect("send");
+    assert_eq!(second.status(), 200);
+    assert_eq!(second.headers()["x-tollgate-cache"], "hit");
+    assert_eq!(second.headers()["x-tollgate-model"], "gpt-test");
+    assert_eq!(second.text().await.expect("body"), first);
+    let spaced = raw(SPACED).await.expect("send");
+    assert_eq!(spaced.headers()["x-tollgate-cache"], "miss", "other bytes");
+    assert_eq!(upstream_calls(&gw), 2);
+    assert_eq!(metric(&app, "tollgate_cache_hits_total").await, 1.0);
+    assert_eq!(metric(&app, "tollgate_cache_misses_total").await, 2.0);
+
+    // The hit's record: the model the client named, the answer's tokens, cost 0, and its
+    // token bounds from what the request asked (max_tokens 5 × n 2 leaves the mock's 7).
+    let records = wait_records(&app, &gw.user, 3).await;
+    let miss = records
+        .iter()
+        .find(|r| r["cache_hit"] == false && r["request_id"].is_string())
+        .expect("a miss");
+    let hit = records
+        .iter()
+        .find(|r| r["cache_hit"] == true)
+        .expect("the hit");
+    assert_eq!(hit["model"], "gpt-test", "{hit}");
+    assert_eq!(hit["cost_usd"].as_f64(), Some(0.0));
+    assert_eq!(hit["attempts"], 0);
+    for field in ["prompt_tokens", "completion_tokens"] {
+        assert_eq!(hit[field], miss[field], "{field}: {hit} vs {miss}");
+    }
+
+    // An entry that does not say what its request asked: still a hit, after parsing.
+    let (s, me) = app.get("/api/me", Some(&gw.user)).await;
+    assert_eq!(s, 200);
+    const OLD: &str =
+        r#"{"model":"gpt-test","messages":[{"role":"user","content":"from an older replica"}]}"#;
+    let k = tollgate::routing::cache::CacheKey::of(
+        me["id"].as_str().expect("id"),
+        tollgate::providers::Endpoint::ChatCompletions,
+        "",
+        OLD.as_bytes(),
+    );
+    let now = tollgate::routing::cache::now_ms();
+    let kept = app
+        .state
+        .responses
+        .put(
+            k,
+            tollgate::routing::cache::CachedAnswer {
+                body: bytes::Bytes::from_static(
+                    br#"{"id":"old","object":"chat.completion","choices":[]}"#,
+                ),
+                content_type: None,
+                model: "gpt-test".into(),
+                provider: "mock".into(),
+                usage: None,
+                stored_ms: now,
+                expires_ms: now + 60_000,
+                asked: None,
+            },
+        )
+        .await;
+    assert!(kept);
+    let old = raw(OLD).await.expect("send");
+    assert_eq!(old.headers()["x-tollgate-cache"], "hit");
+    assert_eq!(
+        old.text().await.expect("body"),
+        r#"{"id":"old","object":"chat.completion","choices":[]}"#
+    );
+    assert_eq!(upstream_calls(&gw), 2, "no upstream call for either hit");
+    assert_eq!(metric(&app, "tollgate_cache_hits_total").await, 2.0);
+}

@@ -20,7 +20,7 @@ use crate::metering::event::KeptPayloads;
 use crate::providers::{Endpoint, Usage};
 use crate::proxy::meter::Meter;
 use crate::proxy::request::RequestView;
-use crate::routing::cache::{CacheKey, CachedAnswer, now_ms};
+use crate::routing::cache::{Asked, CacheKey, CachedAnswer, now_ms};
 use crate::state::AppState;
 
 /// The request header asking for the cache, in seconds.
@@ -90,15 +90,76 @@ pub fn lookup(
         return Ok(None);
     }
     Ok(Some(Lookup {
-        key: CacheKey::of(
-            &key.user_id,
-            endpoint,
-            &view.model,
-            query.unwrap_or_default(),
-            body,
-        ),
+        key: CacheKey::of(&key.user_id, endpoint, query.unwrap_or_default(), body),
         ttl: Duration::from_secs(secs),
     }))
+}
+
+/// A hit found before the body is parsed: the request may use the cache (by its key or header),
+/// and this replica holds an answer kept for these exact bytes, which were validated when it
+/// was kept (they were a non-streamed request that asked for no storage, or nothing was kept).
+/// `None` sends the request the usual way: parsed, admitted, then looked up (Redis included).
+pub fn early(
+    state: &AppState,
+    key: &KeyCtx,
+    endpoint: Endpoint,
+    body: &Bytes,
+    headers: &HeaderMap,
+    query: Option<&str>,
+) -> Option<Early> {
+    let cacheable = matches!(
+        endpoint,
+        Endpoint::ChatCompletions | Endpoint::Completions | Endpoint::Embeddings
+    );
+    if !cacheable || key.key_id.is_empty() {
+        return None;
+    }
+    // A malformed header is the usual path's 400.
+    let secs = ttl_secs(
+        headers,
+        key.cache_ttl_secs,
+        state.config.routing.max_cache_ttl_secs,
+    )
+    .ok()
+    .filter(|&s| s > 0)?;
+    let lookup = Lookup {
+        key: CacheKey::of(&key.user_id, endpoint, query.unwrap_or_default(), body),
+        ttl: Duration::from_secs(secs),
+    };
+    // An entry from a replica that did not record what its request asked: parsed as usual.
+    let hit = state
+        .responses
+        .get_local(&lookup.key, lookup.ttl, |a| a.asked.is_some())?;
+    let view = view_of(hit.asked.as_ref()?);
+    Some(Early { lookup, hit, view })
+}
+
+/// A hit [`early`] found.
+pub struct Early {
+    pub lookup: Lookup,
+    pub hit: std::sync::Arc<CachedAnswer>,
+    /// The request the hit stands for (no fields: nothing of it is sent anywhere).
+    pub view: RequestView<'static>,
+}
+
+fn view_of(asked: &Asked) -> RequestView<'static> {
+    RequestView {
+        fields: Vec::new(),
+        model: asked.model.clone(),
+        stream: false,
+        include_usage: false,
+        max_tokens: asked.max_tokens,
+        n: asked.n,
+    }
+}
+
+/// What `view`'s request asked, kept with its answer.
+pub fn asked(view: &RequestView<'_>) -> Asked {
+    Asked {
+        model: view.model.clone(),
+        max_tokens: view.max_tokens,
+        n: crate::proxy::reserve::choices(view),
+    }
 }
 
 /// A hit: the cached body as it was, `x-tollgate-cache: hit`, the model that answered it and no
@@ -131,6 +192,8 @@ pub struct Answered<'a> {
     pub model: &'a str,
     pub provider: &'a str,
     pub usage: Option<Usage>,
+    /// What the request asked ([`early`] admits a later hit with it).
+    pub asked: Asked,
 }
 
 /// Keeps a miss's 200 answer for the request's TTL; true when it was kept (not too large).
@@ -152,6 +215,7 @@ pub async fn keep(state: &AppState, lookup: &Lookup, a: Answered<'_>) -> bool {
                 usage: a.usage,
                 stored_ms: now,
                 expires_ms: now.saturating_add(ttl_ms),
+                asked: Some(a.asked),
             },
         )
         .await

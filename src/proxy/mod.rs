@@ -223,9 +223,14 @@ async fn admitted(
     } = caller;
     // Set by `edge` (or the router's layer) when the client sent none; forwarded upstream as is.
     let request_id_header = headers.get(crate::edge::X_REQUEST_ID).cloned();
-    let view = match RequestView::parse(&bytes) {
-        Ok(v) => v,
-        Err(e) => return e.into_response(),
+    // A response-cache hit this replica holds is found before the body is parsed: its bytes
+    // are those of a request that was validated when the answer was kept (§11).
+    let (view, early) = match cached::early(&state, &key, endpoint, &bytes, headers, query) {
+        Some(e) => (e.view, Some((e.lookup, e.hit))),
+        None => match RequestView::parse(&bytes) {
+            Ok(v) => (v, None),
+            Err(e) => return e.into_response(),
+        },
     };
     if view.stream && !endpoint.can_stream() {
         return ApiError::invalid_param(
@@ -235,7 +240,7 @@ async fn admitted(
         .into_response();
     }
     // `store: true` on a chat completion: tollgate keeps it (its metadata checked now).
-    let to_store = if endpoint == Endpoint::ChatCompletions {
+    let to_store = if endpoint == Endpoint::ChatCompletions && early.is_none() {
         match stored::requested(&state, &view, &key.user_id, &key.key_id) {
             Ok(t) => t,
             Err(e) => return e.into_response(),
@@ -243,18 +248,21 @@ async fn admitted(
     } else {
         None
     };
-    let cache = match cached::lookup(
-        &state,
-        &key,
-        endpoint,
-        &view,
-        &bytes,
-        headers,
-        query,
-        to_store.is_some(),
-    ) {
-        Ok(c) => c,
-        Err(e) => return e.into_response(),
+    let (cache, hit) = match early {
+        Some((lookup, hit)) => (Some(lookup), Some(hit)),
+        None => match cached::lookup(
+            &state,
+            &key,
+            endpoint,
+            &view,
+            &bytes,
+            headers,
+            query,
+            to_store.is_some(),
+        ) {
+            Ok(c) => (c, None),
+            Err(e) => return e.into_response(),
+        },
     };
     let call = Call {
         endpoint,
@@ -264,6 +272,7 @@ async fn admitted(
         headers,
         query,
         cache,
+        hit,
     };
 
     // ② admit, ③ plan (or the answer from the response cache)
@@ -379,9 +388,12 @@ async fn admit(
 
     // Boxed: the lookup (and its Redis call) is only made for requests using the cache, and its
     // state would otherwise sit in every request's future.
-    if let Some(lookup) = &call.cache
-        && let Some(hit) = Box::pin(state.responses.get(&lookup.key, lookup.ttl)).await
-    {
+    let hit = match (&call.cache, &call.hit) {
+        (_, Some(early)) => Some(early.clone()),
+        (Some(lookup), None) => Box::pin(state.responses.get(&lookup.key, lookup.ttl)).await,
+        (None, None) => None,
+    };
+    if let Some(hit) = hit {
         let mut facts = request_facts(key, call, &model, Default::default(), false);
         hit.provider.clone_into(&mut facts.provider);
         facts.prices = Prices::default();
@@ -1169,6 +1181,7 @@ async fn relay(
                 model: &client_model,
                 provider: &provider,
                 usage,
+                asked: cached::asked(call.view),
             };
             // Boxed like the lookup: only requests using the cache carry its state.
             Box::pin(cached::keep(state, lookup, answered)).await
@@ -1200,6 +1213,8 @@ pub struct Call<'a> {
     pub query: Option<&'a str>,
     /// The request uses the response cache (its answer is kept when it is a 200).
     pub cache: Option<cached::Lookup>,
+    /// The answer [`cached::early`] found for it before the body was parsed.
+    pub hit: Option<std::sync::Arc<crate::routing::cache::CachedAnswer>>,
 }
 
 /// A request whose client protocol is not its provider's: through the pivot.

@@ -21,12 +21,13 @@ pub const DEFAULT_MAX_OUTPUT_TOKENS: i64 = 4096;
 
 /// Completions the request asks for: `n` (chat, completions) or `best_of` (completions),
 /// whichever is larger; each may run to `max_tokens`. At least 1.
-fn choices(view: &RequestView<'_>) -> u64 {
-    ["n", "best_of"]
-        .iter()
-        .filter_map(|k| view.get(k))
-        .filter_map(|raw| serde_json::from_str::<u64>(raw.get()).ok())
-        .fold(1, u64::max)
+/// Choices the request may produce: `n` (as parsed into the view) or a completion's `best_of`,
+/// whichever is larger, at least 1.
+pub(crate) fn choices(view: &RequestView<'_>) -> u64 {
+    view.get("best_of")
+        .and_then(|raw| serde_json::from_str::<u64>(raw.get()).ok())
+        .into_iter()
+        .fold(view.n.max(1), u64::max)
 }
 
 /// The most a request can cost, with what it was computed from.

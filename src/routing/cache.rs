@@ -38,14 +38,14 @@ pub struct CacheKey([u8; 32]);
 
 impl CacheKey {
     /// The key of `body` sent by `user_id` to `endpoint` (with its query string, which goes
-    /// upstream too) for `model`. Each part is prefixed with its length, so no two different
-    /// requests hash the same bytes.
-    pub fn of(user_id: &str, endpoint: Endpoint, model: &str, query: &str, body: &[u8]) -> Self {
+    /// upstream too; the model is in the body). Each part is prefixed with its length, so no two
+    /// different requests hash the same bytes. Made from the raw bytes, so a hit is found
+    /// before the body is parsed (`proxy::cached::early`).
+    pub fn of(user_id: &str, endpoint: Endpoint, query: &str, body: &[u8]) -> Self {
         let mut h = Sha256::new();
         for part in [
             user_id.as_bytes(),
             endpoint.as_str().as_bytes(),
-            model.as_bytes(),
             query.as_bytes(),
             body,
         ] {
@@ -58,6 +58,18 @@ impl CacheKey {
     fn redis_name(&self) -> String {
         format!("rc:{}", hex::encode(self.0))
     }
+}
+
+/// What the request a cached answer was kept for asked, as its body said: a hit found before
+/// the body is parsed is admitted and metered with these (the body, byte for byte the same, was
+/// validated when the answer was kept).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Asked {
+    /// The model the client named.
+    pub model: String,
+    pub max_tokens: Option<u64>,
+    /// Choices it may produce (`n`, or a completion's `best_of`).
+    pub n: u64,
 }
 
 /// A cached answer: what the client got, and what its usage record needs.
@@ -76,6 +88,8 @@ pub struct CachedAnswer {
     pub stored_ms: u64,
     /// … and when it expires.
     pub expires_ms: u64,
+    /// What its request asked (`None`: an entry from a replica that did not say).
+    pub asked: Option<Asked>,
 }
 
 impl CachedAnswer {
@@ -90,6 +104,7 @@ impl CachedAnswer {
             + self.model.len()
             + self.provider.len()
             + self.content_type.as_ref().map_or(0, String::len)
+            + self.asked.as_ref().map_or(0, |a| a.model.len())
             + ENTRY_OVERHEAD;
         u32::try_from(n).unwrap_or(u32::MAX)
     }
@@ -105,6 +120,9 @@ impl CachedAnswer {
                 .map(|u| [u.prompt, u.completion, u.cached, u.cache_write, u.reasoning]),
             at: self.stored_ms,
             exp: self.expires_ms,
+            rm: self.asked.as_ref().map(|a| a.model.as_str()),
+            mt: self.asked.as_ref().and_then(|a| a.max_tokens),
+            n: self.asked.as_ref().map(|a| a.n),
         };
         // A struct of strings and numbers always serializes; JSON escapes every newline.
         let mut out = serde_json::to_vec(&head).unwrap_or_default();
@@ -132,6 +150,11 @@ impl CachedAnswer {
             ),
             stored_ms: head.at,
             expires_ms: head.exp,
+            asked: head.rm.map(|m| Asked {
+                model: m.to_owned(),
+                max_tokens: head.mt,
+                n: head.n.unwrap_or(1).max(1),
+            }),
             body: raw.slice(nl + 1..),
         })
     }
@@ -149,6 +172,13 @@ struct Head<'a> {
     u: Option<[i64; 5]>,
     at: u64,
     exp: u64,
+    /// [`Asked`]: the requested model, its token bound and `n`.
+    #[serde(borrow, default)]
+    rm: Option<&'a str>,
+    #[serde(default)]
+    mt: Option<u64>,
+    #[serde(default)]
+    n: Option<u64>,
 }
 
 /// Unix time in milliseconds: entries move between replicas, so not a process-local clock.
@@ -219,6 +249,23 @@ impl ResponseCache {
             max_entry_bytes: usize::try_from(max_entry_bytes).unwrap_or(usize::MAX),
             metrics,
         }
+    }
+
+    /// The answer kept here (not asking Redis) under `key`, no older than `max_age`, that
+    /// `usable` takes; counted only as a hit: a request that misses here goes on to
+    /// [`Self::get`].
+    pub fn get_local(
+        &self,
+        key: &CacheKey,
+        max_age: Duration,
+        usable: impl Fn(&CachedAnswer) -> bool,
+    ) -> Option<Arc<CachedAnswer>> {
+        let found = self
+            .local
+            .get(key)
+            .filter(|a| a.serves(now_ms(), max_age) && usable(a))?;
+        self.metrics.response_cache_hits_total.inc();
+        Some(found)
     }
 
     /// The answer stored under `key` no older than `max_age`: here, else in Redis (then kept
@@ -316,37 +363,38 @@ mod tests {
             }),
             stored_ms: now,
             expires_ms: now + ttl_ms,
+            asked: Some(Asked {
+                model: "gpt".into(),
+                max_tokens: Some(50),
+                n: 2,
+            }),
         }
     }
 
     #[test]
-    fn keys_differ_by_user_endpoint_model_and_body() {
-        let k = CacheKey::of("u1", Endpoint::ChatCompletions, "m", "", b"{}");
-        assert_eq!(
+    fn keys_differ_by_user_endpoint_query_and_body() {
+        let body = br#"{"model":"m"}"#;
+        let k = CacheKey::of("u1", Endpoint::ChatCompletions, "", body);
+        assert_eq!(k, CacheKey::of("u1", Endpoint::ChatCompletions, "", body));
+        assert_ne!(k, CacheKey::of("u2", Endpoint::ChatCompletions, "", body));
+        assert_ne!(k, CacheKey::of("u1", Endpoint::Completions, "", body));
+        // The model is in the body: another model is another body.
+        assert_ne!(
             k,
-            CacheKey::of("u1", Endpoint::ChatCompletions, "m", "", b"{}")
+            CacheKey::of("u1", Endpoint::ChatCompletions, "", br#"{"model":"n"}"#)
         );
         assert_ne!(
             k,
-            CacheKey::of("u2", Endpoint::ChatCompletions, "m", "", b"{}")
-        );
-        assert_ne!(k, CacheKey::of("u1", Endpoint::Completions, "m", "", b"{}"));
-        assert_ne!(
-            k,
-            CacheKey::of("u1", Endpoint::ChatCompletions, "n", "", b"{}")
+            CacheKey::of("u1", Endpoint::ChatCompletions, "v=2", body)
         );
         assert_ne!(
             k,
-            CacheKey::of("u1", Endpoint::ChatCompletions, "m", "v=2", b"{}")
-        );
-        assert_ne!(
-            k,
-            CacheKey::of("u1", Endpoint::ChatCompletions, "m", "", b"{ }")
+            CacheKey::of("u1", Endpoint::ChatCompletions, "", br#"{"model": "m"}"#)
         );
         // Length prefixes: moving a byte from one part to the next is another key.
         assert_ne!(
-            CacheKey::of("ab", Endpoint::ChatCompletions, "c", "", b""),
-            CacheKey::of("a", Endpoint::ChatCompletions, "bc", "", b"")
+            CacheKey::of("ab", Endpoint::ChatCompletions, "c", b""),
+            CacheKey::of("a", Endpoint::ChatCompletions, "bc", b"")
         );
     }
 
@@ -357,6 +405,7 @@ mod tests {
         let mut none = a;
         none.usage = None;
         none.content_type = None;
+        none.asked = None;
         assert_eq!(CachedAnswer::decode(none.encode()), Some(none));
         assert_eq!(CachedAnswer::decode(b"no newline".to_vec()), None);
         assert_eq!(CachedAnswer::decode(b"{\"m\":1}\n{}".to_vec()), None);
@@ -376,7 +425,7 @@ mod tests {
     #[tokio::test]
     async fn bounded_by_entry_size_and_expiring() {
         let cache = ResponseCache::new(1 << 20, 64, None, Metrics::new());
-        let key = CacheKey::of("u", Endpoint::ChatCompletions, "m", "", b"{}");
+        let key = CacheKey::of("u", Endpoint::ChatCompletions, "", b"{}");
         assert!(!cache.put(key, answer(&"x".repeat(65), 60_000)).await);
         assert_eq!(cache.get(&key, Duration::from_secs(60)).await, None);
         assert!(cache.put(key, answer("{}", 60_000)).await);
@@ -384,7 +433,7 @@ mod tests {
         assert_eq!(hit.body, "{}");
         assert_eq!(cache.metrics.response_cache_hits_total.get(), 1);
         assert_eq!(cache.metrics.response_cache_misses_total.get(), 1);
-        let short = CacheKey::of("u", Endpoint::ChatCompletions, "m", "", b"[]");
+        let short = CacheKey::of("u", Endpoint::ChatCompletions, "", b"[]");
         assert!(cache.put(short, answer("[]", 50)).await);
         tokio::time::sleep(Duration::from_millis(80)).await;
         assert_eq!(cache.get(&short, Duration::from_secs(60)).await, None);
@@ -394,7 +443,7 @@ mod tests {
     async fn bounded_by_bytes_in_all() {
         let cache = ResponseCache::new(4096, 1024, None, Metrics::new());
         for i in 0..64u32 {
-            let key = CacheKey::of("u", Endpoint::ChatCompletions, "m", "", &i.to_be_bytes());
+            let key = CacheKey::of("u", Endpoint::ChatCompletions, "", &i.to_be_bytes());
             assert!(cache.put(key, answer(&"y".repeat(800), 60_000)).await);
         }
         cache.local.run_pending_tasks();
