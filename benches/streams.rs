@@ -23,6 +23,20 @@
 //! (tollgate speaks HTTP/2 to the upstream, `upstream.http2_cleartext`: many streams on one
 //! connection, as with a provider reached over `https://`; nginx cannot, it stays on HTTP/1.1).
 //!
+//! `STREAMS_PATHS` (issue 20; unset: the pass-through alone, as above) adds, at each N and after
+//! the pass-through and nginx runs, the same N clients through tollgate's translated paths:
+//! `chat-anthropic` (`/v1/chat/completions` to an `anthropic`-kind provider; the upstream
+//! answers `/v1/messages` in Anthropic's SSE: `message_start` and `content_block_start`, then a
+//! `content_block_delta` every 100 ms, then `content_block_stop`, `message_delta` with usage and
+//! `message_stop`) and `messages-openai` (`/v1/messages` to the OpenAI-kind upstream above);
+//! `passthrough` is always measured, as the reference. At each N each proxy first streams N
+//! once through the pass-through, unmeasured (a proxy's first run at a new N is slower, and the
+//! paths would otherwise be compared cold against warm); before the first N one non-streamed
+//! request goes along each path. Per path: TTFB (first body byte) and time to the first content
+//! event, p50 / p99, the TTFB added against the nginx hop and against tollgate's own
+//! pass-through, inter-event delay, and the usage records each path's run wrote (with the
+//! upstream's reported token counts) against its completed streams.
+//!
 //! The upstream runs in a process of its own (this binary again, `STREAMS_UPSTREAM_EVENTS` set):
 //! a process may hold at most `RLIMIT_NOFILE` sockets (a hard 20,000 on some machines), and
 //! the clients and the upstream's end of each connection then need not share that budget.
@@ -100,6 +114,105 @@ impl Log {
     }
 }
 
+/// A client protocol → provider path through tollgate (`STREAMS_PATHS`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum StreamPath {
+    /// `/v1/chat/completions` to the OpenAI-kind provider: the bytes pass through.
+    Passthrough,
+    /// `/v1/chat/completions` translated to the `anthropic`-kind provider.
+    ChatAnthropic,
+    /// `/v1/messages` translated to the OpenAI-kind provider.
+    MessagesOpenai,
+}
+
+impl StreamPath {
+    const ALL: [StreamPath; 3] = [
+        StreamPath::Passthrough,
+        StreamPath::ChatAnthropic,
+        StreamPath::MessagesOpenai,
+    ];
+
+    fn key(self) -> &'static str {
+        match self {
+            StreamPath::Passthrough => "passthrough",
+            StreamPath::ChatAnthropic => "chat-anthropic",
+            StreamPath::MessagesOpenai => "messages-openai",
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            StreamPath::Passthrough => "pass-through",
+            StreamPath::ChatAnthropic => "chat → anthropic",
+            StreamPath::MessagesOpenai => "messages → openai",
+        }
+    }
+
+    fn uri(self) -> &'static str {
+        match self {
+            StreamPath::Passthrough | StreamPath::ChatAnthropic => "/v1/chat/completions",
+            StreamPath::MessagesOpenai => "/v1/messages",
+        }
+    }
+
+    fn body(self, stream: bool) -> Bytes {
+        Bytes::from(match self {
+            StreamPath::Passthrough => common::chat_body(stream),
+            StreamPath::ChatAnthropic => common::chat_body_for(common::ANTHROPIC_MODEL, stream),
+            StreamPath::MessagesOpenai => common::messages_body(common::MODEL, stream),
+        })
+    }
+}
+
+/// One non-streamed request along `path`, read to the end, so that no path's first measured
+/// run is also the one that fills tollgate's caches (gateway key, provider key, route).
+async fn warm_up(target: SocketAddr, path: StreamPath, auth: String) -> anyhow::Result<()> {
+    let stream = tokio::net::TcpStream::connect(target).await?;
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let req = Request::post(path.uri())
+        .header(header::HOST, target.to_string())
+        .header(header::CONTENT_TYPE, "application/json")
+        .header(header::AUTHORIZATION, auth)
+        .body(Full::new(path.body(false)))?;
+    let resp = tx.send_request(req).await?;
+    let status = resp.status();
+    let body = resp.into_body().collect().await?.to_bytes();
+    ensure!(
+        status == StatusCode::OK,
+        "{} warm-up: {status}: {}",
+        path.label(),
+        String::from_utf8_lossy(&body)
+    );
+    Ok(())
+}
+
+/// `STREAMS_PATHS`: `None` when unset or empty (the pass-through alone, the default output);
+/// otherwise the pass-through first, then the translated paths named, in their fixed order.
+fn stream_paths() -> anyhow::Result<Option<Vec<StreamPath>>> {
+    let v = std::env::var("STREAMS_PATHS").unwrap_or_default();
+    let names: Vec<&str> = v
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect();
+    if names.is_empty() {
+        return Ok(None);
+    }
+    for name in &names {
+        ensure!(
+            StreamPath::ALL.iter().any(|p| p.key() == *name),
+            "STREAMS_PATHS: unknown path {name:?} (passthrough, chat-anthropic, messages-openai)"
+        );
+    }
+    Ok(Some(
+        StreamPath::ALL
+            .into_iter()
+            .filter(|p| *p == StreamPath::Passthrough || names.contains(&p.key()))
+            .collect(),
+    ))
+}
+
 fn run() -> anyhow::Result<()> {
     let ns: Vec<usize> = std::env::var("STREAMS_N")
         .unwrap_or_else(|_| "1000,5000,10000".into())
@@ -132,6 +245,8 @@ fn run() -> anyhow::Result<()> {
         .into_iter()
         .partition(|&n| n as u64 * per_stream + 512 <= files);
     let max_n = ns.iter().copied().max().unwrap_or(0);
+    let paths = stream_paths()?;
+    let translated = paths.as_ref().is_some_and(|p| p.len() > 1);
 
     let mut log = Log(String::new());
     let tmp = tempfile::tempdir()?;
@@ -142,7 +257,7 @@ fn run() -> anyhow::Result<()> {
 
     // tollgate, then nginx, each with an upstream process of its own (a fresh port per run,
     // so the TIME_WAITs one run leaves do not meet the next).
-    let tollgate = Tollgate::start(&ctl, tmp.path(), events, max_n, h2c)?;
+    let tollgate = Tollgate::start(&ctl, tmp.path(), events, max_n, h2c, translated)?;
     let nginx = match find_program(
         "nginx",
         "STREAMS_NGINX",
@@ -190,36 +305,168 @@ fn run() -> anyhow::Result<()> {
         "each stream: {events} content events {} ms apart ({secs} s), then usage + [DONE]; streams opened at {ramp}/s from {src_addrs} source address(es)",
         EVENT_EVERY.as_millis()
     ));
+    if let Some(paths) = &paths {
+        log.say(format!(
+            "paths through tollgate, one after another at each N, after a priming run of N streams through each proxy (not measured) and the measured pass-through and nginx runs; before the first N, one non-streamed request along each path: {}; the upstream answers `/v1/messages` in Anthropic's SSE (message_start + content_block_start at once, then the same pacing of content_block_delta events, then content_block_stop, message_delta with usage, message_stop)",
+            paths
+                .iter()
+                .map(|p| format!("{} ({} {})", p.label(), p.uri(), p.key()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
 
     let mut results: Vec<(usize, RunResult, Option<RunResult>)> = Vec::new();
-    for &n in &ns {
+    // With `STREAMS_PATHS`: every tollgate run (pass-through included) with the usage records
+    // it wrote, counted after it.
+    let mut path_runs: Vec<PathRun> = Vec::new();
+    let mut counted = (0u64, 0u64);
+    if let Some(paths) = &paths {
+        let auth = format!("Bearer {}", tollgate.fixture.key_secret);
+        for &path in paths {
+            client_rt.block_on(warm_up(tollgate.addr, path, auth.clone()))?;
+        }
+        // Their records are not streams: the counts start after them.
+        counted = ctl.block_on(tollgate.count_records_exact(paths.len() as u64))?;
+    }
+    let counted_warm_up = counted.0;
+    // Streams tollgate completed in the priming runs.
+    let mut primed = 0u64;
+    for (round, &n) in ns.iter().enumerate() {
         let params = RunParams {
             n,
             events,
             ramp,
             src_addrs,
         };
+        let mut primes: Option<(RunResult, Option<RunResult>)> = None;
+        if paths.is_some() {
+            // The first run of a proxy at a new N pays for it (heap growth, new upstream
+            // connections: once at N = 1000 tollgate's TTFB p99 was 2.6× its second run's, and
+            // nginx's too was slower), and the paths run one after another: so each proxy
+            // streams N once, unmeasured, before the runs that are compared.
+            let t = run_streams(
+                &client_rt,
+                &Proxy::Tollgate(&tollgate),
+                &params,
+                &tollgate.fixture,
+                StreamPath::Passthrough,
+            )?;
+            log.say(format!(
+                "N={n} tollgate, priming run (its RSS / stream goes in the first table): {}",
+                t.line()
+            ));
+            PathRun::count(
+                &ctl,
+                &tollgate,
+                &mut counted,
+                round,
+                StreamPath::Passthrough,
+                &t,
+            )?;
+            primed += t.completed as u64;
+            let g = match &nginx {
+                Some(ng) => {
+                    let r = run_streams(
+                        &client_rt,
+                        &Proxy::Nginx(ng),
+                        &params,
+                        &tollgate.fixture,
+                        StreamPath::Passthrough,
+                    )?;
+                    log.say(format!(
+                        "N={n} nginx, priming run (its RSS / stream goes in the first table):    {}",
+                        r.line()
+                    ));
+                    Some(r)
+                }
+                None => None,
+            };
+            primes = Some((t, g));
+        }
         let t = run_streams(
             &client_rt,
             &Proxy::Tollgate(&tollgate),
             &params,
             &tollgate.fixture,
+            StreamPath::Passthrough,
         )?;
         log.say(format!("N={n} tollgate: {}", t.line()));
+        if paths.is_some() {
+            let run = PathRun::count(
+                &ctl,
+                &tollgate,
+                &mut counted,
+                round,
+                StreamPath::Passthrough,
+                &t,
+            )?;
+            path_runs.push(run);
+        }
         let g = match &nginx {
             Some(ng) => {
-                let r = run_streams(&client_rt, &Proxy::Nginx(ng), &params, &tollgate.fixture)?;
+                let r = run_streams(
+                    &client_rt,
+                    &Proxy::Nginx(ng),
+                    &params,
+                    &tollgate.fixture,
+                    StreamPath::Passthrough,
+                )?;
                 log.say(format!("N={n} nginx:    {}", r.line()));
                 Some(r)
             }
             None => None,
         };
+        for &path in paths.iter().flatten().skip(1) {
+            let r = run_streams(
+                &client_rt,
+                &Proxy::Tollgate(&tollgate),
+                &params,
+                &tollgate.fixture,
+                path,
+            )?;
+            let run = PathRun::count(&ctl, &tollgate, &mut counted, round, path, &r)?;
+            log.say(format!(
+                "N={n} tollgate {}: {}; first content event p50 {:.2} ms p99 {:.2} ms; usage records {} ({} with the upstream's token counts) for {} completed streams",
+                path.label(),
+                r.line(),
+                r.first_content_ms.0,
+                r.first_content_ms.1,
+                run.records,
+                run.exact,
+                r.completed
+            ));
+            path_runs.push(run);
+        }
+        // After a priming run the heap is already grown: RSS per open stream is the priming
+        // run's, the other figures the measured run's.
+        let (t, g) = match primes {
+            Some((pt, pg)) => (
+                t.with_rss_of(&pt),
+                g.map(|g| match &pg {
+                    Some(pg) => g.with_rss_of(pg),
+                    None => g,
+                }),
+            ),
+            None => (t, g),
+        };
         results.push((n, t, g));
     }
 
     // Every stream tollgate completed is one usage record.
-    let want: u64 = results.iter().map(|(_, t, _)| t.completed as u64).sum();
-    let records = ctl.block_on(tollgate.count_records(want))?;
+    let want: u64 = results
+        .iter()
+        .map(|(_, t, _)| t.completed as u64)
+        .sum::<u64>()
+        + path_runs
+            .iter()
+            .filter(|r| r.path != StreamPath::Passthrough)
+            .map(|r| r.result.completed as u64)
+            .sum::<u64>()
+        + primed;
+    let records = ctl
+        .block_on(tollgate.count_records(want + counted_warm_up))?
+        .saturating_sub(counted_warm_up);
     log.say(format!(
         "usage records: {records} written for {want} streams tollgate completed ({})",
         if records == want {
@@ -231,6 +478,11 @@ fn run() -> anyhow::Result<()> {
 
     log.say(String::new());
     table(&mut log, &results);
+    if paths.is_some() {
+        log.say("(STREAMS_PATHS: RSS / stream from each proxy's priming run at that N; every other figure from the measured run after it.)");
+        log.say(String::new());
+        paths_table(&mut log, &results, &path_runs);
+    }
     drop(nginx);
     tollgate.stop();
 
@@ -297,6 +549,135 @@ fn met(ok: bool) -> &'static str {
     if ok { "met" } else { "NOT met" }
 }
 
+/// One tollgate run along one path (`STREAMS_PATHS`), with the usage records it wrote.
+struct PathRun {
+    /// The index of its N in `STREAMS_N`.
+    round: usize,
+    path: StreamPath,
+    result: RunResult,
+    /// Records with status 200 the run added.
+    records: u64,
+    /// Of those, the ones with the upstream's own token counts (not estimated; 412 prompt
+    /// tokens, one completion token per content event).
+    exact: u64,
+}
+
+impl PathRun {
+    /// Counts the records the run just finished wrote: `counted` holds the totals before it.
+    fn count(
+        ctl: &Runtime,
+        tollgate: &Tollgate,
+        counted: &mut (u64, u64),
+        round: usize,
+        path: StreamPath,
+        r: &RunResult,
+    ) -> anyhow::Result<Self> {
+        let now = ctl.block_on(tollgate.count_records_exact(counted.0 + r.completed as u64))?;
+        let run = Self {
+            round,
+            path,
+            result: r.clone(),
+            records: now.0.saturating_sub(counted.0),
+            exact: now.1.saturating_sub(counted.1),
+        };
+        *counted = now;
+        Ok(run)
+    }
+}
+
+/// Time to first byte per path (issue 20: a translated stream adds no waiting): against the
+/// nginx hop (which only passes through) and against tollgate's own pass-through, same N.
+fn paths_table(log: &mut Log, results: &[(usize, RunResult, Option<RunResult>)], runs: &[PathRun]) {
+    log.say(
+        "| N | path | TTFB p50 / p99 | first content p50 / p99 | added TTFB p50 / p99 vs nginx hop | added TTFB p50 / p99 vs tollgate pass-through | inter-event p99 | CPU µs / event | usage records / completed streams (with the upstream's token counts) | starved |",
+    );
+    log.say("|---|---|---|---|---|---|---|---|---|---|");
+    let pair = |a: (f64, f64), b: (f64, f64)| format!("{:+.2} / {:+.2} ms", a.0 - b.0, a.1 - b.1);
+    for (round, (n, _, g)) in results.iter().enumerate() {
+        let pass = runs
+            .iter()
+            .find(|r| r.round == round && r.path == StreamPath::Passthrough);
+        if let Some(g) = g {
+            log.say(format!(
+                "| {n} | nginx hop (pass-through) | {:.2} / {:.2} ms | {:.2} / {:.2} ms | — | — | {:.2} ms | {:.2} | — | {} of {n} |",
+                g.ttfb_ms.0,
+                g.ttfb_ms.1,
+                g.first_content_ms.0,
+                g.first_content_ms.1,
+                g.delay_ms.1,
+                g.cpu_us_per_event,
+                g.starved
+            ));
+        }
+        for run in runs.iter().filter(|r| r.round == round) {
+            let r = &run.result;
+            let vs_pass = match pass {
+                Some(p) if run.path != StreamPath::Passthrough => pair(r.ttfb_ms, p.result.ttfb_ms),
+                _ => "—".into(),
+            };
+            log.say(format!(
+                "| {n} | tollgate {} | {:.2} / {:.2} ms | {:.2} / {:.2} ms | {} | {vs_pass} | {:.2} ms | {:.2} | {} / {} ({}; {}) | {} of {n} |",
+                run.path.label(),
+                r.ttfb_ms.0,
+                r.ttfb_ms.1,
+                r.first_content_ms.0,
+                r.first_content_ms.1,
+                g.as_ref()
+                    .map_or("—".into(), |g| pair(r.ttfb_ms, g.ttfb_ms)),
+                r.delay_ms.1,
+                r.cpu_us_per_event,
+                run.records,
+                r.completed,
+                run.exact,
+                if run.records == r.completed as u64 && run.exact == run.records {
+                    "exact"
+                } else {
+                    "NOT exact"
+                },
+                r.starved
+            ));
+        }
+    }
+    log.say(String::new());
+    log.say("TTFB: request written → first body byte of the client stream; first content: → the first event carrying text. The upstream sends its first event at once (Anthropic: message_start and content_block_start, then the first delta).");
+    for (round, (n, _, g)) in results.iter().enumerate() {
+        let Some(pass) = runs
+            .iter()
+            .find(|r| r.round == round && r.path == StreamPath::Passthrough)
+        else {
+            continue;
+        };
+        let p = &pass.result;
+        for run in runs
+            .iter()
+            .filter(|r| r.round == round && r.path != StreamPath::Passthrough)
+        {
+            let r = &run.result;
+            log.say(format!(
+                "N={n} {}: TTFB p50 / p99 {:.2} / {:.2} ms = {:.2}× / {:.2}× tollgate's pass-through ({:.2} / {:.2} ms){}; first content {:.2} / {:.2} ms; inter-event p99 {:.2} ms against the pass-through's {:.2} ms",
+                run.path.label(),
+                r.ttfb_ms.0,
+                r.ttfb_ms.1,
+                r.ttfb_ms.0 / p.ttfb_ms.0.max(1e-9),
+                r.ttfb_ms.1 / p.ttfb_ms.1.max(1e-9),
+                p.ttfb_ms.0,
+                p.ttfb_ms.1,
+                g.as_ref().map_or(String::new(), |g| format!(
+                    ", {:.2}× / {:.2}× the nginx hop's ({:.2} / {:.2} ms)",
+                    r.ttfb_ms.0 / g.ttfb_ms.0.max(1e-9),
+                    r.ttfb_ms.1 / g.ttfb_ms.1.max(1e-9),
+                    g.ttfb_ms.0,
+                    g.ttfb_ms.1
+                )),
+                r.first_content_ms.0,
+                r.first_content_ms.1,
+                r.delay_ms.1,
+                p.delay_ms.1
+            ));
+        }
+    }
+}
+
 /// Raises RLIMIT_NOFILE to `want` (soft and hard; root with CAP_SYS_RESOURCE may), else the soft
 /// limit to the hard one, with util-linux's `prlimit` (the crate forbids `unsafe`, so no direct
 /// `setrlimit`); returns the soft limit in force.
@@ -341,30 +722,84 @@ fn runtime(name: &str) -> anyhow::Result<Runtime> {
 // ---------------------------------------------------------------------------------------------
 // The upstream: a hyper HTTP/1.1 server whose streamed answer paces itself.
 
-struct UpstreamState {
-    /// One content event (the same bytes every time: no allocation per event).
+/// One protocol's streamed answer (the same bytes every time: no allocation per event).
+struct Shape {
+    /// Sent at once, before the first content event (Anthropic's `message_start` and
+    /// `content_block_start`); empty for OpenAI.
+    head: Bytes,
+    /// One content event.
     event: Bytes,
-    /// The usage chunk and `[DONE]`.
+    /// OpenAI: the usage chunk and `[DONE]`; Anthropic: `content_block_stop`, `message_delta`
+    /// with usage, `message_stop`.
     tail: Bytes,
+}
+
+struct UpstreamState {
+    /// `chat.completion.chunk`s, for `…/chat/completions`.
+    openai: Shape,
+    /// Anthropic Messages SSE, for `…/messages` (the `anthropic`-kind provider).
+    anthropic: Shape,
     events: usize,
     /// Streams answered to the end.
     finished: AtomicU64,
 }
 
+/// The text of every content event, quoted as it appears in each protocol's JSON: what the
+/// clients count as a content event.
+const CONTENT_MARK: &[u8] = b"\" tok\"";
+
 impl UpstreamState {
     fn new(events: usize) -> Self {
+        use serde_json::json;
         let event = format!(
             "data: {}\n\n",
             common::content_chunk(UPSTREAM_MODEL, " tok")
         );
-        let usage = serde_json::json!({
+        let usage = json!({
             "id": "chatcmpl-bench0000000000000000000000", "object": "chat.completion.chunk",
             "created": 1_700_000_000, "model": UPSTREAM_MODEL, "choices": [],
             "usage": {"prompt_tokens": 412, "completion_tokens": events, "total_tokens": 412 + events}
         });
+        // Anthropic's event sequence; 284 + 128 cached = the same 412 prompt tokens.
+        let ev = |name: &str, data: serde_json::Value| format!("event: {name}\ndata: {data}\n\n");
+        let model = common::ANTHROPIC_UPSTREAM_MODEL;
+        let head = ev(
+            "message_start",
+            json!({"type": "message_start", "message": {
+                "id": "msg_bench000000000000000000", "type": "message", "role": "assistant",
+                "model": model, "content": [], "stop_reason": null, "stop_sequence": null,
+                "usage": {"input_tokens": 284, "cache_read_input_tokens": 128,
+                          "cache_creation_input_tokens": 0, "output_tokens": 1}}}),
+        ) + &ev(
+            "content_block_start",
+            json!({"type": "content_block_start", "index": 0,
+                   "content_block": {"type": "text", "text": ""}}),
+        );
+        let delta = ev(
+            "content_block_delta",
+            json!({"type": "content_block_delta", "index": 0,
+                   "delta": {"type": "text_delta", "text": " tok"}}),
+        );
+        let tail = ev(
+            "content_block_stop",
+            json!({"type": "content_block_stop", "index": 0}),
+        ) + &ev(
+            "message_delta",
+            json!({"type": "message_delta",
+                   "delta": {"stop_reason": "end_turn", "stop_sequence": null},
+                   "usage": {"output_tokens": events}}),
+        ) + &ev("message_stop", json!({"type": "message_stop"}));
         Self {
-            event: Bytes::from(event),
-            tail: Bytes::from(format!("data: {usage}\n\ndata: [DONE]\n\n")),
+            openai: Shape {
+                head: Bytes::new(),
+                event: Bytes::from(event),
+                tail: Bytes::from(format!("data: {usage}\n\ndata: [DONE]\n\n")),
+            },
+            anthropic: Shape {
+                head: Bytes::from(head),
+                event: Bytes::from(delta),
+                tail: Bytes::from(tail),
+            },
             events,
             finished: AtomicU64::new(0),
         }
@@ -375,6 +810,10 @@ impl UpstreamState {
 /// does not push the later events back), then the tail.
 struct Paced {
     st: Arc<UpstreamState>,
+    /// Anthropic's shape, else OpenAI's.
+    anthropic: bool,
+    /// The shape's head is still to send.
+    head: bool,
     start: tokio::time::Instant,
     sent: usize,
     sleep: Pin<Box<tokio::time::Sleep>>,
@@ -393,18 +832,29 @@ impl Body for Paced {
         if this.done {
             return Poll::Ready(None);
         }
+        let shape = if this.anthropic {
+            &this.st.anthropic
+        } else {
+            &this.st.openai
+        };
+        if this.head {
+            this.head = false;
+            if !shape.head.is_empty() {
+                return Poll::Ready(Some(Ok(Frame::data(shape.head.clone()))));
+            }
+        }
         if this.sent > 0 && this.sleep.as_mut().poll(cx).is_pending() {
             return Poll::Pending;
         }
         if this.sent == this.st.events {
             this.done = true;
             this.st.finished.fetch_add(1, Ordering::Relaxed);
-            return Poll::Ready(Some(Ok(Frame::data(this.st.tail.clone()))));
+            return Poll::Ready(Some(Ok(Frame::data(shape.tail.clone()))));
         }
         this.sent += 1;
         let next = this.start + EVENT_EVERY * this.sent as u32;
         this.sleep.as_mut().reset(next);
-        Poll::Ready(Some(Ok(Frame::data(this.st.event.clone()))))
+        Poll::Ready(Some(Ok(Frame::data(shape.event.clone()))))
     }
 
     fn is_end_stream(&self) -> bool {
@@ -422,6 +872,7 @@ async fn answer(
     req: Request<Incoming>,
     st: Arc<UpstreamState>,
 ) -> Result<Response<AnswerBody>, Infallible> {
+    let anthropic = req.uri().path().ends_with("/messages");
     let body = req
         .into_body()
         .collect()
@@ -430,7 +881,11 @@ async fn answer(
         .unwrap_or_default();
     if !body.windows(13).any(|w| w == b"\"stream\":true") {
         let mut r = Response::new(http_body_util::Either::Right(Full::new(Bytes::from(
-            common::completion_body(UPSTREAM_MODEL),
+            if anthropic {
+                common::anthropic_message(common::ANTHROPIC_UPSTREAM_MODEL)
+            } else {
+                common::completion_body(UPSTREAM_MODEL)
+            },
         ))));
         r.headers_mut().insert(
             header::CONTENT_TYPE,
@@ -441,6 +896,8 @@ async fn answer(
     let now = tokio::time::Instant::now();
     let mut r = Response::new(http_body_util::Either::Left(Paced {
         st,
+        anthropic,
+        head: true,
         start: now,
         sent: 0,
         sleep: Box::pin(tokio::time::sleep_until(now)),
@@ -549,19 +1006,23 @@ struct Tollgate {
     addr: SocketAddr,
     db_url: String,
     fixture: Fixture,
+    /// Content events per stream (a record's completion tokens).
+    events: usize,
     _upstream: Upstream,
 }
 
 impl Tollgate {
     /// Prepares a SQLite database through the store modules (the load harness's fixture, its
     /// provider at an upstream listener of its own) and runs `tollgate serve` on it, with
-    /// `server.max_connections` above the largest N.
+    /// `server.max_connections` above the largest N; with `translated`, also the load harness's
+    /// `anthropic`-kind provider and model at the same upstream.
     fn start(
         ctl: &Runtime,
         tmp: &Path,
         events: usize,
         max_n: usize,
         h2c: bool,
+        translated: bool,
     ) -> anyhow::Result<Self> {
         let (bin, own_schema) = match std::env::var_os("STREAMS_TOLLGATE_BIN") {
             Some(p) => (PathBuf::from(p), true),
@@ -606,6 +1067,9 @@ impl Tollgate {
             let db = store::connect(&db_url, 2).await?;
             store::migrate(&db, &db_url).await?;
             let fx = common::create_fixture(&db, &ring, &cfg, &upstream_base).await?;
+            if translated {
+                common::add_anthropic(&db, &ring, &fx.user_id, &upstream_base).await?;
+            }
             db.close().await?;
             anyhow::Ok(fx)
         })?;
@@ -649,12 +1113,19 @@ impl Tollgate {
             addr,
             db_url,
             fixture,
+            events,
             _upstream: upstream,
         })
     }
 
     /// Usage records with status 200, once the count has stopped changing for 2 s (≤ 30 s).
     async fn count_records(&self, want: u64) -> anyhow::Result<u64> {
+        Ok(self.count_records_exact(want).await?.0)
+    }
+
+    /// [`Self::count_records`], and of those the records with the upstream's own token counts:
+    /// not estimated, the 412 prompt tokens every upstream answer reports.
+    async fn count_records_exact(&self, want: u64) -> anyhow::Result<(u64, u64)> {
         use entity::usage_records;
         use sea_orm::{ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter, QuerySelect};
         let db = store::connect(&self.db_url, 1).await?;
@@ -677,8 +1148,17 @@ impl Tollgate {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+        let exact = usage_records::Entity::find()
+            .select_only()
+            .column(usage_records::Column::Id)
+            .filter(usage_records::Column::Status.eq(200))
+            .filter(usage_records::Column::TokensEstimated.eq(false))
+            .filter(usage_records::Column::PromptTokens.eq(412))
+            .filter(usage_records::Column::CompletionTokens.eq(self.events as i64))
+            .count(&db)
+            .await?;
         db.close().await?;
-        Ok(last.0)
+        Ok((last.0, exact))
     }
 
     fn stop(mut self) {
@@ -887,6 +1367,8 @@ struct RunParams {
 #[derive(Default)]
 struct StreamStats {
     ttfb_us: Option<u64>,
+    /// Request written → the first content event read.
+    first_content_us: Option<u64>,
     /// Gaps between consecutive content events, minus the upstream's interval, in µs.
     delays_us: Vec<i32>,
     content_events: usize,
@@ -900,11 +1382,12 @@ static RECEIVED: AtomicU64 = AtomicU64::new(0);
 async fn one_stream(
     target: SocketAddr,
     src: Ipv4Addr,
+    uri: &'static str,
     body: Bytes,
     auth: Option<String>,
 ) -> StreamStats {
     let mut st = StreamStats::default();
-    match drive(target, src, body, auth, &mut st).await {
+    match drive(target, src, uri, body, auth, &mut st).await {
         Ok(()) => {}
         Err(e) => st.error = Some(format!("{e:#}")),
     }
@@ -914,6 +1397,7 @@ async fn one_stream(
 async fn drive(
     target: SocketAddr,
     src: Ipv4Addr,
+    uri: &'static str,
     body: Bytes,
     auth: Option<String>,
     st: &mut StreamStats,
@@ -924,7 +1408,7 @@ async fn drive(
     stream.set_nodelay(true)?;
     let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(conn);
-    let mut req = Request::post("/v1/chat/completions")
+    let mut req = Request::post(uri)
         .header(header::HOST, target.to_string())
         .header(header::CONTENT_TYPE, "application/json");
     if let Some(a) = auth {
@@ -953,9 +1437,15 @@ async fn drive(
         while let Some(i) = memchr::memmem::find(&partial[start..], b"\n\n") {
             let ev = &partial[start..start + i];
             start += i + 2;
-            if ev == b"data: [DONE]" {
+            // The end of a chat stream, or of an Anthropic Messages one.
+            if ev == b"data: [DONE]"
+                || memchr::memmem::find(ev, b"\"type\":\"message_stop\"").is_some()
+            {
                 st.done = true;
-            } else if memchr::memmem::find(ev, b"\"content\"").is_some() {
+            } else if memchr::memmem::find(ev, CONTENT_MARK).is_some() {
+                if st.first_content_us.is_none() {
+                    st.first_content_us = Some(now.duration_since(sent).as_micros() as u64);
+                }
                 st.content_events += 1;
                 RECEIVED.fetch_add(1, Ordering::Relaxed);
                 if let Some(prev) = last {
@@ -971,6 +1461,7 @@ async fn drive(
     Ok(())
 }
 
+#[derive(Clone)]
 struct RunResult {
     n: usize,
     rss_idle_kib: u64,
@@ -979,6 +1470,8 @@ struct RunResult {
     cpu_us_per_event: f64,
     /// p50, p99 in ms.
     ttfb_ms: (f64, f64),
+    /// Request written → first content event read, p50, p99 in ms.
+    first_content_ms: (f64, f64),
     /// p50, p99, max in ms.
     delay_ms: (f64, f64, f64),
     starved: usize,
@@ -988,6 +1481,15 @@ struct RunResult {
 }
 
 impl RunResult {
+    fn with_rss_of(self, other: &RunResult) -> Self {
+        Self {
+            rss_idle_kib: other.rss_idle_kib,
+            rss_plateau_kib: other.rss_plateau_kib,
+            rss_per_stream_kib: other.rss_per_stream_kib,
+            ..self
+        }
+    }
+
     fn line(&self) -> String {
         let mut s = format!(
             "RSS idle {:.1} MiB, plateau {:.1} MiB ({:.1} KiB/stream); CPU {:.2} µs/event over a {:.1} s steady window; TTFB p50 {:.2} ms p99 {:.2} ms; inter-event delay p50 {:.2} ms p99 {:.2} ms max {:.1} ms; completed {} of {}, starved {}",
@@ -1025,12 +1527,14 @@ fn run_streams(
     proxy: &Proxy<'_>,
     p: &RunParams,
     fx: &Fixture,
+    path: StreamPath,
 ) -> anyhow::Result<RunResult> {
     // Settle: the previous run's connections close, then the idle figure.
     std::thread::sleep(Duration::from_secs(2));
     let rss_idle = proxy.rss_kib();
     let target = proxy.addr();
-    let body = Bytes::from(common::chat_body(true));
+    let body = path.body(true);
+    let uri = path.uri();
     let auth = Some(format!("Bearer {}", fx.key_secret));
 
     // Open the streams at the ramp rate, in 10 ms steps.
@@ -1046,7 +1550,7 @@ fn run_streams(
         }
         for _ in 0..per_step.min(p.n - opened) {
             let src = Ipv4Addr::new(127, 0, 0, 1 + (opened % p.src_addrs as usize) as u8);
-            handles.push(rt.spawn(one_stream(target, src, body.clone(), auth.clone())));
+            handles.push(rt.spawn(one_stream(target, src, uri, body.clone(), auth.clone())));
             opened += 1;
         }
         step += 1;
@@ -1094,6 +1598,8 @@ fn run_streams(
 
     let mut ttfb: Vec<u64> = stats.iter().filter_map(|s| s.ttfb_us).collect();
     ttfb.sort_unstable();
+    let mut first_content: Vec<u64> = stats.iter().filter_map(|s| s.first_content_us).collect();
+    first_content.sort_unstable();
     let mut delays: Vec<i32> = stats
         .iter()
         .flat_map(|s| s.delays_us.iter().copied())
@@ -1124,6 +1630,10 @@ fn run_streams(
         ttfb_ms: (
             ms(percentile(&ttfb, 0.5).unwrap_or(0) as f64),
             ms(percentile(&ttfb, 0.99).unwrap_or(0) as f64),
+        ),
+        first_content_ms: (
+            ms(percentile(&first_content, 0.5).unwrap_or(0) as f64),
+            ms(percentile(&first_content, 0.99).unwrap_or(0) as f64),
         ),
         delay_ms: (
             ms(percentile(&delays, 0.5).unwrap_or(0) as f64),
