@@ -64,41 +64,30 @@ fn ttl_secs(headers: &HeaderMap, key_ttl: u32, max: u64) -> Result<u64, ApiError
     Ok(asked.min(max))
 }
 
-/// Whether (and under which key) this request uses the cache; 400 for a malformed header.
-#[allow(clippy::too_many_arguments)] // the request's parts as the hot path holds them, none worth a struct of its own
+/// Whether this request uses the cache, now that its body is parsed: [`early`]'s key, unless
+/// the request streams or asks tollgate to store it; 400 for a malformed TTL header.
 pub fn lookup(
     state: &AppState,
     key: &KeyCtx,
-    endpoint: Endpoint,
     view: &RequestView<'_>,
-    body: &Bytes,
     headers: &HeaderMap,
-    query: Option<&str>,
+    early: Option<Lookup>,
     stored: bool,
 ) -> Result<Option<Lookup>, ApiError> {
-    let secs = ttl_secs(
+    ttl_secs(
         headers,
         key.cache_ttl_secs,
         state.config.routing.max_cache_ttl_secs,
     )?;
-    let cacheable = matches!(
-        endpoint,
-        Endpoint::ChatCompletions | Endpoint::Completions | Endpoint::Embeddings
-    );
-    // No gateway key (the signed-in chat): its bodies come from a conversation.
-    if secs == 0 || view.stream || !cacheable || stored || key.key_id.is_empty() {
-        return Ok(None);
-    }
-    Ok(Some(Lookup {
-        key: CacheKey::of(&key.user_id, endpoint, query.unwrap_or_default(), body),
-        ttl: Duration::from_secs(secs),
-    }))
+    Ok(early.filter(|_| !view.stream && !stored))
 }
 
-/// A hit found before the body is parsed: the request may use the cache (by its key or header),
-/// and this replica holds an answer kept for these exact bytes, which were validated when it
-/// was kept (they were a non-streamed request that asked for no storage, or nothing was kept).
-/// `None` sends the request the usual way: parsed, admitted, then looked up (Redis included).
+/// Before the body is parsed: whether the request may use the cache (a cacheable route, and a
+/// TTL from its key or header) under which key — made from the raw bytes — and the answer this
+/// replica holds for those exact bytes, if any. Such a hit needs no parsing: the bytes were
+/// validated when its answer was kept (as a non-streamed request that asked for no storage).
+/// `None` (no cache, or a malformed header: [`lookup`]'s 400) and a miss take the usual path:
+/// parsed, admitted, then looked up (Redis included).
 pub fn early(
     state: &AppState,
     key: &KeyCtx,
@@ -111,10 +100,10 @@ pub fn early(
         endpoint,
         Endpoint::ChatCompletions | Endpoint::Completions | Endpoint::Embeddings
     );
+    // No gateway key (the signed-in chat): its bodies come from a conversation.
     if !cacheable || key.key_id.is_empty() {
         return None;
     }
-    // A malformed header is the usual path's 400.
     let secs = ttl_secs(
         headers,
         key.cache_ttl_secs,
@@ -127,18 +116,27 @@ pub fn early(
         ttl: Duration::from_secs(secs),
     };
     // An entry from a replica that did not record what its request asked: parsed as usual.
-    let hit = state
+    let found = state
         .responses
-        .get_local(&lookup.key, lookup.ttl, |a| a.asked.is_some())?;
-    let view = view_of(hit.asked.as_ref()?);
-    Some(Early { lookup, hit, view })
+        .get_local(&lookup.key, lookup.ttl, |a| a.asked.is_some())
+        .and_then(|hit| {
+            let view = view_of(hit.asked.as_ref()?);
+            Some(Hit { answer: hit, view })
+        });
+    Some(Early { lookup, found })
 }
 
-/// A hit [`early`] found.
+/// What [`early`] found.
 pub struct Early {
     pub lookup: Lookup,
-    pub hit: std::sync::Arc<CachedAnswer>,
-    /// The request the hit stands for (no fields: nothing of it is sent anywhere).
+    /// The answer held here for these bytes.
+    pub found: Option<Hit>,
+}
+
+/// An answer found before the body was parsed.
+pub struct Hit {
+    pub answer: std::sync::Arc<CachedAnswer>,
+    /// The request it stands for (no fields: nothing of it is sent anywhere).
     pub view: RequestView<'static>,
 }
 

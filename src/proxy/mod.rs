@@ -225,8 +225,13 @@ async fn admitted(
     let request_id_header = headers.get(crate::edge::X_REQUEST_ID).cloned();
     // A response-cache hit this replica holds is found before the body is parsed: its bytes
     // are those of a request that was validated when the answer was kept (§11).
-    let (view, early) = match cached::early(&state, &key, endpoint, &bytes, headers, query) {
-        Some(e) => (e.view, Some((e.lookup, e.hit))),
+    let early = cached::early(&state, &key, endpoint, &bytes, headers, query);
+    let (early_key, found) = match early {
+        Some(e) => (Some(e.lookup), e.found),
+        None => (None, None),
+    };
+    let (view, hit) = match found {
+        Some(h) => (h.view, Some(h.answer)),
         None => match RequestView::parse(&bytes) {
             Ok(v) => (v, None),
             Err(e) => return e.into_response(),
@@ -240,7 +245,7 @@ async fn admitted(
         .into_response();
     }
     // `store: true` on a chat completion: tollgate keeps it (its metadata checked now).
-    let to_store = if endpoint == Endpoint::ChatCompletions && early.is_none() {
+    let to_store = if endpoint == Endpoint::ChatCompletions && hit.is_none() {
         match stored::requested(&state, &view, &key.user_id, &key.key_id) {
             Ok(t) => t,
             Err(e) => return e.into_response(),
@@ -248,21 +253,14 @@ async fn admitted(
     } else {
         None
     };
-    let (cache, hit) = match early {
-        Some((lookup, hit)) => (Some(lookup), Some(hit)),
-        None => match cached::lookup(
-            &state,
-            &key,
-            endpoint,
-            &view,
-            &bytes,
-            headers,
-            query,
-            to_store.is_some(),
-        ) {
-            Ok(c) => (c, None),
+    // The key made from the raw bytes serves the lookup after admission too: hashed once.
+    let cache = if hit.is_some() {
+        early_key
+    } else {
+        match cached::lookup(&state, &key, &view, headers, early_key, to_store.is_some()) {
+            Ok(c) => c,
             Err(e) => return e.into_response(),
-        },
+        }
     };
     let call = Call {
         endpoint,
