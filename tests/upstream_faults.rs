@@ -222,21 +222,6 @@ fn gemini_faults(s: &Seen) -> Response {
     }
 }
 
-/// An AWS event-stream message with raw header bytes and real CRCs.
-fn raw_frame(headers: &[u8], payload: &[u8]) -> Vec<u8> {
-    let total = 12 + headers.len() + payload.len() + 4;
-    let mut m = Vec::with_capacity(total);
-    m.extend_from_slice(&u32::try_from(total).expect("size").to_be_bytes());
-    m.extend_from_slice(&u32::try_from(headers.len()).expect("size").to_be_bytes());
-    let prelude_crc = crc32fast::hash(&m);
-    m.extend_from_slice(&prelude_crc.to_be_bytes());
-    m.extend_from_slice(headers);
-    m.extend_from_slice(payload);
-    let crc = crc32fast::hash(&m);
-    m.extend_from_slice(&crc.to_be_bytes());
-    m
-}
-
 /// Bedrock's runtime (the signature is checked by `tests/providers_e2e.rs`; here only the
 /// answers matter). Not streamed: `br-truncated` stops mid-JSON, `br-shape` has an `output`
 /// that is not an object. Streamed: `br-bad-crc` sends "Hello", then a frame whose message CRC

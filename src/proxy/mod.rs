@@ -924,32 +924,31 @@ async fn attempt_foreign(
             other => other,
         }
     } else {
-        if pivot.is_none() {
-            match translate::decode(protocol, call.bytes, &call.view.model) {
-                Ok(p) => *pivot = Some(p),
+        // The pivot is this attempt's while it runs, and goes back for the next one.
+        let p = match pivot.take() {
+            Some(p) => p,
+            None => match translate::decode(protocol, call.bytes, &call.view.model) {
+                Ok(p) => p,
                 Err(e) => {
                     meter.finish(400, None, KeptPayloads::default(), Some("invalid_request"));
                     return Ok(translate::api_error_response(protocol, e));
                 }
-            }
-        }
-        let Some(p) = pivot.as_ref() else {
-            unreachable!("decoded above")
+            },
         };
-        let prepared = match translate::prepare(route, p, call.headers) {
+        let prepared = match translate::prepare(route, &p, call.headers) {
             Ok(x) => x,
             Err(e) => return Ok(translate::refuse(protocol, meter, e)),
         };
         match translate::send(state, route, prepared, p.stream, call.request_id).await {
             Ok(r) if r.status().is_success() => {
-                let Some(pivot) = pivot.take() else {
-                    unreachable!("decoded above")
-                };
-                let x = translated_exchange(protocol, pivot, &call.view.model, to_store.take());
+                let x = translated_exchange(protocol, p, &call.view.model, to_store.take());
                 let out = translate::answer(state, route, x, meter, r);
                 return Ok(Box::pin(out).await);
             }
-            other => other,
+            other => {
+                *pivot = Some(p);
+                other
+            }
         }
     };
     let head = match sent {

@@ -647,13 +647,18 @@ pub fn frame(headers: &[(&str, &str)], payload: &[u8]) -> Vec<u8> {
         );
         h.extend_from_slice(value.as_bytes());
     }
-    let total = 12 + h.len() + payload.len() + 4;
+    raw_frame(&h, payload)
+}
+
+/// An AWS event-stream message around already-encoded header bytes, with real CRCs.
+pub fn raw_frame(headers: &[u8], payload: &[u8]) -> Vec<u8> {
+    let total = 12 + headers.len() + payload.len() + 4;
     let mut m = Vec::with_capacity(total);
     m.extend_from_slice(&u32::try_from(total).expect("size").to_be_bytes());
-    m.extend_from_slice(&u32::try_from(h.len()).expect("size").to_be_bytes());
+    m.extend_from_slice(&u32::try_from(headers.len()).expect("size").to_be_bytes());
     let prelude_crc = crc32fast::hash(&m);
     m.extend_from_slice(&prelude_crc.to_be_bytes());
-    m.extend_from_slice(&h);
+    m.extend_from_slice(headers);
     m.extend_from_slice(payload);
     let crc = crc32fast::hash(&m);
     m.extend_from_slice(&crc.to_be_bytes());
