@@ -1146,11 +1146,19 @@ async fn console_in_chromium_user_and_admin_flows() {
 
     // ---- Sign out: the token is forgotten here and revoked on the server.
     let token = session_token(&user).await.expect("signed in");
-    find(&user, "#sign-out")
-        .await
-        .click()
-        .await
-        .expect("sign out");
+    // The resize above may re-render the header between finding the button and clicking it
+    // (a stale element, seen once in CI): found again, a few times at most.
+    let mut stale = 0;
+    loop {
+        match find(&user, "#sign-out").await.click().await {
+            Ok(()) => break,
+            Err(e) if stale < 5 && format!("{e:?}").contains("StaleElementReference") => {
+                stale += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("sign out: {e:?}"),
+        }
+    }
     find(&user, "form input[name=totp_code]").await;
     assert!(session_token(&user).await.is_none());
     let me = http
